@@ -1,0 +1,484 @@
+/* daemon/engine.c — a batch of one layer, end to end on the ranks:
+ *
+ *   convert   request dtype -> fp32, rounded to the model dtype
+ *   route     router GEMM, family scoring, top-k (backend)
+ *   dispatch  (token, k) pairs sorted by expert: a counting sort that is also
+ *             the send buffer of the all-to-all once there are several ranks
+ *   experts   grouped SwiGLU FFNs over the sorted rows, scaled by the
+ *             routing weight, plus the shared expert(s) (backend)
+ *   combine   per token, sum of its K rows in k order + shared, in fp32,
+ *             cast once to the request dtype
+ *
+ * Tokens are processed in chunks of CHUNK_TOKENS so that the sorted buffers
+ * stay bounded whatever max_batch_tokens is.
+ */
+#include "daemon/engine.h"
+
+#include <errno.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/log.h"
+#include "daemon/threadpool.h"
+#include "kernels/cpu/convert.h"
+#include "kernels/cpu/matmul.h"
+
+#define CHUNK_TOKENS	   256
+#define DEFAULT_MAX_TOKENS 4096
+
+struct moe_engine {
+	struct moe_model *m;
+	uint32_t max_tokens, chunk;
+	struct moe_pool *pool;
+	uint32_t n_ranks;
+	struct moe_rank *ranks;
+	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
+	struct moe_layer_state *ls; /* [n_moe_layers] */
+	struct moe_placement *placement;
+	uint64_t weight_bytes;
+
+	pthread_mutex_t epoch_lock;
+	struct moe_epoch *current;
+	uint64_t next_epoch;
+
+	pthread_mutex_t fwd_lock;
+	float *x;	  /* [max_tokens, H] */
+	uint32_t *ids;	  /* [max_tokens, K] */
+	float *w;	  /* [max_tokens, K] */
+	uint32_t *count;  /* [E] */
+	uint32_t *off;	  /* [E + 1] */
+	uint32_t *pos;	  /* [chunk, K]: sorted row of (t, k) */
+	float *xs, *hs, *ys, *sc; /* sorted rows: [chunk*K, H], [chunk*K, I], [chunk*K, H], [chunk*K] */
+	float *sh_h, *sh_y, *sh_sc; /* shared: [chunk, Is], [chunk, H], [chunk] */
+	float *acc;	  /* [H] */
+	struct moe_ffn_group *groups; /* [E + 1] */
+	_Atomic uint64_t *expert_tokens; /* [n_moe_layers * E] */
+};
+
+static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
+{
+	return &e->slots[((size_t)rank * e->m->n_moe_layers + layer) * e->placement->slots_per_rank +
+			 s];
+}
+
+static int alloc_workspaces(struct moe_engine *e)
+{
+	const struct moe_model *m = e->m;
+	size_t H = m->hidden, K = m->top_k, E = m->n_experts, ck = (size_t)e->chunk * K;
+
+	e->x = malloc((size_t)e->max_tokens * H * sizeof(float));
+	e->ids = malloc((size_t)e->max_tokens * K * sizeof(uint32_t));
+	e->w = malloc((size_t)e->max_tokens * K * sizeof(float));
+	e->count = calloc(E, sizeof(uint32_t));
+	e->off = calloc(E + 1, sizeof(uint32_t));
+	e->pos = malloc(ck * sizeof(uint32_t));
+	e->xs = malloc(ck * H * sizeof(float));
+	e->hs = malloc(ck * m->inter * sizeof(float));
+	e->ys = malloc(ck * H * sizeof(float));
+	e->sc = malloc(ck * sizeof(float));
+	e->acc = malloc(H * sizeof(float));
+	e->groups = calloc(E + 1, sizeof(*e->groups));
+	e->expert_tokens = calloc((size_t)m->n_moe_layers * E, sizeof(*e->expert_tokens));
+	if (m->shared_inter) {
+		e->sh_h = malloc((size_t)e->chunk * m->shared_inter * sizeof(float));
+		e->sh_y = malloc((size_t)e->chunk * H * sizeof(float));
+		e->sh_sc = malloc((size_t)e->chunk * sizeof(float));
+		if (!e->sh_h || !e->sh_y || !e->sh_sc)
+			return -ENOMEM;
+	}
+	if (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos || !e->xs || !e->hs ||
+	    !e->ys || !e->sc || !e->acc || !e->groups || !e->expert_tokens)
+		return -ENOMEM;
+	return 0;
+}
+
+static int upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
+		  const struct moe_expert_src *src, char *err)
+{
+	size_t bytes = 3ull * src->gate.rows * src->gate.cols * moe_dtype_size(e->m->dtype);
+	int ret;
+
+	if (r->ops->slot_alloc(r, bytes, s))
+		return moe_err(err, -ENOMEM, "%s rank %u: out of memory for a %zu-byte slot",
+			       r->ops->name, r->id, bytes);
+	e->weight_bytes += bytes;
+	ret = r->ops->slot_upload(r, s, e->m, src, err);
+	return ret;
+}
+
+static int load_layer(struct moe_engine *e, uint32_t l, char *err)
+{
+	struct moe_model *m = e->m;
+	const struct moe_layer_desc *d = &m->layers[l];
+	struct moe_layer_state *ls = &e->ls[l];
+	int ret;
+
+	ls->router = malloc((size_t)m->n_experts * m->hidden * sizeof(float));
+	if (!ls->router)
+		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
+	e->weight_bytes += (size_t)m->n_experts * m->hidden * sizeof(float);
+	ret = moe_model_read_f32(m, &d->router, ls->router, err);
+	if (!ret && d->has_bias) {
+		ls->bias = malloc(m->n_experts * sizeof(float));
+		ret = ls->bias ? moe_model_read_f32(m, &d->bias, ls->bias, err)
+			       : moe_err(err, -ENOMEM, "out of memory");
+	}
+	if (!ret && d->has_shared_gate) {
+		ls->shared_gate = malloc(m->hidden * sizeof(float));
+		ret = ls->shared_gate ? moe_model_read_f32(m, &d->shared_gate, ls->shared_gate, err)
+				      : moe_err(err, -ENOMEM, "out of memory");
+	}
+	/* The shared expert lives beside the router (rank 0 for now). */
+	if (!ret && d->has_shared)
+		ret = upload(e, &e->ranks[0], &ls->shared, &d->shared, err);
+	for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
+		uint32_t n;
+		const struct moe_replica *rep = moe_place_get(e->placement, l, x, &n);
+
+		for (uint32_t i = 0; i < n && !ret; i++)
+			ret = upload(e, &e->ranks[rep[i].rank],
+				     slot_at(e, rep[i].rank, l, rep[i].slot), &d->experts[x], err);
+	}
+	return ret;
+}
+
+int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
+		      struct moe_engine **out, char *err)
+{
+	struct moe_engine *e;
+	uint32_t R = o && o->n_ranks ? o->n_ranks : 1;
+	int ret;
+
+	if (R != 1)
+		return moe_err(err, -ENOTSUP, "%u ranks requested: one rank for now", R);
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return moe_err(err, -ENOMEM, "out of memory");
+	e->m = m;
+	e->max_tokens = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
+	e->chunk = e->max_tokens < CHUNK_TOKENS ? e->max_tokens : CHUNK_TOKENS;
+	e->n_ranks = R;
+	pthread_mutex_init(&e->epoch_lock, NULL);
+	pthread_mutex_init(&e->fwd_lock, NULL);
+	ret = moe_pool_create(o ? o->threads : 0, &e->pool);
+	if (ret) {
+		ret = moe_err(err, ret, "cannot start worker threads");
+		goto err_destroy;
+	}
+	ret = moe_place_initial(m->n_moe_layers, m->n_experts, R, o ? o->spare_slots : 0,
+				&e->placement);
+	if (ret) {
+		ret = moe_err(err, ret, "cannot build the initial placement");
+		goto err_destroy;
+	}
+	e->ranks = calloc(R, sizeof(*e->ranks));
+	e->slots = calloc((size_t)R * m->n_moe_layers * e->placement->slots_per_rank,
+			  sizeof(*e->slots));
+	e->ls = calloc(m->n_moe_layers, sizeof(*e->ls));
+	if (!e->ranks || !e->slots || !e->ls || alloc_workspaces(e)) {
+		ret = moe_err(err, -ENOMEM, "out of memory for the engine's workspaces (%u tokens)",
+			      e->max_tokens);
+		goto err_destroy;
+	}
+	for (uint32_t r = 0; r < R; r++) {
+		e->ranks[r] = (struct moe_rank){r, &moe_backend_cpu, NULL, e->pool};
+		ret = e->ranks[r].ops->rank_init(&e->ranks[r], m, e->max_tokens, err);
+		if (ret)
+			goto err_destroy;
+	}
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		ret = load_layer(e, l, err);
+		if (ret)
+			goto err_destroy;
+	}
+	ret = moe_model_close_files(m, err);
+	if (ret)
+		goto err_destroy;
+	e->current = calloc(1, sizeof(*e->current));
+	if (!e->current) {
+		ret = moe_err(err, -ENOMEM, "out of memory");
+		goto err_destroy;
+	}
+	e->current->id = ++e->next_epoch;
+	e->current->engine = e;
+	e->current->placement = e->placement;
+	atomic_init(&e->current->refs, 1); /* the engine's own reference */
+	*out = e;
+	return 0;
+
+err_destroy:
+	moe_engine_destroy(e);
+	return ret;
+}
+
+void moe_engine_destroy(struct moe_engine *e)
+{
+	if (!e)
+		return;
+	if (e->current)
+		moe_epoch_release(e->current);
+	for (uint32_t l = 0; e->ls && l < e->m->n_moe_layers; l++) {
+		free(e->ls[l].router);
+		free(e->ls[l].bias);
+		free(e->ls[l].shared_gate);
+		if (e->ls[l].shared.mem)
+			e->ranks[0].ops->slot_free(&e->ranks[0], &e->ls[l].shared);
+	}
+	if (e->slots && e->placement)
+		for (uint32_t r = 0; r < e->n_ranks; r++)
+			for (uint32_t l = 0; l < e->m->n_moe_layers; l++)
+				for (uint32_t s = 0; s < e->placement->slots_per_rank; s++)
+					if (slot_at(e, r, l, s)->mem)
+						e->ranks[r].ops->slot_free(&e->ranks[r],
+									   slot_at(e, r, l, s));
+	for (uint32_t r = 0; e->ranks && r < e->n_ranks; r++)
+		if (e->ranks[r].ops)
+			e->ranks[r].ops->rank_fini(&e->ranks[r]);
+	moe_place_free(e->placement);
+	moe_pool_destroy(e->pool);
+	free(e->ranks);
+	free(e->slots);
+	free(e->ls);
+	free(e->x);
+	free(e->ids);
+	free(e->w);
+	free(e->count);
+	free(e->off);
+	free(e->pos);
+	free(e->xs);
+	free(e->hs);
+	free(e->ys);
+	free(e->sc);
+	free(e->sh_h);
+	free(e->sh_y);
+	free(e->sh_sc);
+	free(e->acc);
+	free(e->groups);
+	free(e->expert_tokens);
+	pthread_mutex_destroy(&e->epoch_lock);
+	pthread_mutex_destroy(&e->fwd_lock);
+	free(e);
+}
+
+struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
+{
+	struct moe_epoch *ep;
+
+	/* Taking the reference under the lock that guards `current` closes
+	 * the window in which a publisher could free the epoch between our
+	 * load of the pointer and the increment. */
+	pthread_mutex_lock(&e->epoch_lock);
+	ep = e->current;
+	atomic_fetch_add_explicit(&ep->refs, 1, memory_order_relaxed);
+	pthread_mutex_unlock(&e->epoch_lock);
+	return ep;
+}
+
+void moe_epoch_release(struct moe_epoch *ep)
+{
+	if (atomic_fetch_sub_explicit(&ep->refs, 1, memory_order_acq_rel) == 1)
+		free(ep); /* the placement and slots it pinned are the engine's */
+}
+
+/* Sorts the chunk's (token, k) pairs by expert and builds one FFN group per
+ * expert hit. Returns the number of groups. */
+static uint32_t dispatch(struct moe_engine *e, struct moe_epoch *ep, uint32_t l, uint32_t c0,
+			 uint32_t nc)
+{
+	const struct moe_model *m = e->m;
+	uint32_t E = m->n_experts, K = m->top_k, H = m->hidden, I = m->inter, ng = 0;
+
+	memset(e->count, 0, E * sizeof(uint32_t));
+	for (size_t i = (size_t)c0 * K; i < (size_t)(c0 + nc) * K; i++)
+		e->count[e->ids[i]]++;
+	e->off[0] = 0;
+	for (uint32_t x = 0; x < E; x++)
+		e->off[x + 1] = e->off[x] + e->count[x];
+	memset(e->count, 0, E * sizeof(uint32_t));
+	for (uint32_t t = 0; t < nc; t++) {
+		for (uint32_t k = 0; k < K; k++) {
+			size_t i = (size_t)(c0 + t) * K + k;
+			uint32_t x = e->ids[i], p = e->off[x] + e->count[x]++;
+
+			e->pos[(size_t)t * K + k] = p;
+			memcpy(e->xs + (size_t)p * H, e->x + (size_t)(c0 + t) * H,
+			       H * sizeof(float));
+			e->sc[p] = e->w[i];
+		}
+	}
+	for (uint32_t x = 0; x < E; x++) {
+		uint32_t n, p = e->off[x];
+		const struct moe_replica *rep;
+
+		if (!e->count[x])
+			continue;
+		rep = moe_place_get(ep->placement, l, x, &n);
+		e->groups[ng++] = (struct moe_ffn_group){
+			.slot = slot_at(e, rep[0].rank, l, rep[0].slot),
+			.n = e->count[x],
+			.x = e->xs + (size_t)p * H,
+			.h = e->hs + (size_t)p * I,
+			.y = e->ys + (size_t)p * H,
+			.scale = e->sc + p,
+		};
+	}
+	return ng;
+}
+
+/* Qwen2-MoE: shared output scaled by sigmoid(x · w_sg), in fp32. (Unlike
+ * the router logits, which decide a discrete choice and are rounded to the
+ * model dtype as transformers does, this gate is a smooth scale: it keeps
+ * fp32 like the rest of the math.) */
+static void shared_gate(const struct moe_engine *e, const float *wg, uint32_t c0, uint32_t nc)
+{
+	uint32_t H = e->m->hidden;
+
+	for (uint32_t t = 0; t < nc; t++) {
+		float z = moe_cpu_dot(e->x + (size_t)(c0 + t) * H, wg, H);
+
+		e->sh_sc[t] = 1.0f / (1.0f + expf(-z));
+	}
+}
+
+static void combine(struct moe_engine *e, const struct moe_batch *b, uint32_t c0, uint32_t nc,
+		    bool shared)
+{
+	uint32_t H = e->m->hidden, K = e->m->top_k;
+	size_t osz = moe_dtype_size(b->dtype);
+
+	for (uint32_t t = 0; t < nc; t++) {
+		float *acc = e->acc;
+
+		memcpy(acc, e->ys + (size_t)e->pos[(size_t)t * K] * H, H * sizeof(float));
+		for (uint32_t k = 1; k < K; k++) {
+			const float *y = e->ys + (size_t)e->pos[(size_t)t * K + k] * H;
+
+			for (uint32_t j = 0; j < H; j++)
+				acc[j] += y[j];
+		}
+		if (shared)
+			for (uint32_t j = 0; j < H; j++)
+				acc[j] += e->sh_y[(size_t)t * H + j];
+		moe_cpu_from_f32(b->dtype, acc, (char *)b->out + (size_t)(c0 + t) * H * osz, H);
+	}
+}
+
+static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
+			  const struct moe_batch *b, char *err)
+{
+	const struct moe_model *m = e->m;
+	const struct moe_layer_state *ls = &e->ls[l];
+	struct moe_rank *r = &e->ranks[0];
+	uint32_t H = m->hidden, K = m->top_k, n = b->n_tokens;
+	int ret;
+
+	moe_cpu_to_f32(b->dtype, b->in, e->x, (size_t)n * H);
+	moe_cpu_round(m->dtype, e->x, (size_t)n * H);
+	ret = r->ops->route(r, m, ls, e->x, n, e->ids, e->w);
+	if (ret)
+		return moe_err(err, ret, "routing failed");
+	for (size_t i = 0; i < (size_t)n * K; i++)
+		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + e->ids[i]],
+					  1, memory_order_relaxed);
+	if (b->topk_ids)
+		memcpy(b->topk_ids, e->ids, (size_t)n * K * sizeof(uint32_t));
+	if (b->topk_weights)
+		memcpy(b->topk_weights, e->w, (size_t)n * K * sizeof(float));
+
+	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
+		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
+		struct moe_rank_work w = {m->dtype, H, 0, e->groups};
+
+		w.n_groups = dispatch(e, ep, l, c0, nc);
+		if (ls->shared.mem) {
+			if (ls->shared_gate)
+				shared_gate(e, ls->shared_gate, c0, nc);
+			e->groups[w.n_groups++] = (struct moe_ffn_group){
+				.slot = &ls->shared,
+				.n = nc,
+				.x = e->x + (size_t)c0 * H,
+				.h = e->sh_h,
+				.y = e->sh_y,
+				.scale = ls->shared_gate ? e->sh_sc : NULL,
+			};
+		}
+		ret = r->ops->experts(r, &w);
+		if (ret)
+			return moe_err(err, ret, "expert FFNs failed");
+		combine(e, b, c0, nc, ls->shared.mem != NULL);
+	}
+	return 0;
+}
+
+int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct moe_batch *b,
+		       char *err)
+{
+	int l = moe_model_layer_pos(e->m, b->layer);
+	int ret;
+
+	if (l < 0)
+		return moe_err(err, -EINVAL, "layer %u is not an MoE layer of this model",
+			       b->layer);
+	if (b->dtype != MOE_DT_F32 && b->dtype != MOE_DT_BF16 && b->dtype != MOE_DT_F16)
+		return moe_err(err, -EINVAL, "unknown dtype %d", (int)b->dtype);
+	if (b->n_tokens > e->max_tokens)
+		return moe_err(err, -E2BIG, "%u tokens exceed max_batch_tokens %u", b->n_tokens,
+			       e->max_tokens);
+	if (!b->n_tokens)
+		return 0;
+	pthread_mutex_lock(&e->fwd_lock);
+	ret = forward_locked(e, ep, (uint32_t)l, b, err);
+	pthread_mutex_unlock(&e->fwd_lock);
+	return ret;
+}
+
+uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_engine_opts *o)
+{
+	uint64_t T = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
+	uint64_t C = T < CHUNK_TOKENS ? T : CHUNK_TOKENS, H = m->hidden, K = m->top_k;
+	uint64_t E = m->n_experts, kmax = H;
+
+	if (m->inter > kmax)
+		kmax = m->inter;
+	if (m->shared_inter > kmax)
+		kmax = m->shared_inter;
+	/* x, ids, w, logits; sorted xs, hs, ys, sc, pos; shared; per-thread scratch */
+	return 4 * (T * H + 2 * T * K + T * E) +
+	       4 * (C * K * (2 * H + m->inter + 2)) +
+	       4 * (C * (m->shared_inter + H + 1)) +
+	       4 * 64 * (4 * kmax + 16 * 64 + 2 * E + 64) +
+	       (uint64_t)m->n_moe_layers * E * 8;
+}
+
+const struct moe_model *moe_engine_model(const struct moe_engine *e)
+{
+	return e->m;
+}
+
+uint32_t moe_engine_threads(const struct moe_engine *e)
+{
+	return moe_pool_threads(e->pool);
+}
+
+uint32_t moe_engine_max_tokens(const struct moe_engine *e)
+{
+	return e->max_tokens;
+}
+
+const char *moe_engine_backend(const struct moe_engine *e)
+{
+	return e->ranks[0].ops->name;
+}
+
+uint64_t moe_engine_weight_bytes(const struct moe_engine *e)
+{
+	return e->weight_bytes;
+}
+
+uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x)
+{
+	return atomic_load_explicit(&e->expert_tokens[(size_t)pos * e->m->n_experts + x],
+				    memory_order_relaxed);
+}

@@ -1,0 +1,106 @@
+#include "daemon/plan.h"
+
+#include <inttypes.h>
+#include <string.h>
+
+#include "daemon/engine.h"
+#ifdef MOE_HAVE_CUDA
+#include "kernels/cuda/device.h"
+#endif
+
+/* MemAvailable from /proc/meminfo: what can be allocated without swapping. */
+static uint64_t mem_available(void)
+{
+	FILE *f = fopen("/proc/meminfo", "r");
+	char line[256];
+	uint64_t kb = 0;
+
+	if (!f)
+		return 0;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "MemAvailable: %" SCNu64 " kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb * 1024;
+}
+
+void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p)
+{
+	struct moe_engine_opts o = {.threads = c->cpu.threads,
+				    .max_batch_tokens = c->scheduler.max_batch_tokens,
+				    .n_ranks = c->devices.n_ranks ? c->devices.n_ranks : 1,
+				    .spare_slots = c->placement.spare_slots};
+	uint64_t per = (m->n_experts + o.n_ranks - 1) / o.n_ranks;
+
+	memset(p, 0, sizeof(*p));
+	p->n_ranks = o.n_ranks;
+	p->slots_per_rank = (uint32_t)(per + o.spare_slots);
+	p->weight_bytes_per_rank = (uint64_t)m->n_moe_layers *
+				   (p->slots_per_rank * m->expert_bytes + m->layer_fixed_bytes);
+	p->workspace_bytes = moe_engine_workspace_bytes(m, &o);
+	p->mem_available = mem_available();
+	p->fits = !p->mem_available ||
+		  p->n_ranks * p->weight_bytes_per_rank + p->workspace_bytes <= p->mem_available;
+}
+
+static void human(uint64_t b, char *buf, size_t n)
+{
+	const char *u[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+	double v = (double)b;
+	int i = 0;
+
+	while (v >= 1024 && i < 4)
+		v /= 1024, i++;
+	snprintf(buf, n, i ? "%.1f %s" : "%.0f %s", v, u[i]);
+}
+
+static void print_backend(FILE *f)
+{
+#ifdef MOE_HAVE_CUDA
+	char err[256] = "";
+	int n = moe_cuda_device_count(err, sizeof(err));
+
+	if (n > 0)
+		fprintf(f, "backend:     cpu (CUDA backend built, %d GPU(s) visible; GPU serving "
+			   "arrives with the CUDA issue)\n", n);
+	else
+		fprintf(f, "backend:     cpu (CUDA backend built, no usable GPU: %s)\n",
+			n == 0 ? "no device" : err);
+#else
+	fprintf(f, "backend:     cpu (built without CUDA)\n");
+#endif
+}
+
+void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model *m,
+		    const struct moe_plan *p)
+{
+	char a[32], b[32], d[32];
+
+	fprintf(f, "model:       %s\n", m->dir);
+	fprintf(f, "family:      %s (%s weights)\n", moe_family_name(m->family),
+		moe_dtype_name(m->dtype));
+	fprintf(f, "shape:       hidden %u, expert intermediate %u, %u experts, top-%u", m->hidden,
+		m->inter, m->n_experts, m->top_k);
+	if (m->shared_inter)
+		fprintf(f, ", shared expert intermediate %u", m->shared_inter);
+	fprintf(f, "\nmoe layers:  %u of %u:", m->n_moe_layers, m->n_layers);
+	for (uint32_t i = 0; i < m->n_moe_layers; i++)
+		fprintf(f, "%s%u", i ? "," : " ", m->layers[i].index);
+	fprintf(f, "\nrouting:     %s%s%s, scale %g\n",
+		m->route.score == MOE_SCORE_SIGMOID ? "sigmoid + correction bias" : "softmax",
+		m->route.group == MOE_GROUP_NONE ? ""
+		: m->route.group == MOE_GROUP_MAX ? ", group-limited (max)"
+						  : ", group-limited (sum of top-2)",
+		m->route.renormalize ? ", renormalized" : "", m->route.scale);
+	print_backend(f);
+	human(m->expert_bytes, a, sizeof(a));
+	fprintf(f, "ranks:       %u (cpu), %u slots per rank per layer (%s per expert)\n",
+		p->n_ranks, p->slots_per_rank, a);
+	human(p->weight_bytes_per_rank, a, sizeof(a));
+	human(p->workspace_bytes, b, sizeof(b));
+	human(p->mem_available, d, sizeof(d));
+	fprintf(f, "memory:      %s of weights per rank + %s of workspaces (max_batch_tokens %u); "
+		   "%s available\n",
+		a, b, c->scheduler.max_batch_tokens, p->mem_available ? d : "unknown");
+	fprintf(f, "fits:        %s\n", p->fits ? "yes" : "NO");
+}

@@ -1,0 +1,24 @@
+/* daemon/plan.h — `moed -t`: what the daemon would do with a configuration
+ * and a checkpoint, and whether it fits, without loading any weights. */
+#ifndef MOE_PLAN_H
+#define MOE_PLAN_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+#include "daemon/config.h"
+#include "daemon/model.h"
+
+struct moe_plan {
+	uint32_t n_ranks, slots_per_rank;
+	uint64_t weight_bytes_per_rank; /* expert slots + router state + shared */
+	uint64_t workspace_bytes;
+	uint64_t mem_available; /* host MemAvailable, 0 if unknown */
+	bool fits;
+};
+
+void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p);
+void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model *m,
+		    const struct moe_plan *p);
+
+#endif

@@ -1,0 +1,23 @@
+/* daemon/threadpool.h — a persistent pool of worker threads.
+ *
+ * moe_pool_run() hands out task indices 0..n-1 to the workers and the calling
+ * thread (worker 0) through an atomic counter, so uneven tasks (skewed
+ * routing) even out, and returns when all have run. Threads are created once;
+ * a run costs one wake-up, not a thread creation. One run at a time.
+ */
+#ifndef MOE_THREADPOOL_H
+#define MOE_THREADPOOL_H
+
+#include <stdint.h>
+
+struct moe_pool;
+
+typedef void (*moe_task_fn)(void *arg, uint32_t task, uint32_t worker);
+
+/* n_threads includes the caller; 0 means all online CPUs. */
+int moe_pool_create(uint32_t n_threads, struct moe_pool **out);
+void moe_pool_destroy(struct moe_pool *p);
+uint32_t moe_pool_threads(const struct moe_pool *p);
+void moe_pool_run(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *arg);
+
+#endif

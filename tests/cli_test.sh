@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# tests/cli_test.sh BIN_DIR FIXTURES_DIR — moed's command line: `moed -t`
+# prints the plan and exits 0/1; bad configurations name FILE:LINE:COLUMN;
+# moe-mkmodel writes a checkpoint that moed accepts.
+set -u
+bin=$1 fix=$2
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fail=0 n=0
+
+check() { # name expected-rc regex command...
+	local name=$1 rc=$2 re=$3
+	shift 3
+	local out got
+	out=$("$@" 2>&1)
+	got=$?
+	n=$((n + 1))
+	if [ "$got" != "$rc" ] || ! grep -Eq -- "$re" <<<"$out"; then
+		echo "FAIL $name: exit $got (want $rc), output:"
+		sed 's/^/    /' <<<"$out"
+		fail=$((fail + 1))
+	else
+		echo "ok   $name"
+	fi
+}
+
+check "plan of a fixture" 0 "fits: +yes" "$bin/moed" -t --model "$fix/qwen2_moe_bf16"
+check "plan names the MoE layers" 0 "moe layers: +2 of 3: 0,2" \
+	"$bin/moed" -t --model "$fix/qwen2_moe_bf16"
+check "plan of a sharded f16 model" 0 "qwen3_moe \(f16 weights\)" \
+	"$bin/moed" -t --model "$fix/qwen3_moe_f16_sharded"
+
+cat >"$tmp/good.yaml" <<YAML
+model:
+  path: $fix/deepseek_v3_bf16
+cpu:
+  threads: 1
+YAML
+check "config file" 0 "family: +deepseek_v3" "$bin/moed" -t -c "$tmp/good.yaml"
+
+printf 'model:\n  path: /x\ncpu:\n  threads: many\n' >"$tmp/bad.yaml"
+check "bad value names file:line:column" 1 "bad.yaml:4:12: cpu.threads:" \
+	"$bin/moed" -t -c "$tmp/bad.yaml"
+printf 'model:\n  path: /x\n  colour: red\n' >"$tmp/unknown.yaml"
+check "unknown key" 1 "unknown.yaml:3:3: model.colour:" "$bin/moed" -t -c "$tmp/unknown.yaml"
+check "missing checkpoint" 1 "/nonexistent" "$bin/moed" -t --model /nonexistent
+check "no serving loop yet: says so" 2 "no serving loop yet" "$bin/moed" --model "$fix/olmoe_f32"
+check "usage" 2 "usage: moed" "$bin/moed"
+
+check "mkmodel" 0 "wrote" "$bin/moe-mkmodel" --family deepseek_v2 --out "$tmp/ds2" \
+	--hidden 64 --inter 32 --experts 8 --top-k 2 --layers 3 --dense-first 1 --dtype f16
+check "moed accepts mkmodel output" 0 "moe layers: +2 of 3: 1,2" "$bin/moed" -t --model "$tmp/ds2"
+check "load-only" 0 "loaded 2 MoE layers" "$bin/moed" --load-only --model "$tmp/ds2"
+
+echo "$((n - fail)) passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,271 @@
+/* tests/test_kernels.c — kernels/cpu against float64 references on random
+ * data.
+ *
+ * Conversions are exact: every f16/bf16 pattern is decoded and compared with
+ * its mathematical value, and f32 -> bf16/f16 rounding is compared with a
+ * round-to-nearest-even computed in double. The matmul tolerance is
+ * |y - ref| <= 1e-6 * sum_t |x_t w_t| (fp32 accumulation over 8 lanes has an
+ * error bound of about (k/8 + 3) * 2^-24 * sum |x_t w_t|; k <= 300 here).
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/convert.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/route.h"
+#include "kernels/cpu/swiglu.h"
+#include "tests/testutil.h"
+#include "tools/synth.h"
+
+static float rand_float(struct moe_rng *r)
+{
+	/* wide dynamic range: sign, exponent 2^-30..2^20, random mantissa */
+	double m = 1 + moe_rng_uniform(r);
+	int e = (int)(moe_rng_next(r) % 50) - 30;
+
+	return (float)((moe_rng_next(r) & 1 ? -1 : 1) * ldexp(m, e));
+}
+
+static void test_bf16_decode_and_round(void **state)
+{
+	struct moe_rng r = {1};
+
+	for (uint32_t h = 0; h < 65536; h++) {
+		float f = moe_bf16_to_f32((uint16_t)h);
+		uint32_t bits;
+
+		memcpy(&bits, &f, 4);
+		assert_int_equal(bits, h << 16);
+	}
+	for (int i = 0; i < 200000; i++) {
+		float x = i < 100000 ? rand_float(&r) : (float)moe_rng_normal(&r);
+		uint32_t b;
+		double lo, hi, got = moe_bf16_to_f32(moe_f32_to_bf16(x));
+
+		memcpy(&b, &x, 4);
+		lo = moe_bf16_to_f32((uint16_t)(b >> 16));
+		hi = moe_bf16_to_f32((uint16_t)((b >> 16) + 1));
+		double dl = fabs((double)x - lo), dh = fabs(hi - (double)x);
+		double want = dl < dh ? lo : dh < dl ? hi : (((b >> 16) & 1) ? hi : lo);
+
+		if (got != want)
+			fail_msg("bf16(%a) = %a, want %a", (double)x, got, want);
+	}
+	assert_true(isnan(moe_bf16_to_f32(moe_f32_to_bf16(NAN))));
+	assert_true(isinf(moe_bf16_to_f32(moe_f32_to_bf16(INFINITY))));
+}
+
+static double f16_value(uint16_t h)
+{
+	int e = (h >> 10) & 31, m = h & 1023;
+	double v = e ? ldexp(1024 + m, e - 25) : ldexp(m, -24);
+
+	if (e == 31)
+		v = m ? NAN : INFINITY;
+	return h & 0x8000 ? -v : v;
+}
+
+/* nearest f16 value of x, ties to even, overflow to inf */
+static double f16_round_ref(double x)
+{
+	double a = fabs(x), ulp, q;
+	int e;
+
+	if (a == 0)
+		return x;
+	e = (int)floor(log2(a));
+	if (e < -14)
+		e = -14;
+	ulp = ldexp(1, e - 10);
+	q = nearbyint(a / ulp) * ulp; /* default rounding mode: to nearest even */
+	if (q >= 65520)
+		q = INFINITY;
+	return x < 0 ? -q : q;
+}
+
+static void test_f16_decode_and_round(void **state)
+{
+	struct moe_rng r = {2};
+
+	for (uint32_t h = 0; h < 65536; h++) {
+		double want = f16_value((uint16_t)h), got = moe_f16_to_f32((uint16_t)h);
+
+		if (isnan(want))
+			assert_true(isnan(got));
+		else if (got != want)
+			fail_msg("f16 %04x decodes to %a, want %a", h, got, want);
+	}
+	for (int i = 0; i < 200000; i++) {
+		float x = i % 2 ? rand_float(&r) : (float)(moe_rng_normal(&r) * 1e-5);
+		double want = f16_round_ref(x), got = moe_f16_to_f32(moe_f32_to_f16(x));
+
+		if (got != want)
+			fail_msg("f16(%a) = %a, want %a", (double)x, got, want);
+	}
+	/* exact halfway points round to even */
+	assert_true(moe_f16_to_f32(moe_f32_to_f16(1.0f + ldexpf(1, -11))) == 1.0f);
+	assert_true(moe_f16_to_f32(moe_f32_to_f16(1.0f + 3 * ldexpf(1, -11))) ==
+		    1.0f + ldexpf(1, -9));
+	assert_true(isinf(moe_f16_to_f32(moe_f32_to_f16(65520.0f))));
+	assert_true(moe_f16_to_f32(moe_f32_to_f16(65519.0f)) == 65504.0f);
+}
+
+static void check_matmul(enum moe_dtype dt, uint32_t m, uint32_t k, uint32_t n,
+			 struct moe_rng *r)
+{
+	float *x = malloc((size_t)m * k * 4), *wf = malloc((size_t)n * k * 4);
+	float *y = malloc((size_t)m * (n + 3) * 4), *scr = malloc(MOE_MATMUL_WBLOCK * k * 4);
+	void *w = malloc((size_t)n * k * 4);
+
+	for (size_t i = 0; i < (size_t)m * k; i++)
+		x[i] = (float)moe_rng_normal(r);
+	for (size_t i = 0; i < (size_t)n * k; i++)
+		wf[i] = (float)moe_rng_normal(r);
+	moe_cpu_from_f32(dt, wf, w, (size_t)n * k);
+	moe_cpu_to_f32(dt, w, wf, (size_t)n * k); /* the values the kernel sees */
+	/* ldy = n + 3: the kernel must write only its n columns */
+	for (size_t i = 0; i < (size_t)m * (n + 3); i++)
+		y[i] = 12345.0f;
+	moe_cpu_matmul_nt(x, k, m, k, w, dt, n, y, n + 3, scr);
+	for (uint32_t i = 0; i < m; i++) {
+		for (uint32_t j = 0; j < n; j++) {
+			double ref = 0, mag = 0;
+
+			for (uint32_t t = 0; t < k; t++) {
+				ref += (double)x[(size_t)i * k + t] * wf[(size_t)j * k + t];
+				mag += fabs((double)x[(size_t)i * k + t] * wf[(size_t)j * k + t]);
+			}
+			if (fabs(y[(size_t)i * (n + 3) + j] - ref) > 1e-6 * mag + 1e-30)
+				fail_msg("%s m%u k%u n%u: y[%u,%u] = %.9g, want %.9g",
+					 moe_dtype_name(dt), m, k, n, i, j,
+					 (double)y[(size_t)i * (n + 3) + j], ref);
+		}
+		for (uint32_t j = n; j < n + 3; j++)
+			assert_true(y[(size_t)i * (n + 3) + j] == 12345.0f);
+	}
+	free(x), free(wf), free(y), free(scr), free(w);
+}
+
+static void test_matmul(void **state)
+{
+	static const uint32_t ms[] = {1, 3, 17}, ks[] = {1, 7, 33, 200, 300}, ns[] = {1, 5, 66};
+	struct moe_rng r = {3};
+
+	for (int d = 0; d < 3; d++)
+		for (size_t a = 0; a < 3; a++)
+			for (size_t b = 0; b < 5; b++)
+				for (size_t c = 0; c < 3; c++)
+					check_matmul((enum moe_dtype)d, ms[a], ks[b], ns[c], &r);
+}
+
+static void test_swiglu(void **state)
+{
+	struct moe_rng r = {4};
+	float g[333], u[333], h[333];
+
+	for (int i = 0; i < 333; i++) {
+		g[i] = (float)(4 * moe_rng_normal(&r));
+		u[i] = (float)moe_rng_normal(&r);
+	}
+	moe_cpu_swiglu(g, u, h, 333);
+	for (int i = 0; i < 333; i++) {
+		double ref = g[i] / (1 + exp(-(double)g[i])) * u[i];
+
+		assert_true(fabs(h[i] - ref) <= 1e-6 * fabs(ref) + 1e-12);
+	}
+}
+
+static void route(const struct moe_route_params *p, const float *logits, uint32_t n,
+		  uint32_t *ids, float *w)
+{
+	float scratch[MOE_ROUTE_SCRATCH(MOE_MAX_EXPERTS)];
+
+	moe_cpu_route(p, logits, n, ids, w, scratch);
+}
+
+/* softmax, top-k, renormalise: hand-checked values */
+static void test_route_softmax(void **state)
+{
+	struct moe_route_params p = {.n_experts = 4, .top_k = 2, .score = MOE_SCORE_SOFTMAX,
+				     .scale = 1};
+	const float l[4] = {0.0f, 2.0f, 1.0f, -1.0f};
+	double z = 1 + exp(2) + exp(1) + exp(-1);
+	uint32_t ids[2];
+	float w[2];
+
+	route(&p, l, 1, ids, w);
+	assert_int_equal(ids[0], 1);
+	assert_int_equal(ids[1], 2);
+	assert_true(fabs(w[0] - exp(2) / z) < 1e-6);
+	assert_true(fabs(w[1] - exp(1) / z) < 1e-6);
+	p.renormalize = true;
+	route(&p, l, 1, ids, w);
+	assert_true(fabs(w[0] - exp(2) / (exp(2) + exp(1))) < 1e-6);
+	assert_true(fabs(w[0] + w[1] - 1) < 1e-6);
+	/* exact tie: lower index first */
+	const float t[4] = {1.0f, 3.0f, 3.0f, 3.0f};
+	route(&p, t, 1, ids, w);
+	assert_int_equal(ids[0], 1);
+	assert_int_equal(ids[1], 2);
+}
+
+/* DeepSeek-V3: selection on sigmoid + bias within the best groups (sum of
+ * each group's top 2), weights from the unbiased sigmoid, renormalised and
+ * scaled. A dropped group's expert never wins, even against a kept expert
+ * whose biased score is negative. */
+static void test_route_groups(void **state)
+{
+	float bias[8] = {0, 0, 0, 0, -2, -2, 0, 0};
+	struct moe_route_params p = {.n_experts = 8, .top_k = 2, .score = MOE_SCORE_SIGMOID,
+				     .group = MOE_GROUP_SUM_TOP2, .n_group = 4, .topk_group = 2,
+				     .renormalize = true, .renorm_eps = 1e-20f, .scale = 2.5f,
+				     .bias = bias};
+	/* groups {0,1} {2,3} {4,5} {6,7} */
+	const float l[8] = {3.0f, 2.9f, -1.0f, -1.0f, 5.0f, 5.0f, 1.0f, 0.5f};
+	uint32_t ids[2];
+	float w[2];
+	double s0 = 1 / (1 + exp(-3.0)), s1 = 1 / (1 + exp(-2.9));
+
+	/* group sums: g0 ~1.9, g1 ~0.54, g2 ~2*(0.993-2) < 0, g3 ~1.35 ->
+	 * keep g0 and g3; the best two experts are 0 and 1 */
+	route(&p, l, 1, ids, w);
+	assert_int_equal(ids[0], 0);
+	assert_int_equal(ids[1], 1);
+	assert_true(fabs(w[0] - 2.5 * s0 / (s0 + s1)) < 1e-6);
+	assert_true(fabs(w[1] - 2.5 * s1 / (s0 + s1)) < 1e-6);
+
+	/* kept experts with negative biased scores still beat dropped ones */
+	float bias2[8] = {-3, -3, 0, 0, 0, 0, 0, 0};
+	const float l2[8] = {9.0f, 8.0f, -9.0f, -9.0f, -9.0f, -9.0f, -9.0f, -9.0f};
+	p.bias = bias2;
+	p.topk_group = 1;
+	route(&p, l2, 1, ids, w);
+	/* g0 sum = 2*(~1 - 3) = ~-4 < others (~2*0.0001): g0 is dropped */
+	assert_true(ids[0] >= 2 && ids[1] >= 2);
+	assert_true(ids[0] / 2 == ids[1] / 2);
+
+	/* DeepSeek-V2 group-limited: group score is the max probability */
+	struct moe_route_params p2 = {.n_experts = 8, .top_k = 2, .score = MOE_SCORE_SOFTMAX,
+				      .group = MOE_GROUP_MAX, .n_group = 4, .topk_group = 1,
+				      .scale = 1.5f};
+	const float l3[8] = {1.0f, 1.1f, 3.0f, -5.0f, 2.0f, 2.5f, 0, 0};
+	route(&p2, l3, 1, ids, w);
+	/* best group by max is {2,3}: both picks come from it */
+	assert_int_equal(ids[0], 2);
+	assert_int_equal(ids[1], 3);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_bf16_decode_and_round),
+		cmocka_unit_test(test_f16_decode_and_round),
+		cmocka_unit_test(test_matmul),
+		cmocka_unit_test(test_swiglu),
+		cmocka_unit_test(test_route_softmax),
+		cmocka_unit_test(test_route_groups),
+	};
+
+	return cmocka_run_group_tests_name("kernels", tests, NULL, NULL);
+}
