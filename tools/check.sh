@@ -29,8 +29,8 @@ run_suite() { # name builddir cmake-args...
 	cmake --build "$dir" -j"$jobs" >"$dir.build.log" 2>&1 ||
 		{ tail -60 "$dir.build.log"; echo "$name: BUILD FAILED"; exit 1; }
 	echo "== $name: tests"
-	local log=$dir.ctest.log
-	if ! (cd "$dir" && ctest --output-on-failure -j"$jobs" 2>&1 | tee "../$log" |
+	local log=$PWD/$dir.ctest.log
+	if ! (cd "$dir" && ctest --output-on-failure -j"$jobs" 2>&1 | tee "$log" |
 		grep -E "tests passed|tests failed|\*\*\*|Skipped|Failed|skip"); then
 		:
 	fi
