@@ -23,6 +23,7 @@ struct moe_slot {
 /* Router state of one layer, shared by the ranks of a host. */
 struct moe_layer_state {
 	float *router;	    /* [E, H] fp32 (widened from the checkpoint) */
+	void *router_dev;   /* the backend's copy/layout of router (layer_init) */
 	float *bias;	    /* [E] or NULL */
 	float *shared_gate; /* [H] or NULL: Qwen2-MoE sigmoid gate */
 	struct moe_slot shared; /* .mem NULL without shared experts */
@@ -48,6 +49,7 @@ struct moe_rank_work {
 
 struct moe_rank {
 	uint32_t id;
+	const char *kernels; /* name of the kernels in use, for logs and status */
 	const struct moe_backend_ops *ops;
 	void *priv;
 	struct moe_pool *pool;
@@ -55,10 +57,17 @@ struct moe_rank {
 
 struct moe_backend_ops {
 	const char *name;
+	/* isa: the CPU kernels to use ("auto", "scalar", "avx2", "avx512"). */
 	int (*rank_init)(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
-			 char *err);
+			 const char *isa, char *err);
 	void (*rank_fini)(struct moe_rank *r);
-	int (*slot_alloc)(struct moe_rank *r, size_t bytes, struct moe_slot *s);
+	/* Makes ls->router_dev from ls->router; layer_fini frees it. */
+	int (*layer_init)(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls);
+	void (*layer_fini)(struct moe_rank *r, struct moe_layer_state *ls);
+	/* Room for an expert of intermediate size `inter` (its layout is the
+	 * backend's: the CPU packs panels). */
+	int (*slot_alloc)(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
+			  struct moe_slot *s);
 	/* Reads an expert's three matrices from the checkpoint into the slot. */
 	int (*slot_upload)(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
 			   const struct moe_expert_src *src, char *err);

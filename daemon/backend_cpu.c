@@ -1,12 +1,14 @@
-/* daemon/backend_cpu.c — the CPU backend: slots in host memory, the math of
- * kernels/cpu/ spread over the rank's thread pool.
+/* daemon/backend_cpu.c — the CPU backend: slots in host memory holding each
+ * expert packed into panels (kernels/cpu/panel.h), the runtime-chosen
+ * kernels (scalar, AVX2, AVX-512) spread over the rank's thread pool.
  *
  * The expert FFNs run in two passes so that every task writes rows nobody
  * else writes: pass 1 computes h = silu(x Wgᵀ) * (x Wuᵀ) in tiles of
- * (token block x intermediate rows), pass 2 computes y = scale * (h Wdᵀ) in
- * tiles of (token block x hidden rows). Each output element is one dot
- * product in a fixed order, so a token's result does not depend on which
- * other tokens share its batch.
+ * (token block x 8 intermediate rows x PB panels), pass 2 computes
+ * y = scale * (h Wdᵀ) in tiles of (token block x 16 hidden rows x PB panels).
+ * Tiles, not experts, are the unit of work, so a skewed routing (one hot
+ * expert) still spreads over every core. Each output element is one fp32
+ * sum in k order, so a token's result does not depend on its batch.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -15,58 +17,56 @@
 #include "daemon/backend.h"
 #include "daemon/threadpool.h"
 #include "kernels/cpu/convert.h"
-#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/panel.h"
 #include "kernels/cpu/route.h"
-#include "kernels/cpu/swiglu.h"
 
-#define TOK_BLOCK 16 /* token rows per tile */
-#define ROW_BLOCK 64 /* weight rows per tile */
-
-struct cpu_scratch {
-	float *w;   /* MOE_MATMUL_WBLOCK * max(H, I) widened weight rows */
-	float *tmp; /* TOK_BLOCK * ROW_BLOCK */
-};
+/* Tile shape, chosen by measurement with moe-bench (bench/RESULTS.md):
+ * TOK_BLOCK tokens share one pass over PANELS_PER_TILE panels. */
+#define TOK_BLOCK	48
+#define PANELS_PER_TILE 4
+#define ROUTE_BLOCK	16
 
 struct cpu_rank {
+	const struct moe_cpu_kernels *k;
 	uint32_t n_workers;
-	struct cpu_scratch *s;
-	float *logits; /* [max_tokens, E] */
+	float *logits;	      /* [max_tokens, E] */
 	float *route_scratch; /* per worker MOE_ROUTE_SCRATCH(E) */
 	uint32_t max_tokens;
+	struct tile *tiles;   /* reused by every batch */
+	uint32_t tiles_cap;
+};
+
+struct tile {
+	uint32_t group, t0, p0;
 };
 
 static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
-			 char *err)
+			 const char *isa, char *err)
 {
 	struct cpu_rank *c = calloc(1, sizeof(*c));
-	uint32_t kmax = m->hidden;
+	enum moe_cpu_isa chosen;
+	int ret;
 
 	if (!c)
 		return moe_err(err, -ENOMEM, "cpu rank: out of memory");
-	if (m->inter > kmax)
-		kmax = m->inter;
-	if (m->shared_inter > kmax)
-		kmax = m->shared_inter;
+	r->priv = c;
+	ret = moe_cpu_isa_resolve(isa, &chosen, err, MOE_ERRLEN);
+	if (ret) {
+		r->ops->rank_fini(r);
+		return ret;
+	}
+	c->k = moe_cpu_kernels_for(chosen);
+	r->kernels = moe_cpu_isa_name(chosen);
 	c->n_workers = moe_pool_threads(r->pool);
 	c->max_tokens = max_tokens;
-	c->s = calloc(c->n_workers, sizeof(*c->s));
 	c->logits = malloc((size_t)max_tokens * m->n_experts * sizeof(float));
 	c->route_scratch = malloc(c->n_workers * MOE_ROUTE_SCRATCH(m->n_experts) * sizeof(float));
-	r->priv = c;
-	if (!c->s || !c->logits || !c->route_scratch)
-		goto err_nomem;
-	for (uint32_t i = 0; i < c->n_workers; i++) {
-		c->s[i].w = malloc((size_t)MOE_MATMUL_WBLOCK * kmax * sizeof(float));
-		c->s[i].tmp = malloc((size_t)TOK_BLOCK * ROW_BLOCK * sizeof(float));
-		if (!c->s[i].w || !c->s[i].tmp)
-			goto err_nomem;
+	if (!c->logits || !c->route_scratch) {
+		r->ops->rank_fini(r);
+		return moe_err(err, -ENOMEM, "cpu rank: out of memory for %u-token workspaces",
+			       max_tokens);
 	}
 	return 0;
-
-err_nomem:
-	r->ops->rank_fini(r);
-	return moe_err(err, -ENOMEM, "cpu rank: out of memory for %u-token workspaces",
-		       max_tokens);
 }
 
 static void cpu_rank_fini(struct moe_rank *r)
@@ -75,22 +75,48 @@ static void cpu_rank_fini(struct moe_rank *r)
 
 	if (!c)
 		return;
-	for (uint32_t i = 0; c->s && i < c->n_workers; i++) {
-		free(c->s[i].w);
-		free(c->s[i].tmp);
-	}
-	free(c->s);
 	free(c->logits);
 	free(c->route_scratch);
+	free(c->tiles);
 	free(c);
 	r->priv = NULL;
 }
 
-static int cpu_slot_alloc(struct moe_rank *r, size_t bytes, struct moe_slot *s)
+static int cpu_layer_init(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls)
 {
-	/* 64-byte aligned for the SIMD kernels */
+	ls->router_dev = aligned_alloc(64, moe_pack_rows_bytes(m->n_experts, m->hidden,
+							      MOE_DT_F32));
+	if (!ls->router_dev)
+		return -ENOMEM;
+	moe_pack_rows(ls->router, m->n_experts, m->hidden, MOE_DT_F32, ls->router_dev);
+	return 0;
+}
+
+static void cpu_layer_fini(struct moe_rank *r, struct moe_layer_state *ls)
+{
+	free(ls->router_dev);
+	ls->router_dev = NULL;
+}
+
+/* The down panels follow the gate/up panels, 64-byte aligned. */
+static size_t gate_up_bytes_dt(enum moe_dtype dt, uint32_t hidden, uint32_t inter)
+{
+	return (moe_pack_gate_up_bytes(inter, hidden, dt) + 63) & ~(size_t)63;
+}
+
+static size_t gate_up_bytes(const struct moe_model *m, uint32_t inter)
+{
+	return gate_up_bytes_dt(m->dtype, m->hidden, inter);
+}
+
+static int cpu_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
+			  struct moe_slot *s)
+{
+	size_t bytes = gate_up_bytes(m, inter) + moe_pack_rows_bytes(m->hidden, inter, m->dtype);
+
 	s->mem = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 	s->bytes = bytes;
+	s->inter = inter;
 	return s->mem ? 0 : -ENOMEM;
 }
 
@@ -101,23 +127,30 @@ static void cpu_slot_free(struct moe_rank *r, struct moe_slot *s)
 	s->bytes = 0;
 }
 
+/* Reads the three matrices into a staging buffer, then packs them. */
 static int cpu_slot_upload(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
 			   const struct moe_expert_src *src, char *err)
 {
-	size_t esz = moe_dtype_size(m->dtype);
-	size_t mat = (size_t)src->gate.rows * src->gate.cols * esz;
-	char *p = s->mem;
+	uint32_t I = src->gate.rows, H = m->hidden;
+	size_t mat = (size_t)I * H * moe_dtype_size(m->dtype);
+	char *stage = malloc(3 * mat);
 	int ret;
 
-	if (s->bytes < 3 * mat)
-		return moe_err(err, -EINVAL, "slot of %zu bytes is too small for %zu", s->bytes,
-			       3 * mat);
-	s->inter = src->gate.rows;
-	ret = moe_model_read(m, &src->gate, p, err);
+	if (!stage)
+		return moe_err(err, -ENOMEM, "out of memory staging an expert");
+	if (I != s->inter)
+		ret = moe_err(err, -EINVAL, "slot for inter %u given an expert of %u", s->inter, I);
+	else
+		ret = moe_model_read(m, &src->gate, stage, err);
 	if (!ret)
-		ret = moe_model_read(m, &src->up, p + mat, err);
+		ret = moe_model_read(m, &src->up, stage + mat, err);
 	if (!ret)
-		ret = moe_model_read(m, &src->down, p + 2 * mat, err);
+		ret = moe_model_read(m, &src->down, stage + 2 * mat, err);
+	if (!ret) {
+		moe_pack_gate_up(stage, stage + mat, I, H, m->dtype, s->mem);
+		moe_pack_rows(stage + 2 * mat, H, I, m->dtype, (char *)s->mem + gate_up_bytes(m, I));
+	}
+	free(stage);
 	return ret;
 }
 
@@ -138,12 +171,16 @@ static void route_task(void *arg, uint32_t task, uint32_t worker)
 	struct route_ctx *rc = arg;
 	const struct moe_model *m = rc->m;
 	uint32_t E = m->n_experts, H = m->hidden, K = m->top_k;
-	uint32_t t0 = task * TOK_BLOCK, nt = rc->n - t0 < TOK_BLOCK ? rc->n - t0 : TOK_BLOCK;
+	uint32_t t0 = task * ROUTE_BLOCK, nt = rc->n - t0 < ROUTE_BLOCK ? rc->n - t0 : ROUTE_BLOCK;
 	float *logits = rc->c->logits + (size_t)t0 * E;
 	struct moe_route_params p = m->route;
+	size_t panel = moe_pack_rows_bytes(MOE_PANEL, H, MOE_DT_F32);
 
-	moe_cpu_matmul_nt(rc->x + (size_t)t0 * H, H, nt, H, rc->ls->router, MOE_DT_F32, E, logits,
-			  E, rc->c->s[worker].w);
+	for (uint32_t e0 = 0; e0 < E; e0 += MOE_PANEL)
+		rc->c->k->rows(rc->x + (size_t)t0 * H, H, nt,
+			       (const char *)rc->ls->router_dev + (size_t)(e0 / MOE_PANEL) * panel,
+			       MOE_DT_F32, H, logits + e0, E,
+			       E - e0 < MOE_PANEL ? E - e0 : MOE_PANEL, NULL);
 	/* Outside DeepSeek, the router is an nn.Linear in the model dtype: its
 	 * logits are rounded to that dtype before the fp32 softmax. */
 	if (!m->router_fp32)
@@ -161,20 +198,16 @@ static int cpu_route(struct moe_rank *r, const struct moe_model *m,
 
 	if (n > rc.c->max_tokens)
 		return -E2BIG;
-	moe_pool_run(r->pool, (n + TOK_BLOCK - 1) / TOK_BLOCK, route_task, &rc);
+	moe_pool_run(r->pool, (n + ROUTE_BLOCK - 1) / ROUTE_BLOCK, route_task, &rc);
 	return 0;
 }
 
 /* ---- expert FFNs ------------------------------------------------------ */
 
-struct tile {
-	uint32_t group, t0, r0;
-};
-
 struct ffn_ctx {
 	struct cpu_rank *c;
 	const struct moe_rank_work *w;
-	struct tile *tiles;
+	enum moe_dtype dt;
 };
 
 static uint32_t min_u32(uint32_t a, uint32_t b)
@@ -185,59 +218,49 @@ static uint32_t min_u32(uint32_t a, uint32_t b)
 static void gate_up_task(void *arg, uint32_t task, uint32_t worker)
 {
 	struct ffn_ctx *fc = arg;
-	const struct tile *t = &fc->tiles[task];
+	const struct tile *t = &fc->c->tiles[task];
 	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter;
-	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0), nr = min_u32(ROW_BLOCK, I - t->r0);
-	size_t esz = moe_dtype_size(fc->w->wdt), mat = (size_t)I * H * esz;
-	const char *gate = (const char *)g->slot->mem + (size_t)t->r0 * H * esz;
-	const char *up = gate + mat;
-	struct cpu_scratch *s = &fc->c->s[worker];
-	const float *x = g->x + (size_t)t->t0 * H;
-	float *h = g->h + (size_t)t->t0 * I + t->r0;
+	uint32_t H = fc->w->hidden, I = g->slot->inter, np = (I + 7) / 8;
+	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
+	size_t panel = moe_pack_gate_up_bytes(8, H, fc->dt);
 
-	moe_cpu_matmul_nt(x, H, nt, H, gate, fc->w->wdt, nr, h, I, s->w);
-	moe_cpu_matmul_nt(x, H, nt, H, up, fc->w->wdt, nr, s->tmp, nr, s->w);
-	for (uint32_t i = 0; i < nt; i++)
-		moe_cpu_swiglu(h + (size_t)i * I, s->tmp + (size_t)i * nr, h + (size_t)i * I, nr);
+	for (uint32_t p = t->p0; p < min_u32(t->p0 + PANELS_PER_TILE, np); p++)
+		fc->c->k->gate_up(g->x + (size_t)t->t0 * H, H, nt,
+				  (const char *)g->slot->mem + (size_t)p * panel, fc->dt, H,
+				  g->h + (size_t)t->t0 * I + (size_t)p * 8, I, min_u32(8, I - p * 8));
 }
 
 static void down_task(void *arg, uint32_t task, uint32_t worker)
 {
 	struct ffn_ctx *fc = arg;
-	const struct tile *t = &fc->tiles[task];
+	const struct tile *t = &fc->c->tiles[task];
 	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter;
-	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0), nr = min_u32(ROW_BLOCK, H - t->r0);
-	size_t esz = moe_dtype_size(fc->w->wdt), mat = (size_t)I * H * esz;
-	const char *down = (const char *)g->slot->mem + 2 * mat + (size_t)t->r0 * I * esz;
-	float *y = g->y + (size_t)t->t0 * H + t->r0;
+	uint32_t H = fc->w->hidden, I = g->slot->inter, np = (H + MOE_PANEL - 1) / MOE_PANEL;
+	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
+	size_t panel = moe_pack_rows_bytes(MOE_PANEL, I, fc->dt);
+	const char *down = (const char *)g->slot->mem + gate_up_bytes_dt(fc->dt, H, I);
 
-	moe_cpu_matmul_nt(g->h + (size_t)t->t0 * I, I, nt, I, down, fc->w->wdt, nr, y, H,
-			  fc->c->s[worker].w);
-	if (!g->scale)
-		return;
-	for (uint32_t i = 0; i < nt; i++) {
-		float sc = g->scale[t->t0 + i];
-
-		for (uint32_t j = 0; j < nr; j++)
-			y[(size_t)i * H + j] *= sc;
-	}
+	for (uint32_t p = t->p0; p < min_u32(t->p0 + PANELS_PER_TILE, np); p++)
+		fc->c->k->rows(g->h + (size_t)t->t0 * I, I, nt, down + (size_t)p * panel, fc->dt, I,
+			       g->y + (size_t)t->t0 * H + (size_t)p * MOE_PANEL, H,
+			       min_u32(MOE_PANEL, H - p * MOE_PANEL),
+			       g->scale ? g->scale + t->t0 : NULL);
 }
 
-/* Tiles of every group over (token blocks x row blocks of `rows(g)`). */
+/* Tiles of every group: token blocks x blocks of PANELS_PER_TILE panels. */
 static uint32_t make_tiles(const struct moe_rank_work *w, bool down, struct tile *out)
 {
 	uint32_t n = 0;
 
 	for (uint32_t gi = 0; gi < w->n_groups; gi++) {
 		const struct moe_ffn_group *g = &w->groups[gi];
-		uint32_t rows = down ? w->hidden : g->slot->inter;
+		uint32_t np = down ? (w->hidden + MOE_PANEL - 1) / MOE_PANEL
+				   : (g->slot->inter + 7) / 8;
 
 		for (uint32_t t0 = 0; t0 < g->n; t0 += TOK_BLOCK)
-			for (uint32_t r0 = 0; r0 < rows; r0 += ROW_BLOCK) {
+			for (uint32_t p0 = 0; p0 < np; p0 += PANELS_PER_TILE) {
 				if (out)
-					out[n] = (struct tile){gi, t0, r0};
+					out[n] = (struct tile){gi, t0, p0};
 				n++;
 			}
 	}
@@ -246,17 +269,23 @@ static uint32_t make_tiles(const struct moe_rank_work *w, bool down, struct tile
 
 static int cpu_experts(struct moe_rank *r, const struct moe_rank_work *w)
 {
-	struct ffn_ctx fc = {r->priv, w, NULL};
+	struct cpu_rank *c = r->priv;
+	struct ffn_ctx fc = {c, w, w->wdt};
 	uint32_t n1 = make_tiles(w, false, NULL), n2 = make_tiles(w, true, NULL);
+	uint32_t need = n1 > n2 ? n1 : n2;
 
-	fc.tiles = malloc((n1 > n2 ? n1 : n2) * sizeof(*fc.tiles) + 1);
-	if (!fc.tiles)
-		return -ENOMEM;
-	make_tiles(w, false, fc.tiles);
+	if (need > c->tiles_cap) {
+		struct tile *t = realloc(c->tiles, need * sizeof(*t));
+
+		if (!t)
+			return -ENOMEM;
+		c->tiles = t;
+		c->tiles_cap = need;
+	}
+	make_tiles(w, false, c->tiles);
 	moe_pool_run(r->pool, n1, gate_up_task, &fc);
-	make_tiles(w, true, fc.tiles);
+	make_tiles(w, true, c->tiles);
 	moe_pool_run(r->pool, n2, down_task, &fc);
-	free(fc.tiles);
 	return 0;
 }
 
@@ -264,6 +293,8 @@ const struct moe_backend_ops moe_backend_cpu = {
 	.name = "cpu",
 	.rank_init = cpu_rank_init,
 	.rank_fini = cpu_rank_fini,
+	.layer_init = cpu_layer_init,
+	.layer_fini = cpu_layer_fini,
 	.slot_alloc = cpu_slot_alloc,
 	.slot_upload = cpu_slot_upload,
 	.slot_free = cpu_slot_free,

@@ -97,15 +97,11 @@ static int alloc_workspaces(struct moe_engine *e)
 static int upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
 		  const struct moe_expert_src *src, char *err)
 {
-	size_t bytes = 3ull * src->gate.rows * src->gate.cols * moe_dtype_size(e->m->dtype);
-	int ret;
-
-	if (r->ops->slot_alloc(r, bytes, s))
-		return moe_err(err, -ENOMEM, "%s rank %u: out of memory for a %zu-byte slot",
-			       r->ops->name, r->id, bytes);
-	e->weight_bytes += bytes;
-	ret = r->ops->slot_upload(r, s, e->m, src, err);
-	return ret;
+	if (r->ops->slot_alloc(r, e->m, src->gate.rows, s))
+		return moe_err(err, -ENOMEM, "%s rank %u: out of memory for an expert slot",
+			       r->ops->name, r->id);
+	e->weight_bytes += s->bytes;
+	return r->ops->slot_upload(r, s, e->m, src, err);
 }
 
 static int load_layer(struct moe_engine *e, uint32_t l, char *err)
@@ -120,6 +116,8 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
 	e->weight_bytes += (size_t)m->n_experts * m->hidden * sizeof(float);
 	ret = moe_model_read_f32(m, &d->router, ls->router, err);
+	if (!ret && e->ranks[0].ops->layer_init(&e->ranks[0], m, ls))
+		ret = moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
 	if (!ret && d->has_bias) {
 		ls->bias = malloc(m->n_experts * sizeof(float));
 		ret = ls->bias ? moe_model_read_f32(m, &d->bias, ls->bias, err)
@@ -183,8 +181,9 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		goto err_destroy;
 	}
 	for (uint32_t r = 0; r < R; r++) {
-		e->ranks[r] = (struct moe_rank){r, &moe_backend_cpu, NULL, e->pool};
-		ret = e->ranks[r].ops->rank_init(&e->ranks[r], m, e->max_tokens, err);
+		e->ranks[r] = (struct moe_rank){.id = r, .ops = &moe_backend_cpu, .pool = e->pool};
+		ret = e->ranks[r].ops->rank_init(&e->ranks[r], m, e->max_tokens, o ? o->isa : NULL,
+						 err);
 		if (ret)
 			goto err_destroy;
 	}
@@ -220,6 +219,8 @@ void moe_engine_destroy(struct moe_engine *e)
 	if (e->current)
 		moe_epoch_release(e->current);
 	for (uint32_t l = 0; e->ls && l < e->m->n_moe_layers; l++) {
+		if (e->ls[l].router_dev)
+			e->ranks[0].ops->layer_fini(&e->ranks[0], &e->ls[l]);
 		free(e->ls[l].router);
 		free(e->ls[l].bias);
 		free(e->ls[l].shared_gate);
@@ -470,6 +471,11 @@ uint32_t moe_engine_max_tokens(const struct moe_engine *e)
 const char *moe_engine_backend(const struct moe_engine *e)
 {
 	return e->ranks[0].ops->name;
+}
+
+const char *moe_engine_kernels(const struct moe_engine *e)
+{
+	return e->ranks[0].kernels;
 }
 
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e)

@@ -31,6 +31,8 @@ struct moe_engine_opts {
 	uint32_t max_batch_tokens; /* workspaces are sized for this; 0: 4096 */
 	uint32_t n_ranks;	  /* 1 for now */
 	uint32_t spare_slots;	  /* per rank per layer */
+	const char *isa;	  /* CPU kernels: NULL/"auto", "scalar", "avx2", "avx512"
+				     (MOE_CPU_ISA in the environment overrides) */
 };
 
 struct moe_epoch {
@@ -73,6 +75,8 @@ const struct moe_model *moe_engine_model(const struct moe_engine *e);
 uint32_t moe_engine_threads(const struct moe_engine *e);
 uint32_t moe_engine_max_tokens(const struct moe_engine *e);
 const char *moe_engine_backend(const struct moe_engine *e);
+/* The kernels in use on rank 0 ("scalar", "avx2", "avx512"). */
+const char *moe_engine_kernels(const struct moe_engine *e);
 /* Bytes of weights held by the engine (slots + router state). */
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e);
 /* Tokens routed to expert `x` of MoE layer position `pos` since start. */

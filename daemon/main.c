@@ -66,7 +66,8 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 static int load_only(struct moe_config *c, struct moe_model *m)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
-				     .max_batch_tokens = c->scheduler.max_batch_tokens};
+				     .max_batch_tokens = c->scheduler.max_batch_tokens,
+				     .isa = moe_cfg_isa_name(c->cpu.isa)};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;
@@ -80,10 +81,10 @@ static int load_only(struct moe_config *c, struct moe_model *m)
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
 	moe_log(LOG_INFO, "loaded %u MoE layers, %.1f MiB of weights in %.2f s (%.0f MiB/s), "
-		"backend %s, %u threads",
+		"backend %s (%s kernels), %u threads",
 		m->n_moe_layers, (double)moe_engine_weight_bytes(e) / (1 << 20), s,
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
-		moe_engine_backend(e), moe_engine_threads(e));
+		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
 	moe_engine_destroy(e);
 	return 0;
 }
@@ -174,7 +175,7 @@ int main(int argc, char **argv)
 	moe_plan_compute(&cfg, m, &plan);
 	if (test) {
 		moe_plan_print(stdout, &cfg, m, &plan);
-		ret = plan.fits ? 0 : 1;
+		ret = plan.fits && plan.isa >= 0 ? 0 : 1;
 	} else {
 		ret = plan.fits ? load_only(&cfg, m) : 1;
 		if (!plan.fits)

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "daemon/engine.h"
+#include "kernels/cpu/isa.h"
 #ifdef MOE_HAVE_CUDA
 #include "kernels/cuda/device.h"
 #endif
@@ -41,6 +42,14 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, str
 	p->mem_available = mem_available();
 	p->fits = !p->mem_available ||
 		  p->n_ranks * p->weight_bytes_per_rank + p->workspace_bytes <= p->mem_available;
+	{
+		enum moe_cpu_isa isa;
+
+		p->isa = moe_cpu_isa_resolve(moe_cfg_isa_name(c->cpu.isa), &isa, p->isa_err,
+					     sizeof(p->isa_err))
+				 ? -1
+				 : (int)isa;
+	}
 }
 
 static void human(uint64_t b, char *buf, size_t n)
@@ -93,6 +102,12 @@ void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model 
 						  : ", group-limited (sum of top-2)",
 		m->route.renormalize ? ", renormalized" : "", m->route.scale);
 	print_backend(f);
+	if (p->isa >= 0)
+		fprintf(f, "kernels:     %s (cpu.isa %s; best on this CPU: %s)\n",
+			moe_cpu_isa_name((enum moe_cpu_isa)p->isa), moe_cfg_isa_name(c->cpu.isa),
+			moe_cpu_isa_name(moe_cpu_isa_best()));
+	else
+		fprintf(f, "kernels:     ERROR: %s\n", p->isa_err);
 	human(m->expert_bytes, a, sizeof(a));
 	fprintf(f, "ranks:       %u (cpu), %u slots per rank per layer (%s per expert)\n",
 		p->n_ranks, p->slots_per_rank, a);

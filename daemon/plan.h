@@ -15,6 +15,8 @@ struct moe_plan {
 	uint64_t workspace_bytes;
 	uint64_t mem_available; /* host MemAvailable, 0 if unknown */
 	bool fits;
+	int isa;		/* enum moe_cpu_isa chosen, or -1 */
+	char isa_err[256];	/* why the requested kernels cannot run */
 };
 
 void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p);

@@ -43,6 +43,12 @@ check "bad value names file:line:column" 1 "bad.yaml:4:12: cpu.threads:" \
 	"$bin/moed" -t -c "$tmp/bad.yaml"
 printf 'model:\n  path: /x\n  colour: red\n' >"$tmp/unknown.yaml"
 check "unknown key" 1 "unknown.yaml:3:3: model.colour:" "$bin/moed" -t -c "$tmp/unknown.yaml"
+check "plan names the kernels" 0 "kernels: +(avx2|avx512|scalar)" \
+	"$bin/moed" -t --model "$fix/olmoe_f32"
+MOE_CPU_ISA=scalar check "MOE_CPU_ISA forces a path" 0 "kernels: +scalar" \
+	"$bin/moed" -t --model "$fix/olmoe_f32"
+MOE_CPU_ISA=bogus check "unknown path is an error" 1 "MOE_CPU_ISA=bogus: unknown" \
+	"$bin/moed" -t --model "$fix/olmoe_f32"
 check "missing checkpoint" 1 "/nonexistent" "$bin/moed" -t --model /nonexistent
 check "no serving loop yet: says so" 2 "no serving loop yet" "$bin/moed" --model "$fix/olmoe_f32"
 check "usage" 2 "usage: moed" "$bin/moed"

@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "daemon/engine.h"
+#include "kernels/cpu/isa.h"
 #include "daemon/model.h"
 #include "tests/testutil.h"
 #include "tools/synth.h"
@@ -56,10 +57,14 @@ static double tol_rtol(enum moe_dtype dt)
 	return dt == MOE_DT_BF16 ? 1.0 / 256 : dt == MOE_DT_F16 ? 1.0 / 1024 : 1e-5;
 }
 
+/* The CPU path under test: every supported one in turn (main()). */
+static const char *isa_under_test;
+
 static struct moe_engine *open_engine(const char *dir, uint32_t threads, uint32_t max_tokens,
 				      struct moe_model **mp)
 {
-	struct moe_engine_opts o = {.threads = threads, .max_batch_tokens = max_tokens};
+	struct moe_engine_opts o = {.threads = threads, .max_batch_tokens = max_tokens,
+				    .isa = isa_under_test};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 
@@ -632,10 +637,14 @@ static void test_shard_overwritten_after_load(void **state)
 	free(tmp);
 }
 
-int main(void)
+static int run_all(const char *isa)
 {
 	struct CMUnitTest tests[sizeof(cases) / sizeof(cases[0]) + 8];
+	char group[64];
 	size_t n = 0;
+
+	isa_under_test = isa;
+	snprintf(group, sizeof(group), "engine (%s kernels)", isa);
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++)
 		tests[n++] = (struct CMUnitTest){cases[i], test_fixture, NULL, NULL,
@@ -646,5 +655,24 @@ int main(void)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_modified_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_truncated_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_overwritten_after_load);
-	return _cmocka_run_group_tests("engine", tests, n, NULL, NULL);
+	return _cmocka_run_group_tests(group, tests, n, NULL, NULL);
+}
+
+/* Every CPU path the machine supports runs the whole suite; the others are
+ * named as skipped. */
+int main(void)
+{
+	int failed = 0;
+
+	unsetenv("MOE_CPU_ISA");
+	for (int i = 0; i < MOE_ISA_COUNT; i++) {
+		const char *name = moe_cpu_isa_name((enum moe_cpu_isa)i);
+
+		if (!moe_cpu_isa_supported((enum moe_cpu_isa)i)) {
+			printf("engine (%s kernels): SKIPPED, this CPU lacks %s\n", name, name);
+			continue;
+		}
+		failed += run_all(name);
+	}
+	return failed;
 }

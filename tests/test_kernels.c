@@ -7,12 +7,14 @@
  * |y - ref| <= 1e-6 * sum_t |x_t w_t| (fp32 accumulation over 8 lanes has an
  * error bound of about (k/8 + 3) * 2^-24 * sum |x_t w_t|; k <= 300 here).
  */
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/panel.h"
 #include "kernels/cpu/route.h"
 #include "kernels/cpu/swiglu.h"
 #include "tests/testutil.h"
@@ -256,6 +258,151 @@ static void test_route_groups(void **state)
 	assert_int_equal(ids[1], 3);
 }
 
+/* One ISA path's panel kernels against float64, every dtype, token counts
+ * across the micro-kernel heights (6 for AVX2, 12 for AVX-512), K with
+ * tails, partial last panels. Tolerance: sequential fp32 summation over K
+ * terms is within (K + 2) * 2^-24 * sum |x_k w_k| of the exact sum. */
+static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, uint32_t K,
+			 uint32_t n, struct moe_rng *r)
+{
+	const struct moe_cpu_kernels *kn = moe_cpu_kernels_for(isa);
+	uint32_t np = (n + 15) / 16, ni = (n + 7) / 8;
+	float *x = malloc((size_t)m * K * 4), *wf = malloc((size_t)2 * n * K * 4);
+	void *w = malloc((size_t)2 * n * K * 4);
+	void *pr = malloc(moe_pack_rows_bytes(n, K, dt));
+	void *pg = malloc(moe_pack_gate_up_bytes(n, K, dt));
+	float *y = malloc((size_t)m * (n + 1) * 4), *sc = malloc(m * 4);
+	double bound = (K + 2) * ldexp(1, -24);
+
+	for (size_t i = 0; i < (size_t)m * K; i++)
+		x[i] = (float)moe_rng_normal(r);
+	for (uint32_t t = 0; t < m; t++)
+		sc[t] = (float)moe_rng_uniform(r) + 0.5f;
+	for (size_t i = 0; i < (size_t)2 * n * K; i++)
+		wf[i] = (float)moe_rng_normal(r);
+	moe_cpu_from_f32(dt, wf, w, (size_t)2 * n * K);
+	moe_cpu_to_f32(dt, w, wf, (size_t)2 * n * K);
+	moe_pack_rows(w, n, K, dt, pr);
+	moe_pack_gate_up(w, (char *)w + (size_t)n * K * moe_dtype_size(dt), n, K, dt, pg);
+
+	/* rows: y = scale * x W^T, the last column of y is a guard */
+	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
+		y[i] = -7.0f;
+	for (uint32_t p = 0; p < np; p++)
+		kn->rows(x, K, m, (char *)pr + p * moe_pack_rows_bytes(16, K, dt), dt, K, y + p * 16,
+			 n + 1, n - p * 16 < 16 ? n - p * 16 : 16, sc);
+	for (uint32_t t = 0; t < m; t++) {
+		for (uint32_t j = 0; j < n; j++) {
+			double ref = 0, mag = 0;
+
+			for (uint32_t k = 0; k < K; k++) {
+				double v = (double)x[(size_t)t * K + k] * wf[(size_t)j * K + k];
+
+				ref += v;
+				mag += fabs(v);
+			}
+			ref *= sc[t];
+			if (fabs(y[(size_t)t * (n + 1) + j] - ref) > bound * mag * sc[t] * 1.0001 + 1e-30)
+				fail_msg("%s rows %s m%u K%u n%u: y[%u,%u] = %.9g, want %.9g",
+					 moe_cpu_isa_name(isa), moe_dtype_name(dt), m, K, n, t, j,
+					 (double)y[(size_t)t * (n + 1) + j], ref);
+		}
+		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
+	}
+
+	/* gate/up + SwiGLU: h = silu(x Wg^T) * (x Wu^T) */
+	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
+		y[i] = -7.0f;
+	for (uint32_t p = 0; p < ni; p++)
+		kn->gate_up(x, K, m, (char *)pg + p * moe_pack_gate_up_bytes(8, K, dt), dt, K,
+			    y + p * 8, n + 1, n - p * 8 < 8 ? n - p * 8 : 8);
+	for (uint32_t t = 0; t < m; t++) {
+		for (uint32_t j = 0; j < n; j++) {
+			double g = 0, u = 0, mg = 0, mu = 0, ref, dg, du;
+			const float *wg = wf + (size_t)j * K, *wu = wf + ((size_t)n + j) * K;
+
+			for (uint32_t k = 0; k < K; k++) {
+				g += (double)x[(size_t)t * K + k] * wg[k];
+				u += (double)x[(size_t)t * K + k] * wu[k];
+				mg += fabs((double)x[(size_t)t * K + k] * wg[k]);
+				mu += fabs((double)x[(size_t)t * K + k] * wu[k]);
+			}
+			ref = g / (1 + exp(-g)) * u;
+			/* |d silu(g)/dg| <= 1.1: propagate both sum errors, plus
+			 * a few ulps for expf and the products */
+			dg = 1.1 * bound * mg * fabs(u), du = fabs(g / (1 + exp(-g))) * bound * mu;
+			if (fabs(y[(size_t)t * (n + 1) + j] - ref) >
+			    dg + du + 1e-6 * fabs(ref) + 1e-30)
+				fail_msg("%s gate_up %s m%u K%u n%u: h[%u,%u] = %.9g, want %.9g",
+					 moe_cpu_isa_name(isa), moe_dtype_name(dt), m, K, n, t, j,
+					 (double)y[(size_t)t * (n + 1) + j], ref);
+		}
+		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
+	}
+	free(x), free(wf), free(w), free(pr), free(pg), free(y), free(sc);
+}
+
+static void test_panels(void **state)
+{
+	static const uint32_t ms[] = {1, 2, 5, 6, 7, 12, 13, 25}, ks[] = {1, 7, 33, 300};
+	static const uint32_t ns[] = {1, 8, 15, 16, 17, 40};
+	struct moe_rng r = {5};
+	int ran = 0;
+
+	for (int isa = 0; isa < MOE_ISA_COUNT; isa++) {
+		if (!moe_cpu_isa_supported((enum moe_cpu_isa)isa)) {
+			print_message("panel kernels: %s path SKIPPED (this CPU lacks it)\n",
+				      moe_cpu_isa_name((enum moe_cpu_isa)isa));
+			continue;
+		}
+		print_message("panel kernels: %s path tested\n",
+			      moe_cpu_isa_name((enum moe_cpu_isa)isa));
+		ran++;
+		for (int d = 0; d < 3; d++)
+			for (size_t a = 0; a < 8; a++)
+				for (size_t b = 0; b < 4; b++)
+					for (size_t c = 0; c < 6; c++)
+						check_panels((enum moe_cpu_isa)isa,
+							     (enum moe_dtype)d, ms[a], ks[b],
+							     ns[c], &r);
+	}
+	assert_true(ran >= 1);
+}
+
+/* Forcing a path: by name, through MOE_CPU_ISA, and refusing what the CPU
+ * lacks or does not exist with a message instead of a SIGILL. */
+static void test_isa_resolve(void **state)
+{
+	enum moe_cpu_isa isa;
+	char err[256];
+
+	unsetenv("MOE_CPU_ISA");
+	assert_int_equal(moe_cpu_isa_resolve(NULL, &isa, err, sizeof(err)), 0);
+	assert_int_equal(isa, moe_cpu_isa_best());
+	assert_int_equal(moe_cpu_isa_resolve("scalar", &isa, err, sizeof(err)), 0);
+	assert_int_equal(isa, MOE_ISA_SCALAR);
+	assert_int_equal(moe_cpu_isa_resolve("sse9", &isa, err, sizeof(err)), -EINVAL);
+	assert_non_null(strstr(err, "cpu.isa=sse9: unknown"));
+	for (int i = 0; i < MOE_ISA_COUNT; i++) {
+		int ret = moe_cpu_isa_resolve(moe_cpu_isa_name((enum moe_cpu_isa)i), &isa, err,
+					      sizeof(err));
+
+		if (moe_cpu_isa_supported((enum moe_cpu_isa)i)) {
+			assert_int_equal(ret, 0);
+		} else {
+			assert_int_equal(ret, -ENOTSUP);
+			assert_non_null(strstr(err, "does not support"));
+		}
+	}
+	setenv("MOE_CPU_ISA", "scalar", 1);
+	assert_int_equal(moe_cpu_isa_resolve("avx2", &isa, err, sizeof(err)), 0);
+	assert_int_equal(isa, MOE_ISA_SCALAR);
+	setenv("MOE_CPU_ISA", "nope", 1);
+	assert_int_equal(moe_cpu_isa_resolve(NULL, &isa, err, sizeof(err)), -EINVAL);
+	assert_non_null(strstr(err, "MOE_CPU_ISA=nope"));
+	unsetenv("MOE_CPU_ISA");
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -265,6 +412,8 @@ int main(void)
 		cmocka_unit_test(test_swiglu),
 		cmocka_unit_test(test_route_softmax),
 		cmocka_unit_test(test_route_groups),
+		cmocka_unit_test(test_panels),
+		cmocka_unit_test(test_isa_resolve),
 	};
 
 	return cmocka_run_group_tests_name("kernels", tests, NULL, NULL);

@@ -1067,7 +1067,8 @@ static void test_transposed(void **state)
 	tname(MOE_FAM_QWEN3_MOE, MOE_LAYOUT_PER_EXPERT, 0, MOE_T_DOWN, 2, name);
 	st_transpose(dir, name);
 	expect_fail(dir, NULL, -EINVAL,
-		    NEEDLES(name, "model.safetensors", "[8, 16]", "expected [16, 8]", "transposed"));
+		    NEEDLES(name, "model.safetensors", "[8, 16]", "expected [16, 8]",
+			    "transposed"));
 	free(dir);
 	/* fused down_proj [E, H, I] stored as [E, I, H] */
 	dir = make_tiny(MOE_FAM_DEEPSEEK_V2, MOE_LAYOUT_FUSED);
@@ -1121,7 +1122,8 @@ static void test_bad_dtype(void **state)
 	dir = make_tiny(MOE_FAM_QWEN3_MOE, MOE_LAYOUT_PER_EXPERT);
 	tname(MOE_FAM_QWEN3_MOE, MOE_LAYOUT_PER_EXPERT, 1, MOE_T_GATE, 1, name);
 	st_retype(dir, name, MOE_ST_I32);
-	expect_fail(dir, NULL, -EINVAL, NEEDLES(name, "model.safetensors", "I32", "bf16, f16 or f32"));
+	expect_fail(dir, NULL, -EINVAL,
+		    NEEDLES(name, "model.safetensors", "I32", "bf16, f16 or f32"));
 	free(dir);
 	/* an F64 router: the model's dtype is unsupported */
 	dir = make_tiny(MOE_FAM_MIXTRAL, MOE_LAYOUT_PER_EXPERT);
@@ -1235,7 +1237,8 @@ static void test_index_names_missing_shard(void **state)
 	(void)state;
 	tname(MOE_FAM_QWEN3_MOE, MOE_LAYOUT_PER_EXPERT, 1, MOE_T_UP, 4, name);
 	json_edit(idx, "weight_map", name, "\"model-00009-of-00009.safetensors\"");
-	expect_fail(dir, NULL, -ENOENT, NEEDLES("model-00009-of-00009.safetensors", "No such file"));
+	expect_fail(dir, NULL, -ENOENT,
+		    NEEDLES("model-00009-of-00009.safetensors", "No such file"));
 	free(idx);
 	free(dir);
 }

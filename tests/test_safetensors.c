@@ -309,7 +309,8 @@ static void test_missing_file(void **state)
 	free(p);
 }
 
-#define T_F32_2x3(b, e) "{\"t\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[" #b "," #e "]}}"
+#define T_F32_2x3(b, e)                                                                            \
+	"{\"t\":{\"dtype\":\"F32\",\"shape\":[2,3],\"data_offsets\":[" #b "," #e "]}}"
 
 /* The data is 4 bytes shorter than the offsets say. */
 BAD_HEADER(test_truncated_data, T_F32_2x3(0, 24), 20, "'t'", "truncated")
@@ -406,8 +407,8 @@ BAD_HEADER(test_shape_negative,
 BAD_HEADER(test_shape_float, "{\"t\":{\"dtype\":\"F32\",\"shape\":[2.5],\"data_offsets\":[0,8]}}",
 	   8, "'t'", "shape", "integers")
 BAD_HEADER(test_shape_string,
-	   "{\"t\":{\"dtype\":\"F32\",\"shape\":[\"2\"],\"data_offsets\":[0,8]}}", 8, "'t'", "shape",
-	   "integers")
+	   "{\"t\":{\"dtype\":\"F32\",\"shape\":[\"2\"],\"data_offsets\":[0,8]}}", 8, "'t'",
+	   "shape", "integers")
 BAD_HEADER(test_shape_null, "{\"t\":{\"dtype\":\"F32\",\"shape\":[null],\"data_offsets\":[0,0]}}",
 	   0, "'t'", "shape")
 BAD_HEADER(test_too_many_dims,
@@ -450,8 +451,9 @@ static void test_zero_dim_big_other(void **state)
 /* F4 with an even count and F6 with a multiple of 4 are whole bytes. */
 static void test_subbyte_ok(void **state)
 {
-	static const char hdr[] = "{\"a\":{\"dtype\":\"F4\",\"shape\":[2,3],\"data_offsets\":[0,3]},"
-				  "\"b\":{\"dtype\":\"F6_E3M2\",\"shape\":[4],\"data_offsets\":[3,6]}}";
+	static const char hdr[] =
+		"{\"a\":{\"dtype\":\"F4\",\"shape\":[2,3],\"data_offsets\":[0,3]},"
+		"\"b\":{\"dtype\":\"F6_E3M2\",\"shape\":[4],\"data_offsets\":[3,6]}}";
 	struct moe_st_file *f;
 	char *p = st_file("subbyte", hdr, sizeof(hdr) - 1, 6);
 

@@ -1,0 +1,109 @@
+#include "kernels/cpu/isa.h"
+
+#include <cpuid.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const names[MOE_ISA_COUNT] = {"scalar", "avx2", "avx512"};
+
+const char *moe_cpu_isa_name(enum moe_cpu_isa isa)
+{
+	return (unsigned)isa < MOE_ISA_COUNT ? names[isa] : "?";
+}
+
+static uint64_t xcr0(void)
+{
+	uint32_t lo, hi;
+
+	__asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+	return ((uint64_t)hi << 32) | lo;
+}
+
+struct features {
+	bool avx2, fma, f16c, avx512, bf16;
+};
+
+static struct features detect(void)
+{
+	struct features f = {0};
+	unsigned a, b, c, d;
+	uint64_t x;
+
+	if (!__get_cpuid(1, &a, &b, &c, &d))
+		return f;
+	bool osxsave = c & (1u << 27), avx = c & (1u << 28);
+
+	f.fma = c & (1u << 12);
+	f.f16c = c & (1u << 29);
+	if (!osxsave || !avx)
+		return f;
+	x = xcr0();
+	if ((x & 0x6) != 0x6) /* XMM and YMM state */
+		return f;
+	if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
+		return f;
+	f.avx2 = (b & (1u << 5)) && f.fma && f.f16c;
+	/* F, BW, VL and the opmask/ZMM state */
+	f.avx512 = f.avx2 && (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&
+		   (x & 0xe0) == 0xe0;
+	if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
+		f.bf16 = a & (1u << 5);
+	return f;
+}
+
+bool moe_cpu_isa_supported(enum moe_cpu_isa isa)
+{
+	struct features f = detect();
+
+	switch (isa) {
+	case MOE_ISA_SCALAR:
+		return true;
+	case MOE_ISA_AVX2:
+		return f.avx2;
+	case MOE_ISA_AVX512:
+		return f.avx512;
+	default:
+		return false;
+	}
+}
+
+bool moe_cpu_has_avx512_bf16(void)
+{
+	return detect().bf16;
+}
+
+enum moe_cpu_isa moe_cpu_isa_best(void)
+{
+	for (int i = MOE_ISA_COUNT - 1; i > 0; i--)
+		if (moe_cpu_isa_supported((enum moe_cpu_isa)i))
+			return (enum moe_cpu_isa)i;
+	return MOE_ISA_SCALAR;
+}
+
+int moe_cpu_isa_resolve(const char *request, enum moe_cpu_isa *out, char *err, size_t errlen)
+{
+	const char *env = getenv("MOE_CPU_ISA");
+	const char *what = env && *env ? "MOE_CPU_ISA" : "cpu.isa";
+	const char *s = env && *env ? env : request;
+
+	if (!s || strcmp(s, "auto") == 0) {
+		*out = moe_cpu_isa_best();
+		return 0;
+	}
+	for (int i = 0; i < MOE_ISA_COUNT; i++) {
+		if (strcmp(s, names[i]) != 0)
+			continue;
+		if (!moe_cpu_isa_supported((enum moe_cpu_isa)i)) {
+			snprintf(err, errlen, "%s=%s: this CPU does not support %s (best: %s)",
+				 what, s, s, names[moe_cpu_isa_best()]);
+			return -ENOTSUP;
+		}
+		*out = (enum moe_cpu_isa)i;
+		return 0;
+	}
+	snprintf(err, errlen, "%s=%s: unknown (auto, scalar, avx2, avx512)", what, s);
+	return -EINVAL;
+}

@@ -1,0 +1,28 @@
+/* kernels/cpu/isa.h — which CPU kernels run: detection and choice.
+ *
+ * Paths: scalar (portable C), avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL
+ * + F16C). Detection uses cpuid and xgetbv (the OS must save the registers).
+ * The choice is `auto` (the best the CPU has) unless a request (cpu.isa in
+ * the config) or the MOE_CPU_ISA environment variable names one; naming a
+ * path the CPU lacks is an error with a message, never a SIGILL.
+ */
+#ifndef MOE_CPU_ISA_H
+#define MOE_CPU_ISA_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+enum moe_cpu_isa { MOE_ISA_SCALAR, MOE_ISA_AVX2, MOE_ISA_AVX512, MOE_ISA_COUNT };
+
+const char *moe_cpu_isa_name(enum moe_cpu_isa isa);
+bool moe_cpu_isa_supported(enum moe_cpu_isa isa);
+/* True if the CPU has AVX512_BF16 (vdpbf16ps); reported by moe-bench. */
+bool moe_cpu_has_avx512_bf16(void);
+enum moe_cpu_isa moe_cpu_isa_best(void);
+
+/* Resolves a request ("auto", "scalar", "avx2", "avx512" or NULL = auto);
+ * MOE_CPU_ISA in the environment, when set, overrides the request.
+ * 0 and *out, or -EINVAL / -ENOTSUP with a message in err. */
+int moe_cpu_isa_resolve(const char *request, enum moe_cpu_isa *out, char *err, size_t errlen);
+
+#endif
