@@ -174,13 +174,9 @@ static void route_task(void *arg, uint32_t task, uint32_t worker)
 	uint32_t t0 = task * ROUTE_BLOCK, nt = rc->n - t0 < ROUTE_BLOCK ? rc->n - t0 : ROUTE_BLOCK;
 	float *logits = rc->c->logits + (size_t)t0 * E;
 	struct moe_route_params p = m->route;
-	size_t panel = moe_pack_rows_bytes(MOE_PANEL, H, MOE_DT_F32);
 
-	for (uint32_t e0 = 0; e0 < E; e0 += MOE_PANEL)
-		rc->c->k->rows(rc->x + (size_t)t0 * H, H, nt,
-			       (const char *)rc->ls->router_dev + (size_t)(e0 / MOE_PANEL) * panel,
-			       MOE_DT_F32, H, logits + e0, E,
-			       E - e0 < MOE_PANEL ? E - e0 : MOE_PANEL, NULL);
+	rc->c->k->rows(rc->x + (size_t)t0 * H, H, nt, rc->ls->router_dev, MOE_DT_F32, H, E,
+		       logits, E, NULL);
 	/* Outside DeepSeek, the router is an nn.Linear in the model dtype: its
 	 * logits are rounded to that dtype before the fp32 softmax. */
 	if (!m->router_fp32)
@@ -220,14 +216,14 @@ static void gate_up_task(void *arg, uint32_t task, uint32_t worker)
 	struct ffn_ctx *fc = arg;
 	const struct tile *t = &fc->c->tiles[task];
 	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter, np = (I + 7) / 8;
+	uint32_t H = fc->w->hidden, I = g->slot->inter;
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
+	uint32_t n_inter = min_u32(PANELS_PER_TILE * 8, I - t->p0 * 8);
 	size_t panel = moe_pack_gate_up_bytes(8, H, fc->dt);
 
-	for (uint32_t p = t->p0; p < min_u32(t->p0 + PANELS_PER_TILE, np); p++)
-		fc->c->k->gate_up(g->x + (size_t)t->t0 * H, H, nt,
-				  (const char *)g->slot->mem + (size_t)p * panel, fc->dt, H,
-				  g->h + (size_t)t->t0 * I + (size_t)p * 8, I, min_u32(8, I - p * 8));
+	fc->c->k->gate_up(g->x + (size_t)t->t0 * H, H, nt,
+			  (const char *)g->slot->mem + (size_t)t->p0 * panel, fc->dt, H, n_inter,
+			  g->h + (size_t)t->t0 * I + (size_t)t->p0 * 8, I);
 }
 
 static void down_task(void *arg, uint32_t task, uint32_t worker)
@@ -235,16 +231,15 @@ static void down_task(void *arg, uint32_t task, uint32_t worker)
 	struct ffn_ctx *fc = arg;
 	const struct tile *t = &fc->c->tiles[task];
 	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter, np = (H + MOE_PANEL - 1) / MOE_PANEL;
+	uint32_t H = fc->w->hidden, I = g->slot->inter;
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
+	uint32_t n_rows = min_u32(PANELS_PER_TILE * MOE_PANEL, H - t->p0 * MOE_PANEL);
 	size_t panel = moe_pack_rows_bytes(MOE_PANEL, I, fc->dt);
 	const char *down = (const char *)g->slot->mem + gate_up_bytes_dt(fc->dt, H, I);
 
-	for (uint32_t p = t->p0; p < min_u32(t->p0 + PANELS_PER_TILE, np); p++)
-		fc->c->k->rows(g->h + (size_t)t->t0 * I, I, nt, down + (size_t)p * panel, fc->dt, I,
-			       g->y + (size_t)t->t0 * H + (size_t)p * MOE_PANEL, H,
-			       min_u32(MOE_PANEL, H - p * MOE_PANEL),
-			       g->scale ? g->scale + t->t0 : NULL);
+	fc->c->k->rows(g->h + (size_t)t->t0 * I, I, nt, down + (size_t)t->p0 * panel, fc->dt, I,
+		       n_rows, g->y + (size_t)t->t0 * H + (size_t)t->p0 * MOE_PANEL, H,
+		       g->scale ? g->scale + t->t0 : NULL);
 }
 
 /* Tiles of every group: token blocks x blocks of PANELS_PER_TILE panels. */

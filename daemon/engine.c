@@ -25,7 +25,7 @@
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
 
-#define CHUNK_TOKENS	   256
+#define CHUNK_TOKENS	   1024
 #define DEFAULT_MAX_TOKENS 4096
 
 struct moe_engine {

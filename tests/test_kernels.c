@@ -266,7 +266,6 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 			 uint32_t n, struct moe_rng *r)
 {
 	const struct moe_cpu_kernels *kn = moe_cpu_kernels_for(isa);
-	uint32_t np = (n + 15) / 16, ni = (n + 7) / 8;
 	float *x = malloc((size_t)m * K * 4), *wf = malloc((size_t)2 * n * K * 4);
 	void *w = malloc((size_t)2 * n * K * 4);
 	void *pr = malloc(moe_pack_rows_bytes(n, K, dt));
@@ -288,9 +287,7 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 	/* rows: y = scale * x W^T, the last column of y is a guard */
 	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
 		y[i] = -7.0f;
-	for (uint32_t p = 0; p < np; p++)
-		kn->rows(x, K, m, (char *)pr + p * moe_pack_rows_bytes(16, K, dt), dt, K, y + p * 16,
-			 n + 1, n - p * 16 < 16 ? n - p * 16 : 16, sc);
+	kn->rows(x, K, m, pr, dt, K, n, y, n + 1, sc);
 	for (uint32_t t = 0; t < m; t++) {
 		for (uint32_t j = 0; j < n; j++) {
 			double ref = 0, mag = 0;
@@ -313,9 +310,7 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 	/* gate/up + SwiGLU: h = silu(x Wg^T) * (x Wu^T) */
 	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
 		y[i] = -7.0f;
-	for (uint32_t p = 0; p < ni; p++)
-		kn->gate_up(x, K, m, (char *)pg + p * moe_pack_gate_up_bytes(8, K, dt), dt, K,
-			    y + p * 8, n + 1, n - p * 8 < 8 ? n - p * 8 : 8);
+	kn->gate_up(x, K, m, pg, dt, K, n, y, n + 1);
 	for (uint32_t t = 0; t < m; t++) {
 		for (uint32_t j = 0; j < n; j++) {
 			double g = 0, u = 0, mg = 0, mu = 0, ref, dg, du;
@@ -345,7 +340,7 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 static void test_panels(void **state)
 {
 	static const uint32_t ms[] = {1, 2, 5, 6, 7, 12, 13, 25}, ks[] = {1, 7, 33, 300};
-	static const uint32_t ns[] = {1, 8, 15, 16, 17, 40};
+	static const uint32_t ns[] = {1, 8, 15, 16, 17, 40, 70};
 	struct moe_rng r = {5};
 	int ran = 0;
 
@@ -361,7 +356,7 @@ static void test_panels(void **state)
 		for (int d = 0; d < 3; d++)
 			for (size_t a = 0; a < 8; a++)
 				for (size_t b = 0; b < 4; b++)
-					for (size_t c = 0; c < 6; c++)
+					for (size_t c = 0; c < 7; c++)
 						check_panels((enum moe_cpu_isa)isa,
 							     (enum moe_dtype)d, ms[a], ks[b],
 							     ns[c], &r);

@@ -40,14 +40,14 @@ void moe_pack_gate_up(const void *gate, const void *up, uint32_t inter, uint32_t
 
 struct moe_cpu_kernels {
 	enum moe_cpu_isa isa;
-	/* h[t*ldh + j] = silu(g) * u for the 8 intermediate rows of one
-	 * gate/up panel, j < nvalid (<= 8), t < m (any m). */
-	void (*gate_up)(const float *x, size_t ldx, uint32_t m, const void *panel,
-			enum moe_dtype dt, uint32_t k, float *h, size_t ldh, uint32_t nvalid);
-	/* y[t*ldy + j] = (scale ? scale[t] : 1) * sum_k x[t,k] * W[j,k] for the
-	 * 16 rows of one panel, j < nvalid (<= 16), t < m (any m). */
-	void (*rows)(const float *x, size_t ldx, uint32_t m, const void *panel, enum moe_dtype dt,
-		     uint32_t k, float *y, size_t ldy, uint32_t nvalid, const float *scale);
+	/* h[t*ldh + i] = silu(x·gate_i) * (x·up_i) for i < n_inter, t < m, from
+	 * the ceil(n_inter / 8) consecutive gate/up panels at `panels`. */
+	void (*gate_up)(const float *x, size_t ldx, uint32_t m, const void *panels,
+			enum moe_dtype dt, uint32_t k, uint32_t n_inter, float *h, size_t ldh);
+	/* y[t*ldy + j] = (scale ? scale[t] : 1) * x_t·W_j for j < n_rows, t < m,
+	 * from the ceil(n_rows / 16) consecutive row panels at `panels`. */
+	void (*rows)(const float *x, size_t ldx, uint32_t m, const void *panels, enum moe_dtype dt,
+		     uint32_t k, uint32_t n_rows, float *y, size_t ldy, const float *scale);
 };
 
 /* The kernels of a path (the path must be supported by the CPU). */

@@ -26,22 +26,29 @@ static inline __attribute__((always_inline)) __m512 load_w(enum moe_dtype dt, co
 	return _mm512_cvtph_ps(a);
 }
 
+/* Named accumulators so that all 12 stay in registers. */
+#define ACC(t) __m512 c##t = _mm512_setzero_ps();
+#define STEP(t)                                                                            \
+	if (mr > t)                                                                        \
+		c##t = _mm512_fmadd_ps(_mm512_set1_ps(x[t * ldx + c]), w, c##t);
+#define STORE(t)                                                                           \
+	if (mr > t)                                                                        \
+		_mm512_storeu_ps(out[t], c##t);
+
 static inline __attribute__((always_inline)) void tile(const float *x, size_t ldx, const void *p,
 						       enum moe_dtype dt, uint32_t k, const int mr,
 						       float out[MR][MOE_PANEL])
 {
-	__m512 acc[MR];
+	ACC(0) ACC(1) ACC(2) ACC(3) ACC(4) ACC(5) ACC(6) ACC(7) ACC(8) ACC(9) ACC(10) ACC(11)
 
-	for (int t = 0; t < mr; t++)
-		acc[t] = _mm512_setzero_ps();
 	for (uint32_t c = 0; c < k; c++) {
 		__m512 w = load_w(dt, p, c);
 
-		for (int t = 0; t < mr; t++)
-			acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(x[t * ldx + c]), w, acc[t]);
+		STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5)
+		STEP(6) STEP(7) STEP(8) STEP(9) STEP(10) STEP(11)
 	}
-	for (int t = 0; t < mr; t++)
-		_mm512_storeu_ps(out[t], acc[t]);
+	STORE(0) STORE(1) STORE(2) STORE(3) STORE(4) STORE(5)
+	STORE(6) STORE(7) STORE(8) STORE(9) STORE(10) STORE(11)
 }
 
 typedef void (*tile_fn)(const float *, size_t, const void *, uint32_t, float[MR][MOE_PANEL]);
@@ -73,36 +80,48 @@ static const tile_fn tiles[3][MR + 1] = {
 	[MOE_DT_F16] = ROW(f16),
 };
 
-static void avx512_gate_up(const float *x, size_t ldx, uint32_t m, const void *panel,
-			   enum moe_dtype dt, uint32_t k, float *h, size_t ldh, uint32_t nvalid)
+static void avx512_gate_up(const float *x, size_t ldx, uint32_t m, const void *panels,
+			   enum moe_dtype dt, uint32_t k, uint32_t n_inter, float *h, size_t ldh)
 {
+	size_t ps = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
 	float out[MR][MOE_PANEL];
 
-	for (uint32_t t0 = 0; t0 < m; t0 += MR) {
-		uint32_t mr = m - t0 < MR ? m - t0 : MR;
+	for (uint32_t p = 0; p * 8 < n_inter; p++) {
+		uint32_t nv = n_inter - p * 8 < 8 ? n_inter - p * 8 : 8;
 
-		tiles[dt][mr](x + t0 * ldx, ldx, panel, k, out);
-		for (uint32_t t = 0; t < mr; t++)
-			for (uint32_t j = 0; j < nvalid; j++)
-				h[(t0 + t) * ldh + j] = moe_silu_mul(out[t][j], out[t][8 + j]);
+		for (uint32_t t0 = 0; t0 < m; t0 += MR) {
+			uint32_t mr = m - t0 < MR ? m - t0 : MR;
+
+			tiles[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, k, out);
+			for (uint32_t t = 0; t < mr; t++)
+				for (uint32_t j = 0; j < nv; j++)
+					h[(t0 + t) * ldh + p * 8 + j] =
+						moe_silu_mul(out[t][j], out[t][8 + j]);
+		}
 	}
 }
 
-static void avx512_rows(const float *x, size_t ldx, uint32_t m, const void *panel,
-			enum moe_dtype dt, uint32_t k, float *y, size_t ldy, uint32_t nvalid,
+static void avx512_rows(const float *x, size_t ldx, uint32_t m, const void *panels,
+			enum moe_dtype dt, uint32_t k, uint32_t n_rows, float *y, size_t ldy,
 			const float *scale)
 {
+	size_t ps = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
 	float out[MR][MOE_PANEL];
 
-	for (uint32_t t0 = 0; t0 < m; t0 += MR) {
-		uint32_t mr = m - t0 < MR ? m - t0 : MR;
+	for (uint32_t p = 0; p * MOE_PANEL < n_rows; p++) {
+		uint32_t nv = n_rows - p * MOE_PANEL < MOE_PANEL ? n_rows - p * MOE_PANEL : MOE_PANEL;
 
-		tiles[dt][mr](x + t0 * ldx, ldx, panel, k, out);
-		for (uint32_t t = 0; t < mr; t++) {
-			float s = scale ? scale[t0 + t] : 1.0f;
+		for (uint32_t t0 = 0; t0 < m; t0 += MR) {
+			uint32_t mr = m - t0 < MR ? m - t0 : MR;
 
-			for (uint32_t j = 0; j < nvalid; j++)
-				y[(t0 + t) * ldy + j] = scale ? s * out[t][j] : out[t][j];
+			tiles[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, k, out);
+			for (uint32_t t = 0; t < mr; t++) {
+				float sc = scale ? scale[t0 + t] : 1.0f;
+
+				for (uint32_t j = 0; j < nv; j++)
+					y[(t0 + t) * ldy + p * MOE_PANEL + j] =
+						scale ? sc * out[t][j] : out[t][j];
+			}
 		}
 	}
 }

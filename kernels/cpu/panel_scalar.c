@@ -25,30 +25,38 @@ static void panel_dot(const float *x, const void *panel, enum moe_dtype dt, uint
 	}
 }
 
-static void scalar_gate_up(const float *x, size_t ldx, uint32_t m, const void *panel,
-			   enum moe_dtype dt, uint32_t k, float *h, size_t ldh, uint32_t nvalid)
+static void scalar_gate_up(const float *x, size_t ldx, uint32_t m, const void *panels,
+			   enum moe_dtype dt, uint32_t k, uint32_t n_inter, float *h, size_t ldh)
 {
+	size_t pbytes = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
 	float acc[MOE_PANEL];
 
-	for (uint32_t t = 0; t < m; t++) {
-		panel_dot(x + t * ldx, panel, dt, k, acc);
-		for (uint32_t j = 0; j < nvalid; j++)
-			h[t * ldh + j] = moe_silu_mul(acc[j], acc[8 + j]);
+	for (uint32_t p = 0; p * 8 < n_inter; p++) {
+		uint32_t nv = n_inter - p * 8 < 8 ? n_inter - p * 8 : 8;
+
+		for (uint32_t t = 0; t < m; t++) {
+			panel_dot(x + t * ldx, (const char *)panels + p * pbytes, dt, k, acc);
+			for (uint32_t j = 0; j < nv; j++)
+				h[t * ldh + p * 8 + j] = moe_silu_mul(acc[j], acc[8 + j]);
+		}
 	}
 }
 
-static void scalar_rows(const float *x, size_t ldx, uint32_t m, const void *panel,
-			enum moe_dtype dt, uint32_t k, float *y, size_t ldy, uint32_t nvalid,
+static void scalar_rows(const float *x, size_t ldx, uint32_t m, const void *panels,
+			enum moe_dtype dt, uint32_t k, uint32_t n_rows, float *y, size_t ldy,
 			const float *scale)
 {
+	size_t pbytes = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
 	float acc[MOE_PANEL];
 
-	for (uint32_t t = 0; t < m; t++) {
-		float s = scale ? scale[t] : 1.0f;
+	for (uint32_t p = 0; p * MOE_PANEL < n_rows; p++) {
+		uint32_t nv = n_rows - p * MOE_PANEL < MOE_PANEL ? n_rows - p * MOE_PANEL : MOE_PANEL;
 
-		panel_dot(x + t * ldx, panel, dt, k, acc);
-		for (uint32_t j = 0; j < nvalid; j++)
-			y[t * ldy + j] = scale ? s * acc[j] : acc[j];
+		for (uint32_t t = 0; t < m; t++) {
+			panel_dot(x + t * ldx, (const char *)panels + p * pbytes, dt, k, acc);
+			for (uint32_t j = 0; j < nv; j++)
+				y[t * ldy + p * MOE_PANEL + j] = scale ? scale[t] * acc[j] : acc[j];
+		}
 	}
 }
 

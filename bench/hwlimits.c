@@ -1,0 +1,200 @@
+#include "bench/hwlimits.h"
+
+#include <immintrin.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "daemon/threadpool.h"
+#include "kernels/cpu/isa.h"
+
+double moe_bench_now(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+struct bw_ctx {
+	const char *buf;
+	size_t bytes, chunk;
+	double sink[64];
+};
+
+__attribute__((target("avx2"))) static double sum_avx2(const char *p, size_t n)
+{
+	__m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+
+	for (size_t i = 0; i + 128 <= n; i += 128) {
+		a = _mm256_xor_si256(a, _mm256_load_si256((const __m256i *)(p + i)));
+		b = _mm256_xor_si256(b, _mm256_load_si256((const __m256i *)(p + i + 32)));
+		c = _mm256_xor_si256(c, _mm256_load_si256((const __m256i *)(p + i + 64)));
+		d = _mm256_xor_si256(d, _mm256_load_si256((const __m256i *)(p + i + 96)));
+	}
+	a = _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d));
+	return (double)_mm256_extract_epi64(a, 0);
+}
+
+static double sum_scalar(const char *p, size_t n)
+{
+	const uint64_t *q = (const uint64_t *)p;
+	uint64_t a = 0, b = 0;
+
+	for (size_t i = 0; i + 2 <= n / 8; i += 2) {
+		a ^= q[i];
+		b ^= q[i + 1];
+	}
+	return (double)(a ^ b);
+}
+
+static void bw_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct bw_ctx *c = arg;
+	const char *p = c->buf + (size_t)task * c->chunk;
+
+	c->sink[worker & 63] += moe_cpu_isa_supported(MOE_ISA_AVX2) ? sum_avx2(p, c->chunk)
+								    : sum_scalar(p, c->chunk);
+}
+
+double moe_bench_read_bw(struct moe_pool *pool, size_t bytes)
+{
+	struct bw_ctx c = {0};
+	double best = 0;
+	char *buf;
+
+	c.chunk = 1 << 20;
+	bytes = bytes / c.chunk * c.chunk;
+	buf = aligned_alloc(4096, bytes);
+	if (!buf)
+		return 0;
+	memset(buf, 1, bytes); /* fault every page in before timing */
+	c.buf = buf;
+	c.bytes = bytes;
+	for (int rep = 0; rep < 5; rep++) {
+		double t0 = moe_bench_now(), bw;
+
+		moe_pool_run(pool, (uint32_t)(bytes / c.chunk), bw_task, &c);
+		bw = (double)bytes / (moe_bench_now() - t0);
+		best = bw > best ? bw : best;
+	}
+	free(buf);
+	return best;
+}
+
+#define FMA_ITERS 20000000u
+
+struct fma_ctx {
+	int isa;
+	double sink[64];
+};
+
+/* 12 independent FMA chains: more than latency x throughput (4 x 2) so the
+ * FMA units never wait. Named registers, not an array, so nothing is
+ * stored back to memory in the loop. */
+#define CHAINS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+
+__attribute__((target("avx2,fma"))) static double fma_avx2(void)
+{
+	__m256 x = _mm256_set1_ps(1.0000001f), y = _mm256_set1_ps(0.9999999f);
+#define INIT(i) __m256 a##i = _mm256_set1_ps((float)i);
+#define FMA(i) a##i = _mm256_fmadd_ps(a##i, x, y);
+#define SUM(i) s = _mm256_add_ps(s, a##i);
+	CHAINS(INIT)
+	__m256 s = _mm256_setzero_ps();
+
+	for (uint32_t it = 0; it < FMA_ITERS; it++) {
+		CHAINS(FMA)
+	}
+	CHAINS(SUM)
+	return _mm256_cvtss_f32(s);
+#undef INIT
+#undef FMA
+#undef SUM
+}
+
+__attribute__((target("avx512f"))) static double fma_avx512(void)
+{
+	__m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+#define INIT(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define FMA(i) a##i = _mm512_fmadd_ps(a##i, x, y);
+#define SUM(i) s = _mm512_add_ps(s, a##i);
+	CHAINS(INIT)
+	__m512 s = _mm512_setzero_ps();
+
+	for (uint32_t it = 0; it < FMA_ITERS; it++) {
+		CHAINS(FMA)
+	}
+	CHAINS(SUM)
+	return _mm512_reduce_add_ps(s);
+#undef INIT
+#undef FMA
+#undef SUM
+}
+
+__attribute__((target("avx512f,avx512bf16"))) static double dp_bf16(void)
+{
+	__m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = x;
+#define INIT(i) __m512 a##i = _mm512_set1_ps((float)i);
+#define FMA(i) a##i = _mm512_dpbf16_ps(a##i, x, y);
+#define SUM(i) s = _mm512_add_ps(s, a##i);
+	CHAINS(INIT)
+	__m512 s = _mm512_setzero_ps();
+
+	for (uint32_t it = 0; it < FMA_ITERS; it++) {
+		CHAINS(FMA)
+	}
+	CHAINS(SUM)
+	return _mm512_reduce_add_ps(s);
+#undef INIT
+#undef FMA
+#undef SUM
+}
+
+static void fma_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct fma_ctx *c = arg;
+
+	c->sink[worker & 63] += c->isa == 3	? dp_bf16()
+				: c->isa == 2 ? fma_avx512()
+						  : fma_avx2();
+}
+
+/* Best of 5 runs: a shared machine only ever makes a run slower. */
+static double run_peak(struct moe_pool *pool, int isa, double flop_per_op_lane, int lanes)
+{
+	struct fma_ctx c = {.isa = isa};
+	uint32_t n = moe_pool_threads(pool);
+	double best = 0;
+
+	for (int rep = 0; rep < 5; rep++) {
+		double t0 = moe_bench_now(), r;
+
+		moe_pool_run(pool, n, fma_task, &c);
+		r = (double)n * FMA_ITERS * 12 * lanes * flop_per_op_lane / (moe_bench_now() - t0);
+		best = r > best ? r : best;
+	}
+	return best;
+}
+
+double moe_bench_fma_peak(struct moe_pool *pool, int isa, const char **what)
+{
+	if (isa >= 2 && moe_cpu_isa_supported(MOE_ISA_AVX512)) {
+		*what = "fp32 FMA (vfmadd, zmm)";
+		return run_peak(pool, 2, 2, 16);
+	}
+	if (isa >= 1 && moe_cpu_isa_supported(MOE_ISA_AVX2)) {
+		*what = "fp32 FMA (vfmadd, ymm)";
+		return run_peak(pool, 1, 2, 8);
+	}
+	*what = "none (scalar path: no vector FMA measured)";
+	return 0;
+}
+
+double moe_bench_bf16_peak(struct moe_pool *pool)
+{
+	if (!moe_cpu_has_avx512_bf16())
+		return 0;
+	/* each vdpbf16ps lane does 2 multiply-adds = 4 FLOP */
+	return run_peak(pool, 3, 4, 16);
+}

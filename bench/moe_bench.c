@@ -1,0 +1,219 @@
+/* moe-bench — one MoE layer in-process, against the hardware limits
+ * measured in the same run.
+ *
+ * For each token count it prints the median time per call, the weight-read
+ * bandwidth achieved (bytes of the distinct experts the batch touched, over
+ * the time) next to the machine's read bandwidth, and the FLOP/s achieved
+ * next to the multiply-add peak. Default layer: shaped like OLMoE-1B-7B's
+ * (hidden 2048, intermediate 1024, 64 experts, top-8, bf16), synthetic,
+ * written once into a cache directory.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "bench/hwlimits.h"
+#include "daemon/engine.h"
+#include "daemon/model.h"
+#include "daemon/threadpool.h"
+#include "kernels/cpu/isa.h"
+#include "tools/synth.h"
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
+		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
+		   "Without --model: a synthetic OLMoE-1B-7B-shaped layer (hidden 2048, inter 1024,\n"
+		   "64 experts, top-8, bf16), cached in $MOE_BENCH_CACHE or /tmp.\n");
+}
+
+static const char *default_model(char *buf, size_t n)
+{
+	const char *cache = getenv("MOE_BENCH_CACHE");
+	struct moe_synth_opts o;
+	char err[MOE_ERRLEN], probe[4200];
+	struct stat st;
+
+	snprintf(buf, n, "%s/moe-bench-olmoe-2048x1024x64x8-bf16", cache ? cache : "/tmp");
+	snprintf(probe, sizeof(probe), "%s/model.safetensors", buf);
+	if (stat(probe, &st) == 0)
+		return buf;
+	moe_synth_defaults(&o, MOE_FAM_OLMOE);
+	o.hidden = 2048, o.inter = 1024, o.experts = 64, o.top_k = 8, o.layers = 1;
+	o.dtype = MOE_DT_BF16, o.seed = 2026;
+	fprintf(stderr, "moe-bench: writing the synthetic layer to %s (once)\n", buf);
+	if (moe_synth_write(buf, &o, err)) {
+		fprintf(stderr, "moe-bench: %s\n", err);
+		exit(1);
+	}
+	return buf;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {
+		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
+		{"isa", 1, NULL, 'i'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
+		{"help", 0, NULL, 'h'},	   {0},
+	};
+	const char *model = NULL, *isa = NULL, *tokens = "1,4,16,64,256,1024";
+	struct moe_engine_opts eo = {.max_batch_tokens = 1024};
+	char dirbuf[4096], err[MOE_ERRLEN];
+	double min_time = 0.5, bw, peak, bf16_peak;
+	const char *peak_what;
+	int layer = -1, c;
+	struct moe_model *m;
+	struct moe_engine *e;
+	struct moe_pool *pool;
+	struct moe_rng r = {99};
+
+	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+		switch (c) {
+		case 'm':
+			model = optarg;
+			break;
+		case 'l':
+			layer = atoi(optarg);
+			break;
+		case 't':
+			eo.threads = (uint32_t)atoi(optarg);
+			break;
+		case 'i':
+			isa = optarg;
+			break;
+		case 'n':
+			tokens = optarg;
+			break;
+		case 'T':
+			min_time = atof(optarg);
+			break;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return 2;
+		}
+	}
+	if (!model)
+		model = default_model(dirbuf, sizeof(dirbuf));
+	eo.isa = isa;
+	if (moe_model_open(model, NULL, &m, err) || moe_engine_create(m, &eo, &e, err)) {
+		fprintf(stderr, "moe-bench: %s\n", err);
+		return 1;
+	}
+	if (layer < 0)
+		layer = (int)m->layers[0].index;
+	if (moe_model_layer_pos(m, (uint32_t)layer) < 0) {
+		fprintf(stderr, "moe-bench: layer %d is not an MoE layer\n", layer);
+		return 1;
+	}
+
+	/* hardware limits, same threads as the engine */
+	if (moe_pool_create(moe_engine_threads(e), &pool)) {
+		fprintf(stderr, "moe-bench: cannot start threads\n");
+		return 1;
+	}
+	/* Measured twice, a few seconds apart, keeping the better: on a
+	 * shared machine a measurement can only come out low, and a low limit
+	 * would flatter the percentages. */
+	bw = peak = 0;
+	for (int round = 0; round < 2; round++) {
+		enum moe_cpu_isa chosen;
+		double b = moe_bench_read_bw(pool, (size_t)1 << 30), f;
+
+		moe_cpu_isa_resolve(isa, &chosen, err, sizeof(err));
+		f = moe_bench_fma_peak(pool, (int)chosen, &peak_what);
+		bw = b > bw ? b : bw;
+		peak = f > peak ? f : peak;
+	}
+	bf16_peak = moe_bench_bf16_peak(pool);
+	moe_pool_destroy(pool);
+
+	printf("moe-bench: %s layer %d of %s: hidden %u, inter %u, %u experts, top-%u, %s\n",
+	       moe_family_name(m->family), layer, model, m->hidden, m->inter, m->n_experts, m->top_k,
+	       moe_dtype_name(m->dtype));
+	printf("engine: backend %s, %s kernels, %u threads\n", moe_engine_backend(e),
+	       moe_engine_kernels(e), moe_engine_threads(e));
+	printf("limits: read bandwidth %.1f GB/s (1 GiB, all threads); peak %.1f GFLOP/s %s",
+	       bw / 1e9, peak / 1e9, peak_what);
+	if (bf16_peak > 0)
+		printf("; bf16 dot product (vdpbf16ps) %.1f GFLOP/s", bf16_peak / 1e9);
+	else
+		printf("; no AVX512_BF16 on this CPU");
+	printf("\n\n%7s %10s %8s %10s %6s %10s %6s\n", "tokens", "median ms", "experts",
+	       "GB/s", "%bw", "GFLOP/s", "%peak");
+
+	for (const char *p = tokens; *p;) {
+		uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10), K = m->top_k;
+		/* NSETS different inputs, cycled: each call touches other experts,
+		 * so the weights come from memory, not from the last call's cache */
+		enum { NSETS = 8 };
+		uint16_t *in, *out;
+		uint32_t *ids, distinct[NSETS] = {0};
+		double *bws, *times, t_total = 0, avg_distinct = 0, flops;
+		int reps = 0, max_reps = 1000;
+
+		if (*p == ',')
+			p++;
+		if (!n || n > moe_engine_max_tokens(e))
+			continue;
+		in = malloc((size_t)NSETS * n * m->hidden * 2);
+		out = malloc((size_t)n * m->hidden * 2);
+		ids = malloc((size_t)n * K * sizeof(uint32_t));
+		times = malloc(max_reps * sizeof(double));
+		bws = malloc(max_reps * sizeof(double));
+		for (size_t i = 0; i < (size_t)NSETS * n * m->hidden; i++)
+			in[i] = moe_f32_to_bf16((float)moe_rng_normal(&r));
+		for (int rep = -NSETS; rep < max_reps; rep++) {
+			int set = (rep + NSETS) % NSETS;
+			struct moe_epoch *ep = moe_epoch_acquire(e);
+			struct moe_batch b = {(uint32_t)layer, n, MOE_DT_BF16,
+					      in + (size_t)set * n * m->hidden, out,
+					      rep < 0 ? ids : NULL, NULL};
+			double t0 = moe_bench_now(), dt;
+
+			if (moe_engine_forward(e, ep, &b, err)) {
+				fprintf(stderr, "moe-bench: %s\n", err);
+				return 1;
+			}
+			dt = moe_bench_now() - t0;
+			moe_epoch_release(ep);
+			if (rep < 0) { /* warm-up: count the experts each set touches */
+				unsigned char seen[MOE_MAX_EXPERTS] = {0};
+
+				for (size_t i = 0; i < (size_t)n * K; i++)
+					if (!seen[ids[i]]++)
+						distinct[set]++;
+				avg_distinct += (double)distinct[set] / NSETS;
+				continue;
+			}
+			times[reps] = dt;
+			bws[reps++] = (double)distinct[set] * (double)m->expert_bytes / dt;
+			t_total += dt;
+			if (reps >= 2 * NSETS && t_total >= min_time)
+				break;
+		}
+		qsort(times, reps, sizeof(double), cmp_double);
+		qsort(bws, reps, sizeof(double), cmp_double);
+		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
+		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%%\n", n, times[reps / 2] * 1e3,
+		       avg_distinct, bws[reps / 2] / 1e9, 100 * bws[reps / 2] / bw,
+		       flops / times[reps / 2] / 1e9,
+		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0);
+		free(in), free(out), free(ids), free(times), free(bws);
+	}
+	moe_engine_destroy(e);
+	moe_model_free(m);
+	return 0;
+}
