@@ -185,6 +185,17 @@ static const char *opt_string(struct cfgctx *c, const char *key)
 	return cJSON_IsString(v) ? v->valuestring : NULL;
 }
 
+/* A key that, when present, must be a string: a number or a list where a
+ * name is expected is an error, not an absent key with a default. */
+static int check_string(struct cfgctx *c, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(c->root, key);
+
+	if (v && !cJSON_IsNull(v) && !cJSON_IsString(v))
+		return moe_err(c->err, -EINVAL, "%s: \"%s\" must be a string", c->path, key);
+	return 0;
+}
+
 /* First of several alias keys that is present. */
 static int get_u32_alias(struct cfgctx *c, const char *a, const char *b, uint32_t lo, uint32_t hi,
 			 uint32_t *out)
@@ -343,6 +354,9 @@ int moe_model_parse_config(const char *path, const char *json, size_t len,
 	}
 	c.root = root;
 	ret = -EINVAL;
+	if (check_string(&c, "model_type") || check_string(&c, "hidden_act") ||
+	    check_string(&c, "topk_method"))
+		goto out;
 	mt = opt_string(&c, "model_type");
 	if (family_override) {
 		fam = moe_family_parse(family_override);

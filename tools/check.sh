@@ -50,11 +50,13 @@ tools/fuzz.sh "${MOE_FUZZ_SECONDS:-20}"
 echo
 echo "== summary"
 for s in "${summary[@]}"; do echo "$s"; done
-echo "CPU kernel paths run: portable C (scalar, compiler-vectorised) — the only path in this build;"
-echo "  runtime-dispatched AVX2/AVX-512 kernels come with the CPU-speed work."
+echo "CPU kernel paths (each supported path runs the kernel and engine suites):"
+build-ci/release/tests/test_kernels 2>&1 | grep "panel kernels:" | sed 's/^/  /'
+build-ci/release/tests/test_engine 2>&1 | grep -E "SKIPPED" | sed 's/^/  /' || true
 if [ "$cuda" = ON ]; then
 	echo "CUDA: compiled and linked; no GPU code runs in this suite yet."
 else
 	echo "CUDA: not compiled (no nvcc found)."
 fi
-grep -h "Skipped\|skip" build-ci/*.ctest.log | sed 's/^/skipped: /' || echo "skipped tests: none"
+grep -h "(Skipped)" build-ci/*.ctest.log 2>/dev/null | sed 's/^/skipped test: /' ||
+	echo "skipped ctest tests: none"
