@@ -1,12 +1,14 @@
 /* moed — the Mixture-of-Experts serving daemon.
  *
- * This build checks a configuration and a checkpoint and prints the plan
- * (`moed -t`), or loads the model into the engine and verifies it
- * (`moed --load-only`). The serving loop (socket, shared-memory rings,
- * scheduler) is the daemon data-path work; until it lands, moed without
- * -t/--load-only says so and exits 2 rather than pretending to serve.
+ *   moed -c moe.yaml                 load the model, serve until SIGTERM/SIGINT
+ *   moed --model DIR --socket PATH   the same without a configuration file
+ *   moed -t -c moe.yaml              check configuration + checkpoint, print the plan
+ *   moed --load-only --model DIR     load every expert, verify, report, exit
+ *
+ * Runs in the foreground and logs to stderr with <N> syslog priorities.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,24 +20,28 @@
 #include "daemon/log.h"
 #include "daemon/model.h"
 #include "daemon/plan.h"
+#include "daemon/server.h"
 
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: moed [-c FILE] [--model DIR] [options] -t | --load-only\n"
+		"usage: moed [-c FILE] [--model DIR] [options] [-t | --load-only]\n"
 		"  -c, --config FILE   configuration (moe.yaml); without it, defaults + --model\n"
+		"                      (without -t / --load-only: serve until SIGTERM)\n"
 		"  -t, --test          check the configuration and the checkpoint, print the\n"
 		"                      plan (ranks, slots, bytes per rank, fits or not); exit 0/1\n"
 		"      --load-only     load every expert into memory, verify, report, exit\n"
 		"      --model DIR     override model.path\n"
 		"      --family NAME   override model.family\n"
+		"      --socket PATH   override server.socket\n"
+		"      --devices SPEC  override devices (cpu, cpu:1)\n"
 		"      --threads N     override cpu.threads\n"
 		"  -h, --help          this text\n"
 		"      --version       print the version\n");
 }
 
 struct overrides {
-	const char *model, *family, *threads;
+	const char *model, *family, *threads, *socket, *devices;
 };
 
 static int apply_overrides(struct moe_config *c, const struct overrides *o)
@@ -50,6 +56,20 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 		if (!(c->model.family = strdup(o->family)))
 			return -ENOMEM;
 	}
+	if (o->socket) {
+		if (strlen(o->socket) > 107) {
+			fprintf(stderr, "moed: --socket: path longer than 107 bytes\n");
+			return -EINVAL;
+		}
+		free(c->server.socket);
+		if (!(c->server.socket = strdup(o->socket)))
+			return -ENOMEM;
+	}
+	if (o->devices && strcmp(o->devices, "cpu") && strcmp(o->devices, "cpu:1")) {
+		fprintf(stderr, "moed: --devices %s: not supported yet (cpu or cpu:1 for now)\n",
+			o->devices);
+		return -EINVAL;
+	}
 	if (o->threads) {
 		char *end;
 		long v = strtol(o->threads, &end, 10);
@@ -63,7 +83,7 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 	return 0;
 }
 
-static int load_only(struct moe_config *c, struct moe_model *m)
+static int run_engine(struct moe_config *c, struct moe_model *m, bool serve)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
@@ -85,13 +105,32 @@ static int load_only(struct moe_config *c, struct moe_model *m)
 		m->n_moe_layers, (double)moe_engine_weight_bytes(e) / (1 << 20), s,
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
 		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
+	if (serve) {
+		struct moe_server_opts so = {
+			.socket_path = c->server.socket,
+			.socket_mode = c->server.socket_mode,
+			.listen_fd = -1,
+			.max_clients = c->server.max_clients,
+			.max_client_shm_bytes = c->server.max_client_shm_bytes,
+			.max_inflight_requests = c->server.max_inflight_requests,
+			.max_inflight_tokens = c->server.max_inflight_tokens,
+			.max_queue_requests = c->scheduler.max_queue_requests,
+			.request_timeout_ms = c->scheduler.request_timeout_ms,
+			.model_path = c->model.path,
+		};
+		int code = moe_server_run(e, &so);
+
+		moe_engine_destroy(e);
+		return code;
+	}
 	moe_engine_destroy(e);
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
-	enum { OPT_MODEL = 256, OPT_FAMILY, OPT_THREADS, OPT_VERSION, OPT_LOAD };
+	enum { OPT_MODEL = 256, OPT_FAMILY, OPT_THREADS, OPT_VERSION, OPT_LOAD, OPT_SOCKET,
+	       OPT_DEVICES };
 	static const struct option opts[] = {
 		{"config", required_argument, NULL, 'c'},
 		{"test", no_argument, NULL, 't'},
@@ -99,6 +138,8 @@ int main(int argc, char **argv)
 		{"model", required_argument, NULL, OPT_MODEL},
 		{"family", required_argument, NULL, OPT_FAMILY},
 		{"threads", required_argument, NULL, OPT_THREADS},
+		{"socket", required_argument, NULL, OPT_SOCKET},
+		{"devices", required_argument, NULL, OPT_DEVICES},
 		{"help", no_argument, NULL, 'h'},
 		{"version", no_argument, NULL, OPT_VERSION},
 		{0},
@@ -132,6 +173,12 @@ int main(int argc, char **argv)
 		case OPT_THREADS:
 			ov.threads = optarg;
 			break;
+		case OPT_SOCKET:
+			ov.socket = optarg;
+			break;
+		case OPT_DEVICES:
+			ov.devices = optarg;
+			break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -145,12 +192,6 @@ int main(int argc, char **argv)
 	}
 	if (optind < argc || (!cfg_file && !ov.model)) {
 		usage(stderr);
-		return 2;
-	}
-	if (!test && !load) {
-		fprintf(stderr, "moed: this build has no serving loop yet (socket, shared-memory "
-				"rings and scheduler are the daemon data-path work); use -t to check "
-				"a configuration or --load-only to load a model\n");
 		return 2;
 	}
 	ret = cfg_file ? moe_cfg_load_file(cfg_file, &cfg, err, sizeof(err)) : moe_cfg_defaults(&cfg);
@@ -177,9 +218,11 @@ int main(int argc, char **argv)
 		moe_plan_print(stdout, &cfg, m, &plan);
 		ret = plan.fits && plan.isa >= 0 ? 0 : 1;
 	} else {
-		ret = plan.fits ? load_only(&cfg, m) : 1;
+		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load) : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in memory (moed -t shows the plan)");
+		if (plan.isa < 0)
+			moe_log(LOG_ERR, "%s", plan.isa_err);
 	}
 	moe_model_free(m);
 	moe_cfg_free(&cfg);

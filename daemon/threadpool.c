@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -83,14 +84,24 @@ int moe_pool_create(uint32_t n_threads, struct moe_pool **out)
 	pthread_mutex_init(&p->lock, NULL);
 	pthread_cond_init(&p->start, NULL);
 	pthread_cond_init(&p->done, NULL);
+	/* Workers are created with every signal blocked, so that process
+	 * signals (SIGTERM, SIGINT) go to the thread that reads them through
+	 * a signalfd, never to a worker (whose default action would kill the
+	 * process without a clean shutdown). */
+	sigset_t all, old;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (uint32_t i = 1; i < n_threads; i++) {
 		p->workers[i] = (struct worker){p, i, 0};
 		if (pthread_create(&p->workers[i].thread, NULL, worker_main, &p->workers[i])) {
+			pthread_sigmask(SIG_SETMASK, &old, NULL);
 			p->n_threads = i;
 			moe_pool_destroy(p);
 			return -EAGAIN;
 		}
 	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	*out = p;
 	return 0;
 }

@@ -50,7 +50,10 @@ MOE_CPU_ISA=scalar check "MOE_CPU_ISA forces a path" 0 "kernels: +scalar" \
 MOE_CPU_ISA=bogus check "unknown path is an error" 1 "MOE_CPU_ISA=bogus: unknown" \
 	"$bin/moed" -t --model "$fix/olmoe_f32"
 check "missing checkpoint" 1 "/nonexistent" "$bin/moed" -t --model /nonexistent
-check "no serving loop yet: says so" 2 "no serving loop yet" "$bin/moed" --model "$fix/olmoe_f32"
+check "GPU devices refused for now" 1 "not supported yet" "$bin/moed" --devices cuda -t \
+	--model "$fix/olmoe_f32"
+check "socket path too long" 1 "longer than 107" "$bin/moed" --model "$fix/olmoe_f32" \
+	--socket "/tmp/$(printf 'x%.0s' $(seq 120))"
 check "usage" 2 "usage: moed" "$bin/moed"
 
 check "mkmodel" 0 "wrote" "$bin/moe-mkmodel" --family deepseek_v2 --out "$tmp/ds2" \

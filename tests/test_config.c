@@ -620,19 +620,8 @@ static void test_not_supported_yet(void **state)
 	    {"scheduler", "batch_window_us", "0", "1000001",
 	     "expected an integer between 0 and "
 	     "1000000, got 1000001"},
-	    {"scheduler", "max_queue_requests", "1000000", "0", "expected an integer between 1"},
-	    {"scheduler", "request_timeout_ms", "0", "3600001", "expected an integer between 0"},
-	    {"server", "socket", "/run/moed/x.sock", "[a]", "expected a string, got a list"},
-	    {"server", "socket_mode", "0600", "0800", "expected an octal mode like 0660"},
 	    {"server", "group", "moed", "{a: b}", "expected a string, got a mapping"},
 	    {"server", "admin_group", "\"\"", "[]", "expected a string, got a list"},
-	    {"server", "max_clients", "65536", "65537", "expected an integer between 1 and 65536"},
-	    {"server", "max_client_shm_bytes", "2G", "2GB", "expected a size between 1M and 1T"},
-	    {"server", "max_inflight_requests", "1", "1.5",
-	     "expected an integer between 1 and "
-	     "65536, got a float (1.5)"},
-	    {"server", "max_inflight_tokens", "100000000", "100000001",
-	     "expected an integer between 1 and 100000000"},
 	    {"metrics", "listen", "127.0.0.1:9464", "{}", "expected a string, got a mapping"},
 	};
 	char yaml[256], want[256];
@@ -656,6 +645,55 @@ static void test_not_supported_yet(void **state)
 	EXPECT_ERR(
 	    "model: {path: /m}\nscheduler:\n  max_batch_tokens: 64\n  batch_window_us: 200\n",
 	    "t.yaml:4:3: scheduler.batch_window_us: not supported yet");
+}
+
+/* The daemon's keys (server, scheduler limits): good values are stored,
+ * bad ones are errors at the value. */
+static void test_server_keys(void **state)
+{
+	static const struct {
+		const char *section, *key, *good, *bad, *bad_msg;
+	} keys[] = {
+	    {"scheduler", "max_queue_requests", "1000000", "0", "expected an integer between 1"},
+	    {"scheduler", "request_timeout_ms", "0", "3600001", "expected an integer between 0"},
+	    {"server", "socket", "/run/moed/x.sock", "[a]", "expected a string, got a list"},
+	    {"server", "socket_mode", "0600", "0800", "expected an octal mode like 0660"},
+	    {"server", "max_clients", "65536", "65537", "expected an integer between 1 and 65536"},
+	    {"server", "max_client_shm_bytes", "2G", "2GB", "expected a size between 1M and 1T"},
+	    {"server", "max_inflight_requests", "1", "1.5",
+	     "expected an integer between 1 and 65536, got a float (1.5)"},
+	    {"server", "max_inflight_tokens", "100000000", "100000001",
+	     "expected an integer between 1 and 100000000"},
+	};
+	char yaml[256], want[256];
+	struct moe_config c;
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		snprintf(yaml, sizeof(yaml), "model: {path: /m}\n%s:\n  %s: %s\n", keys[i].section,
+		         keys[i].key, keys[i].good);
+		LOAD_OK(yaml, &c);
+		moe_cfg_free(&c);
+		snprintf(yaml, sizeof(yaml), "model: {path: /m}\n%s:\n  %s: %s\n", keys[i].section,
+		         keys[i].key, keys[i].bad);
+		snprintf(want, sizeof(want), "t.yaml:3:%zu: %s.%s: %s", 3 + strlen(keys[i].key) + 2,
+		         keys[i].section, keys[i].key, keys[i].bad_msg);
+		EXPECT_ERR(yaml, want);
+	}
+	LOAD_OK("model: {path: /m}\nserver:\n  socket: /tmp/x.sock\n  socket_mode: 0600\n"
+		"  max_clients: 7\n  max_client_shm_bytes: 2G\n  max_inflight_requests: 9\n"
+		"  max_inflight_tokens: 1000\nscheduler:\n  request_timeout_ms: 250\n"
+		"  max_queue_requests: 33\n",
+		&c);
+	assert_string_equal(c.server.socket, "/tmp/x.sock");
+	assert_int_equal(c.server.socket_mode, 0600);
+	assert_int_equal(c.server.max_clients, 7);
+	assert_int_equal(c.server.max_client_shm_bytes, 2ull << 30);
+	assert_int_equal(c.server.max_inflight_requests, 9);
+	assert_int_equal(c.server.max_inflight_tokens, 1000);
+	assert_int_equal(c.scheduler.request_timeout_ms, 250);
+	assert_int_equal(c.scheduler.max_queue_requests, 33);
+	moe_cfg_free(&c);
 }
 
 static void test_sizes(void **state)
@@ -685,10 +723,18 @@ static void test_sizes(void **state)
 	size_t i;
 
 	(void)state;
+	static const unsigned long long good_bytes[] = {
+	    1ull << 20, 1ull << 20, 256ull << 20, 1ull << 30, 1ull << 30,
+	    512ull << 20, 512ull << 30, 1ull << 40, 1ull << 40, 1ull << 20,
+	};
+	struct moe_config c;
+
 	for (i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
 		snprintf(yaml, sizeof(yaml),
 		         "model: {path: /m}\nserver:\n  max_client_shm_bytes: %s\n", good[i]);
-		EXPECT_ERR(yaml, "t.yaml:3:3: server.max_client_shm_bytes: not supported yet");
+		LOAD_OK(yaml, &c);
+		assert_int_equal(c.server.max_client_shm_bytes, good_bytes[i]);
+		moe_cfg_free(&c);
 	}
 	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		snprintf(yaml, sizeof(yaml),
@@ -710,10 +756,15 @@ static void test_socket_modes(void **state)
 	size_t i;
 
 	(void)state;
+	static const unsigned good_modes[] = {0660, 0660, 0660, 0660, 0, 0777};
+	struct moe_config c;
+
 	for (i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
 		snprintf(yaml, sizeof(yaml), "model: {path: /m}\nserver:\n  socket_mode: %s\n",
 		         good[i]);
-		EXPECT_ERR(yaml, "t.yaml:3:3: server.socket_mode: not supported yet");
+		LOAD_OK(yaml, &c);
+		assert_int_equal(c.server.socket_mode, good_modes[i]);
+		moe_cfg_free(&c);
 	}
 	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
 		snprintf(yaml, sizeof(yaml), "model: {path: /m}\nserver:\n  socket_mode: %s\n",
@@ -737,7 +788,13 @@ static void test_string_lengths(void **state)
 	EXPECT_ERR(yaml, "t.yaml:2:18: server.socket: too long (108 bytes, at most 107)");
 	path[107] = '\0';
 	snprintf(yaml, sizeof(yaml), "model: {path: /m}\nserver: {socket: %s}\n", path);
-	EXPECT_ERR(yaml, "t.yaml:2:10: server.socket: not supported yet");
+	{
+		struct moe_config c;
+
+		LOAD_OK(yaml, &c);
+		assert_string_equal(c.server.socket, path);
+		moe_cfg_free(&c);
+	}
 	EXPECT_ERR("model: {path: /m}\nserver: {socket: ''}\n",
 	           "t.yaml:2:18: server.socket: must not be empty");
 }
@@ -879,6 +936,7 @@ int main(void)
 	    cmocka_unit_test(test_nul_in_string),
 	    cmocka_unit_test(test_devices),
 	    cmocka_unit_test(test_not_supported_yet),
+	    cmocka_unit_test(test_server_keys),
 	    cmocka_unit_test(test_sizes),
 	    cmocka_unit_test(test_socket_modes),
 	    cmocka_unit_test(test_string_lengths),

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # tools/demo.sh — the main job on the embedded default (CPU backend):
-# build, make the demo model (a synthetic Qwen2-MoE-shaped checkpoint,
-# ~400 MB of bf16 expert weights, written once into demo-model/), check it
-# with `moed -t`, then run the engine on it and report tokens/s and the
-# expert load. With the daemon data path this becomes: start moed, drive
-# it with concurrent clients, show `moectl status`.
+# build; make the demo model (a synthetic Qwen2-MoE-shaped checkpoint,
+# 384 MiB of bf16 expert weights, written once into demo-model/); check it
+# with `moed -t`; start moed on a temporary socket; drive it with 4
+# concurrent client processes (moe-load: mixed sizes and dtypes, every
+# output checked bit for bit against an in-process engine); show
+# `moectl status`; stop the daemon with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/deps.sh build
@@ -20,6 +21,24 @@ fi
 echo
 echo "== moed -t: the plan for this model"
 ./build/bin/moed -t --model $model
+
+tmp=$(mktemp -d)
+sock=$tmp/moed.sock
+./build/bin/moed --model $model --socket "$sock" 2>"$tmp/moed.log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
+for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
 echo
-echo "== the engine on the demo model"
-./build/bin/moe-demo $model
+echo "== moed serving on $sock (pid $pid); 4 clients, mixed sizes, outputs checked"
+./build/bin/moe-load --socket "$sock" --model $model --clients 4 --requests 150 \
+	--max-tokens 256
+echo
+echo "== moectl status"
+./build/bin/moectl -s "$sock" status
+echo
+echo "== moectl ping"
+./build/bin/moectl -s "$sock" ping -c 50
+kill -TERM $pid
+wait $pid && echo "moed stopped cleanly" || echo "moed exited with $?"
+echo "--- moed log"
+cat "$tmp/moed.log"

@@ -1,0 +1,175 @@
+/* moeclient.h — libmoeclient, the client library of moed.
+ *
+ * A client connects to moed's control socket, shares a memory region with
+ * it (a sealed memfd holding a submission ring, a completion ring and a data
+ * area) and runs MoE layers on hidden states it places in that data area.
+ *
+ *   moe_client *c;
+ *   moe_model_info mi;
+ *   if (moe_connect(NULL, &c) == 0 && moe_get_model_info(c, &mi) == 0)
+ *           rc = moe_forward(c, mi.moe_layers[0], MOE_DTYPE_BF16, in, out, n);
+ *
+ * Errors: every function returning int returns 0 (or, where documented, a
+ * count >= 0) on success and a negative MOE_E* code (moe_errors.h) on
+ * failure; moe_strerror() names it. The same codes travel on the wire, so a
+ * request's completion status is one of them too.
+ *
+ * Threads: every function may be called from several threads on the same
+ * client; an internal mutex serializes them, and no call holds it while it
+ * sleeps. Completions reaped by one thread (moe_poll, or any waiting call)
+ * are kept in a table of outstanding tags, so another thread's moe_wait
+ * sees them. A completion is delivered once: by moe_wait for its tag, or
+ * else by moe_poll (which skips tags some thread is waiting for).
+ *
+ * Tags: moe_submit assigns each request a tag, unique for the life of the
+ * client (reconnections included). The tag stays in the table until its
+ * completion is delivered; a client holds at most queue_depth such tags
+ * (submits beyond that return MOE_EBUSY), and the daemon's per-client
+ * limits (max_inflight_requests / max_inflight_tokens) are respected.
+ *
+ * Daemon gone: when the daemon exits or hangs up, every request outstanding
+ * completes with MOE_EDAEMON and every call returns MOE_EDAEMON; nothing
+ * hangs and no SIGPIPE is raised. moe_reconnect() connects again with the
+ * same options and a new region; with auto_reconnect set, the next call
+ * after MOE_EDAEMON does so first. Buffers from moe_buf_alloc stay valid
+ * across a reconnection (same addresses, same contents); completions of
+ * requests that failed with MOE_EDAEMON can still be collected.
+ *
+ * Not fork-safe: a child must connect its own client.
+ */
+#ifndef MOECLIENT_H
+#define MOECLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <moe_errors.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__) && __GNUC__ >= 4
+#define MOE_API __attribute__((visibility("default")))
+#else
+#define MOE_API
+#endif
+
+#define MOECLIENT_VERSION_MAJOR 0
+#define MOECLIENT_VERSION_MINOR 1
+
+typedef struct moe_client moe_client;
+
+/* The element type of hidden states (the wire's enum moe_wire_dtype). */
+typedef enum { MOE_DTYPE_F32 = 0, MOE_DTYPE_BF16 = 1, MOE_DTYPE_F16 = 2 } moe_dtype;
+
+typedef struct {
+	char family[16]; /* e.g. "qwen2_moe", NUL-terminated */
+	uint32_t hidden; /* elements per token */
+	uint32_t n_experts;
+	uint32_t top_k;
+	uint32_t n_layers;              /* decoder layers, dense included */
+	uint32_t n_moe_layers;          /* valid entries of moe_layers */
+	uint16_t moe_layers[512];       /* the layer indices moe_forward accepts */
+	moe_dtype dtype;                /* of the model's weights */
+	uint32_t max_batch_tokens;      /* per request */
+	uint32_t max_inflight_requests; /* per client, 0: no limit */
+	uint32_t max_inflight_tokens;   /* per client, 0: no limit */
+	uint64_t data_bytes;            /* size of the shared data area */
+} moe_model_info;
+
+/* Zero-initialize, then set what you need: a zero field takes its default. */
+typedef struct {
+	size_t region_bytes;  /* the shared region; default 64 MiB */
+	uint32_t queue_depth; /* ring entries (rounded up to a power of two,
+	                         at most 4096); default 256 */
+	const char *name;     /* shown in moectl status; default the program name */
+	int auto_reconnect;   /* nonzero: reconnect on the call after MOE_EDAEMON */
+	char *errbuf;         /* if not NULL: why a connect failed, for humans */
+	size_t errbuf_len;    /* e.g. "/run/moed/moed.sock: connect: No such file..." */
+} moe_connect_options;
+
+/* Connects to the daemon. socket_path NULL: $MOED_SOCKET, else
+ * /run/moed/moed.sock. MOE_EDAEMON if the daemon cannot be reached (errno
+ * then holds the system's reason, e.g. ENOENT or ECONNREFUSED), MOE_EPERM if
+ * the socket refuses us, the daemon's status if it refuses the handshake
+ * (e.g. MOE_ELIMIT), MOE_EPROTO on a protocol mismatch. Waits at most 10 s. */
+MOE_API int moe_connect(const char *socket_path, moe_client **out);
+MOE_API int moe_connect_opts(const char *socket_path, const moe_connect_options *o,
+                             moe_client **out);
+/* Closes the connection and frees everything, buffers included. Requests
+ * still outstanding are abandoned (the daemon drops them). NULL is a no-op.
+ * No other thread may use the client during or after this call. */
+MOE_API void moe_disconnect(moe_client *c);
+
+/* The model description from the last handshake. */
+MOE_API int moe_get_model_info(moe_client *c, moe_model_info *info);
+
+/* Runs n_tokens x hidden elements of `in` through MoE layer `layer` into
+ * `out` (same dtype and shape; in == out allowed), copying through the
+ * shared area, and waits for the result. n_tokens 0 does nothing.
+ * MOE_E2BIG if n_tokens > max_batch_tokens (the daemon is not asked),
+ * MOE_ENOMEM if input and output cannot fit the data area at all,
+ * MOE_ENOLAYER if layer is not an MoE layer, MOE_EDTYPE for a bad dtype, or
+ * the request's status (MOE_ETIMEDOUT, MOE_ESHUTDOWN, MOE_EDAEMON, ...). */
+MOE_API int moe_forward(moe_client *c, uint32_t layer, moe_dtype dtype, const void *in, void *out,
+                        uint32_t n_tokens);
+
+/* Zero-copy buffers in the shared data area, 64-byte aligned. NULL if
+ * bytes is 0 or no free span is large enough. moe_buf_free(NULL) and of a
+ * pointer that is not the start of a live buffer are ignored. */
+MOE_API void *moe_buf_alloc(moe_client *c, size_t bytes);
+MOE_API void moe_buf_free(moe_client *c, void *p);
+
+/* Queues a request on buffers inside the data area (from moe_buf_alloc; an
+ * interior pointer is fine) and returns at once with its tag. Do not touch
+ * in_buf or out_buf until it completes. timeout_ms: the deadline for the
+ * request to start, 0 for the daemon's default. MOE_EBUSY if the ring, the
+ * tag table or the client's in-flight limits are full (collect completions
+ * and retry), MOE_ERANGE if a buffer lies outside the data area, and the
+ * argument checks of moe_forward. */
+MOE_API int moe_submit(moe_client *c, uint32_t layer, moe_dtype dtype, const void *in_buf,
+                       void *out_buf, uint32_t n_tokens, uint32_t timeout_ms, uint64_t *tag);
+
+typedef struct {
+	uint64_t tag;
+	int status;     /* 0: the output is in out_buf; else a MOE_E* code */
+	uint32_t epoch; /* the weights version the request ran on */
+} moe_completion;
+
+/* Collects up to max finished requests that no thread is waiting for;
+ * returns their count (>= 0) or MOE_EDAEMON-style errors. Never blocks. */
+MOE_API int moe_poll(moe_client *c, moe_completion *out, int max);
+
+/* Waits up to timeout_ms (< 0: forever) for request `tag`. 0 when it has
+ * finished, with *status (may be NULL) its completion code — MOE_EDAEMON
+ * included if the daemon died meanwhile; the tag is then forgotten.
+ * MOE_ETIMEDOUT if it is still running (wait again or cancel), MOE_ENOENT
+ * for an unknown or already delivered tag. */
+MOE_API int moe_wait(moe_client *c, uint64_t tag, int timeout_ms, int *status);
+
+/* Asks the daemon to cancel `tag`: if it is still queued it completes with
+ * MOE_ECANCELED, if it is already running it completes normally. Either way
+ * collect its completion. MOE_ENOENT if the tag is not outstanding. */
+MOE_API int moe_cancel(moe_client *c, uint64_t tag);
+
+/* A no-op request through both rings; *round_trip_ns (may be NULL) gets its
+ * round trip. Waits at most 10 s (MOE_ETIMEDOUT). */
+MOE_API int moe_ping(moe_client *c, uint64_t *round_trip_ns);
+
+/* The daemon's status as JSON: *json is malloc'd and NUL-terminated (free
+ * it), *len (may be NULL) its length. Waits at most 10 s. */
+MOE_API int moe_status_json(moe_client *c, char **json, size_t *len);
+
+/* After MOE_EDAEMON: connects again with the same path and options and a
+ * new region (buffers keep their addresses and contents). 0 at once if the
+ * connection is alive. */
+MOE_API int moe_reconnect(moe_client *c);
+
+/* moe_strerror(int) is declared in moe_errors.h. */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,487 @@
+/* client/moectl.c — the command-line tool of moed.
+ *
+ *   moectl [-s SOCKET] status [--json]
+ *   moectl [-s SOCKET] forward --layer L --input IN.safetensors --output OUT.safetensors
+ *   moectl [-s SOCKET] ping [-c COUNT]
+ *
+ * Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable.
+ */
+#include "client/include/moeclient.h"
+#include "formats/safetensors.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXIT_OK     0
+#define EXIT_ERR    1
+#define EXIT_USAGE  2
+#define EXIT_DAEMON 3
+
+static const char *socket_path; /* NULL: the library's default */
+
+static void usage(FILE *f)
+{
+	fprintf(f, "usage: moectl [-s SOCKET] status [--json]\n"
+	           "       moectl [-s SOCKET] forward --layer L --input IN.safetensors"
+	           " --output OUT.safetensors\n"
+	           "       moectl [-s SOCKET] ping [-c COUNT]\n"
+	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
+}
+
+static const char *shown_path(void)
+{
+	const char *p = socket_path;
+
+	if (!p || !*p)
+		p = getenv("MOED_SOCKET");
+	return p && *p ? p : "/run/moed/moed.sock";
+}
+
+/* The exit code for a library error. */
+static int exit_for(int r)
+{
+	return r == MOE_EDAEMON ? EXIT_DAEMON : EXIT_ERR;
+}
+
+static int fail(int r, const char *what)
+{
+	fprintf(stderr, "moectl: %s: %s%s\n", what, moe_strerror(r),
+	        r == MOE_EDAEMON ? " (is moed running?)" : "");
+	return exit_for(r);
+}
+
+static int connect_or_complain(moe_client **c)
+{
+	char err[512] = "";
+	moe_connect_options o = {
+	    .name = "moectl", .errbuf = err, .errbuf_len = sizeof(err), .region_bytes = 0};
+	int r = moe_connect_opts(socket_path, &o, c);
+
+	if (!r)
+		return 0;
+	if (!err[0])
+		snprintf(err, sizeof(err), "%s: %s", shown_path(), moe_strerror(r));
+	fprintf(stderr, "moectl: %s%s\n", err,
+	        r == MOE_EDAEMON || r == MOE_EPERM ? " (is moed running?)" : "");
+	return r == MOE_EDAEMON || r == MOE_EPERM ? EXIT_DAEMON : EXIT_ERR;
+}
+
+/* ------------------------------------------------------------------------ */
+/* status                                                                   */
+
+static double num(const cJSON *o, const char *k)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+
+	return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+static const char *str(const cJSON *o, const char *k)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+
+	return cJSON_IsString(v) && v->valuestring ? v->valuestring : "-";
+}
+
+static const cJSON *obj(const cJSON *o, const char *k)
+{
+	return cJSON_GetObjectItemCaseSensitive(o, k);
+}
+
+static void print_uptime(double s)
+{
+	unsigned long t = s > 0 ? (unsigned long)s : 0;
+
+	if (t >= 86400)
+		printf("%lud %02luh%02lum", t / 86400, t / 3600 % 24, t / 60 % 60);
+	else if (t >= 3600)
+		printf("%luh%02lum%02lus", t / 3600, t / 60 % 60, t % 60);
+	else
+		printf("%.1fs", s > 0 ? s : 0);
+}
+
+static void print_layers(const cJSON *layers)
+{
+	const cJSON *l;
+
+	if (!cJSON_IsArray(layers) || !cJSON_GetArraySize(layers))
+		return;
+	printf("\nexpert tokens per layer (total, max/mean, then per expert):\n");
+	cJSON_ArrayForEach(l, layers)
+	{
+		const cJSON *et = obj(l, "expert_tokens"), *v;
+		double total = 0, max = 0;
+		int n = 0;
+
+		cJSON_ArrayForEach(v, et)
+		{
+			double x = cJSON_IsNumber(v) ? v->valuedouble : 0;
+
+			total += x;
+			max = x > max ? x : max;
+			n++;
+		}
+		printf("  L%-4.0f %10.0f  %5.2f |", num(l, "layer"), total,
+		       total > 0 ? max / (total / n) : 0.0);
+		cJSON_ArrayForEach(v, et) printf(" %.0f", cJSON_IsNumber(v) ? v->valuedouble : 0);
+		printf("\n");
+	}
+}
+
+static void print_status(const cJSON *j)
+{
+	const cJSON *m = obj(j, "model"), *b = obj(j, "backend"), *q = obj(j, "queue"),
+	            *rq = obj(j, "requests"), *cl = obj(j, "clients"), *ml, *c;
+
+	printf("state:    %s, up ", str(j, "state"));
+	print_uptime(num(j, "uptime_s"));
+	printf("\nmodel:    %s (%s, %s), hidden %.0f, %.0f experts, top-%.0f", str(m, "path"),
+	       str(m, "family"), str(m, "dtype"), num(m, "hidden"), num(m, "experts"),
+	       num(m, "top_k"));
+	ml = obj(m, "moe_layers");
+	if (cJSON_IsArray(ml))
+		printf(", %d MoE layers", cJSON_GetArraySize(ml));
+	printf("\nbackend:  %s (kernels %s, %.0f threads, gpu %s)\n", str(b, "name"),
+	       str(b, "kernels"), num(b, "threads"), str(b, "gpu"));
+	printf("queue:    %.0f requests, %.0f tokens pending\n", num(q, "pending_requests"),
+	       num(q, "pending_tokens"));
+	printf("requests: %.0f completed, %.0f errors, %.0f timeouts, %.0f cancelled;"
+	       " %.0f tokens in %.0f batches\n",
+	       num(rq, "completed"), num(rq, "errors"), num(rq, "timeouts"), num(rq, "cancelled"),
+	       num(rq, "tokens"), num(rq, "batches"));
+	printf("clients:  %d\n", cJSON_IsArray(cl) ? cJSON_GetArraySize(cl) : 0);
+	if (cJSON_IsArray(cl) && cJSON_GetArraySize(cl)) {
+		printf("  %6s %8s %6s %-20s %8s %10s %8s\n", "ID", "PID", "UID", "NAME", "INFLIGHT",
+		       "REQUESTS", "ERRORS");
+		cJSON_ArrayForEach(c, cl)
+		    printf("  %6.0f %8.0f %6.0f %-20.20s %8.0f %10.0f %8.0f\n", num(c, "id"),
+		           num(c, "pid"), num(c, "uid"), str(c, "name"), num(c, "inflight"),
+		           num(c, "requests"), num(c, "errors"));
+	}
+	print_layers(obj(j, "layers"));
+}
+
+static int cmd_status(int argc, char **argv)
+{
+	static const struct option opts[] = {
+	    {"json", no_argument, NULL, 'j'}, {"help", no_argument, NULL, 'h'}, {NULL, 0, NULL, 0}};
+	int json = 0, ch, r, rc;
+	moe_client *c;
+	char *text;
+	size_t len;
+	cJSON *j;
+
+	while ((ch = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
+		if (ch == 'j') {
+			json = 1;
+		} else {
+			usage(ch == 'h' ? stdout : stderr);
+			return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+		}
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		return rc;
+	r = moe_status_json(c, &text, &len);
+	moe_disconnect(c);
+	if (r)
+		return fail(r, "status");
+	if (json) {
+		fwrite(text, 1, len, stdout);
+		if (!len || text[len - 1] != '\n')
+			putchar('\n');
+		free(text);
+		return EXIT_OK;
+	}
+	j = cJSON_ParseWithLength(text, len);
+	free(text);
+	if (!cJSON_IsObject(j)) {
+		cJSON_Delete(j);
+		fprintf(stderr, "moectl: status: the daemon sent malformed JSON\n");
+		return EXIT_ERR;
+	}
+	print_status(j);
+	cJSON_Delete(j);
+	return EXIT_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* forward                                                                  */
+
+static int parse_u32(const char *s, uint32_t *v)
+{
+	char *end;
+	unsigned long long x;
+
+	errno = 0;
+	x = strtoull(s, &end, 10);
+	if (errno || end == s || *end || *s == '-' || x > UINT32_MAX)
+		return -1;
+	*v = (uint32_t)x;
+	return 0;
+}
+
+static int st_to_dtype(enum moe_st_dtype dt, moe_dtype *out)
+{
+	switch (dt) {
+	case MOE_ST_F32:
+		*out = MOE_DTYPE_F32;
+		return 0;
+	case MOE_ST_BF16:
+		*out = MOE_DTYPE_BF16;
+		return 0;
+	case MOE_ST_F16:
+		*out = MOE_DTYPE_F16;
+		return 0;
+	default:
+		return -1;
+	}
+}
+
+/* Runs n rows through the layer in chunks the daemon and the data area take. */
+static int forward_rows(moe_client *c, const moe_model_info *mi, uint32_t layer, moe_dtype dt,
+                        const unsigned char *in, unsigned char *out, uint64_t n, size_t row)
+{
+	uint64_t chunk = mi->max_batch_tokens ? mi->max_batch_tokens : n;
+	uint64_t fit = mi->data_bytes / 2 / (row ? row : 1);
+
+	if (fit < chunk)
+		chunk = fit; /* data_bytes / 2 is a multiple of 64: rounding fits */
+	if (chunk > UINT32_MAX)
+		chunk = UINT32_MAX;
+	if (!chunk)
+		return MOE_ENOMEM;
+	for (uint64_t i = 0; i < n; i += chunk) {
+		uint64_t k = n - i < chunk ? n - i : chunk;
+		int r = moe_forward(c, layer, dt, in + i * row, out + i * row, (uint32_t)k);
+
+		if (r)
+			return r;
+	}
+	return 0;
+}
+
+static int cmd_forward(int argc, char **argv)
+{
+	static const struct option opts[] = {{"layer", required_argument, NULL, 'l'},
+	                                     {"input", required_argument, NULL, 'i'},
+	                                     {"output", required_argument, NULL, 'o'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	const char *in_path = NULL, *out_path = NULL;
+	uint32_t layer = 0;
+	int have_layer = 0, ch, r, rc = EXIT_ERR;
+	char err[MOE_ERRLEN];
+	struct moe_st_file *f = NULL;
+	const struct moe_st_tensor *t;
+	struct moe_st_wtensor wt;
+	moe_client *c = NULL;
+	moe_model_info mi;
+	moe_dtype dt;
+	unsigned char *in = NULL, *out = NULL;
+	uint64_t n, bytes;
+	size_t row;
+
+	while ((ch = getopt_long(argc, argv, "l:i:o:h", opts, NULL)) != -1) {
+		switch (ch) {
+		case 'l':
+			if (parse_u32(optarg, &layer)) {
+				fprintf(stderr, "moectl: forward: --layer %s: not a layer index\n",
+				        optarg);
+				return EXIT_USAGE;
+			}
+			have_layer = 1;
+			break;
+		case 'i':
+			in_path = optarg;
+			break;
+		case 'o':
+			out_path = optarg;
+			break;
+		default:
+			usage(ch == 'h' ? stdout : stderr);
+			return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+		}
+	}
+	if (optind != argc || !have_layer || !in_path || !out_path) {
+		fprintf(stderr, "moectl: forward needs --layer, --input and --output\n");
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+
+	if (moe_st_open(in_path, &f, err)) {
+		fprintf(stderr, "moectl: %s\n", err);
+		return EXIT_ERR;
+	}
+	t = moe_st_find(f, "hidden_states");
+	if (!t) {
+		fprintf(stderr, "moectl: %s: no tensor \"hidden_states\"\n", in_path);
+		goto out_close;
+	}
+	if (t->ndim != 2 || st_to_dtype(t->dtype, &dt)) {
+		fprintf(stderr,
+		        "moectl: %s: hidden_states: expected a 2-D F32, BF16 or F16 tensor,"
+		        " found %u-D %s\n",
+		        in_path, t->ndim, moe_st_dtype_name(t->dtype));
+		goto out_close;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		goto out_close;
+	rc = EXIT_ERR;
+	r = moe_get_model_info(c, &mi);
+	if (r) {
+		rc = fail(r, "model info");
+		goto out_close;
+	}
+	if (t->shape[1] != mi.hidden) {
+		fprintf(stderr,
+		        "moectl: %s: hidden_states: %" PRIu64 " columns, the model's hidden"
+		        " size is %u\n",
+		        in_path, t->shape[1], mi.hidden);
+		goto out_close;
+	}
+	n = t->shape[0];
+	row = (size_t)mi.hidden * (dt == MOE_DTYPE_F32 ? 4 : 2);
+	bytes = t->end - t->begin; /* = n * row, checked by the reader */
+	in = malloc(bytes ? bytes : 1);
+	out = malloc(bytes ? bytes : 1);
+	if (!in || !out) {
+		fprintf(stderr, "moectl: %s: out of memory for %" PRIu64 " bytes\n", in_path,
+		        bytes);
+		goto out_close;
+	}
+	if (bytes && moe_st_pread(f, t, 0, bytes, in, err)) {
+		fprintf(stderr, "moectl: %s\n", err);
+		goto out_close;
+	}
+	r = forward_rows(c, &mi, layer, dt, in, out, n, row);
+	if (r) {
+		char what[64];
+
+		snprintf(what, sizeof(what), "forward: layer %u", layer);
+		rc = fail(r, what);
+		goto out_close;
+	}
+	wt = (struct moe_st_wtensor){
+	    .name = "output", .dtype = t->dtype, .ndim = 2, .shape = {n, t->shape[1]}, .data = out};
+	if (moe_st_write(out_path, &wt, 1, NULL, err)) {
+		fprintf(stderr, "moectl: %s\n", err);
+		goto out_close;
+	}
+	rc = EXIT_OK;
+out_close:
+	free(in);
+	free(out);
+	moe_disconnect(c);
+	moe_st_close(f);
+	return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* ping                                                                     */
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static int cmd_ping(int argc, char **argv)
+{
+	static const struct option opts[] = {{"count", required_argument, NULL, 'c'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	uint32_t count = 5;
+	uint64_t *rtt;
+	moe_client *c;
+	int ch, r, rc;
+	double med;
+
+	while ((ch = getopt_long(argc, argv, "c:h", opts, NULL)) != -1) {
+		if (ch == 'c' && !parse_u32(optarg, &count) && count && count <= 1000000)
+			continue;
+		if (ch == 'c')
+			fprintf(stderr, "moectl: ping: -c %s: expected a count in 1..1000000\n",
+			        optarg);
+		else
+			usage(ch == 'h' ? stdout : stderr);
+		return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	rtt = calloc(count, sizeof(*rtt));
+	if (!rtt) {
+		fprintf(stderr, "moectl: ping: out of memory\n");
+		return EXIT_ERR;
+	}
+	rc = connect_or_complain(&c);
+	if (rc) {
+		free(rtt);
+		return rc;
+	}
+	for (uint32_t i = 0; i < count; i++) {
+		r = moe_ping(c, &rtt[i]);
+		if (r) {
+			rc = fail(r, "ping");
+			goto out;
+		}
+		printf("ping %u: %.1f us\n", i + 1, (double)rtt[i] / 1e3);
+	}
+	qsort(rtt, count, sizeof(*rtt), cmp_u64);
+	med = count % 2 ? (double)rtt[count / 2]
+	                : ((double)rtt[count / 2 - 1] + (double)rtt[count / 2]) / 2;
+	printf("%u pings: min %.1f us, median %.1f us, max %.1f us\n", count, (double)rtt[0] / 1e3,
+	       med / 1e3, (double)rtt[count - 1] / 1e3);
+out:
+	moe_disconnect(c);
+	free(rtt);
+	return rc;
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option opts[] = {{"socket", required_argument, NULL, 's'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	const char *cmd;
+	int ch;
+
+	while ((ch = getopt_long(argc, argv, "+s:h", opts, NULL)) != -1) {
+		if (ch == 's') {
+			socket_path = optarg;
+			continue;
+		}
+		usage(ch == 'h' ? stdout : stderr);
+		return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+	}
+	if (optind >= argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	cmd = argv[optind];
+	argc -= optind;
+	argv += optind;
+	optind = 0; /* GNU getopt: start afresh for the subcommand's options */
+	if (!strcmp(cmd, "status"))
+		return cmd_status(argc, argv);
+	if (!strcmp(cmd, "forward"))
+		return cmd_forward(argc, argv);
+	if (!strcmp(cmd, "ping"))
+		return cmd_ping(argc, argv);
+	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
+	usage(stderr);
+	return EXIT_USAGE;
+}

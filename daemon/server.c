@@ -1,0 +1,986 @@
+/* daemon/server.c — see server.h. */
+#include "daemon/server.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "daemon/log.h"
+#include "ipc/moe_proto.h"
+#include "ipc/moe_ring.h"
+#include "kernels/cpu/convert.h"
+
+#define TICK_NS	      (10 * 1000000ull) /* deadline resolution */
+#define MIN_REGION    (64 * 1024)
+#define SEALS_NEEDED  (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+
+struct request {
+	struct client *c;
+	uint64_t tag;
+	uint32_t layer, n_tokens;
+	enum moe_dtype dtype;
+	uint64_t in_off, out_off;
+	uint64_t deadline_ns; /* 0: none */
+	uint64_t queued_ns;
+	struct request *next; /* the client's FIFO */
+};
+
+struct client {
+	uint32_t id;
+	int fd;
+	pid_t pid;
+	uid_t uid;
+	char name[32];
+	bool attached, dead;
+	/* the shared region, once attached */
+	void *region;
+	uint64_t region_bytes;
+	struct moe_shm_hdr *hdr;
+	struct moe_sqe *sq;
+	struct moe_cqe *cq;
+	char *data;
+	uint64_t data_bytes;
+	uint32_t sq_entries, cq_entries, sq_head, cq_tail;
+	/* requests taken from the ring and not yet answered */
+	struct request *queue, *queue_tail;
+	uint32_t inflight, inflight_tokens;
+	/* completions that did not fit the completion ring yet */
+	struct moe_cqe *overflow;
+	uint32_t n_overflow, overflow_cap;
+	bool notify; /* completions posted since the last doorbell */
+	uint64_t requests, errors;
+	struct client *next;
+};
+
+struct server {
+	struct moe_engine *e;
+	const struct moe_model *m;
+	struct moe_server_opts o;
+	int epfd, lfd, sfd, tfd; /* -1 until opened */
+	struct client *clients;
+	uint32_t n_clients, next_id, rr; /* rr: round-robin start */
+	uint32_t pending, pending_tokens;
+	bool stopping;
+	uint64_t start_ns;
+	/* batch staging, fp32 */
+	float *in, *out;
+	struct request **batch;
+	/* counters */
+	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused;
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static size_t dtype_size(enum moe_dtype dt)
+{
+	return moe_dtype_size(dt);
+}
+
+/* ---- sending ------------------------------------------------------------ */
+
+/* Never blocks: a client that does not read its socket loses doorbells
+ * (it still sees its completion ring) or, for replies, is dropped. */
+static int send_msg_seq(int fd, uint16_t type, uint32_t seq, const void *payload, uint32_t len,
+			int pass_fd)
+{
+	char buf[MOE_MSG_MAX];
+	size_t n = moe_msg_encode(buf, type, seq, payload, len);
+	struct iovec iov = {buf, n};
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+
+	if (pass_fd >= 0) {
+		struct cmsghdr *cm;
+
+		memset(&u, 0, sizeof(u));
+		mh.msg_control = u.b;
+		mh.msg_controllen = sizeof(u.b);
+		cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &pass_fd, sizeof(int));
+	}
+	if (sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+		return -errno;
+	return 0;
+}
+
+static int send_msg(int fd, uint16_t type, const void *payload, uint32_t len, int pass_fd)
+{
+	return send_msg_seq(fd, type, 0, payload, len, pass_fd);
+}
+
+static void send_error(struct client *c, int status, const char *msg)
+{
+	struct moe_msg_error e = {.status = status};
+
+	snprintf(e.message, sizeof(e.message), "%s", msg);
+	send_msg(c->fd, MOE_MSG_ERROR, &e, sizeof(e), -1);
+}
+
+/* ---- completions -------------------------------------------------------- */
+
+/* Moves queued completions into the client's ring while there is room. The
+ * head is the client's: a value that claims more than the ring holds means
+ * the region is corrupt, and the client is dropped. */
+static void flush_cq(struct client *c)
+{
+	uint32_t head, used, i = 0;
+
+	if (!c->attached || c->dead)
+		return;
+	head = atomic_load_explicit(&c->hdr->cq_head, memory_order_acquire);
+	used = c->cq_tail - head;
+	if (used > c->cq_entries) {
+		moe_log(LOG_WARNING, "client %u (pid %d): completion ring head is corrupt; "
+			"dropping it", c->id, (int)c->pid);
+		c->dead = true;
+		return;
+	}
+	while (i < c->n_overflow && used < c->cq_entries) {
+		c->cq[c->cq_tail & (c->cq_entries - 1)] = c->overflow[i++];
+		c->cq_tail++;
+		used++;
+	}
+	if (i) {
+		atomic_store_explicit(&c->hdr->cq_tail, c->cq_tail, memory_order_release);
+		memmove(c->overflow, c->overflow + i, (c->n_overflow - i) * sizeof(*c->overflow));
+		c->n_overflow -= i;
+		c->notify = true;
+	}
+}
+
+static void complete(struct server *s, struct client *c, uint64_t tag, int status)
+{
+	struct moe_cqe q = {tag, status, 1};
+
+	if (c->n_overflow == c->overflow_cap) {
+		uint32_t cap = c->overflow_cap ? 2 * c->overflow_cap : 64;
+		struct moe_cqe *v = realloc(c->overflow, cap * sizeof(*v));
+
+		if (!v) {
+			c->dead = true; /* cannot answer: drop rather than lose silently */
+			return;
+		}
+		c->overflow = v;
+		c->overflow_cap = cap;
+	}
+	c->overflow[c->n_overflow++] = q;
+	if (status) {
+		c->errors++;
+		s->errors++;
+	}
+	c->requests++;
+	flush_cq(c);
+}
+
+static void finish(struct server *s, struct request *r, int status)
+{
+	struct client *c = r->c;
+
+	c->inflight--;
+	c->inflight_tokens -= r->n_tokens;
+	s->pending--;
+	s->pending_tokens -= r->n_tokens;
+	if (status == MOE_ETIMEDOUT)
+		s->timeouts++;
+	else if (status == MOE_ECANCELED)
+		s->cancelled++;
+	else if (status == 0)
+		s->completed++;
+	complete(s, c, r->tag, status);
+	free(r);
+}
+
+static void notify_clients(struct server *s)
+{
+	for (struct client *c = s->clients; c; c = c->next) {
+		if (c->notify && !c->dead) {
+			send_msg(c->fd, MOE_MSG_DOORBELL, NULL, 0, -1); /* EAGAIN: ring has it */
+			c->notify = false;
+		}
+	}
+}
+
+/* ---- the client's submission ring --------------------------------------- */
+
+static void enqueue(struct server *s, struct client *c, struct request *r)
+{
+	r->next = NULL;
+	if (c->queue_tail)
+		c->queue_tail->next = r;
+	else
+		c->queue = r;
+	c->queue_tail = r;
+	c->inflight++;
+	c->inflight_tokens += r->n_tokens;
+	s->pending++;
+	s->pending_tokens += r->n_tokens;
+}
+
+/* Validates a copied-out entry; 0 or the MOE_E* to answer with. */
+static int check_sqe(struct server *s, struct client *c, const struct moe_sqe *q)
+{
+	uint64_t bytes;
+
+	if (q->flags & ~MOE_SQE_FLAGS || q->reserved)
+		return MOE_EINVAL;
+	if (q->flags & MOE_SQE_NOP)
+		return 0;
+	if (q->dtype > MOE_WIRE_F16)
+		return MOE_EDTYPE;
+	if (moe_model_layer_pos(s->m, q->layer) < 0)
+		return MOE_ENOLAYER;
+	if (q->n_tokens == 0)
+		return MOE_EINVAL;
+	if (q->n_tokens > moe_engine_max_tokens(s->e))
+		return MOE_E2BIG;
+	bytes = (uint64_t)q->n_tokens * s->m->hidden * dtype_size((enum moe_dtype)q->dtype);
+	if (!moe_span_ok(q->in_off, bytes, c->data_bytes) ||
+	    !moe_span_ok(q->out_off, bytes, c->data_bytes))
+		return MOE_ERANGE;
+	if (q->n_tokens > s->o.max_inflight_tokens)
+		return MOE_EBUSY;
+	return 0;
+}
+
+static void poll_sq(struct server *s, struct client *c)
+{
+	uint32_t tail, avail;
+
+	if (!c->attached || c->dead)
+		return;
+	tail = atomic_load_explicit(&c->hdr->sq_tail, memory_order_acquire);
+	avail = tail - c->sq_head;
+	if (avail > c->sq_entries) {
+		moe_log(LOG_WARNING, "client %u (pid %d): submission ring tail is corrupt; "
+			"dropping it", c->id, (int)c->pid);
+		send_error(c, MOE_EPROTO, "submission ring tail is corrupt");
+		c->dead = true;
+		return;
+	}
+	while (avail--) {
+		struct moe_sqe q;
+		struct request *r;
+		uint64_t timeout;
+		int st;
+
+		/* backpressure: leave entries in the ring past the limits */
+		if (c->inflight >= s->o.max_inflight_requests || s->pending >= s->o.max_queue_requests)
+			break;
+		/* copy once, then validate the copy; never re-read the ring */
+		memcpy(&q, &c->sq[c->sq_head & (c->sq_entries - 1)], sizeof(q));
+		c->sq_head++;
+		atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
+		st = check_sqe(s, c, &q);
+		if (!st && c->inflight_tokens + q.n_tokens > s->o.max_inflight_tokens &&
+		    c->inflight) {
+			/* over the token limit: retry this entry once others finish */
+			c->sq_head--;
+			atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
+			break;
+		}
+		if (st || (q.flags & MOE_SQE_NOP) || s->stopping) {
+			complete(s, c, q.tag, st ? st : s->stopping ? MOE_ESHUTDOWN : 0);
+			continue;
+		}
+		r = calloc(1, sizeof(*r));
+		if (!r) {
+			complete(s, c, q.tag, MOE_ENOMEM);
+			continue;
+		}
+		timeout = q.timeout_ms ? q.timeout_ms : s->o.request_timeout_ms;
+		*r = (struct request){c, q.tag, q.layer, q.n_tokens, (enum moe_dtype)q.dtype,
+				      q.in_off, q.out_off, 0, now_ns(), NULL};
+		if (timeout)
+			r->deadline_ns = r->queued_ns + timeout * 1000000ull;
+		enqueue(s, c, r);
+	}
+}
+
+/* Unlinks r from its client's FIFO. */
+static void unqueue(struct client *c, struct request *r)
+{
+	struct request **pp = &c->queue, *prev = NULL;
+
+	while (*pp && *pp != r)
+		prev = *pp, pp = &(*pp)->next;
+	if (!*pp)
+		return;
+	*pp = r->next;
+	if (c->queue_tail == r)
+		c->queue_tail = prev;
+}
+
+/* ---- scheduling --------------------------------------------------------- */
+
+/* The layer of the oldest queued request, or -1. */
+static int64_t oldest_layer(struct server *s)
+{
+	struct request *best = NULL;
+
+	for (struct client *c = s->clients; c; c = c->next)
+		if (c->queue && (!best || c->queue->queued_ns < best->queued_ns))
+			best = c->queue;
+	return best ? (int64_t)best->layer : -1;
+}
+
+/* Round robin over the clients, one request of `layer` from each per round,
+ * until max_batch_tokens: every client with work in this layer gets into the
+ * batch before any client gets a second request in. */
+static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
+{
+	uint32_t n = 0, t = 0, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
+	struct client **order;
+	bool took = true;
+	uint32_t i = 0;
+
+	order = calloc(nc ? nc : 1, sizeof(*order));
+	if (!order)
+		return 0;
+	for (struct client *c = s->clients; c; c = c->next)
+		order[i++] = c;
+	while (took) {
+		took = false;
+		for (uint32_t k = 0; k < nc; k++) {
+			struct client *c = order[(s->rr + k) % nc];
+			struct request *r;
+
+			for (r = c->queue; r && r->layer != layer; r = r->next)
+				;
+			if (!r || t + r->n_tokens > maxt)
+				continue;
+			unqueue(c, r);
+			s->batch[n++] = r;
+			t += r->n_tokens;
+			took = true;
+		}
+	}
+	s->rr = nc ? (s->rr + 1) % nc : 0;
+	free(order);
+	*tokens = t;
+	return n;
+}
+
+/* Inputs come out of the clients' regions as fp32 (exact for bf16/f16),
+ * results go back in each request's dtype: a token's result is the same
+ * bits whichever batch it lands in (the engine is batch-invariant). */
+static void run_batch(struct server *s)
+{
+	uint32_t H = s->m->hidden, tokens = 0, n;
+	int64_t layer = oldest_layer(s);
+	struct moe_epoch *ep;
+	char err[MOE_ERRLEN];
+	size_t off = 0;
+	int ret;
+
+	if (layer < 0)
+		return;
+	n = form_batch(s, (uint32_t)layer, &tokens);
+	if (!n)
+		return;
+	for (uint32_t i = 0; i < n; i++) {
+		struct request *r = s->batch[i];
+
+		moe_cpu_to_f32(r->dtype, r->c->data + r->in_off, s->in + off,
+			       (size_t)r->n_tokens * H);
+		off += (size_t)r->n_tokens * H;
+	}
+	ep = moe_epoch_acquire(s->e);
+	{
+		struct moe_batch b = {(uint32_t)layer, tokens, MOE_DT_F32, s->in, s->out, NULL,
+				      NULL};
+
+		ret = moe_engine_forward(s->e, ep, &b, err);
+	}
+	moe_epoch_release(ep);
+	if (ret)
+		moe_log(LOG_ERR, "batch of %u tokens on layer %lld failed: %s", tokens,
+			(long long)layer, err);
+	off = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		struct request *r = s->batch[i];
+
+		if (!ret && !r->c->dead)
+			moe_cpu_from_f32(r->dtype, s->out + off, r->c->data + r->out_off,
+					 (size_t)r->n_tokens * H);
+		off += (size_t)r->n_tokens * H;
+		s->tokens += r->n_tokens;
+		finish(s, r, ret ? MOE_EINTERNAL : 0);
+	}
+	s->batches++;
+}
+
+static void expire(struct server *s)
+{
+	uint64_t now = now_ns();
+
+	for (struct client *c = s->clients; c; c = c->next) {
+		struct request *r = c->queue, *next;
+
+		for (; r; r = next) {
+			next = r->next;
+			if (r->deadline_ns && r->deadline_ns <= now) {
+				unqueue(c, r);
+				finish(s, r, MOE_ETIMEDOUT);
+			}
+		}
+	}
+}
+
+static void cancel(struct server *s, struct client *c, uint64_t tag)
+{
+	for (struct request *r = c->queue; r; r = r->next) {
+		if (r->tag == tag) {
+			unqueue(c, r);
+			finish(s, r, MOE_ECANCELED);
+			return;
+		}
+	}
+	/* not queued: already running or done, its completion comes anyway */
+}
+
+/* ---- sessions ----------------------------------------------------------- */
+
+static void drop_client(struct server *s, struct client *c)
+{
+	struct client **pp = &s->clients;
+
+	while (*pp && *pp != c)
+		pp = &(*pp)->next;
+	if (*pp)
+		*pp = c->next;
+	while (c->queue) {
+		struct request *r = c->queue;
+
+		c->queue = r->next;
+		s->pending--;
+		s->pending_tokens -= r->n_tokens;
+		free(r);
+	}
+	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	close(c->fd);
+	if (c->region)
+		munmap(c->region, c->region_bytes);
+	moe_log(LOG_INFO, "client %u (pid %d, %s) disconnected after %llu requests", c->id,
+		(int)c->pid, c->name[0] ? c->name : "-", (unsigned long long)c->requests);
+	free(c->overflow);
+	free(c);
+	s->n_clients--;
+}
+
+static void accept_clients(struct server *s)
+{
+	for (;;) {
+		int fd = accept4(s->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		struct epoll_event ev = {.events = EPOLLIN};
+		struct ucred cred;
+		socklen_t len = sizeof(cred);
+		struct client *c;
+
+		if (fd < 0)
+			return;
+		if (s->stopping || s->n_clients >= s->o.max_clients) {
+			struct client tmp = {.fd = fd};
+
+			send_error(&tmp, s->stopping ? MOE_ESHUTDOWN : MOE_ELIMIT,
+				   s->stopping ? "shutting down" : "too many clients");
+			s->refused++;
+			close(fd);
+			continue;
+		}
+		c = calloc(1, sizeof(*c));
+		if (!c) {
+			close(fd);
+			continue;
+		}
+		c->fd = fd;
+		c->id = ++s->next_id;
+		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+			c->pid = cred.pid;
+			c->uid = cred.uid;
+		}
+		ev.data.ptr = c;
+		if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+			close(fd);
+			free(c);
+			continue;
+		}
+		c->next = s->clients;
+		s->clients = c;
+		s->n_clients++;
+	}
+}
+
+static int hello_reply(struct server *s, struct client *c, int status)
+{
+	struct moe_msg_hello_reply r = {.status = status, .proto_version = MOE_PROTO_VERSION};
+	const struct moe_model *m = s->m;
+
+	if (!status) {
+		snprintf(r.family, sizeof(r.family), "%s", moe_family_name(m->family));
+		r.hidden = m->hidden;
+		r.n_experts = m->n_experts;
+		r.top_k = m->top_k;
+		r.dtype = m->dtype == MOE_DT_F32 ? MOE_WIRE_F32
+			  : m->dtype == MOE_DT_BF16 ? MOE_WIRE_BF16 : MOE_WIRE_F16;
+		r.n_layers = m->n_layers;
+		r.n_moe_layers = m->n_moe_layers < MOE_MAX_MOE_LAYERS ? m->n_moe_layers
+								      : MOE_MAX_MOE_LAYERS;
+		for (uint32_t i = 0; i < r.n_moe_layers; i++)
+			r.moe_layers[i] = (uint16_t)m->layers[i].index;
+		r.max_batch_tokens = moe_engine_max_tokens(s->e);
+		r.max_inflight_requests = s->o.max_inflight_requests;
+		r.max_inflight_tokens = s->o.max_inflight_tokens;
+		r.data_off = (uint64_t)(c->data - (char *)c->region);
+		r.data_bytes = c->data_bytes;
+	}
+	return send_msg(c->fd, MOE_MSG_HELLO_REPLY, &r, sizeof(r), -1);
+}
+
+/* The memfd is the client's: check its type, seals and size before mapping,
+ * then copy the header once and check it against the HELLO. */
+static int attach(struct server *s, struct client *c, const struct moe_msg_hello *h, int fd,
+		  const char **why)
+{
+	struct moe_shm_layout lay;
+	struct moe_shm_hdr hdr;
+	struct stat st;
+	int seals;
+	void *p;
+
+	if (fd < 0)
+		return *why = "HELLO without a memfd", MOE_EPROTO;
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+		return *why = "the passed fd is not a regular file (memfd)", MOE_EINVAL;
+	seals = fcntl(fd, F_GET_SEALS);
+	if (seals < 0 || (seals & SEALS_NEEDED) != SEALS_NEEDED)
+		return *why = "the memfd is not sealed against shrink, grow and further sealing",
+		       MOE_EINVAL;
+	if ((uint64_t)st.st_size != h->region_bytes)
+		return *why = "the memfd's size differs from the HELLO's", MOE_EINVAL;
+	if (h->region_bytes > s->o.max_client_shm_bytes || h->region_bytes < MIN_REGION)
+		return *why = "region size outside [64 KiB, server.max_client_shm_bytes]",
+		       MOE_ELIMIT;
+	if (moe_shm_layout(h->sq_entries, h->cq_entries, h->region_bytes, &lay))
+		return *why = "ring sizes do not fit the region", MOE_EINVAL;
+	p = mmap(NULL, h->region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED)
+		return *why = "cannot map the memfd", MOE_EINVAL;
+	memcpy(&hdr, p, offsetof(struct moe_shm_hdr, sq_head));
+	if (hdr.magic != MOE_SHM_MAGIC || hdr.version != MOE_SHM_VERSION ||
+	    hdr.sq_entries != h->sq_entries || hdr.cq_entries != h->cq_entries ||
+	    hdr.region_bytes != h->region_bytes) {
+		munmap(p, h->region_bytes);
+		return *why = "region header does not match the HELLO", MOE_EINVAL;
+	}
+	c->region = p;
+	c->region_bytes = h->region_bytes;
+	c->hdr = p;
+	c->sq = (struct moe_sqe *)((char *)p + lay.sq_off);
+	c->cq = (struct moe_cqe *)((char *)p + lay.cq_off);
+	c->data = (char *)p + lay.data_off;
+	c->data_bytes = lay.data_bytes;
+	c->sq_entries = h->sq_entries;
+	c->cq_entries = h->cq_entries;
+	/* our own copies of the indices we own; the region's are only hints */
+	c->sq_head = atomic_load_explicit(&c->hdr->sq_head, memory_order_relaxed);
+	c->cq_tail = atomic_load_explicit(&c->hdr->cq_tail, memory_order_relaxed);
+	memcpy(c->name, h->client_name, sizeof(c->name));
+	c->attached = true;
+	return 0;
+}
+
+static void status_reply(struct server *s, struct client *c, uint32_t seq);
+
+/* One datagram (and maybe fds) from a client. Returns false to drop it. */
+static bool handle_msg(struct server *s, struct client *c, const char *buf, size_t n, int *fds,
+		       int nfds)
+{
+	struct moe_msg_hdr hdr;
+	int type = moe_msg_peek(buf, n, &hdr);
+	int passed = nfds == 1 ? fds[0] : -1;
+	bool keep = true;
+
+	if (type == MOE_MSG_HELLO && !c->attached) {
+		struct moe_msg_hello h;
+		const char *why = "malformed HELLO";
+		int st = moe_msg_decode_hello(buf, n, &h);
+
+		if (!st && nfds != 1)
+			st = MOE_EPROTO, why = "HELLO must carry exactly one fd";
+		if (!st)
+			st = attach(s, c, &h, passed, &why);
+		if (st) {
+			moe_log(LOG_WARNING, "client %u (pid %d): refused: %s", c->id, (int)c->pid,
+				why);
+			hello_reply(s, c, st);
+			keep = false;
+		} else if (hello_reply(s, c, 0)) {
+			keep = false;
+		} else {
+			moe_log(LOG_INFO, "client %u (pid %d, uid %d, %s) attached %llu bytes",
+				c->id, (int)c->pid, (int)c->uid, c->name[0] ? c->name : "-",
+				(unsigned long long)c->region_bytes);
+		}
+	} else if (!c->attached) {
+		send_error(c, MOE_EPROTO, "HELLO expected first");
+		keep = false;
+	} else if (type == MOE_MSG_DOORBELL && !moe_msg_decode_empty(buf, n, MOE_MSG_DOORBELL)) {
+		/* the rings are polled right after */
+	} else if (type == MOE_MSG_CANCEL) {
+		struct moe_msg_cancel m;
+
+		if (moe_msg_decode_cancel(buf, n, &m)) {
+			keep = false;
+		} else {
+			/* the request may still sit in the ring: take it first */
+			poll_sq(s, c);
+			cancel(s, c, m.tag);
+		}
+	} else if (type == MOE_MSG_STATUS && !moe_msg_decode_empty(buf, n, MOE_MSG_STATUS)) {
+		status_reply(s, c, hdr.seq);
+	} else {
+		send_error(c, MOE_EPROTO, "malformed or unexpected message");
+		keep = false;
+	}
+	for (int i = 0; i < nfds; i++)
+		close(fds[i]);
+	if (!keep)
+		c->dead = true;
+	return keep;
+}
+
+static void read_client(struct server *s, struct client *c)
+{
+	for (int i = 0; i < 64 && !c->dead; i++) {
+		char buf[MOE_MSG_MAX];
+		union {
+			char b[CMSG_SPACE(sizeof(int) * 8)];
+			struct cmsghdr align;
+		} u;
+		struct iovec iov = {buf, sizeof(buf)};
+		struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
+				    .msg_controllen = sizeof(u.b)};
+		int fds[8], nfds = 0;
+		ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			return;
+		if (n <= 0) {
+			c->dead = true;
+			return;
+		}
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+				continue;
+			for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfds < 8;
+			     k++)
+				memcpy(&fds[nfds++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+		}
+		if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
+			for (int k = 0; k < nfds; k++)
+				close(fds[k]);
+			send_error(c, MOE_EPROTO, "message too large");
+			c->dead = true;
+			return;
+		}
+		handle_msg(s, c, buf, (size_t)n, fds, nfds);
+	}
+}
+
+/* ---- status ------------------------------------------------------------- */
+
+static char *status_json(struct server *s)
+{
+	const struct moe_model *m = s->m;
+	cJSON *j = cJSON_CreateObject(), *o, *a;
+	char *out;
+
+	cJSON_AddNumberToObject(j, "version", 1);
+	cJSON_AddNumberToObject(j, "uptime_s", (double)(now_ns() - s->start_ns) / 1e9);
+	cJSON_AddStringToObject(j, "state", s->stopping ? "stopping" : "serving");
+	o = cJSON_AddObjectToObject(j, "model");
+	cJSON_AddStringToObject(o, "path", s->o.model_path ? s->o.model_path : "");
+	cJSON_AddStringToObject(o, "family", moe_family_name(m->family));
+	cJSON_AddStringToObject(o, "dtype", moe_dtype_name(m->dtype));
+	cJSON_AddNumberToObject(o, "hidden", m->hidden);
+	cJSON_AddNumberToObject(o, "experts", m->n_experts);
+	cJSON_AddNumberToObject(o, "top_k", m->top_k);
+	a = cJSON_AddArrayToObject(o, "moe_layers");
+	for (uint32_t i = 0; i < m->n_moe_layers; i++)
+		cJSON_AddItemToArray(a, cJSON_CreateNumber(m->layers[i].index));
+	o = cJSON_AddObjectToObject(j, "backend");
+	cJSON_AddStringToObject(o, "name", moe_engine_backend(s->e));
+	cJSON_AddStringToObject(o, "kernels", moe_engine_kernels(s->e));
+	cJSON_AddNumberToObject(o, "threads", moe_engine_threads(s->e));
+	cJSON_AddStringToObject(o, "gpu", "none (CPU backend)");
+	a = cJSON_AddArrayToObject(j, "clients");
+	for (struct client *c = s->clients; c; c = c->next) {
+		cJSON *x = cJSON_CreateObject();
+
+		cJSON_AddNumberToObject(x, "id", c->id);
+		cJSON_AddNumberToObject(x, "pid", c->pid);
+		cJSON_AddNumberToObject(x, "uid", c->uid);
+		cJSON_AddStringToObject(x, "name", c->name);
+		cJSON_AddNumberToObject(x, "inflight", c->inflight);
+		cJSON_AddNumberToObject(x, "requests", (double)c->requests);
+		cJSON_AddNumberToObject(x, "errors", (double)c->errors);
+		cJSON_AddItemToArray(a, x);
+	}
+	o = cJSON_AddObjectToObject(j, "queue");
+	cJSON_AddNumberToObject(o, "pending_requests", s->pending);
+	cJSON_AddNumberToObject(o, "pending_tokens", s->pending_tokens);
+	o = cJSON_AddObjectToObject(j, "requests");
+	cJSON_AddNumberToObject(o, "completed", (double)s->completed);
+	cJSON_AddNumberToObject(o, "errors", (double)s->errors);
+	cJSON_AddNumberToObject(o, "timeouts", (double)s->timeouts);
+	cJSON_AddNumberToObject(o, "cancelled", (double)s->cancelled);
+	cJSON_AddNumberToObject(o, "tokens", (double)s->tokens);
+	cJSON_AddNumberToObject(o, "batches", (double)s->batches);
+	cJSON_AddNumberToObject(o, "refused_clients", (double)s->refused);
+	a = cJSON_AddArrayToObject(j, "layers");
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		cJSON *x = cJSON_CreateObject(), *t;
+
+		cJSON_AddNumberToObject(x, "layer", m->layers[l].index);
+		t = cJSON_AddArrayToObject(x, "expert_tokens");
+		for (uint32_t e = 0; e < m->n_experts; e++)
+			cJSON_AddItemToArray(t, cJSON_CreateNumber(
+							(double)moe_engine_expert_tokens(s->e, l, e)));
+		cJSON_AddItemToArray(a, x);
+	}
+	out = cJSON_PrintUnformatted(j);
+	cJSON_Delete(j);
+	return out;
+}
+
+/* The JSON goes in a sealed memfd: no datagram size limit, and the client
+ * cannot change it under us (nor we under it). */
+static void status_reply(struct server *s, struct client *c, uint32_t seq)
+{
+	struct moe_msg_status_reply r = {0};
+	char *json = status_json(s);
+	int fd = -1;
+
+	if (!json) {
+		r.status = MOE_ENOMEM;
+		send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), -1);
+		return;
+	}
+	r.json_bytes = strlen(json);
+	fd = memfd_create("moed-status", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0 || write(fd, json, r.json_bytes) != (ssize_t)r.json_bytes ||
+	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+		r.status = MOE_ENOMEM;
+		r.json_bytes = 0;
+	}
+	send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), r.status ? -1 : fd);
+	if (fd >= 0)
+		close(fd);
+	free(json);
+}
+
+/* ---- setup -------------------------------------------------------------- */
+
+/* Binds the socket; a stale socket file (nobody listening) is replaced, a
+ * live one is an error: two daemons must not share a path. */
+static int listen_on(const char *path, unsigned mode)
+{
+	struct sockaddr_un a = {.sun_family = AF_UNIX};
+	int fd, probe;
+
+	if (strlen(path) >= sizeof(a.sun_path)) {
+		moe_log(LOG_ERR, "%s: socket path too long", path);
+		return -1;
+	}
+	strcpy(a.sun_path, path);
+	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0) {
+		close(probe);
+		moe_log(LOG_ERR, "%s: another daemon is listening on this socket", path);
+		return -1;
+	}
+	if (probe >= 0)
+		close(probe);
+	unlink(path);
+	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || chmod(path, mode) < 0 ||
+	    listen(fd, 128) < 0) {
+		moe_log(LOG_ERR, "%s: %s", path, strerror(errno));
+		if (fd >= 0)
+			close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int setup(struct server *s)
+{
+	struct epoll_event ev = {.events = EPOLLIN};
+	struct itimerspec its = {{0, TICK_NS}, {0, TICK_NS}};
+	sigset_t set;
+
+	sigemptyset(&set);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGINT);
+	sigprocmask(SIG_BLOCK, &set, NULL);
+	signal(SIGPIPE, SIG_IGN);
+	s->sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+	s->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	s->epfd = epoll_create1(EPOLL_CLOEXEC);
+	s->lfd = s->o.listen_fd >= 0 ? s->o.listen_fd : listen_on(s->o.socket_path, s->o.socket_mode);
+	if (s->sfd < 0 || s->tfd < 0 || s->epfd < 0 || s->lfd < 0)
+		return -1;
+	timerfd_settime(s->tfd, 0, &its, NULL);
+	ev.data.ptr = &s->lfd;
+	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->lfd, &ev);
+	ev.data.ptr = &s->sfd;
+	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->sfd, &ev);
+	ev.data.ptr = &s->tfd;
+	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->tfd, &ev);
+	s->in = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
+	s->out = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
+	s->batch = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->batch));
+	return s->in && s->out && s->batch ? 0 : -1;
+}
+
+static void reap_dead(struct server *s)
+{
+	for (struct client *c = s->clients, *next; c; c = next) {
+		next = c->next;
+		if (c->dead)
+			drop_client(s, c);
+	}
+}
+
+static void on_signal(struct server *s)
+{
+	struct signalfd_siginfo si;
+
+	while (read(s->sfd, &si, sizeof(si)) == sizeof(si)) {
+		if (!s->stopping)
+			moe_log(LOG_NOTICE, "signal %u: stopping (%u requests queued)", si.ssi_signo,
+				s->pending);
+		s->stopping = true;
+	}
+}
+
+/* Answers everything queued, then everything still in the rings, with
+ * MOE_ESHUTDOWN (as far as each client's completion ring has room). */
+static void shutdown_clients(struct server *s)
+{
+	for (struct client *c = s->clients; c; c = c->next) {
+		while (c->queue) {
+			struct request *r = c->queue;
+
+			unqueue(c, r);
+			finish(s, r, MOE_ESHUTDOWN);
+		}
+		for (int i = 0; i < 4 && !c->dead; i++) {
+			flush_cq(c);
+			poll_sq(s, c); /* stopping: every entry is answered at once */
+		}
+	}
+	notify_clients(s);
+}
+
+int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
+{
+	struct server s = {.e = e, .m = moe_engine_model(e), .o = *o, .epfd = -1, .lfd = -1,
+			   .sfd = -1, .tfd = -1};
+	struct epoll_event evs[64];
+	int code = 0;
+
+	s.start_ns = now_ns();
+	if (setup(&s)) {
+		moe_log(LOG_ERR, "cannot start serving: %s", strerror(errno));
+		code = 1;
+		goto out;
+	}
+	moe_log(LOG_INFO, "serving %s on %s (%s backend, %s kernels, %u threads)",
+		moe_family_name(s.m->family), o->socket_path ? o->socket_path : "(inherited socket)",
+		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
+	while (!s.stopping) {
+		int n = epoll_wait(s.epfd, evs, 64, s.pending ? 0 : -1);
+
+		for (int i = 0; i < n; i++) {
+			void *p = evs[i].data.ptr;
+			uint64_t ticks;
+
+			if (p == &s.lfd) {
+				accept_clients(&s);
+			} else if (p == &s.sfd) {
+				on_signal(&s);
+			} else if (p == &s.tfd) {
+				if (read(s.tfd, &ticks, sizeof(ticks)) > 0)
+					expire(&s);
+			} else {
+				struct client *c = p;
+
+				if (evs[i].events & EPOLLIN)
+					read_client(&s, c);
+				if (evs[i].events & (EPOLLHUP | EPOLLERR))
+					c->dead = true;
+			}
+		}
+		reap_dead(&s);
+		for (struct client *c = s.clients; c; c = c->next) {
+			flush_cq(c);
+			poll_sq(&s, c);
+		}
+		if (s.pending && !s.stopping) {
+			/* a request whose deadline passed before it starts is
+			 * answered, not run */
+			expire(&s);
+			run_batch(&s);
+		}
+		notify_clients(&s);
+		reap_dead(&s);
+	}
+	shutdown_clients(&s);
+	moe_log(LOG_NOTICE, "stopped: %llu requests completed, %llu errors, %llu batches",
+		(unsigned long long)s.completed, (unsigned long long)s.errors,
+		(unsigned long long)s.batches);
+out:
+	while (s.clients)
+		drop_client(&s, s.clients);
+	if (s.lfd >= 0 && o->listen_fd < 0) {
+		close(s.lfd);
+		unlink(o->socket_path);
+	}
+	if (s.epfd >= 0)
+		close(s.epfd);
+	if (s.sfd >= 0)
+		close(s.sfd);
+	if (s.tfd >= 0)
+		close(s.tfd);
+	free(s.in);
+	free(s.out);
+	free(s.batch);
+	return code;
+}

@@ -1,0 +1,36 @@
+/* daemon/server.h — moed's serving loop: the control socket, client
+ * sessions and their shared regions, the scheduler, completions.
+ *
+ * One thread runs an epoll loop (listening socket, client sockets, a
+ * signalfd, a timerfd for deadlines) and, between I/O, the engine: a batch
+ * is formed from the queued requests of one layer across all clients (round
+ * robin, so a flooding client cannot starve another), run with all the
+ * engine's threads, and completed into each client's completion ring. The
+ * daemon never blocks on anything a client can reach: every send and
+ * receive uses MSG_DONTWAIT; rings are polled between batches; a client's
+ * doorbell only wakes an idle loop.
+ */
+#ifndef MOE_SERVER_H
+#define MOE_SERVER_H
+
+#include <stdint.h>
+
+#include "daemon/engine.h"
+
+struct moe_server_opts {
+	const char *socket_path;
+	unsigned socket_mode;
+	int listen_fd; /* >= 0: an already bound, listening socket (activation) */
+	uint32_t max_clients;
+	uint64_t max_client_shm_bytes;
+	uint32_t max_inflight_requests; /* per client */
+	uint32_t max_inflight_tokens;	/* per client */
+	uint32_t max_queue_requests;	/* all clients */
+	uint32_t request_timeout_ms;	/* default deadline, 0: none */
+	const char *model_path;
+};
+
+/* Serves until SIGTERM/SIGINT; returns the process exit code. */
+int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o);
+
+#endif

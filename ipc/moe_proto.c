@@ -1,0 +1,146 @@
+#include "ipc/moe_proto.h"
+#include "ipc/moe_ring.h"
+
+#include <string.h>
+
+static const char *const messages[] = {
+	[0] = "success",
+	[1] = "invalid argument",
+	[2] = "not an MoE layer of this model",
+	[3] = "more tokens than max_batch_tokens",
+	[4] = "buffer outside the shared data area",
+	[5] = "deadline passed before the request ran",
+	[6] = "request cancelled",
+	[7] = "daemon shutting down",
+	[8] = "daemon gone or unreachable",
+	[9] = "protocol error",
+	[10] = "out of memory",
+	[11] = "too many requests or tokens in flight",
+	[12] = "not allowed",
+	[13] = "engine failure",
+	[14] = "nothing ready yet",
+	[15] = "unsupported dtype",
+	[16] = "no such request",
+	[17] = "refused by a daemon limit",
+};
+
+const char *moe_strerror(int err)
+{
+	unsigned i = err <= 0 ? 0u - (unsigned)err : ~0u;
+
+	return i < sizeof(messages) / sizeof(messages[0]) ? messages[i] : "unknown error";
+}
+
+size_t moe_msg_encode(void *buf, uint16_t type, uint32_t seq, const void *payload, uint32_t len)
+{
+	struct moe_msg_hdr h = {MOE_PROTO_MAGIC, MOE_PROTO_VERSION, type, len, seq};
+
+	memcpy(buf, &h, sizeof(h));
+	if (len)
+		memcpy((char *)buf + sizeof(h), payload, len);
+	return sizeof(h) + len;
+}
+
+int moe_msg_peek(const void *buf, size_t n, struct moe_msg_hdr *hdr)
+{
+	if (n < sizeof(*hdr) || n > MOE_MSG_MAX)
+		return MOE_EPROTO;
+	memcpy(hdr, buf, sizeof(*hdr));
+	if (hdr->magic != MOE_PROTO_MAGIC || hdr->version != MOE_PROTO_VERSION ||
+	    hdr->len != n - sizeof(*hdr))
+		return MOE_EPROTO;
+	return hdr->type;
+}
+
+/* Header valid, type as expected, payload exactly `len` bytes. */
+static int decode(const void *buf, size_t n, uint16_t type, void *out, size_t len)
+{
+	struct moe_msg_hdr h;
+	int t = moe_msg_peek(buf, n, &h);
+
+	if (t < 0)
+		return t;
+	if (t != type || h.len != len)
+		return MOE_EPROTO;
+	if (len)
+		memcpy(out, (const char *)buf + sizeof(h), len);
+	return 0;
+}
+
+static bool pow2_in(uint32_t v, uint32_t max)
+{
+	return v && v <= max && !(v & (v - 1));
+}
+
+int moe_msg_decode_hello(const void *buf, size_t n, struct moe_msg_hello *out)
+{
+	int r = decode(buf, n, MOE_MSG_HELLO, out, sizeof(*out));
+
+	if (r)
+		return r;
+	if (!pow2_in(out->sq_entries, MOE_RING_MAX) || !pow2_in(out->cq_entries, MOE_RING_MAX) ||
+	    out->cq_entries < out->sq_entries)
+		return MOE_EINVAL;
+	out->client_name[sizeof(out->client_name) - 1] = '\0';
+	for (size_t i = 0; out->client_name[i]; i++)
+		if ((unsigned char)out->client_name[i] < 0x20 ||
+		    (unsigned char)out->client_name[i] > 0x7e)
+			out->client_name[i] = '?'; /* it goes into logs */
+	return 0;
+}
+
+int moe_msg_decode_hello_reply(const void *buf, size_t n, struct moe_msg_hello_reply *out)
+{
+	int r = decode(buf, n, MOE_MSG_HELLO_REPLY, out, sizeof(*out));
+
+	if (r)
+		return r;
+	out->family[sizeof(out->family) - 1] = '\0';
+	if (out->status == 0 && (out->n_moe_layers > MOE_MAX_MOE_LAYERS || !out->hidden ||
+				 out->dtype > MOE_WIRE_F16))
+		return MOE_EPROTO;
+	return 0;
+}
+
+int moe_msg_decode_cancel(const void *buf, size_t n, struct moe_msg_cancel *out)
+{
+	return decode(buf, n, MOE_MSG_CANCEL, out, sizeof(*out));
+}
+
+int moe_msg_decode_status_reply(const void *buf, size_t n, struct moe_msg_status_reply *out)
+{
+	return decode(buf, n, MOE_MSG_STATUS_REPLY, out, sizeof(*out));
+}
+
+int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out)
+{
+	int r = decode(buf, n, MOE_MSG_ERROR, out, sizeof(*out));
+
+	if (!r)
+		out->message[sizeof(out->message) - 1] = '\0';
+	return r;
+}
+
+int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type)
+{
+	return decode(buf, n, type, NULL, 0);
+}
+
+int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t region_bytes,
+		   struct moe_shm_layout *out)
+{
+	uint64_t sq_end, cq_end;
+
+	if (!pow2_in(sq_entries, MOE_RING_MAX) || !pow2_in(cq_entries, MOE_RING_MAX) ||
+	    cq_entries < sq_entries)
+		return MOE_EINVAL;
+	out->sq_off = MOE_SHM_HDR_BYTES;
+	sq_end = out->sq_off + (uint64_t)sq_entries * sizeof(struct moe_sqe);
+	out->cq_off = (sq_end + 63) & ~(uint64_t)63;
+	cq_end = out->cq_off + (uint64_t)cq_entries * sizeof(struct moe_cqe);
+	out->data_off = (cq_end + 4095) & ~(uint64_t)4095;
+	if (region_bytes <= out->data_off)
+		return MOE_EINVAL;
+	out->data_bytes = region_bytes - out->data_off;
+	return 0;
+}

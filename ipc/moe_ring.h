@@ -1,0 +1,81 @@
+/* ipc/moe_ring.h — the shared region between a client and moed.
+ *
+ * Layout (all offsets from the start of the memfd, fixed by the entry
+ * counts and the region size, so the daemon recomputes them instead of
+ * trusting the client):
+ *
+ *   0                     struct moe_shm_hdr (one page)
+ *   4096                  submission ring: sq_entries x struct moe_sqe
+ *   after, 64-aligned     completion ring: cq_entries x struct moe_cqe
+ *   after, page-aligned   data area: token buffers, up to region end
+ *
+ * Rings are single-producer/single-consumer, io_uring style: free-running
+ * u32 head/tail, index = counter & (entries - 1), the producer writes the
+ * entry then store-releases the tail; the consumer load-acquires the tail,
+ * reads, then store-releases the head. The client produces SQEs and
+ * consumes CQEs; the daemon the reverse. The daemon treats every byte of the
+ * region as hostile: it copies an SQE out once, then validates the copy.
+ */
+#ifndef MOE_RING_H
+#define MOE_RING_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MOE_SHM_MAGIC	0x4d454853u /* "SHEM" */
+#define MOE_SHM_VERSION 1
+#define MOE_RING_MAX	4096
+#define MOE_SHM_HDR_BYTES 4096u
+
+/* sqe.flags */
+#define MOE_SQE_NOP	0x1 /* no work: completes at once (ping) */
+#define MOE_SQE_FLAGS	0x1 /* every known flag */
+
+struct moe_sqe {
+	uint64_t tag;	   /* the client's, echoed in the cqe */
+	uint32_t layer;	   /* decoder-layer index */
+	uint32_t n_tokens;
+	uint64_t in_off;   /* byte offsets into the data area */
+	uint64_t out_off;
+	uint16_t dtype;	   /* enum moe_wire_dtype of in and out */
+	uint16_t flags;
+	uint32_t timeout_ms; /* 0: the daemon's default deadline */
+	uint64_t reserved;
+};
+
+struct moe_cqe {
+	uint64_t tag;
+	int32_t status;	/* 0 or MOE_E* */
+	uint32_t epoch;	/* the weights version the request ran on */
+};
+
+struct moe_shm_hdr {
+	uint32_t magic, version;
+	uint32_t sq_entries, cq_entries;
+	uint64_t region_bytes;
+	uint64_t reserved0[5];
+	_Alignas(64) _Atomic uint32_t sq_head; /* written by the daemon */
+	_Alignas(64) _Atomic uint32_t sq_tail; /* written by the client */
+	_Alignas(64) _Atomic uint32_t cq_head; /* written by the client */
+	_Alignas(64) _Atomic uint32_t cq_tail; /* written by the daemon */
+	_Alignas(64) _Atomic uint32_t client_waiting; /* client asks for a doorbell */
+};
+
+struct moe_shm_layout {
+	uint64_t sq_off, cq_off, data_off, data_bytes;
+};
+
+/* 0 and the layout, or MOE_EINVAL if the counts are not powers of two in
+ * 1..MOE_RING_MAX, cq < sq, or the region has no room for a data area. */
+int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t region_bytes,
+		   struct moe_shm_layout *out);
+
+/* True if [off, off + len) lies inside [0, size), without overflow. */
+static inline bool moe_span_ok(uint64_t off, uint64_t len, uint64_t size)
+{
+	return off <= size && len <= size - off;
+}
+
+#endif
