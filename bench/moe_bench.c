@@ -31,7 +31,8 @@ static int cmp_double(const void *a, const void *b)
 
 static void usage(FILE *f)
 {
-	fprintf(f, "usage: moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
+	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
+		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
 		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
 		   "Without --model: a synthetic OLMoE-1B-7B-shaped layer (hidden 2048, inter 1024,\n"
 		   "64 experts, top-8, bf16), cached in $MOE_BENCH_CACHE or /tmp.\n");
@@ -59,6 +60,8 @@ static const char *default_model(char *buf, size_t n)
 	return buf;
 }
 
+int moe_bench_ipc(int argc, char **argv);
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -77,6 +80,8 @@ int main(int argc, char **argv)
 	struct moe_pool *pool;
 	struct moe_rng r = {99};
 
+	if (argc > 1 && strcmp(argv[1], "ipc") == 0)
+		return moe_bench_ipc(argc - 1, argv + 1);
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'm':

@@ -557,7 +557,7 @@ static int read_reply(int sock, struct moe_msg_hello_reply *reply, char *err, si
 		if (r <= 0)
 			continue;
 		n = recv_msg(sock, buf.b, sizeof(buf.b), fds, &n_fds);
-		if (n == -EAGAIN || n == -EWOULDBLOCK)
+		if (n == -EAGAIN || n == -EWOULDBLOCK || n == -ECONNRESET)
 			continue;
 		if (n <= 0) {
 			set_err(err, errlen,
@@ -668,6 +668,13 @@ static int open_conn(const struct moe_client *c, struct conn *k, char *err, size
 	memcpy(hello.client_name, c->name, sizeof(hello.client_name) - 1);
 	n = moe_msg_encode(buf.b, MOE_MSG_HELLO, 0, &hello, sizeof(hello));
 	r = send_dgram(k->sock, buf.b, n, memfd, HANDSHAKE_MS);
+	if (r == -EPIPE || r == -ECONNRESET) {
+		/* refused before it read our HELLO: its reason may be queued */
+		r = read_reply(k->sock, &k->reply, err, errlen, c->path);
+		if (!r)
+			r = MOE_EPROTO;
+		goto err_close;
+	}
 	if (r < 0) {
 		set_err(err, errlen, "%s: sending the handshake: %s", c->path, strerror(-r));
 		r = MOE_EDAEMON;
@@ -1206,6 +1213,8 @@ MOE_API int moe_wait(moe_client *c, uint64_t tag, int timeout_ms, int *status)
 	if (!c)
 		return MOE_EINVAL;
 	pthread_mutex_lock(&c->mu);
+	drain(c);
+	reap(c);
 	r = wait_tag(c, tag, deadline_after(timeout_ms), status, NULL);
 	pthread_mutex_unlock(&c->mu);
 	return r;

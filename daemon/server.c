@@ -289,21 +289,23 @@ static void poll_sq(struct server *s, struct client *c)
 		uint64_t timeout;
 		int st;
 
-		/* backpressure: leave entries in the ring past the limits */
-		if (c->inflight >= s->o.max_inflight_requests || s->pending >= s->o.max_queue_requests)
+		/* backpressure: leave entries in the ring past the limits, and
+		 * while the client leaves completions uncollected (else a
+		 * client that never reads its completion ring grows
+		 * c->overflow without bound) */
+		if (c->inflight >= s->o.max_inflight_requests ||
+		    s->pending >= s->o.max_queue_requests || c->n_overflow)
 			break;
 		/* copy once, then validate the copy; never re-read the ring */
 		memcpy(&q, &c->sq[c->sq_head & (c->sq_entries - 1)], sizeof(q));
+		st = check_sqe(s, c, &q);
+		/* over the token limit: leave it in the ring (head not yet
+		 * published) and take it again once others finish */
+		if (!st && !(q.flags & MOE_SQE_NOP) &&
+		    c->inflight_tokens + q.n_tokens > s->o.max_inflight_tokens && c->inflight)
+			break;
 		c->sq_head++;
 		atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
-		st = check_sqe(s, c, &q);
-		if (!st && c->inflight_tokens + q.n_tokens > s->o.max_inflight_tokens &&
-		    c->inflight) {
-			/* over the token limit: retry this entry once others finish */
-			c->sq_head--;
-			atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
-			break;
-		}
 		if (st || (q.flags & MOE_SQE_NOP) || s->stopping) {
 			complete(s, c, q.tag, st ? st : s->stopping ? MOE_ESHUTDOWN : 0);
 			continue;
@@ -338,15 +340,22 @@ static void unqueue(struct client *c, struct request *r)
 
 /* ---- scheduling --------------------------------------------------------- */
 
-/* The layer of the oldest queued request, or -1. */
-static int64_t oldest_layer(struct server *s)
+/* The layer of the next batch: that of the oldest request of the next
+ * client in round-robin order that has work, so that a client flooding one
+ * layer cannot make another client's request on another layer wait for all
+ * of its queue (at most one batch per other client goes first). */
+static int64_t next_layer(struct server *s)
 {
-	struct request *best = NULL;
+	uint32_t nc = s->n_clients, i = 0;
+	struct client *c;
 
-	for (struct client *c = s->clients; c; c = c->next)
-		if (c->queue && (!best || c->queue->queued_ns < best->queued_ns))
-			best = c->queue;
-	return best ? (int64_t)best->layer : -1;
+	for (uint32_t k = 0; k < nc; k++) {
+		for (c = s->clients, i = 0; c && i < (s->rr + k) % nc; c = c->next)
+			i++;
+		if (c && c->queue)
+			return c->queue->layer;
+	}
+	return -1;
 }
 
 /* Round robin over the clients, one request of `layer` from each per round,
@@ -392,7 +401,7 @@ static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
 static void run_batch(struct server *s)
 {
 	uint32_t H = s->m->hidden, tokens = 0, n;
-	int64_t layer = oldest_layer(s);
+	int64_t layer = next_layer(s);
 	struct moe_epoch *ep;
 	char err[MOE_ERRLEN];
 	size_t off = 0;

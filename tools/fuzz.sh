@@ -25,9 +25,10 @@ build() { # name sources... -- libs...
 build safetensors "${formats[@]}" -lcjson -lm
 build model_config "${model[@]}" -lcjson -lm
 build config daemon/config.c -lyaml
+build proto ipc/moe_proto.c
 
 status=0
-for t in safetensors model_config config; do
+for t in safetensors model_config config proto; do
 	corpus=tests/fuzz/corpus/$t
 	fresh=$out/corpus-$t
 	mkdir -p "$fresh"

@@ -1,0 +1,53 @@
+/* tests/fuzz/fuzz_proto.c — every control-message decoder on arbitrary
+ * bytes, and the shared-region layout on arbitrary geometry. A decoder must
+ * reject or accept without reading past the datagram, and what it accepts
+ * must satisfy the invariants the daemon relies on. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ipc/moe_proto.h"
+#include "ipc/moe_ring.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	struct moe_msg_hdr h;
+	struct moe_msg_hello hello;
+	struct moe_msg_hello_reply reply;
+	struct moe_msg_cancel cancel;
+	struct moe_msg_status_reply status;
+	struct moe_msg_error error;
+	struct moe_shm_layout lay;
+	uint8_t *copy = malloc(size ? size : 1); /* exact-size buffer for ASan */
+
+	if (!copy)
+		return 0;
+	memcpy(copy, data, size);
+	if (moe_msg_peek(copy, size, &h) >= 0 && h.len != size - sizeof(h))
+		abort();
+	if (moe_msg_decode_hello(copy, size, &hello) == 0) {
+		if (!hello.sq_entries || hello.sq_entries & (hello.sq_entries - 1) ||
+		    hello.cq_entries < hello.sq_entries || hello.cq_entries > MOE_RING_MAX ||
+		    memchr(hello.client_name, 0, sizeof(hello.client_name)) == NULL)
+			abort();
+		if (moe_shm_layout(hello.sq_entries, hello.cq_entries, hello.region_bytes, &lay) ==
+			    0 &&
+		    (lay.data_off + lay.data_bytes != hello.region_bytes ||
+		     lay.cq_off < lay.sq_off + (uint64_t)hello.sq_entries * sizeof(struct moe_sqe)))
+			abort();
+	}
+	if (moe_msg_decode_hello_reply(copy, size, &reply) == 0 &&
+	    memchr(reply.family, 0, sizeof(reply.family)) == NULL)
+		abort();
+	moe_msg_decode_cancel(copy, size, &cancel);
+	moe_msg_decode_status_reply(copy, size, &status);
+	if (moe_msg_decode_error(copy, size, &error) == 0 &&
+	    memchr(error.message, 0, sizeof(error.message)) == NULL)
+		abort();
+	moe_msg_decode_empty(copy, size, MOE_MSG_DOORBELL);
+	moe_msg_decode_empty(copy, size, MOE_MSG_STATUS);
+	free(copy);
+	return 0;
+}
