@@ -438,7 +438,8 @@ static int cmd_ping(int argc, char **argv)
 			rc = fail(r, "ping");
 			goto out;
 		}
-		printf("ping %u: %.1f us\n", i + 1, (double)rtt[i] / 1e3);
+		if (count <= 10) /* a few: each one; many: the summary only */
+			printf("ping %u: %.1f us\n", i + 1, (double)rtt[i] / 1e3);
 	}
 	qsort(rtt, count, sizeof(*rtt), cmp_u64);
 	med = count % 2 ? (double)rtt[count / 2]

@@ -33,6 +33,9 @@ echo "== moed serving on $sock (pid $pid); 4 clients, mixed sizes, outputs check
 ./build/bin/moe-load --socket "$sock" --model $model --clients 4 --requests 150 \
 	--max-tokens 256
 echo
+echo "== throughput: the same load without the clients' own reference engines"
+./build/bin/moe-load --socket "$sock" --clients 4 --requests 300 --max-tokens 256 --no-check
+echo
 echo "== moectl status"
 ./build/bin/moectl -s "$sock" status
 echo
