@@ -97,6 +97,9 @@ struct moe_client {
 	int status_busy, status_have, status_fd;
 	uint32_t status_seq;
 	struct moe_msg_status_reply status_msg;
+	int admin_busy, admin_have;
+	uint32_t admin_seq;
+	struct moe_msg_admin_reply admin_msg;
 };
 
 /* ------------------------------------------------------------------------ */
@@ -401,6 +404,14 @@ static void drain(struct moe_client *c)
 			c->status_have = 1;
 			c->status_fd = n_fds ? fds[0] : -1;
 			close_fds(fds + 1, n_fds ? n_fds - 1 : 0);
+			wake_all(c);
+			continue;
+		}
+		if (type == MOE_MSG_ADMIN_REPLY && c->admin_busy && !c->admin_have &&
+		    h.seq == c->admin_seq &&
+		    !moe_msg_decode_admin_reply(buf.b, (size_t)n, &c->admin_msg)) {
+			c->admin_have = 1;
+			close_fds(fds, n_fds);
 			wake_all(c);
 			continue;
 		}
@@ -1354,6 +1365,56 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 	}
 	c->status_busy = 0;
 	c->status_have = 0;
+	wake_all(c);
+out_unlock:
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+MOE_API int moe_admin(moe_client *c, uint32_t op, uint32_t flags, int timeout_ms, char *msg,
+		      size_t msglen)
+{
+	uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : deadline_after((uint32_t)timeout_ms);
+	struct moe_msg_admin a = {op, flags};
+	int r;
+
+	if (!c)
+		return MOE_EINVAL;
+	if (msg && msglen)
+		msg[0] = '\0';
+	pthread_mutex_lock(&c->mu);
+	r = enter(c);
+	while (!r && c->admin_busy) {
+		if (now_ns() >= deadline)
+			r = MOE_ETIMEDOUT;
+		else
+			wait_step(c, deadline);
+		if (c->dead)
+			r = MOE_EDAEMON;
+	}
+	if (r)
+		goto out_unlock;
+	c->admin_busy = 1;
+	c->admin_have = 0;
+	r = send_ctl(c, MOE_MSG_ADMIN, &a, sizeof(a), &c->admin_seq);
+	while (!r && !c->admin_have) {
+		drain(c);
+		if (c->admin_have)
+			break;
+		if (c->dead)
+			r = MOE_EDAEMON;
+		else if (now_ns() >= deadline)
+			r = MOE_ETIMEDOUT;
+		else
+			wait_step(c, deadline);
+	}
+	if (!r) {
+		if (msg && msglen)
+			snprintf(msg, msglen, "%s", c->admin_msg.message);
+		r = c->admin_msg.status ? wire_status(c->admin_msg.status) : 0;
+	}
+	c->admin_busy = 0;
+	c->admin_have = 0;
 	wake_all(c);
 out_unlock:
 	pthread_mutex_unlock(&c->mu);

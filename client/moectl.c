@@ -30,6 +30,9 @@ static void usage(FILE *f)
 	           "       moectl [-s SOCKET] forward --layer L --input IN.safetensors"
 	           " --output OUT.safetensors\n"
 	           "       moectl [-s SOCKET] ping [-c COUNT]\n"
+	           "       moectl [-s SOCKET] drain [--wait]     (root or server.admin_group)\n"
+	           "       moectl [-s SOCKET] undrain\n"
+	           "       moectl [-s SOCKET] reload-config [--wait]\n"
 	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
 }
 
@@ -397,6 +400,46 @@ static int cmp_u64(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
+/* drain [--wait] / undrain / reload-config [--wait]: one operator command.
+ * reload-config always waits for the daemon's verdict (--wait is accepted
+ * for systemd's ExecReload=); drain --wait returns once nothing is queued. */
+static int cmd_admin(int argc, char **argv, uint32_t op)
+{
+	static const struct option opts[] = {{"wait", no_argument, NULL, 'w'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	uint32_t flags = 0;
+	char msg[256];
+	moe_client *c;
+	int ch, r, rc;
+
+	while ((ch = getopt_long(argc, argv, "wh", opts, NULL)) != -1) {
+		if (ch == 'w' && op != 2) {
+			flags |= 1;
+			continue;
+		}
+		usage(ch == 'h' ? stdout : stderr);
+		return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+	}
+	if (optind != argc) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		return rc;
+	r = moe_admin(c, op, op == 1 ? flags : 0, -1, msg, sizeof(msg));
+	if (r) {
+		fprintf(stderr, "moectl: %s: %s%s%s\n", argv[0], moe_strerror(r), msg[0] ? ": " : "",
+		        msg);
+		rc = r == MOE_EDAEMON ? EXIT_DAEMON : EXIT_ERR;
+	} else {
+		printf("%s\n", msg);
+	}
+	moe_disconnect(c);
+	return rc;
+}
+
 static int cmd_ping(int argc, char **argv)
 {
 	static const struct option opts[] = {{"count", required_argument, NULL, 'c'},
@@ -482,6 +525,12 @@ int main(int argc, char **argv)
 		return cmd_forward(argc, argv);
 	if (!strcmp(cmd, "ping"))
 		return cmd_ping(argc, argv);
+	if (!strcmp(cmd, "drain"))
+		return cmd_admin(argc, argv, 1);
+	if (!strcmp(cmd, "undrain"))
+		return cmd_admin(argc, argv, 2);
+	if (!strcmp(cmd, "reload-config"))
+		return cmd_admin(argc, argv, 3);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

@@ -124,8 +124,10 @@ static const struct cfg_key cfg_keys[] = {
     /* sun_path holds 108 bytes with the NUL. */
     {"server.socket", STR(server.socket, 1, 107), .supported = true},
     {"server.socket_mode", MODE(server.socket_mode, 0777), .supported = true},
-    {"server.group", STR(server.group, 0, 255), .supported = false},
-    {"server.admin_group", STR(server.admin_group, 0, 255), .supported = false},
+    {"server.group", STR(server.group, 0, 255), .supported = true},
+    {"server.admin_group", STR(server.admin_group, 0, 255), .supported = true},
+    {"server.handshake_timeout_ms", UINT(server.handshake_timeout_ms, 1, 600000),
+     .supported = true},
     {"server.max_clients", UINT(server.max_clients, 1, 65536), .supported = true},
     {"server.max_client_shm_bytes", SIZE(server.max_client_shm_bytes, 1LL << 20, 1LL << 40),
      .supported = true},
@@ -983,6 +985,7 @@ int moe_cfg_defaults(struct moe_config *c)
 	c->server.max_client_shm_bytes = 1ULL << 30;
 	c->server.max_inflight_requests = 256;
 	c->server.max_inflight_tokens = 65536;
+	c->server.handshake_timeout_ms = 5000;
 	c->log.level = MOE_CFG_LOG_INFO;
 	c->server.socket = strdup(MOE_CFG_DEFAULT_SOCKET);
 	c->server.group = strdup("");

@@ -111,6 +111,7 @@ struct moe_config {
 		uint64_t max_client_shm_bytes;      /* 1 MiB..1 TiB, default 1 GiB */
 		unsigned int max_inflight_requests; /* per client, default 256 */
 		unsigned int max_inflight_tokens;   /* per client, default 65536 */
+		unsigned int handshake_timeout_ms;  /* connect to HELLO, default 5000 */
 	} server;
 
 	struct {

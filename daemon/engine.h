@@ -33,6 +33,10 @@ struct moe_engine_opts {
 	uint32_t spare_slots;	  /* per rank per layer */
 	const char *isa;	  /* CPU kernels: NULL/"auto", "scalar", "avx2", "avx512"
 				     (MOE_CPU_ISA in the environment overrides) */
+	/* Called after each layer is loaded (a large checkpoint takes a while:
+	 * moed extends systemd's start timeout from here). */
+	void (*progress)(void *arg, uint32_t layers_done, uint32_t layers);
+	void *progress_arg;
 };
 
 struct moe_epoch {

@@ -8,6 +8,8 @@
  * Runs in the foreground and logs to stderr with <N> syslog priorities.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
 #include <stdbool.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -21,6 +23,10 @@
 #include "daemon/model.h"
 #include "daemon/plan.h"
 #include "daemon/server.h"
+
+#ifdef MOE_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
 
 static void usage(FILE *f)
 {
@@ -83,11 +89,133 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 	return 0;
 }
 
-static int run_engine(struct moe_config *c, struct moe_model *m, bool serve)
+static void load_progress(void *arg, uint32_t done, uint32_t total)
+{
+	moe_log(LOG_DEBUG, "loaded layer %u of %u", done, total);
+#ifdef MOE_HAVE_SYSTEMD
+	/* each layer buys another minute of start-up time */
+	sd_notifyf(0, "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=loading: %u of %u MoE layers",
+		   done, total);
+#endif
+}
+
+static int group_id(const char *name, const char *key, gid_t *gid)
+{
+	struct group *g;
+
+	if (!name || !*name)
+		return 0;
+	g = getgrnam(name);
+	if (!g) {
+		moe_log(LOG_ERR, "%s: no group named \"%s\"", key, name);
+		return -ENOENT;
+	}
+	*gid = g->gr_gid;
+	return 1;
+}
+
+/* The socket systemd passed (socket activation), or -1 for none; -2 when
+ * what it passed is not one listening SOCK_SEQPACKET Unix socket. */
+static int activated_socket(void)
+{
+#ifdef MOE_HAVE_SYSTEMD
+	int n = sd_listen_fds(1);
+
+	if (n <= 0)
+		return -1;
+	if (n != 1 || sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_SEQPACKET, 1, NULL, 0) <= 0) {
+		moe_log(LOG_ERR, "socket activation: expected one listening SOCK_SEQPACKET Unix "
+			"socket, got %d fds", n);
+		return -2;
+	}
+	fcntl(SD_LISTEN_FDS_START, F_SETFL, fcntl(SD_LISTEN_FDS_START, F_GETFL) | O_NONBLOCK);
+	return SD_LISTEN_FDS_START;
+#else
+	return -1;
+#endif
+}
+
+/* ---- configuration reload (SIGHUP, moectl reload-config) --------------- */
+
+struct reload_ctx {
+	const char *file;
+	struct moe_config *live;
+};
+
+#define SAME_STR(a, b) (strcmp((a) ? (a) : "", (b) ? (b) : "") == 0)
+
+/* Applies what can change while serving; lists what needs a restart. */
+static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
+{
+	struct reload_ctx *r = arg;
+	struct moe_config nc, *c = r->live;
+	char err[MOE_CFG_ERRLEN], restart[200] = "";
+	gid_t admin = 0;
+	int ret, has_admin;
+
+	ret = moe_cfg_load_file(r->file, &nc, err, sizeof(err));
+	if (ret) {
+		snprintf(msg, n, "%s", err);
+		return ret;
+	}
+	has_admin = group_id(nc.server.admin_group, "server.admin_group", &admin);
+	if (has_admin < 0) {
+		snprintf(msg, n, "server.admin_group: no group named \"%s\"", nc.server.admin_group);
+		moe_cfg_free(&nc);
+		return -EINVAL;
+	}
+#define NEEDS_RESTART(cond, key)                                                           \
+	if (cond)                                                                          \
+		snprintf(restart + strlen(restart), sizeof(restart) - strlen(restart), "%s%s", \
+			 restart[0] ? ", " : "", key)
+	NEEDS_RESTART(!SAME_STR(nc.model.path, c->model.path), "model.path");
+	NEEDS_RESTART(!SAME_STR(nc.model.family, c->model.family), "model.family");
+	NEEDS_RESTART(nc.cpu.threads != c->cpu.threads, "cpu.threads");
+	NEEDS_RESTART(nc.cpu.isa != c->cpu.isa, "cpu.isa");
+	NEEDS_RESTART(nc.scheduler.max_batch_tokens != c->scheduler.max_batch_tokens,
+		      "scheduler.max_batch_tokens");
+	NEEDS_RESTART(!SAME_STR(nc.server.socket, c->server.socket), "server.socket");
+	NEEDS_RESTART(nc.server.socket_mode != c->server.socket_mode, "server.socket_mode");
+	NEEDS_RESTART(!SAME_STR(nc.server.group, c->server.group), "server.group");
+#undef NEEDS_RESTART
+	o->max_clients = nc.server.max_clients;
+	o->max_client_shm_bytes = nc.server.max_client_shm_bytes;
+	o->max_inflight_requests = nc.server.max_inflight_requests;
+	o->max_inflight_tokens = nc.server.max_inflight_tokens;
+	o->max_queue_requests = nc.scheduler.max_queue_requests;
+	o->request_timeout_ms = nc.scheduler.request_timeout_ms;
+	o->handshake_timeout_ms = nc.server.handshake_timeout_ms;
+	o->log_level = (int)nc.log.level;
+	o->auth.has_admin_gid = has_admin > 0;
+	o->auth.admin_gid = admin;
+	/* keep the live config's strings for the keys that did not apply */
+	c->server.max_clients = nc.server.max_clients;
+	c->server.max_client_shm_bytes = nc.server.max_client_shm_bytes;
+	c->server.max_inflight_requests = nc.server.max_inflight_requests;
+	c->server.max_inflight_tokens = nc.server.max_inflight_tokens;
+	c->scheduler.max_queue_requests = nc.scheduler.max_queue_requests;
+	c->scheduler.request_timeout_ms = nc.scheduler.request_timeout_ms;
+	c->server.handshake_timeout_ms = nc.server.handshake_timeout_ms;
+	c->log.level = nc.log.level;
+	{
+		char *t = c->server.admin_group;
+
+		c->server.admin_group = nc.server.admin_group;
+		nc.server.admin_group = t;
+		o->admin_group = c->server.admin_group;
+	}
+	snprintf(msg, n, "limits, scheduler, admin group and log level applied%s%s%s",
+		 restart[0] ? "; needs a restart: " : "", restart, restart[0] ? " (unchanged)" : "");
+	moe_cfg_free(&nc);
+	return 0;
+}
+
+static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
-				     .isa = moe_cfg_isa_name(c->cpu.isa)};
+				     .isa = moe_cfg_isa_name(c->cpu.isa),
+				     .progress = load_progress};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;
@@ -106,17 +234,34 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve)
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
 		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
 	if (serve) {
+		struct reload_ctx rc = {cfg_file, c};
+		gid_t sock_gid = 0, admin_gid = 0;
+		int has_sock = group_id(c->server.group, "server.group", &sock_gid);
+		int has_admin = group_id(c->server.admin_group, "server.admin_group", &admin_gid);
+		int lfd = activated_socket();
+
+		if (has_sock < 0 || has_admin < 0 || lfd == -2) {
+			moe_engine_destroy(e);
+			return 1;
+		}
 		struct moe_server_opts so = {
 			.socket_path = c->server.socket,
 			.socket_mode = c->server.socket_mode,
-			.listen_fd = -1,
+			.listen_fd = lfd,
 			.max_clients = c->server.max_clients,
 			.max_client_shm_bytes = c->server.max_client_shm_bytes,
 			.max_inflight_requests = c->server.max_inflight_requests,
 			.max_inflight_tokens = c->server.max_inflight_tokens,
 			.max_queue_requests = c->scheduler.max_queue_requests,
 			.request_timeout_ms = c->scheduler.request_timeout_ms,
+			.handshake_timeout_ms = c->server.handshake_timeout_ms,
 			.model_path = c->model.path,
+			.auth = {.has_socket_gid = has_sock > 0, .socket_gid = sock_gid,
+				 .has_admin_gid = has_admin > 0, .admin_gid = admin_gid},
+			.admin_group = c->server.admin_group,
+			.log_level = (int)c->log.level,
+			.reload = cfg_file ? reload : NULL,
+			.reload_arg = &rc,
 		};
 		int code = moe_server_run(e, &so);
 
@@ -218,7 +363,7 @@ int main(int argc, char **argv)
 		moe_plan_print(stdout, &cfg, m, &plan);
 		ret = plan.fits && plan.isa >= 0 ? 0 : 1;
 	} else {
-		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load) : 1;
+		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load, cfg_file) : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in memory (moed -t shows the plan)");
 		if (plan.isa < 0)

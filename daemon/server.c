@@ -3,6 +3,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -19,10 +20,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon/auth.h"
 #include "daemon/log.h"
 #include "ipc/moe_proto.h"
 #include "ipc/moe_ring.h"
 #include "kernels/cpu/convert.h"
+
+#ifdef MOE_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
 
 #define TICK_NS	      (10 * 1000000ull) /* deadline resolution */
 #define MIN_REGION    (64 * 1024)
@@ -63,6 +69,10 @@ struct client {
 	uint32_t n_overflow, overflow_cap;
 	bool notify; /* completions posted since the last doorbell */
 	uint64_t requests, errors;
+	struct moe_peer peer;
+	uint64_t accepted_ns;
+	bool drain_waiter; /* answer its DRAIN once nothing is queued */
+	uint32_t drain_seq;
 	struct client *next;
 };
 
@@ -74,14 +84,35 @@ struct server {
 	struct client *clients;
 	uint32_t n_clients, next_id, rr; /* rr: round-robin start */
 	uint32_t pending, pending_tokens;
-	bool stopping;
+	bool stopping, draining;
+	uint64_t watchdog_ns, last_ping_ns, last_status_ns;
+	uint32_t stall_ms; /* test hook: MOED_TEST_STALL_MS, every batch sleeps */
 	uint64_t start_ns;
 	/* batch staging, fp32 */
 	float *in, *out;
 	struct request **batch;
 	/* counters */
-	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused;
+	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
+	uint64_t reloads, reloads_refused;
 };
+
+/* sd_notify when built with libsystemd and run under systemd (it does
+ * nothing without $NOTIFY_SOCKET). */
+static void notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void notify(const char *fmt, ...)
+{
+#ifdef MOE_HAVE_SYSTEMD
+	char buf[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	sd_notify(0, buf);
+#else
+	(void)fmt;
+#endif
+}
 
 static uint64_t now_ns(void)
 {
@@ -306,8 +337,10 @@ static void poll_sq(struct server *s, struct client *c)
 			break;
 		c->sq_head++;
 		atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
-		if (st || (q.flags & MOE_SQE_NOP) || s->stopping) {
-			complete(s, c, q.tag, st ? st : s->stopping ? MOE_ESHUTDOWN : 0);
+		if (st || (q.flags & MOE_SQE_NOP) || s->stopping || s->draining) {
+			bool refuse = !(q.flags & MOE_SQE_NOP) && (s->stopping || s->draining);
+
+			complete(s, c, q.tag, st ? st : refuse ? MOE_ESHUTDOWN : 0);
 			continue;
 		}
 		r = calloc(1, sizeof(*r));
@@ -412,6 +445,8 @@ static void run_batch(struct server *s)
 	n = form_batch(s, (uint32_t)layer, &tokens);
 	if (!n)
 		return;
+	if (s->stall_ms)
+		usleep(s->stall_ms * 1000u);
 	for (uint32_t i = 0; i < n; i++) {
 		struct request *r = s->batch[i];
 
@@ -507,8 +542,6 @@ static void accept_clients(struct server *s)
 	for (;;) {
 		int fd = accept4(s->lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		struct epoll_event ev = {.events = EPOLLIN};
-		struct ucred cred;
-		socklen_t len = sizeof(cred);
 		struct client *c;
 
 		if (fd < 0)
@@ -529,9 +562,13 @@ static void accept_clients(struct server *s)
 		}
 		c->fd = fd;
 		c->id = ++s->next_id;
-		if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
-			c->pid = cred.pid;
-			c->uid = cred.uid;
+		c->accepted_ns = now_ns();
+		if (moe_auth_peer(fd, &c->peer) == 0) {
+			c->pid = c->peer.pid;
+			c->uid = c->peer.uid;
+		} else {
+			c->peer.uid = (uid_t)-1; /* unknown: grants nothing */
+			c->peer.gid = (gid_t)-1;
 		}
 		ev.data.ptr = c;
 		if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
@@ -626,6 +663,135 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 
 static void status_reply(struct server *s, struct client *c, uint32_t seq);
 
+static void admin_reply(struct client *c, uint32_t seq, int status, const char *msg)
+{
+	struct moe_msg_admin_reply r = {.status = status};
+
+	snprintf(r.message, sizeof(r.message), "%s", msg);
+	send_msg_seq(c->fd, MOE_MSG_ADMIN_REPLY, seq, &r, sizeof(r), -1);
+}
+
+static void status_line(struct server *s)
+{
+	notify("STATUS=%s %s on %s (%s kernels): %llu requests served, %u clients",
+	       s->draining ? "draining" : "serving", moe_family_name(s->m->family),
+	       moe_engine_backend(s->e), moe_engine_kernels(s->e),
+	       (unsigned long long)s->completed, s->n_clients);
+}
+
+/* Re-reads the configuration through the caller's hook; serving goes on
+ * whatever the outcome. */
+static int reload_config(struct server *s, char *msg, size_t n)
+{
+	struct timespec t;
+	int ret;
+
+	if (!s->o.reload) {
+		snprintf(msg, n, "no configuration file to reload (started without -c)");
+		return -ENOENT;
+	}
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	notify("RELOADING=1\nMONOTONIC_USEC=%llu",
+	       (unsigned long long)t.tv_sec * 1000000ull + (unsigned long long)t.tv_nsec / 1000);
+	ret = s->o.reload(s->o.reload_arg, &s->o, msg, n);
+	if (ret) {
+		s->reloads_refused++;
+		moe_log(LOG_ERR, "configuration reload refused, serving on: %s", msg);
+		notify("READY=1\nSTATUS=configuration reload refused: %.400s", msg);
+		return ret;
+	}
+	s->reloads++;
+	moe_log_set_level(s->o.log_level);
+	moe_log(LOG_NOTICE, "configuration reloaded: %s", msg);
+	notify("READY=1");
+	status_line(s);
+	return 0;
+}
+
+static void admin(struct server *s, struct client *c, const struct moe_msg_admin *a, uint32_t seq)
+{
+	char msg[240];
+
+	if (!moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_ADMIN)) {
+		s->refused_auth++;
+		moe_log(LOG_WARNING, "client %u (pid %d, uid %d): admin command %u refused: not root"
+			" or in the admin group%s%s", c->id, (int)c->pid, (int)c->uid, a->op,
+			s->o.admin_group && *s->o.admin_group ? " " : "",
+			s->o.admin_group ? s->o.admin_group : "");
+		admin_reply(c, seq, MOE_EPERM, "not allowed: root or server.admin_group only");
+		return;
+	}
+	switch (a->op) {
+	case MOE_ADMIN_DRAIN:
+		if (!s->draining)
+			moe_log(LOG_NOTICE, "draining: new requests are refused, %u queued finish",
+				s->pending);
+		s->draining = true;
+		status_line(s);
+		if ((a->flags & MOE_ADMIN_WAIT) && s->pending) {
+			c->drain_waiter = true;
+			c->drain_seq = seq;
+			return;
+		}
+		snprintf(msg, sizeof(msg), "draining; %u requests queued", s->pending);
+		admin_reply(c, seq, 0, msg);
+		return;
+	case MOE_ADMIN_UNDRAIN:
+		if (s->draining)
+			moe_log(LOG_NOTICE, "undrained: accepting requests again");
+		s->draining = false;
+		status_line(s);
+		admin_reply(c, seq, 0, "accepting requests");
+		return;
+	case MOE_ADMIN_RELOAD_CONFIG: {
+		int ret = reload_config(s, msg, sizeof(msg));
+
+		admin_reply(c, seq, ret ? MOE_EINVAL : 0, msg);
+		return;
+	}
+	}
+}
+
+/* Clients waiting for a drain to complete get their answer once idle. */
+static void answer_drain_waiters(struct server *s)
+{
+	if (s->pending)
+		return;
+	for (struct client *c = s->clients; c; c = c->next) {
+		if (c->drain_waiter) {
+			admin_reply(c, c->drain_seq, 0, "drained: nothing queued");
+			c->drain_waiter = false;
+		}
+	}
+}
+
+/* Every timer tick: deadlines, connections that never said HELLO, the
+ * watchdog, and the status line. The tick runs between batches, so a
+ * batch that hangs stops the watchdog pings and systemd restarts us. */
+static void tick(struct server *s)
+{
+	uint64_t now = now_ns();
+
+	expire(s);
+	for (struct client *c = s->clients; c; c = c->next) {
+		if (!c->attached && s->o.handshake_timeout_ms &&
+		    now - c->accepted_ns > s->o.handshake_timeout_ms * 1000000ull) {
+			moe_log(LOG_WARNING, "client %u (pid %d): no HELLO within %u ms; dropped",
+				c->id, (int)c->pid, s->o.handshake_timeout_ms);
+			send_error(c, MOE_EPROTO, "handshake timeout");
+			c->dead = true;
+		}
+	}
+	if (s->watchdog_ns && now - s->last_ping_ns >= s->watchdog_ns / 2) {
+		notify("WATCHDOG=1");
+		s->last_ping_ns = now;
+	}
+	if (now - s->last_status_ns >= 5000000000ull) {
+		status_line(s);
+		s->last_status_ns = now;
+	}
+}
+
 /* One datagram (and maybe fds) from a client. Returns false to drop it. */
 static bool handle_msg(struct server *s, struct client *c, const char *buf, size_t n, int *fds,
 		       int nfds)
@@ -640,6 +806,10 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 		const char *why = "malformed HELLO";
 		int st = moe_msg_decode_hello(buf, n, &h);
 
+		if (!st && !moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_FORWARD)) {
+			st = MOE_EPERM, why = "not root, the daemon's user, or in the socket's group";
+			s->refused_auth++;
+		}
 		if (!st && nfds != 1)
 			st = MOE_EPROTO, why = "HELLO must carry exactly one fd";
 		if (!st)
@@ -673,6 +843,13 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 		}
 	} else if (type == MOE_MSG_STATUS && !moe_msg_decode_empty(buf, n, MOE_MSG_STATUS)) {
 		status_reply(s, c, hdr.seq);
+	} else if (type == MOE_MSG_ADMIN) {
+		struct moe_msg_admin a;
+
+		if (moe_msg_decode_admin(buf, n, &a))
+			admin_reply(c, hdr.seq, MOE_EINVAL, "malformed or unknown admin command");
+		else
+			admin(s, c, &a, hdr.seq);
 	} else {
 		send_error(c, MOE_EPROTO, "malformed or unexpected message");
 		keep = false;
@@ -732,7 +909,9 @@ static char *status_json(struct server *s)
 
 	cJSON_AddNumberToObject(j, "version", 1);
 	cJSON_AddNumberToObject(j, "uptime_s", (double)(now_ns() - s->start_ns) / 1e9);
-	cJSON_AddStringToObject(j, "state", s->stopping ? "stopping" : "serving");
+	cJSON_AddStringToObject(j, "state", s->stopping   ? "stopping"
+					    : s->draining ? "draining"
+							  : "serving");
 	o = cJSON_AddObjectToObject(j, "model");
 	cJSON_AddStringToObject(o, "path", s->o.model_path ? s->o.model_path : "");
 	cJSON_AddStringToObject(o, "family", moe_family_name(m->family));
@@ -772,6 +951,9 @@ static char *status_json(struct server *s)
 	cJSON_AddNumberToObject(o, "tokens", (double)s->tokens);
 	cJSON_AddNumberToObject(o, "batches", (double)s->batches);
 	cJSON_AddNumberToObject(o, "refused_clients", (double)s->refused);
+	cJSON_AddNumberToObject(o, "refused_unauthorized", (double)s->refused_auth);
+	cJSON_AddNumberToObject(o, "config_reloads", (double)s->reloads);
+	cJSON_AddNumberToObject(o, "config_reloads_refused", (double)s->reloads_refused);
 	a = cJSON_AddArrayToObject(j, "layers");
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		cJSON *x = cJSON_CreateObject(), *t;
@@ -818,7 +1000,7 @@ static void status_reply(struct server *s, struct client *c, uint32_t seq)
 
 /* Binds the socket; a stale socket file (nobody listening) is replaced, a
  * live one is an error: two daemons must not share a path. */
-static int listen_on(const char *path, unsigned mode)
+static int listen_on(const char *path, unsigned mode, const struct moe_auth_policy *auth)
 {
 	struct sockaddr_un a = {.sun_family = AF_UNIX};
 	int fd, probe;
@@ -838,8 +1020,9 @@ static int listen_on(const char *path, unsigned mode)
 		close(probe);
 	unlink(path);
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 || chmod(path, mode) < 0 ||
-	    listen(fd, 128) < 0) {
+	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
+	    (auth->has_socket_gid && chown(path, (uid_t)-1, auth->socket_gid) < 0) ||
+	    chmod(path, mode) < 0 || listen(fd, 128) < 0) {
 		moe_log(LOG_ERR, "%s: %s", path, strerror(errno));
 		if (fd >= 0)
 			close(fd);
@@ -857,14 +1040,48 @@ static int setup(struct server *s)
 	sigemptyset(&set);
 	sigaddset(&set, SIGTERM);
 	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGHUP);
 	sigprocmask(SIG_BLOCK, &set, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	s->sfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
 	s->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
 	s->epfd = epoll_create1(EPOLL_CLOEXEC);
-	s->lfd = s->o.listen_fd >= 0 ? s->o.listen_fd : listen_on(s->o.socket_path, s->o.socket_mode);
+	s->lfd = s->o.listen_fd >= 0 ? s->o.listen_fd
+				     : listen_on(s->o.socket_path, s->o.socket_mode, &s->o.auth);
 	if (s->sfd < 0 || s->tfd < 0 || s->epfd < 0 || s->lfd < 0)
 		return -1;
+	/* Forward requests are for the socket's group: learn it from the
+	 * socket file (ours, or systemd's with socket activation). */
+	if (!s->o.auth.has_socket_gid) {
+		struct sockaddr_un a;
+		socklen_t alen = sizeof(a);
+		struct stat st;
+
+		if (getsockname(s->lfd, (struct sockaddr *)&a, &alen) == 0 &&
+		    alen > offsetof(struct sockaddr_un, sun_path) && a.sun_path[0] &&
+		    stat(a.sun_path, &st) == 0) {
+			s->o.auth.socket_gid = st.st_gid;
+			s->o.auth.has_socket_gid = true;
+		}
+	}
+	s->o.auth.daemon_uid = geteuid();
+#ifdef MOE_HAVE_SYSTEMD
+	{
+		uint64_t usec = 0;
+
+		if (sd_watchdog_enabled(0, &usec) > 0)
+			s->watchdog_ns = usec * 1000;
+	}
+#endif
+	{
+		const char *stall = getenv("MOED_TEST_STALL_MS");
+
+		if (stall && *stall) {
+			s->stall_ms = (uint32_t)strtoul(stall, NULL, 10);
+			moe_log(LOG_WARNING, "test hook MOED_TEST_STALL_MS: every batch sleeps %u ms",
+				s->stall_ms);
+		}
+	}
 	timerfd_settime(s->tfd, 0, &its, NULL);
 	ev.data.ptr = &s->lfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->lfd, &ev);
@@ -892,6 +1109,12 @@ static void on_signal(struct server *s)
 	struct signalfd_siginfo si;
 
 	while (read(s->sfd, &si, sizeof(si)) == sizeof(si)) {
+		if (si.ssi_signo == SIGHUP) {
+			char msg[240];
+
+			reload_config(s, msg, sizeof(msg));
+			continue;
+		}
 		if (!s->stopping)
 			moe_log(LOG_NOTICE, "signal %u: stopping (%u requests queued)", si.ssi_signo,
 				s->pending);
@@ -932,8 +1155,12 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		goto out;
 	}
 	moe_log(LOG_INFO, "serving %s on %s (%s backend, %s kernels, %u threads)",
-		moe_family_name(s.m->family), o->socket_path ? o->socket_path : "(inherited socket)",
+		moe_family_name(s.m->family),
+		o->listen_fd >= 0 ? "the socket systemd passed" : o->socket_path,
 		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
+	s.last_ping_ns = s.last_status_ns = now_ns();
+	notify("READY=1");
+	status_line(&s);
 	while (!s.stopping) {
 		int n = epoll_wait(s.epfd, evs, 64, s.pending ? 0 : -1);
 
@@ -947,7 +1174,7 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 				on_signal(&s);
 			} else if (p == &s.tfd) {
 				if (read(s.tfd, &ticks, sizeof(ticks)) > 0)
-					expire(&s);
+					tick(&s);
 			} else {
 				struct client *c = p;
 
@@ -968,9 +1195,11 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			expire(&s);
 			run_batch(&s);
 		}
+		answer_drain_waiters(&s);
 		notify_clients(&s);
 		reap_dead(&s);
 	}
+	notify("STOPPING=1");
 	shutdown_clients(&s);
 	moe_log(LOG_NOTICE, "stopped: %llu requests completed, %llu errors, %llu batches",
 		(unsigned long long)s.completed, (unsigned long long)s.errors,

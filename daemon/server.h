@@ -15,7 +15,16 @@
 
 #include <stdint.h>
 
+#include "daemon/auth.h"
 #include "daemon/engine.h"
+
+struct moe_server_opts;
+
+/* Re-reads the configuration (SIGHUP, `moectl reload-config`): applies what
+ * can change while serving into *o and returns 0 with a note of what needs
+ * a restart in msg, or a negative errno with the reason (serving goes on
+ * with the old settings). */
+typedef int (*moe_server_reload_fn)(void *arg, struct moe_server_opts *o, char *msg, size_t n);
 
 struct moe_server_opts {
 	const char *socket_path;
@@ -27,7 +36,13 @@ struct moe_server_opts {
 	uint32_t max_inflight_tokens;	/* per client */
 	uint32_t max_queue_requests;	/* all clients */
 	uint32_t request_timeout_ms;	/* default deadline, 0: none */
+	uint32_t handshake_timeout_ms;	/* a connection must HELLO within this */
 	const char *model_path;
+	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */
+	const char *admin_group;	/* for messages */
+	int log_level;
+	moe_server_reload_fn reload;
+	void *reload_arg;
 };
 
 /* Serves until SIGTERM/SIGINT; returns the process exit code. */

@@ -121,6 +121,27 @@ int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out)
 	return r;
 }
 
+int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out)
+{
+	int r = decode(buf, n, MOE_MSG_ADMIN, out, sizeof(*out));
+
+	if (r)
+		return r;
+	if (out->op < MOE_ADMIN_DRAIN || out->op > MOE_ADMIN_RELOAD_CONFIG ||
+	    out->flags & ~(uint32_t)MOE_ADMIN_WAIT)
+		return MOE_EINVAL;
+	return 0;
+}
+
+int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out)
+{
+	int r = decode(buf, n, MOE_MSG_ADMIN_REPLY, out, sizeof(*out));
+
+	if (!r)
+		out->message[sizeof(out->message) - 1] = '\0';
+	return r;
+}
+
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type)
 {
 	return decode(buf, n, type, NULL, 0);

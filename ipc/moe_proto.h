@@ -35,7 +35,16 @@ enum moe_msg_type {
 	MOE_MSG_STATUS = 5,	 /* c->d: ask for the status JSON */
 	MOE_MSG_STATUS_REPLY = 6, /* d->c: status + sealed memfd of JSON */
 	MOE_MSG_ERROR = 7,	 /* d->c: a protocol error, then the daemon hangs up */
+	MOE_MSG_ADMIN = 8,	 /* c->d: an operator command (root or admin group) */
+	MOE_MSG_ADMIN_REPLY = 9, /* d->c: its outcome */
 };
+
+enum moe_admin_op {
+	MOE_ADMIN_DRAIN = 1,	     /* refuse new requests, finish queued ones */
+	MOE_ADMIN_UNDRAIN = 2,	     /* accept requests again */
+	MOE_ADMIN_RELOAD_CONFIG = 3, /* re-read the configuration file */
+};
+#define MOE_ADMIN_WAIT 0x1 /* drain: reply only once nothing is queued */
 
 struct moe_msg_hdr {
 	uint32_t magic;
@@ -82,6 +91,16 @@ struct moe_msg_status_reply {
 	uint64_t json_bytes; /* length of the JSON in the attached memfd */
 };
 
+struct moe_msg_admin {
+	uint32_t op;	/* enum moe_admin_op */
+	uint32_t flags; /* MOE_ADMIN_* */
+};
+
+struct moe_msg_admin_reply {
+	int32_t status; /* 0 or MOE_E* (MOE_EPERM: not an administrator) */
+	char message[244]; /* for humans: what was applied, what needs a restart */
+};
+
 struct moe_msg_error {
 	int32_t status;
 	char message[200];
@@ -101,6 +120,8 @@ int moe_msg_decode_hello_reply(const void *buf, size_t n, struct moe_msg_hello_r
 int moe_msg_decode_cancel(const void *buf, size_t n, struct moe_msg_cancel *out);
 int moe_msg_decode_status_reply(const void *buf, size_t n, struct moe_msg_status_reply *out);
 int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out);
+int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out);
+int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out);
 /* DOORBELL and STATUS carry no payload. */
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type);
 

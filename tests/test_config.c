@@ -620,8 +620,6 @@ static void test_not_supported_yet(void **state)
 	    {"scheduler", "batch_window_us", "0", "1000001",
 	     "expected an integer between 0 and "
 	     "1000000, got 1000001"},
-	    {"server", "group", "moed", "{a: b}", "expected a string, got a mapping"},
-	    {"server", "admin_group", "\"\"", "[]", "expected a string, got a list"},
 	    {"metrics", "listen", "127.0.0.1:9464", "{}", "expected a string, got a mapping"},
 	};
 	char yaml[256], want[256];
@@ -664,6 +662,9 @@ static void test_server_keys(void **state)
 	     "expected an integer between 1 and 65536, got a float (1.5)"},
 	    {"server", "max_inflight_tokens", "100000000", "100000001",
 	     "expected an integer between 1 and 100000000"},
+	    {"server", "group", "moed", "{a: b}", "expected a string, got a mapping"},
+	    {"server", "admin_group", "\"\"", "[]", "expected a string, got a list"},
+	    {"server", "handshake_timeout_ms", "250", "0", "expected an integer between 1"},
 	};
 	char yaml[256], want[256];
 	struct moe_config c;

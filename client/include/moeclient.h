@@ -166,6 +166,15 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len);
  * connection is alive. */
 MOE_API int moe_reconnect(moe_client *c);
 
+/* Operator commands (moectl drain / undrain / reload-config). The caller must
+ * be root or in the daemon's server.admin_group (else MOE_EPERM).
+ * op: 1 drain (refuse new requests, finish queued ones), 2 undrain,
+ * 3 reload the configuration file. flags: 1 = for drain, answer only once
+ * nothing is queued. timeout_ms < 0 waits forever. msg (may be NULL) gets
+ * the daemon's words: what was applied, what needs a restart, why refused. */
+MOE_API int moe_admin(moe_client *c, uint32_t op, uint32_t flags, int timeout_ms, char *msg,
+		      size_t msglen);
+
 /* moe_strerror(int) is declared in moe_errors.h. */
 
 #ifdef __cplusplus

@@ -46,6 +46,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (moe_msg_decode_error(copy, size, &error) == 0 &&
 	    memchr(error.message, 0, sizeof(error.message)) == NULL)
 		abort();
+	{
+		struct moe_msg_admin ad;
+		struct moe_msg_admin_reply ar;
+
+		if (moe_msg_decode_admin(copy, size, &ad) == 0 &&
+		    (ad.op < MOE_ADMIN_DRAIN || ad.op > MOE_ADMIN_RELOAD_CONFIG))
+			abort();
+		if (moe_msg_decode_admin_reply(copy, size, &ar) == 0 &&
+		    memchr(ar.message, 0, sizeof(ar.message)) == NULL)
+			abort();
+	}
 	moe_msg_decode_empty(copy, size, MOE_MSG_DOORBELL);
 	moe_msg_decode_empty(copy, size, MOE_MSG_STATUS);
 	free(copy);
