@@ -91,6 +91,7 @@ struct server {
 	/* batch staging, fp32 */
 	float *in, *out;
 	struct request **batch;
+	uint8_t *is_moe; /* [n_layers] */
 	/* counters */
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
 	uint64_t reloads, reloads_refused;
@@ -120,11 +121,6 @@ static uint64_t now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &t);
 	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
-}
-
-static size_t dtype_size(enum moe_dtype dt)
-{
-	return moe_dtype_size(dt);
 }
 
 /* ---- sending ------------------------------------------------------------ */
@@ -273,30 +269,19 @@ static void enqueue(struct server *s, struct client *c, struct request *r)
 	s->pending_tokens += r->n_tokens;
 }
 
-/* Validates a copied-out entry; 0 or the MOE_E* to answer with. */
+/* Validates a copied-out entry (ipc/moe_ring.h); 0 or the MOE_E* code. */
 static int check_sqe(struct server *s, struct client *c, const struct moe_sqe *q)
 {
-	uint64_t bytes;
+	struct moe_sqe_limits l = {
+		.hidden = s->m->hidden,
+		.data_bytes = c->data_bytes,
+		.max_tokens = moe_engine_max_tokens(s->e),
+		.max_inflight_tokens = s->o.max_inflight_tokens,
+		.n_layers = s->m->n_layers,
+		.is_moe = s->is_moe,
+	};
 
-	if (q->flags & ~MOE_SQE_FLAGS || q->reserved)
-		return MOE_EINVAL;
-	if (q->flags & MOE_SQE_NOP)
-		return 0;
-	if (q->dtype > MOE_WIRE_F16)
-		return MOE_EDTYPE;
-	if (moe_model_layer_pos(s->m, q->layer) < 0)
-		return MOE_ENOLAYER;
-	if (q->n_tokens == 0)
-		return MOE_EINVAL;
-	if (q->n_tokens > moe_engine_max_tokens(s->e))
-		return MOE_E2BIG;
-	bytes = (uint64_t)q->n_tokens * s->m->hidden * dtype_size((enum moe_dtype)q->dtype);
-	if (!moe_span_ok(q->in_off, bytes, c->data_bytes) ||
-	    !moe_span_ok(q->out_off, bytes, c->data_bytes))
-		return MOE_ERANGE;
-	if (q->n_tokens > s->o.max_inflight_tokens)
-		return MOE_EBUSY;
-	return 0;
+	return moe_sqe_validate(q, &l);
 }
 
 static void poll_sq(struct server *s, struct client *c)
@@ -1092,7 +1077,12 @@ static int setup(struct server *s)
 	s->in = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
 	s->out = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
 	s->batch = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->batch));
-	return s->in && s->out && s->batch ? 0 : -1;
+	s->is_moe = calloc(s->m->n_layers, 1);
+	if (!s->in || !s->out || !s->batch || !s->is_moe)
+		return -1;
+	for (uint32_t i = 0; i < s->m->n_moe_layers; i++)
+		s->is_moe[s->m->layers[i].index] = 1;
+	return 0;
 }
 
 static void reap_dead(struct server *s)
@@ -1220,5 +1210,6 @@ out:
 	free(s.in);
 	free(s.out);
 	free(s.batch);
+	free(s.is_moe);
 	return code;
 }

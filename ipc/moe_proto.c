@@ -165,3 +165,29 @@ int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t region_byt
 	out->data_bytes = region_bytes - out->data_off;
 	return 0;
 }
+
+int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l)
+{
+	uint64_t bytes;
+
+	if (q->flags & ~MOE_SQE_FLAGS || q->reserved)
+		return MOE_EINVAL;
+	if (q->flags & MOE_SQE_NOP)
+		return 0;
+	if (q->dtype > MOE_WIRE_F16)
+		return MOE_EDTYPE;
+	if (q->layer >= l->n_layers || !l->is_moe[q->layer])
+		return MOE_ENOLAYER;
+	if (q->n_tokens == 0)
+		return MOE_EINVAL;
+	if (q->n_tokens > l->max_tokens)
+		return MOE_E2BIG;
+	/* n_tokens < 2^32, hidden < 2^32, size <= 4: fits 64 bits */
+	bytes = (uint64_t)q->n_tokens * l->hidden * (q->dtype == MOE_WIRE_F32 ? 4u : 2u);
+	if (!moe_span_ok(q->in_off, bytes, l->data_bytes) ||
+	    !moe_span_ok(q->out_off, bytes, l->data_bytes))
+		return MOE_ERANGE;
+	if (q->n_tokens > l->max_inflight_tokens)
+		return MOE_EBUSY;
+	return 0;
+}

@@ -72,6 +72,21 @@ struct moe_shm_layout {
 int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t region_bytes,
 		   struct moe_shm_layout *out);
 
+/* What a submission entry is checked against (the daemon's side). */
+struct moe_sqe_limits {
+	uint32_t hidden;	     /* elements per token */
+	uint64_t data_bytes;	     /* size of the client's data area */
+	uint32_t max_tokens;	     /* per request */
+	uint32_t max_inflight_tokens; /* per client */
+	uint32_t n_layers;	     /* decoder layers */
+	const uint8_t *is_moe;	     /* [n_layers]: 1 for an MoE layer */
+};
+
+/* Validates a copy of an entry: 0, or the MOE_E* code to answer it with.
+ * Checks flags, reserved bits, dtype, layer, token count and that both the
+ * input and the output span lie inside the data area (overflow-safe). */
+int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l);
+
 /* True if [off, off + len) lies inside [0, size), without overflow. */
 static inline bool moe_span_ok(uint64_t off, uint64_t len, uint64_t size)
 {

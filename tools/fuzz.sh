@@ -5,7 +5,7 @@
 # to build-fuzz/corpus-*/ (merge interesting ones into tests/fuzz/corpus/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-20}
+secs=${1:-12}
 out=build-fuzz
 mkdir -p "$out"
 if ! command -v clang >/dev/null; then
@@ -26,9 +26,10 @@ build safetensors "${formats[@]}" -lcjson -lm
 build model_config "${model[@]}" -lcjson -lm
 build config daemon/config.c -lyaml
 build proto ipc/moe_proto.c
+build sqe ipc/moe_proto.c
 
 status=0
-for t in safetensors model_config config proto; do
+for t in safetensors model_config config proto sqe; do
 	corpus=tests/fuzz/corpus/$t
 	fresh=$out/corpus-$t
 	mkdir -p "$fresh"
