@@ -1317,17 +1317,19 @@ static int read_status_fd(int fd, uint64_t json_bytes, char **json, size_t *len)
 	return 0;
 }
 
-MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
+/* One control round trip (STATUS, ADMIN): waits for its turn (one request
+ * of a kind at a time), sends, and waits for the reply that drain() files
+ * under *have. Called and returns with c->mu held. *owned tells whether
+ * this call took the slot (then the caller reads the reply, clears *busy
+ * and *have and wakes the others), whatever the result. */
+static int ctl_roundtrip(struct moe_client *c, int *busy, int *have, uint32_t *seq,
+			 uint16_t type, const void *p, uint32_t len, uint64_t deadline,
+			 int *owned)
 {
-	uint64_t deadline = deadline_after(CONTROL_MS);
-	int r;
+	int r = enter(c);
 
-	if (!c || !json)
-		return MOE_EINVAL;
-	*json = NULL;
-	pthread_mutex_lock(&c->mu);
-	r = enter(c);
-	while (!r && c->status_busy) {
+	*owned = 0;
+	while (!r && *busy) {
 		if (now_ns() >= deadline)
 			r = MOE_ETIMEDOUT;
 		else
@@ -1336,13 +1338,14 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 			r = MOE_EDAEMON;
 	}
 	if (r)
-		goto out_unlock;
-	c->status_busy = 1;
-	c->status_have = 0;
-	r = send_ctl(c, MOE_MSG_STATUS, NULL, 0, &c->status_seq);
-	while (!r && !c->status_have) {
+		return r;
+	*busy = 1;
+	*have = 0;
+	*owned = 1;
+	r = send_ctl(c, type, p, len, seq);
+	while (!r && !*have) {
 		drain(c);
-		if (c->status_have)
+		if (*have)
 			break;
 		if (c->dead)
 			r = MOE_EDAEMON;
@@ -1351,6 +1354,22 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 		else
 			wait_step(c, deadline);
 	}
+	return r;
+}
+
+MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
+{
+	uint64_t deadline = deadline_after(CONTROL_MS);
+	int r, owned;
+
+	if (!c || !json)
+		return MOE_EINVAL;
+	*json = NULL;
+	pthread_mutex_lock(&c->mu);
+	r = ctl_roundtrip(c, &c->status_busy, &c->status_have, &c->status_seq, MOE_MSG_STATUS,
+			  NULL, 0, deadline, &owned);
+	if (!owned)
+		goto out_unlock;
 	if (!r) {
 		if (c->status_msg.status)
 			r = wire_status(c->status_msg.status);
@@ -1376,38 +1395,17 @@ MOE_API int moe_admin(moe_client *c, uint32_t op, uint32_t flags, int timeout_ms
 {
 	uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : deadline_after((uint32_t)timeout_ms);
 	struct moe_msg_admin a = {op, flags};
-	int r;
+	int r, owned;
 
 	if (!c)
 		return MOE_EINVAL;
 	if (msg && msglen)
 		msg[0] = '\0';
 	pthread_mutex_lock(&c->mu);
-	r = enter(c);
-	while (!r && c->admin_busy) {
-		if (now_ns() >= deadline)
-			r = MOE_ETIMEDOUT;
-		else
-			wait_step(c, deadline);
-		if (c->dead)
-			r = MOE_EDAEMON;
-	}
-	if (r)
+	r = ctl_roundtrip(c, &c->admin_busy, &c->admin_have, &c->admin_seq, MOE_MSG_ADMIN, &a,
+			  sizeof(a), deadline, &owned);
+	if (!owned)
 		goto out_unlock;
-	c->admin_busy = 1;
-	c->admin_have = 0;
-	r = send_ctl(c, MOE_MSG_ADMIN, &a, sizeof(a), &c->admin_seq);
-	while (!r && !c->admin_have) {
-		drain(c);
-		if (c->admin_have)
-			break;
-		if (c->dead)
-			r = MOE_EDAEMON;
-		else if (now_ns() >= deadline)
-			r = MOE_ETIMEDOUT;
-		else
-			wait_step(c, deadline);
-	}
 	if (!r) {
 		if (msg && msglen)
 			snprintf(msg, msglen, "%s", c->admin_msg.message);
