@@ -1,6 +1,7 @@
 #include "daemon/auth.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -16,10 +17,21 @@ int moe_auth_peer(int fd, struct moe_peer *p)
 	p->uid = cred.uid;
 	p->gid = cred.gid;
 	len = sizeof(p->groups);
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, p->groups, &len) == 0)
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, p->groups, &len) == 0) {
 		p->n_groups = len / sizeof(gid_t);
-	else
-		p->n_groups = 0; /* ERANGE (too many): only the primary group counts */
+	} else if (errno == ERANGE) {
+		/* more groups than we keep: len now says how many; fetch them
+		 * all and keep the first MOE_AUTH_MAX_GROUPS */
+		gid_t *all = malloc(len ? len : sizeof(gid_t));
+
+		if (all && getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, all, &len) == 0) {
+			p->n_groups = len / sizeof(gid_t) < MOE_AUTH_MAX_GROUPS
+					      ? len / sizeof(gid_t)
+					      : MOE_AUTH_MAX_GROUPS;
+			memcpy(p->groups, all, p->n_groups * sizeof(gid_t));
+		}
+		free(all);
+	}
 	return 0;
 }
 

@@ -3,7 +3,8 @@
  * The peer's credentials come from the kernel (SO_PEERCRED for uid/gid/pid,
  * SO_PEERGROUPS for the supplementary groups), never from the client.
  * Forward requests: root, the daemon's own user, or a member (primary or
- * supplementary) of the socket's group. Administration (drain, undrain,
+ * supplementary) of the socket's group (administrators may connect too).
+ * Administration (drain, undrain,
  * config reload; later weight reload, rebalance, replicate): root, or a
  * member of server.admin_group when one is configured.
  */

@@ -708,6 +708,9 @@ static void admin(struct server *s, struct client *c, const struct moe_msg_admin
 	}
 	switch (a->op) {
 	case MOE_ADMIN_DRAIN:
+		/* what clients submitted before the drain is queued, not refused */
+		for (struct client *x = s->clients; x; x = x->next)
+			poll_sq(s, x);
 		if (!s->draining)
 			moe_log(LOG_NOTICE, "draining: new requests are refused, %u queued finish",
 				s->pending);
@@ -791,8 +794,11 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 		const char *why = "malformed HELLO";
 		int st = moe_msg_decode_hello(buf, n, &h);
 
-		if (!st && !moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_FORWARD)) {
-			st = MOE_EPERM, why = "not root, the daemon's user, or in the socket's group";
+		/* administrators may connect too (their commands need a session) */
+		if (!st && !moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_FORWARD) &&
+		    !moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_ADMIN)) {
+			st = MOE_EPERM,
+			why = "not root, the daemon's user, or in the socket's or admin group";
 			s->refused_auth++;
 		}
 		if (!st && nfds != 1)

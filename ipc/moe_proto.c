@@ -187,6 +187,11 @@ int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l)
 	if (!moe_span_ok(q->in_off, bytes, l->data_bytes) ||
 	    !moe_span_ok(q->out_off, bytes, l->data_bytes))
 		return MOE_ERANGE;
+	/* the buffers are read and written in place as arrays of their dtype
+	 * (the data area is page-aligned): an offset that is not a multiple of
+	 * the element size would be a misaligned access */
+	if ((q->in_off | q->out_off) & (q->dtype == MOE_WIRE_F32 ? 3u : 1u))
+		return MOE_EINVAL;
 	if (q->n_tokens > l->max_inflight_tokens)
 		return MOE_EBUSY;
 	return 0;

@@ -83,8 +83,9 @@ struct moe_sqe_limits {
 };
 
 /* Validates a copy of an entry: 0, or the MOE_E* code to answer it with.
- * Checks flags, reserved bits, dtype, layer, token count and that both the
- * input and the output span lie inside the data area (overflow-safe). */
+ * Checks flags, reserved bits, dtype, layer, token count, that both offsets
+ * are aligned to the dtype, and that both the input and the output span lie
+ * inside the data area (overflow-safe). */
 int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l);
 
 /* True if [off, off + len) lies inside [0, size), without overflow. */

@@ -2056,6 +2056,306 @@ static void test_hostile_dying(void **state)
 	g_passed = true;
 }
 
+/* VmRSS of a process, in KiB. */
+static long rss_kib(pid_t pid)
+{
+	char path[64], line[256];
+	long kib = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, "VmRSS:", 6))
+			kib = strtol(line + 6, NULL, 10);
+	fclose(f);
+	assert_true(kib > 0);
+	return kib;
+}
+
+/* A client flooding doorbells with blocking sends, never reading. */
+struct flood {
+	int sock;
+	long sent, failed;
+	int err;
+};
+
+static void *flood_thread(void *arg)
+{
+	struct flood *f = arg;
+	char buf[MOE_MSG_MAX];
+	size_t n = moe_msg_encode(buf, MOE_MSG_DOORBELL, 1, NULL, 0);
+
+	for (int i = 0; i < 100000; i++) {
+		if (send(f->sock, buf, n, MSG_NOSIGNAL) == (ssize_t)n) {
+			f->sent++;
+		} else {
+			f->failed++;
+			f->err = errno;
+			if (errno != EAGAIN && errno != EINTR)
+				break; /* dropped by the daemon */
+		}
+	}
+	return NULL;
+}
+
+/* Rewrites the fields of every submission entry but the tag, as fast as it
+ * can, while the daemon may be copying them. */
+struct hammer {
+	struct raw *r;
+	atomic_int stop;
+	uint64_t writes;
+};
+
+static void *hammer_thread(void *arg)
+{
+	struct hammer *h = arg;
+	struct raw *r = h->r;
+	uint64_t x = 0x243f6a8885a308d3ull;
+	uint64_t area = r->data_bytes;
+
+	while (!atomic_load_explicit(&h->stop, memory_order_relaxed)) {
+		for (uint32_t i = 0; i < r->entries; i++) {
+			struct moe_sqe *q = &r->sq[i];
+			static const uint32_t layers[] = {0, 2, 1, 7, 0xffffffffu};
+
+			x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+			__atomic_store_n(&q->layer, layers[x % 5], __ATOMIC_RELAXED);
+			__atomic_store_n(&q->n_tokens, (uint32_t)(x >> 8) % 80, __ATOMIC_RELAXED);
+			__atomic_store_n(&q->in_off, (x >> 16) % (area + 4096), __ATOMIC_RELAXED);
+			__atomic_store_n(&q->out_off, (x >> 24) % (area + 4096), __ATOMIC_RELAXED);
+			__atomic_store_n(&q->dtype, (uint16_t)((x >> 32) % 4), __ATOMIC_RELAXED);
+			__atomic_store_n(&q->flags, (uint16_t)((x >> 40) % 8 == 0 ? 0xffff
+							: (x >> 40) % 8 == 1 ? MOE_SQE_NOP : 0),
+					 __ATOMIC_RELAXED);
+			__atomic_store_n(&q->timeout_ms, (uint32_t)((x >> 48) % 3), __ATOMIC_RELAXED);
+			h->writes++;
+		}
+	}
+	return NULL;
+}
+
+static void test_hostile_more(void **state)
+{
+	struct daemon *d = daemon_run(FIXTURE, NULL);
+	moe_client *good = cl_open_opts(d, GOOD_REGION, 0, 0);
+	const uint64_t MB = 1 << 20;
+	int fds0, maps0;
+	struct raw *r;
+
+	(void)state;
+	signal(SIGPIPE, SIG_IGN);
+	good_still_works(d, good, "connecting");
+	fds0 = count_fds(d->pid);
+	maps0 = count_memfd_maps(d->pid);
+
+	/* a sealed, sparse 2 TiB memfd: refused by max_client_shm_bytes
+	 * before anything is mapped or touched */
+	{
+		uint64_t big = 2ull << 40;
+		long rss0 = rss_kib(d->pid), rss1;
+		int st, fd = make_memfd(big, SEALS, 16);
+
+		st = hello_refused(d, fd, 16, big, "a sparse 2 TiB memfd");
+		assert_int_equal(st, MOE_ELIMIT);
+		/* and one whose HELLO claims a small size */
+		hello_refused(d, make_memfd(big, SEALS, 16), 16, MB, "2 TiB claimed as 1 MiB");
+		good_still_works(d, good, "a 2 TiB memfd");
+		rss1 = rss_kib(d->pid);
+		printf("2 TiB memfd: refused (%s); moed RSS %ld -> %ld KiB\n", moe_strerror(st),
+		       rss0, rss1);
+		if (rss1 > rss0 + 64 * 1024)
+			fail_msg("moed's RSS grew from %ld to %ld KiB", rss0, rss1);
+	}
+
+	/* a client that makes its socket blocking and floods 100k DOORBELLs,
+	 * never reading: others are served meanwhile */
+	{
+		struct flood f = {0};
+		struct timeval tv = {10, 0};
+		struct moe_sqe nop = {.flags = MOE_SQE_NOP};
+		pthread_t th;
+		struct moe_cqe cq[16];
+
+		r = raw_attach(d, MB, 16);
+		f.sock = r->sock;
+		assert_int_equal(fcntl(r->sock, F_SETFL, fcntl(r->sock, F_GETFL) & ~O_NONBLOCK), 0);
+		/* a blocked send gives up after 10 s rather than hang the test */
+		assert_int_equal(setsockopt(r->sock, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)), 0);
+		/* completions (and so doorbells back) it will not read either */
+		for (int i = 0; i < 16; i++) {
+			nop.tag = 900 + (uint64_t)i;
+			raw_push(r, &nop);
+		}
+		assert_int_equal(pthread_create(&th, NULL, flood_thread, &f), 0);
+		for (int i = 0; i < 5; i++)
+			good_still_works(d, good, "a doorbell flood");
+		assert_int_equal(pthread_join(th, NULL), 0);
+		printf("doorbell flood: %ld sent, %ld failed (%s)\n", f.sent, f.failed,
+		       f.failed ? strerror(f.err) : "-");
+		assert_int_equal(f.sent, 100000);
+		raw_wait(r, cq, 16, false);
+		for (int i = 0; i < 16; i++) {
+			assert_int_equal(cq[i].tag, 900 + (uint64_t)i);
+			assert_int_equal(cq[i].status, 0);
+		}
+		raw_forward_ok(r, 0, MOE_DTYPE_F32, 3, 401);
+		raw_close(r);
+		good_still_works(d, good, "a doorbell flood");
+	}
+
+	/* offsets that are not a multiple of the element size: refused, never
+	 * accessed misaligned (UBSan would abort a sanitized moed) */
+	{
+		struct moe_cqe cq[4];
+		struct moe_sqe q[4] = {
+			sqe(700, 0, 2, 1, 4096, MOE_WIRE_BF16),
+			sqe(701, 2, 2, 0, 4097, MOE_WIRE_F16),
+			sqe(702, 0, 1, 2, 4096, MOE_WIRE_F32),
+			sqe(703, 2, 1, 0, 4098, MOE_WIRE_F32),
+		};
+
+		r = raw_attach(d, MB, 16);
+		for (int i = 0; i < 4; i++)
+			raw_push(r, &q[i]);
+		raw_doorbell(r);
+		raw_wait(r, cq, 4, false);
+		for (int i = 0; i < 4; i++) {
+			assert_int_equal(cq[i].tag, 700 + (uint64_t)i);
+			if (cq[i].status != MOE_EINVAL && cq[i].status != MOE_ERANGE)
+				fail_msg("a misaligned buffer offset: status %d (%s)", cq[i].status,
+					 moe_strerror(cq[i].status));
+		}
+		raw_forward_ok(r, 0, MOE_DTYPE_BF16, 3, 400);
+		raw_close(r);
+		good_still_works(d, good, "misaligned buffer offsets");
+	}
+
+	/* a client rewriting its entries while the daemon reads them: each is
+	 * answered once, with 0 or an error code */
+	{
+		struct hammer h = {0};
+		pthread_t th;
+		struct moe_cqe cq[64];
+		const int rounds = 50, per = 32;
+		int ok = 0, errs = 0;
+		uint8_t *seen = calloc((size_t)rounds * per, 1);
+
+		assert_non_null(seen);
+		r = raw_attach(d, MB, 64);
+		h.r = r;
+		assert_int_equal(pthread_create(&th, NULL, hammer_thread, &h), 0);
+		for (int round = 0; round < rounds; round++) {
+			for (int i = 0; i < per; i++) {
+				struct moe_sqe q = sqe(10000 + (uint64_t)(round * per + i),
+						       i % 2 ? 2 : 0, 1 + (uint32_t)i % 8, 0,
+						       64 * 1024, 0);
+
+				raw_push(r, &q);
+			}
+			raw_doorbell(r);
+			raw_wait(r, cq, (uint32_t)per, false);
+			for (int i = 0; i < per; i++) {
+				uint64_t k = cq[i].tag - 10000;
+
+				if (k >= (uint64_t)rounds * per || seen[k])
+					fail_msg("completion with tag %llu: unknown or twice",
+						 (unsigned long long)cq[i].tag);
+				seen[k] = 1;
+				if (cq[i].status == 0)
+					ok++;
+				else if (cq[i].status < 0 && cq[i].status >= MOE_ELIMIT)
+					errs++;
+				else
+					fail_msg("completion status %d is not a MOE_E* code",
+						 cq[i].status);
+			}
+			if (round % 10 == 0)
+				good_still_works(d, good, "entries rewritten under the daemon");
+		}
+		atomic_store(&h.stop, 1);
+		assert_int_equal(pthread_join(th, NULL), 0);
+		printf("rewritten entries: %d answered 0, %d an error (%llu rewrites)\n", ok, errs,
+		       (unsigned long long)h.writes);
+		free(seen);
+		raw_close(r);
+		good_still_works(d, good, "entries rewritten under the daemon");
+	}
+
+	/* a DOORBELL carrying fds that are not memfds: a pipe, an eventfd-like
+	 * pipe end, a socket: closed, the client kept or dropped */
+	{
+		int pfd[2], sv[2], fds[3], n = 0;
+		ssize_t w = 0;
+		uint64_t deadline;
+		bool kept;
+
+		assert_int_equal(pipe2(pfd, O_CLOEXEC | O_NONBLOCK), 0);
+		assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+		r = raw_attach(d, MB, 16);
+		fds[0] = pfd[0];
+		fds[1] = pfd[1];
+		fds[2] = sv[0];
+		assert_int_equal(raw_send(r->sock, MOE_MSG_DOORBELL, NULL, 0, fds, 1), 0);
+		assert_int_equal(raw_send(r->sock, MOE_MSG_DOORBELL, NULL, 0, fds + 1, 2), 0);
+		close(pfd[0]);
+		close(sv[0]);
+		/* the daemon closed its copies: the pipe's read end and the
+		 * socket's other end are gone once it has */
+		deadline = now_ms() + READY_MS;
+		for (;;) {
+			char b = 'x';
+			int e1, e2;
+
+			w = write(pfd[1], &b, 1);
+			e1 = errno;
+			n = (int)send(sv[1], &b, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+			e2 = errno;
+			if (w < 0 && e1 == EPIPE && n < 0 && e2 == EPIPE)
+				break;
+			if (now_ms() > deadline)
+				fail_msg("moed kept fds passed with a DOORBELL (pipe write %zd, "
+					 "socket send %d)", w, n);
+			nap_ms(2);
+		}
+		close(pfd[1]);
+		close(sv[1]);
+		{
+			char buf[MOE_MSG_MAX];
+			ssize_t k;
+
+			/* kept (doorbells ignored) or dropped; never anything else */
+			kept = true;
+			while ((k = raw_recv(r->sock, buf, sizeof(buf), 50)) > 0)
+				;
+			if (k == 0)
+				kept = false;
+		}
+		printf("DOORBELL with a pipe and a socket: fds closed, client %s\n",
+		       kept ? "kept" : "dropped");
+		if (kept)
+			raw_forward_ok(r, 2, MOE_DTYPE_BF16, 2, 402);
+		raw_close(r);
+		good_still_works(d, good, "DOORBELLs with the wrong fds");
+	}
+
+	{
+		uint64_t deadline = now_ms() + READY_MS;
+
+		while ((count_fds(d->pid) != fds0 || count_memfd_maps(d->pid) != maps0) &&
+		       now_ms() < deadline)
+			nap_ms(5);
+		if (count_fds(d->pid) != fds0)
+			fail_msg("moed holds %d fds, %d before", count_fds(d->pid), fds0);
+		if (count_memfd_maps(d->pid) != maps0)
+			fail_msg("moed maps %d memfds, %d before", count_memfd_maps(d->pid), maps0);
+	}
+	cl_close(good);
+	daemon_stop(d);
+	g_passed = true;
+}
+
 /* ------------------------------------------------------------------------ */
 /* 8. Limits                                                                */
 
@@ -2350,6 +2650,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_hostile_handshake, test_setup, test_teardown),
 		cmocka_unit_test_setup_teardown(test_hostile_rings, test_setup, test_teardown),
 		cmocka_unit_test_setup_teardown(test_hostile_dying, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_hostile_more, test_setup, test_teardown),
 		cmocka_unit_test_setup_teardown(test_limits, test_setup, test_teardown),
 		cmocka_unit_test_setup_teardown(test_fairness, test_setup, test_teardown),
 	};

@@ -41,7 +41,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (q.dtype > MOE_WIRE_F16 || q.layer >= l.n_layers || !is_moe[q.layer] ||
 		    !q.n_tokens || q.n_tokens > l.max_tokens || q.n_tokens > l.max_inflight_tokens ||
 		    q.in_off > l.data_bytes || bytes > l.data_bytes - q.in_off ||
-		    q.out_off > l.data_bytes || bytes > l.data_bytes - q.out_off || q.reserved)
+		    q.out_off > l.data_bytes || bytes > l.data_bytes - q.out_off || q.reserved ||
+		    (q.in_off | q.out_off) % (q.dtype ? 2 : 4))
 			abort();
 	}
 	if (r > 0 || r < MOE_ELIMIT)

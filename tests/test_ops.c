@@ -1,0 +1,1672 @@
+/* tests/test_ops.c — moed as operators and systemd see it: sd_notify
+ * (readiness, status, watchdog, reload, stop), configuration reload (SIGHUP
+ * and `moectl reload-config`), drain / undrain, authorization with dropped
+ * privileges, the handshake timeout, socket activation.
+ *
+ * Every test starts its own moed (MOE_BIN_DIR/moed) from a configuration
+ * file in a fresh temporary directory, with its stderr in a file there
+ * (printed when the test fails, with every sd_notify message received), and
+ * stops it with SIGTERM, checking exit code 0.
+ *
+ * sd_notify: the test binds an AF_UNIX SOCK_DGRAM socket and starts moed
+ * with NOTIFY_SOCKET naming it; each datagram is one sd_notify() call
+ * (newline-separated assignments).
+ *
+ * Timing: no assertion is on wall time. The watchdog check counts
+ * WATCHDOG=1 messages between two marks (a request sent, its completion)
+ * while the engine is wedged (MOED_TEST_STALL_MS) for many times the ping
+ * interval. Every wait is bounded; a bound that passes is a failure.
+ */
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <pwd.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "tests/testutil.h"
+
+#include "client/include/moeclient.h"
+#include "daemon/engine.h"
+#include "daemon/model.h"
+#include "ipc/moe_proto.h"
+#include "ipc/moe_ring.h"
+#include "kernels/cpu/convert.h"
+#include "tools/synth.h"
+
+#define MOED	"" MOE_BIN_DIR "/moed"
+#define MOECTL	"" MOE_BIN_DIR "/moectl"
+#define FIXTURE "" MOE_FIXTURES_DIR "/qwen2_moe_bf16"
+#define SOCKET_ACTIVATE "/usr/bin/systemd-socket-activate"
+
+/* Bounds for waits that must not hang (generous: sanitizer builds are slow). */
+#define READY_MS 20000
+#define EXIT_MS	 10000
+#define WAIT_MS	 30000
+
+/* The watchdog test: pings every WATCHDOG_USEC / 2; a wedged batch sleeps
+ * STALL_MS, i.e. 5 watchdog intervals, 10 ping intervals. */
+#define WATCHDOG_USEC 400000
+#define STALL_MS      2000
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                            */
+
+static uint64_t now_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
+}
+
+static uint64_t now_us(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
+}
+
+static void nap_ms(int ms)
+{
+	poll(NULL, 0, ms);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The in-process reference                                                 */
+
+static struct moe_model *g_model;
+static struct moe_engine *g_eng;
+static uint32_t g_H;
+
+static int group_setup(void **state)
+{
+	struct moe_engine_opts o = {.threads = 1, .max_batch_tokens = 4096};
+	char err[MOE_ERRLEN];
+
+	(void)state;
+	signal(SIGPIPE, SIG_IGN);
+	if (moe_model_open(FIXTURE, NULL, &g_model, err)) {
+		fprintf(stderr, "%s\n", err);
+		return -1;
+	}
+	if (moe_engine_create(g_model, &o, &g_eng, err)) {
+		fprintf(stderr, "%s\n", err);
+		return -1;
+	}
+	g_H = g_model->hidden;
+	return 0;
+}
+
+static int group_teardown(void **state)
+{
+	(void)state;
+	moe_engine_destroy(g_eng);
+	moe_model_free(g_model);
+	return 0;
+}
+
+/* n tokens of N(0,1) fp32 hidden states (malloc'd). */
+static float *make_input(uint32_t n, uint64_t seed)
+{
+	size_t cnt = (size_t)n * g_H;
+	float *f = malloc(cnt * sizeof(float));
+	struct moe_rng rng = {seed * 0x9e3779b97f4a7c15ull + 1};
+
+	assert_non_null(f);
+	for (size_t i = 0; i < cnt; i++)
+		f[i] = (float)moe_rng_normal(&rng);
+	return f;
+}
+
+/* out must be exactly what the in-process engine gives for in (fp32). */
+static void check_output(uint32_t layer, const float *in, const float *out, uint32_t n,
+			 const char *what)
+{
+	size_t cnt = (size_t)n * g_H;
+	float *ref = malloc(cnt * sizeof(float));
+	struct moe_epoch *ep = moe_epoch_acquire(g_eng);
+	struct moe_batch b = {layer, n, MOE_DT_F32, in, ref, NULL, NULL};
+	char err[MOE_ERRLEN];
+	int r;
+
+	assert_non_null(ref);
+	r = moe_engine_forward(g_eng, ep, &b, err);
+	moe_epoch_release(ep);
+	if (r)
+		fail_msg("reference forward: %s", err);
+	if (memcmp(ref, out, cnt * sizeof(float))) {
+		size_t i = 0;
+
+		while (i < cnt && !memcmp(&ref[i], &out[i], sizeof(float)))
+			i++;
+		fail_msg("%s: layer %u, %u tokens: element %zu is %.9g, the in-process engine "
+			 "gives %.9g", what, layer, n, i, (double)out[i], (double)ref[i]);
+	}
+	free(ref);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Daemons                                                                  */
+
+struct daemon {
+	pid_t pid; /* 0: not running */
+	char *dir, *sock, *log, *cfg;
+	char *env[8];	    /* NAME=VALUE for moed, on top of ours */
+	int nfd;	    /* the notify socket, or -1 */
+	char *notify_path;
+	char *notes;	    /* every notify datagram received, for the failure dump */
+	size_t notes_len;
+	uint64_t n_watchdog; /* WATCHDOG=1 messages received */
+	char **argv;	    /* NULL: moed -c cfg */
+};
+
+#define MAX_DAEMONS 2
+#define MAX_CLIENTS 16
+
+static struct daemon *g_daemons[MAX_DAEMONS];
+static moe_client *g_clients[MAX_CLIENTS];
+static bool g_passed;
+
+static void dump_log(const struct daemon *d)
+{
+	FILE *f = fopen(d->log, "r");
+	char line[512];
+
+	printf("---- moed stderr (%s) ----\n", d->log);
+	if (f) {
+		while (fgets(line, sizeof(line), f))
+			printf("  | %s", line);
+		fclose(f);
+	}
+	printf("---- end of moed stderr ----\n");
+	if (d->nfd >= 0) {
+		printf("---- sd_notify messages received ----\n%s---- end ----\n",
+		       d->notes ? d->notes : "");
+	}
+	fflush(stdout);
+}
+
+static void daemon_write_cfg(struct daemon *d, const char *extra)
+{
+	char *text;
+	FILE *f;
+
+	assert_true(asprintf(&text, "model:\n  path: %s\n%s", FIXTURE, extra) > 0);
+	/* rewrite in place (the path moed was given stays the same) */
+	f = fopen(d->cfg, "w");
+	assert_non_null(f);
+	assert_int_equal(fwrite(text, 1, strlen(text), f), strlen(text));
+	assert_int_equal(fclose(f), 0);
+	free(text);
+}
+
+/* The server: section with our socket, then `server_extra` (more server
+ * keys, indented) and `other` (other sections). */
+static char *cfg_text(const struct daemon *d, const char *server_extra, const char *other)
+{
+	char *t;
+
+	assert_true(asprintf(&t, "server:\n  socket: %s\n%s%s", d->sock,
+			     server_extra ? server_extra : "", other ? other : "") > 0);
+	return t;
+}
+
+static void daemon_set_cfg(struct daemon *d, const char *server_extra, const char *other)
+{
+	char *t = cfg_text(d, server_extra, other);
+
+	daemon_write_cfg(d, t);
+	free(t);
+}
+
+static struct daemon *daemon_new(const char *server_extra, const char *other, bool notify)
+{
+	struct daemon *d = calloc(1, sizeof(*d));
+	int i;
+
+	assert_non_null(d);
+	d->nfd = -1;
+	d->dir = tu_tmpdir();
+	assert_true(asprintf(&d->sock, "%s/moed.sock", d->dir) > 0);
+	assert_true(asprintf(&d->log, "%s/moed.stderr", d->dir) > 0);
+	assert_true(asprintf(&d->cfg, "%s/moe.yaml", d->dir) > 0);
+	daemon_set_cfg(d, server_extra, other);
+	if (notify) {
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
+
+		assert_true(asprintf(&d->notify_path, "%s/notify", d->dir) > 0);
+		assert_true(strlen(d->notify_path) < sizeof(sa.sun_path));
+		strcpy(sa.sun_path, d->notify_path);
+		d->nfd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+		assert_true(d->nfd >= 0);
+		assert_int_equal(bind(d->nfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+		{
+			int big = 1 << 20;
+
+			setsockopt(d->nfd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
+		}
+	}
+	for (i = 0; i < MAX_DAEMONS && g_daemons[i]; i++)
+		;
+	assert_true(i < MAX_DAEMONS);
+	g_daemons[i] = d;
+	return d;
+}
+
+static void daemon_env(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void daemon_env(struct daemon *d, const char *fmt, ...)
+{
+	va_list ap;
+	int i;
+
+	for (i = 0; i < 8 && d->env[i]; i++)
+		;
+	assert_true(i < 7);
+	va_start(ap, fmt);
+	assert_true(vasprintf(&d->env[i], fmt, ap) > 0);
+	va_end(ap);
+}
+
+static int daemon_wait_exit(struct daemon *d, int ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)ms;
+	int st;
+
+	assert_true(d->pid > 0);
+	for (;;) {
+		pid_t w = waitpid(d->pid, &st, WNOHANG);
+
+		if (w == d->pid) {
+			d->pid = 0;
+			return st;
+		}
+		assert_int_equal(w, 0);
+		if (now_ms() > deadline) {
+			kill(d->pid, SIGKILL);
+			waitpid(d->pid, &st, 0);
+			d->pid = 0;
+			fail_msg("moed did not exit within %d ms", ms);
+		}
+		nap_ms(2);
+	}
+}
+
+static void expect_alive(struct daemon *d, const char *after)
+{
+	int st;
+
+	if (d->pid > 0 && waitpid(d->pid, &st, WNOHANG) == d->pid) {
+		d->pid = 0;
+		fail_msg("moed died after %s (wait status 0x%x)", after, st);
+	}
+	assert_true(d->pid > 0);
+}
+
+/* ---- sd_notify ---------------------------------------------------------- */
+
+/* The next datagram (NUL-terminated in buf), or false after `ms`. */
+static bool notify_next(struct daemon *d, char *buf, size_t cap, int ms)
+{
+	uint64_t deadline = now_ms() + (uint64_t)(ms < 0 ? 0 : ms);
+
+	assert_true(d->nfd >= 0);
+	for (;;) {
+		ssize_t n = recv(d->nfd, buf, cap - 1, MSG_DONTWAIT);
+		struct pollfd p = {d->nfd, POLLIN, 0};
+		uint64_t t;
+
+		if (n >= 0) {
+			char *nn;
+
+			buf[n] = '\0';
+			nn = realloc(d->notes, d->notes_len + (size_t)n + 4);
+			assert_non_null(nn);
+			d->notes = nn;
+			memcpy(d->notes + d->notes_len, "  > ", 4);
+			memcpy(d->notes + d->notes_len + 4, buf, (size_t)n);
+			d->notes_len += (size_t)n + 4;
+			/* one line per message in the dump */
+			for (size_t i = d->notes_len - (size_t)n; i < d->notes_len; i++)
+				if (d->notes[i] == '\n')
+					d->notes[i] = '|';
+			nn = realloc(d->notes, d->notes_len + 2);
+			assert_non_null(nn);
+			d->notes = nn;
+			d->notes[d->notes_len++] = '\n';
+			d->notes[d->notes_len] = '\0';
+			return true;
+		}
+		assert_true(errno == EAGAIN || errno == EINTR);
+		t = now_ms();
+		if (t >= deadline)
+			return false;
+		poll(&p, 1, (int)(deadline - t));
+	}
+}
+
+/* The value of assignment `name` (e.g. "STATUS") in a datagram, or NULL;
+ * copied into val. */
+static const char *note_get(const char *msg, const char *name, char *val, size_t cap)
+{
+	size_t k = strlen(name);
+
+	for (const char *p = msg; p && *p; p = strchr(p, '\n') ? strchr(p, '\n') + 1 : NULL) {
+		if (!strncmp(p, name, k) && p[k] == '=') {
+			const char *e = strchr(p, '\n');
+			size_t len = e ? (size_t)(e - p - (long)k - 1) : strlen(p + k + 1);
+
+			if (len >= cap)
+				len = cap - 1;
+			memcpy(val, p + k + 1, len);
+			val[len] = '\0';
+			return val;
+		}
+	}
+	return NULL;
+}
+
+static bool note_is(const char *msg, const char *name, const char *value)
+{
+	char v[512];
+
+	return note_get(msg, name, v, sizeof(v)) && !strcmp(v, value);
+}
+
+static void note_count(struct daemon *d, const char *msg)
+{
+	if (note_is(msg, "WATCHDOG", "1"))
+		d->n_watchdog++;
+}
+
+/* Reads datagrams until one assigns name=value (value NULL: any value);
+ * copies it into out. Fails after `ms`. */
+static void notify_expect(struct daemon *d, const char *name, const char *value, char *out,
+			  size_t cap, int ms, const char *what)
+{
+	uint64_t deadline = now_ms() + (uint64_t)ms;
+	char buf[4096], v[512];
+
+	for (;;) {
+		uint64_t t = now_ms();
+
+		if (!notify_next(d, buf, sizeof(buf), t < deadline ? (int)(deadline - t) : 0))
+			fail_msg("%s: no %s=%s from moed within %d ms", what, name,
+				 value ? value : "...", ms);
+		note_count(d, buf);
+		if (note_get(buf, name, v, sizeof(v)) && (!value || !strcmp(v, value))) {
+			if (out)
+				snprintf(out, cap, "%s", buf);
+			return;
+		}
+	}
+}
+
+/* Reads what is queued now; returns how many WATCHDOG=1 were among it. */
+static uint64_t notify_flush(struct daemon *d)
+{
+	char buf[4096];
+	uint64_t before = d->n_watchdog;
+
+	while (notify_next(d, buf, sizeof(buf), 0))
+		note_count(d, buf);
+	return d->n_watchdog - before;
+}
+
+/* Waits until `n` more WATCHDOG=1 arrive. */
+static void notify_pings(struct daemon *d, uint64_t n, const char *what)
+{
+	uint64_t want = d->n_watchdog + n, deadline = now_ms() + READY_MS;
+	char buf[4096];
+
+	while (d->n_watchdog < want) {
+		uint64_t t = now_ms();
+
+		if (t >= deadline || !notify_next(d, buf, sizeof(buf), (int)(deadline - t)))
+			fail_msg("%s: %llu of %llu WATCHDOG=1 pings within %d ms", what,
+				 (unsigned long long)(n - (want - d->n_watchdog)),
+				 (unsigned long long)n, READY_MS);
+		note_count(d, buf);
+	}
+}
+
+/* ---- starting and stopping ---------------------------------------------- */
+
+static int raw_socket(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+
+	assert_true(fd >= 0);
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static bool raw_hangup(int fd, int ms, int *status);
+
+static void daemon_spawn(struct daemon *d)
+{
+	char *dargv[] = {MOED, "-c", d->cfg, NULL};
+	char **argv = d->argv ? d->argv : dargv;
+	int fd;
+
+	fflush(stdout);
+	fflush(stderr);
+	d->pid = fork();
+	assert_true(d->pid >= 0);
+	if (d->pid == 0) {
+		sigset_t none;
+
+		fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+		if (fd >= 0) {
+			dup2(fd, STDOUT_FILENO);
+			dup2(fd, STDERR_FILENO);
+		}
+		unsetenv("NOTIFY_SOCKET");
+		unsetenv("WATCHDOG_USEC");
+		unsetenv("WATCHDOG_PID");
+		unsetenv("LISTEN_FDS");
+		unsetenv("LISTEN_PID");
+		unsetenv("LISTEN_FDNAMES");
+		unsetenv("MOED_TEST_STALL_MS");
+		if (d->notify_path)
+			setenv("NOTIFY_SOCKET", d->notify_path, 1);
+		for (int i = 0; i < 8 && d->env[i]; i++)
+			putenv(d->env[i]);
+		sigemptyset(&none);
+		sigprocmask(SIG_SETMASK, &none, NULL);
+		signal(SIGPIPE, SIG_DFL);
+		execv(argv[0], argv);
+		_exit(127);
+	}
+}
+
+/* Starts moed; ready = READY=1 with a notify socket, else it accepts a
+ * connection and hangs up on garbage (the serving loop runs). */
+static void daemon_start(struct daemon *d)
+{
+	uint64_t deadline;
+	int fd;
+
+	daemon_spawn(d);
+	if (d->nfd >= 0)
+		return; /* the caller reads the notify messages */
+	deadline = now_ms() + READY_MS;
+	for (;;) {
+		int st;
+
+		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
+			d->pid = 0;
+			fail_msg("moed exited during startup (wait status 0x%x)", st);
+		}
+		fd = raw_socket(d->sock);
+		if (fd >= 0) {
+			char b = 0x5a;
+			int left = (int)(deadline > now_ms() ? deadline - now_ms() : 1);
+
+			assert_int_equal(send(fd, &b, 1, MSG_NOSIGNAL), 1);
+			if (!raw_hangup(fd, left, NULL)) {
+				close(fd);
+				fail_msg("moed accepted a connection but did not hang up on garbage");
+			}
+			close(fd);
+			return;
+		}
+		if (now_ms() > deadline)
+			fail_msg("moed did not accept connections on %s within %d ms", d->sock,
+				 READY_MS);
+		nap_ms(5);
+	}
+}
+
+static void daemon_stop(struct daemon *d)
+{
+	int st;
+
+	assert_int_equal(kill(d->pid, SIGTERM), 0);
+	st = daemon_wait_exit(d, EXIT_MS);
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+		fail_msg("moed did not exit cleanly after SIGTERM: wait status 0x%x%s", st,
+			 WIFSIGNALED(st) ? " (killed by a signal)" : "");
+}
+
+static void daemon_freeze(struct daemon *d)
+{
+	int st;
+
+	assert_int_equal(kill(d->pid, SIGSTOP), 0);
+	assert_int_equal(waitpid(d->pid, &st, WUNTRACED), d->pid);
+	assert_true(WIFSTOPPED(st));
+}
+
+static void daemon_thaw(struct daemon *d)
+{
+	assert_int_equal(kill(d->pid, SIGCONT), 0);
+}
+
+static void daemon_free(struct daemon *d)
+{
+	for (int i = 0; i < MAX_DAEMONS; i++)
+		if (g_daemons[i] == d)
+			g_daemons[i] = NULL;
+	if (d->pid > 0) {
+		kill(d->pid, SIGKILL);
+		waitpid(d->pid, NULL, 0);
+	}
+	if (d->nfd >= 0)
+		close(d->nfd);
+	tu_rmtree(d->dir);
+	free(d->dir);
+	free(d->sock);
+	free(d->log);
+	free(d->cfg);
+	free(d->notify_path);
+	free(d->notes);
+	for (int i = 0; i < 8; i++)
+		free(d->env[i]);
+	free(d);
+}
+
+static int count_fds(pid_t pid)
+{
+	char path[64];
+	DIR *dir;
+	struct dirent *e;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	dir = opendir(path);
+	assert_non_null(dir);
+	while ((e = readdir(dir)))
+		if (e->d_name[0] != '.')
+			n++;
+	closedir(dir);
+	return n;
+}
+
+static void fds_back_to(struct daemon *d, int fds0, const char *what)
+{
+	uint64_t deadline = now_ms() + READY_MS;
+
+	while (count_fds(d->pid) != fds0 && now_ms() < deadline)
+		nap_ms(5);
+	if (count_fds(d->pid) != fds0)
+		fail_msg("%s: moed holds %d fds, %d before", what, count_fds(d->pid), fds0);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Clients                                                                  */
+
+static void cl_track(moe_client *c)
+{
+	int i;
+
+	for (i = 0; i < MAX_CLIENTS && g_clients[i]; i++)
+		;
+	assert_true(i < MAX_CLIENTS);
+	g_clients[i] = c;
+}
+
+/* 0 and *out, or the error (no failure). */
+static int cl_try(const char *sock, const char *name, moe_client **out, char *eb, size_t ebn)
+{
+	moe_connect_options o = {.name = name, .errbuf = eb, .errbuf_len = ebn,
+				 .region_bytes = 4u << 20};
+	int r;
+
+	*out = NULL;
+	r = moe_connect_opts(sock, &o, out);
+	if (!r)
+		cl_track(*out);
+	return r;
+}
+
+static moe_client *cl_open(const char *sock, const char *name)
+{
+	char eb[256] = "";
+	moe_client *c;
+	int r = cl_try(sock, name, &c, eb, sizeof(eb));
+
+	if (r)
+		fail_msg("moe_connect_opts(%s): %s (%s)", sock, moe_strerror(r), eb);
+	return c;
+}
+
+static void cl_close(moe_client *c)
+{
+	for (int i = 0; i < MAX_CLIENTS; i++)
+		if (g_clients[i] == c)
+			g_clients[i] = NULL;
+	moe_disconnect(c);
+}
+
+/* moe_forward of fresh random fp32 tokens; 0 with the output checked bit
+ * for bit, or the error. */
+static int forward(moe_client *c, uint32_t layer, uint32_t n, uint64_t seed, const char *what)
+{
+	float *in = make_input(n, seed), *out = malloc((size_t)n * g_H * sizeof(float));
+	int r;
+
+	assert_non_null(out);
+	r = moe_forward(c, layer, MOE_DTYPE_F32, in, out, n);
+	if (!r)
+		check_output(layer, in, out, n, what);
+	free(in);
+	free(out);
+	return r;
+}
+
+static void forward_ok(moe_client *c, uint32_t layer, uint32_t n, uint64_t seed, const char *what)
+{
+	int r = forward(c, layer, n, seed, what);
+
+	if (r)
+		fail_msg("%s: moe_forward(layer %u, %u tokens): %s", what, layer, n,
+			 moe_strerror(r));
+}
+
+struct req {
+	uint64_t tag;
+	uint32_t layer, n;
+	float *in, *out, *copy;
+};
+
+static void req_submit(moe_client *c, struct req *q, uint32_t layer, uint32_t n, uint64_t seed)
+{
+	size_t bytes = (size_t)n * g_H * sizeof(float);
+	int r;
+
+	q->layer = layer;
+	q->n = n;
+	q->copy = make_input(n, seed);
+	q->in = moe_buf_alloc(c, bytes);
+	q->out = moe_buf_alloc(c, bytes);
+	assert_non_null(q->in);
+	assert_non_null(q->out);
+	memcpy(q->in, q->copy, bytes);
+	memset(q->out, 0xff, bytes);
+	r = moe_submit(c, layer, MOE_DTYPE_F32, q->in, q->out, n, 0, &q->tag);
+	if (r)
+		fail_msg("moe_submit(layer %u, %u tokens): %s", layer, n, moe_strerror(r));
+}
+
+static void req_free(moe_client *c, struct req *q)
+{
+	moe_buf_free(c, q->in);
+	moe_buf_free(c, q->out);
+	free(q->copy);
+	q->copy = q->in = q->out = NULL;
+}
+
+/* ---- status JSON -------------------------------------------------------- */
+
+static cJSON *jget(const cJSON *o, const char *key, int type)
+{
+	cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+
+	if (!v)
+		fail_msg("status JSON: no key \"%s\"", key);
+	if (!(v->type & type))
+		fail_msg("status JSON: \"%s\" has the wrong type", key);
+	return v;
+}
+
+static double jnum(const cJSON *o, const char *key)
+{
+	return jget(o, key, cJSON_Number)->valuedouble;
+}
+
+static cJSON *status(moe_client *c)
+{
+	char *json = NULL;
+	size_t len = 0;
+	int r = moe_status_json(c, &json, &len);
+	cJSON *j;
+
+	if (r)
+		fail_msg("moe_status_json: %s", moe_strerror(r));
+	assert_non_null(json);
+	j = cJSON_Parse(json);
+	if (!j)
+		fail_msg("status JSON does not parse: %.200s", json);
+	free(json);
+	return j;
+}
+
+/* requests.<key> of the status JSON. */
+static double req_stat(moe_client *c, const char *key)
+{
+	cJSON *j = status(c);
+	double v = jnum(jget(j, "requests", cJSON_Object), key);
+
+	cJSON_Delete(j);
+	return v;
+}
+
+static char *state_of(moe_client *c, double *pending)
+{
+	cJSON *j = status(c);
+	char *s = strdup(jget(j, "state", cJSON_String)->valuestring);
+
+	if (pending)
+		*pending = jnum(jget(j, "queue", cJSON_Object), "pending_requests");
+	cJSON_Delete(j);
+	return s;
+}
+
+/* ---- raw connections ---------------------------------------------------- */
+
+/* Reads until the daemon hangs up (true) or `ms` pass (false); *status gets
+ * the status of the first HELLO_REPLY or ERROR, 1 if none. */
+static bool raw_hangup(int fd, int ms, int *status)
+{
+	uint64_t deadline = now_ms() + (uint64_t)ms;
+	char buf[MOE_MSG_MAX + 64];
+
+	if (status)
+		*status = 1;
+	for (;;) {
+		struct pollfd p = {fd, POLLIN, 0};
+		uint64_t t = now_ms();
+		ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+		struct moe_msg_hdr h;
+		int type;
+
+		if (n < 0 && errno == ECONNRESET)
+			continue;
+		if (n == 0)
+			return true;
+		if (n < 0) {
+			if (errno != EAGAIN && errno != EINTR)
+				return true;
+			if (t >= deadline)
+				return false;
+			poll(&p, 1, (int)(deadline - t));
+			continue;
+		}
+		type = moe_msg_peek(buf, (size_t)n, &h);
+		if (status && *status == 1) {
+			if (type == MOE_MSG_HELLO_REPLY) {
+				struct moe_msg_hello_reply r;
+
+				if (!moe_msg_decode_hello_reply(buf, (size_t)n, &r))
+					*status = r.status;
+			} else if (type == MOE_MSG_ERROR) {
+				struct moe_msg_error e;
+
+				if (!moe_msg_decode_error(buf, (size_t)n, &e))
+					*status = e.status;
+			}
+		}
+	}
+}
+
+/* ---- moectl ------------------------------------------------------------- */
+
+/* Runs `moectl -s SOCK args`; returns its exit code, *out its stdout and
+ * stderr (malloc'd). */
+static int moectl(struct daemon *d, const char *args, char **out)
+{
+	char *cmd, buf[1024];
+	size_t len = 0;
+	FILE *p;
+	int st;
+
+	assert_true(asprintf(&cmd, "%s -s %s %s 2>&1", MOECTL, d->sock, args) > 0);
+	fflush(stdout);
+	p = popen(cmd, "r");
+	assert_non_null(p);
+	*out = calloc(1, 1);
+	assert_non_null(*out);
+	while (fgets(buf, sizeof(buf), p)) {
+		char *nn = realloc(*out, len + strlen(buf) + 1);
+
+		assert_non_null(nn);
+		*out = nn;
+		memcpy(*out + len, buf, strlen(buf) + 1);
+		len += strlen(buf);
+	}
+	st = pclose(p);
+	printf("$ moectl %s -> %d: %s", args, WIFEXITED(st) ? WEXITSTATUS(st) : -1,
+	       len ? *out : "(nothing)\n");
+	free(cmd);
+	assert_true(WIFEXITED(st));
+	return WEXITSTATUS(st);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Setup / teardown                                                         */
+
+static int test_setup(void **state)
+{
+	(void)state;
+	g_passed = false;
+	return 0;
+}
+
+static int test_teardown(void **state)
+{
+	(void)state;
+	for (int i = 0; i < MAX_CLIENTS; i++)
+		if (g_clients[i]) {
+			moe_disconnect(g_clients[i]);
+			g_clients[i] = NULL;
+		}
+	for (int i = 0; i < MAX_DAEMONS; i++) {
+		struct daemon *d = g_daemons[i];
+
+		if (!d)
+			continue;
+		if (d->pid > 0) {
+			kill(d->pid, SIGCONT);
+			kill(d->pid, SIGKILL);
+			waitpid(d->pid, NULL, 0);
+			d->pid = 0;
+		}
+		if (!g_passed)
+			dump_log(d);
+		daemon_free(d);
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* a. sd_notify: readiness, status, watchdog                                */
+
+static void test_notify_watchdog(void **state)
+{
+	struct daemon *d = daemon_new(NULL, NULL, true);
+	char msg[4096], st_line[512], backend[64];
+	uint64_t during, n_extend = 0;
+	moe_client *c;
+	cJSON *j;
+	int st;
+
+	(void)state;
+	daemon_env(d, "WATCHDOG_USEC=%d", WATCHDOG_USEC);
+	daemon_env(d, "MOED_TEST_STALL_MS=%d", STALL_MS);
+	daemon_start(d);
+	/* loading: EXTEND_TIMEOUT_USEC (one per MoE layer), then READY=1 */
+	for (;;) {
+		uint64_t t0 = now_ms();
+
+		if (!notify_next(d, msg, sizeof(msg), READY_MS))
+			fail_msg("no READY=1 within %d ms", READY_MS);
+		assert_true(now_ms() - t0 <= READY_MS);
+		note_count(d, msg);
+		if (note_get(msg, "EXTEND_TIMEOUT_USEC", st_line, sizeof(st_line))) {
+			assert_true(strtoull(st_line, NULL, 10) > 0);
+			assert_non_null(note_get(msg, "STATUS", st_line, sizeof(st_line)));
+			assert_non_null(strstr(st_line, "loading"));
+			n_extend++;
+		}
+		if (note_is(msg, "READY", "1"))
+			break;
+	}
+	printf("%llu EXTEND_TIMEOUT_USEC messages before READY=1\n", (unsigned long long)n_extend);
+	assert_int_equal(n_extend, g_model->n_moe_layers);
+	/* the status line: family and backend */
+	notify_expect(d, "STATUS", NULL, msg, sizeof(msg), READY_MS, "status line");
+	note_get(msg, "STATUS", st_line, sizeof(st_line));
+	printf("STATUS=%s\n", st_line);
+	c = cl_open(d->sock, "test_ops");
+	j = status(c);
+	snprintf(backend, sizeof(backend), "%s",
+		 jget(jget(j, "backend", cJSON_Object), "name", cJSON_String)->valuestring);
+	cJSON_Delete(j);
+	assert_non_null(strstr(st_line, "serving"));
+	assert_non_null(strstr(st_line, "qwen2_moe"));
+	if (!strstr(st_line, backend))
+		fail_msg("STATUS=%s does not name the backend \"%s\"", st_line, backend);
+
+	/* idle: pings keep coming */
+	notify_pings(d, 3, "idle");
+	/* a wedged batch: no ping while it runs */
+	notify_flush(d);
+	forward_ok(c, 0, 5, 1, "a request in a stalled batch");
+	during = notify_flush(d);
+	printf("WATCHDOG=1 pings between sending a request and its completion, the batch "
+	       "stalled %d ms, pinging every %d ms when idle: %llu\n",
+	       STALL_MS, WATCHDOG_USEC / 2000, (unsigned long long)during);
+	/* at most one as the loop takes the request, one as it comes back
+	 * (the marks are not exact); unwedged there would be ~10 */
+	if (during > 2)
+		fail_msg("%llu WATCHDOG=1 pings arrived while a batch stalled: the watchdog "
+			 "does not see a wedged engine", (unsigned long long)during);
+	notify_pings(d, 3, "after the stalled batch");
+	expect_alive(d, "a stalled batch");
+
+	cl_close(c);
+	assert_int_equal(kill(d->pid, SIGTERM), 0);
+	notify_expect(d, "STOPPING", "1", NULL, 0, EXIT_MS, "SIGTERM");
+	st = daemon_wait_exit(d, EXIT_MS);
+	assert_true(WIFEXITED(st));
+	assert_int_equal(WEXITSTATUS(st), 0);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* a. sd_notify: configuration reload                                       */
+
+/* SIGHUP; expects RELOADING=1 with a plausible MONOTONIC_USEC, then READY=1;
+ * returns the READY datagram in out. */
+static void sighup_reload(struct daemon *d, char *out, size_t cap, const char *what)
+{
+	char msg[4096], v[64];
+	uint64_t t0 = now_us(), t1, mono;
+
+	notify_flush(d);
+	assert_int_equal(kill(d->pid, SIGHUP), 0);
+	notify_expect(d, "RELOADING", "1", msg, sizeof(msg), READY_MS, what);
+	t1 = now_us();
+	if (!note_get(msg, "MONOTONIC_USEC", v, sizeof(v)))
+		fail_msg("%s: RELOADING=1 without MONOTONIC_USEC in the same message: %s", what,
+			 msg);
+	mono = strtoull(v, NULL, 10);
+	/* the same clock as ours (CLOCK_MONOTONIC), read between our marks */
+	if (mono < t0 || mono > t1)
+		fail_msg("%s: MONOTONIC_USEC=%llu is not CLOCK_MONOTONIC between %llu and %llu",
+			 what, (unsigned long long)mono, (unsigned long long)t0,
+			 (unsigned long long)t1);
+	notify_expect(d, "READY", "1", out, cap, READY_MS, what);
+}
+
+static void test_notify_reload(void **state)
+{
+	struct daemon *d = daemon_new("  max_clients: 8\n", "scheduler:\n  request_timeout_ms: 30000\n",
+				      true);
+	char msg[4096], v[512];
+	moe_client *c;
+	int st;
+
+	(void)state;
+	daemon_start(d);
+	notify_expect(d, "READY", "1", NULL, 0, READY_MS, "start");
+	c = cl_open(d->sock, "test_ops");
+	forward_ok(c, 0, 3, 10, "before any reload");
+	assert_int_equal(req_stat(c, "config_reloads"), 0);
+	assert_int_equal(req_stat(c, "config_reloads_refused"), 0);
+
+	/* a valid, changed configuration */
+	daemon_set_cfg(d, "  max_clients: 7\n", "scheduler:\n  request_timeout_ms: 12345\n");
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a valid configuration");
+	if (note_get(msg, "STATUS", v, sizeof(v)) && strstr(v, "refused"))
+		fail_msg("a valid configuration was refused: %s", v);
+	assert_int_equal(req_stat(c, "config_reloads"), 1);
+	assert_int_equal(req_stat(c, "config_reloads_refused"), 0);
+	forward_ok(c, 2, 4, 11, "after a reload");
+
+	/* a broken file: refused, the daemon serves on */
+	daemon_write_cfg(d, "server: [unclosed\n");
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a syntax error");
+	if (!note_get(msg, "STATUS", v, sizeof(v)))
+		fail_msg("a refused reload: READY=1 without a STATUS= saying why: %s", msg);
+	printf("refused reload: STATUS=%s\n", v);
+	assert_non_null(strstr(v, "reload refused"));
+	assert_non_null(strstr(v, "moe.yaml")); /* FILE:LINE:COLUMN of the error */
+	expect_alive(d, "a broken configuration");
+	forward_ok(c, 0, 6, 12, "after a refused reload");
+	assert_int_equal(req_stat(c, "config_reloads"), 1);
+	assert_int_equal(req_stat(c, "config_reloads_refused"), 1);
+	{
+		char *s = state_of(c, NULL);
+
+		assert_string_equal(s, "serving");
+		free(s);
+	}
+	/* valid YAML, invalid configuration: refused too */
+	{
+		char *t = cfg_text(d, "  max_clients: 0\n", NULL);
+
+		daemon_write_cfg(d, t);
+		free(t);
+	}
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with max_clients 0");
+	assert_non_null(note_get(msg, "STATUS", v, sizeof(v)));
+	assert_non_null(strstr(v, "reload refused"));
+	/* an admin group that does not exist */
+	{
+		char *t = cfg_text(d, "  admin_group: no-such-group-moe-test\n", NULL);
+
+		daemon_write_cfg(d, t);
+		free(t);
+	}
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with an unknown admin group");
+	assert_non_null(note_get(msg, "STATUS", v, sizeof(v)));
+	assert_non_null(strstr(v, "reload refused"));
+	assert_non_null(strstr(v, "no-such-group-moe-test"));
+	/* the same through moe_admin: refused with the reason */
+	{
+		char why[256];
+		int r = moe_admin(c, 3, 0, WAIT_MS, why, sizeof(why));
+
+		printf("moe_admin(reload) of a bad file: %s: %s\n", moe_strerror(r), why);
+		assert_int_equal(r, MOE_EINVAL);
+		assert_non_null(strstr(why, "no-such-group-moe-test"));
+	}
+	assert_int_equal(req_stat(c, "config_reloads"), 1);
+	assert_int_equal(req_stat(c, "config_reloads_refused"), 4);
+	forward_ok(c, 2, 1, 13, "after four refused reloads");
+	/* and a good one again */
+	daemon_set_cfg(d, "  max_clients: 8\n", NULL);
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a valid configuration again");
+	assert_int_equal(req_stat(c, "config_reloads"), 2);
+
+	cl_close(c);
+	assert_int_equal(kill(d->pid, SIGTERM), 0);
+	notify_expect(d, "STOPPING", "1", NULL, 0, EXIT_MS, "SIGTERM");
+	st = daemon_wait_exit(d, EXIT_MS);
+	assert_true(WIFEXITED(st));
+	assert_int_equal(WEXITSTATUS(st), 0);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* b. Reloaded limits are in force                                          */
+
+static void admin_reload(moe_client *c, char *msg, size_t n)
+{
+	int r = moe_admin(c, 3, 0, WAIT_MS, msg, n);
+
+	printf("reload: %s\n", msg);
+	if (r)
+		fail_msg("moe_admin(reload-config): %s: %s", moe_strerror(r), msg);
+}
+
+static void test_reload_limits(void **state)
+{
+	/* the old handshake timeout: the longest there is */
+	struct daemon *d = daemon_new("  max_clients: 8\n  handshake_timeout_ms: 600000\n",
+				      "cpu:\n  threads: 2\n", false);
+	moe_client *c1, *c2;
+	moe_model_info mi;
+	char msg[256], eb[256];
+	int r, s, st, fds0;
+
+	(void)state;
+	daemon_start(d);
+	c1 = cl_open(d->sock, "first");
+	forward_ok(c1, 0, 3, 20, "before the reload");
+	fds0 = count_fds(d->pid);
+	/* a connection that never says HELLO is kept (600 s) ... */
+	s = raw_socket(d->sock);
+	assert_true(s >= 0);
+	{
+		/* accepted (not still in the backlog when the reload lands) */
+		uint64_t deadline = now_ms() + READY_MS;
+
+		for (;;) {
+			cJSON *j = status(c1);
+			int n = cJSON_GetArraySize(jget(j, "clients", cJSON_Array));
+
+			cJSON_Delete(j);
+			if (n == 2)
+				break;
+			if (now_ms() > deadline)
+				fail_msg("the daemon did not accept a connection");
+			nap_ms(2);
+		}
+	}
+
+	daemon_set_cfg(d,
+		       "  max_clients: 1\n  handshake_timeout_ms: 200\n"
+		       "  max_inflight_requests: 3\n",
+		       "cpu:\n  threads: 1\n");
+	admin_reload(c1, msg, sizeof(msg));
+	assert_non_null(strstr(msg, "applied"));
+	assert_non_null(strstr(msg, "needs a restart"));
+	assert_non_null(strstr(msg, "cpu.threads"));
+	/* ... until the new 200 ms apply */
+	if (!raw_hangup(s, READY_MS, &st))
+		fail_msg("a connection without HELLO was not dropped after handshake_timeout_ms "
+			 "was reloaded to 200");
+	close(s);
+	assert_int_equal(st, MOE_EPROTO);
+	/* max_clients 1: a second client is refused, the first works */
+	r = cl_try(d->sock, "second", &c2, eb, sizeof(eb));
+	printf("second client with max_clients 1: %s (%s)\n", moe_strerror(r), eb);
+	assert_int_equal(r, MOE_ELIMIT);
+	s = raw_socket(d->sock);
+	assert_true(s >= 0);
+	assert_true(raw_hangup(s, READY_MS, &st));
+	close(s);
+	assert_int_equal(st, MOE_ELIMIT);
+	forward_ok(c1, 2, 5, 21, "the first client while a second is refused");
+	assert_true(req_stat(c1, "refused_clients") >= 2);
+	/* the first client's handshake had the old limits; a new one the new */
+	assert_int_equal(moe_get_model_info(c1, &mi), 0);
+	assert_int_equal(mi.max_inflight_requests, 256);
+
+	daemon_set_cfg(d, "  max_clients: 2\n  max_inflight_requests: 3\n", "cpu:\n  threads: 1\n");
+	admin_reload(c1, msg, sizeof(msg));
+	c2 = cl_open(d->sock, "second");
+	assert_int_equal(moe_get_model_info(c2, &mi), 0);
+	assert_int_equal(mi.max_inflight_requests, 3);
+	forward_ok(c2, 0, 7, 22, "a client admitted after max_clients went up");
+	forward_ok(c1, 0, 2, 23, "the first client");
+	assert_int_equal(req_stat(c1, "config_reloads"), 2);
+	cl_close(c2);
+	fds_back_to(d, fds0, "after the reloads");
+	cl_close(c1);
+	daemon_stop(d);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* c. Drain                                                                 */
+
+struct admin_call {
+	moe_client *c;
+	uint32_t op, flags;
+	int ret;
+	char msg[256];
+	atomic_int done;
+};
+
+static void *admin_thread(void *arg)
+{
+	struct admin_call *a = arg;
+
+	a->ret = moe_admin(a->c, a->op, a->flags, WAIT_MS, a->msg, sizeof(a->msg));
+	atomic_store(&a->done, 1);
+	return NULL;
+}
+
+#define DRAIN_REQS 8
+#define DRAIN_STALL_MS 250
+
+static void test_drain(void **state)
+{
+	/* 16-token batches, each stalled: 8 queued requests take 8 batches */
+	struct daemon *d = daemon_new(NULL, "scheduler:\n  max_batch_tokens: 16\n", false);
+	moe_client *a, *b, *obs;
+	struct req q[DRAIN_REQS];
+	struct admin_call call = {0};
+	pthread_t th;
+	double pending = 0;
+	char *s, *out;
+	int rc;
+
+	(void)state;
+	daemon_env(d, "MOED_TEST_STALL_MS=%d", DRAIN_STALL_MS);
+	daemon_start(d);
+	a = cl_open(d->sock, "submitter");
+	b = cl_open(d->sock, "admin");
+	obs = cl_open(d->sock, "observer");
+
+	/* all of them in the ring when the daemon next looks */
+	daemon_freeze(d);
+	for (int i = 0; i < DRAIN_REQS; i++)
+		req_submit(a, &q[i], i % 2 ? 2 : 0, 16, 100 + (uint64_t)i);
+	daemon_thaw(d);
+	{
+		uint64_t deadline = now_ms() + READY_MS;
+
+		/* the daemon has taken them (status is answered between batches) */
+		for (;;) {
+			s = state_of(obs, &pending);
+			free(s);
+			if (pending > 0)
+				break;
+			if (now_ms() > deadline)
+				fail_msg("the daemon never had requests queued");
+			nap_ms(1);
+		}
+	}
+	printf("%.0f requests queued when the drain was sent\n", pending);
+	call.c = b;
+	call.op = 1;
+	call.flags = 1;
+	assert_int_equal(pthread_create(&th, NULL, admin_thread, &call), 0);
+	{
+		uint64_t deadline = now_ms() + READY_MS;
+
+		for (;;) {
+			s = state_of(obs, &pending);
+			if (!strcmp(s, "draining")) {
+				free(s);
+				break;
+			}
+			free(s);
+			if (now_ms() > deadline) {
+				pthread_join(th, NULL);
+				fail_msg("status never said \"draining\"");
+			}
+			nap_ms(1);
+		}
+	}
+	printf("draining with %.0f requests queued; drain --wait %s\n", pending,
+	       atomic_load(&call.done) ? "already answered" : "not answered yet");
+	/* new requests are refused meanwhile */
+	rc = forward(a, 0, 2, 130, "during a drain");
+	assert_int_equal(rc, MOE_ESHUTDOWN);
+	rc = forward(obs, 2, 1, 131, "during a drain");
+	assert_int_equal(rc, MOE_ESHUTDOWN);
+	assert_int_equal(pthread_join(th, NULL), 0);
+	printf("drain --wait: %s: %s\n", moe_strerror(call.ret), call.msg);
+	assert_int_equal(call.ret, 0);
+	/* when it answered, every queued request had completed, correctly */
+	assert_int_equal(moe_poll(a, NULL, 0), 0);
+	for (int i = 0; i < DRAIN_REQS; i++) {
+		int st = 12345, r = moe_wait(a, q[i].tag, 0, &st);
+
+		if (r)
+			fail_msg("request %d not complete when drain --wait answered: %s", i,
+				 moe_strerror(r));
+		assert_int_equal(st, 0);
+		check_output(q[i].layer, q[i].copy, q[i].out, q[i].n, "a request queued before a drain");
+		req_free(a, &q[i]);
+	}
+	s = state_of(obs, &pending);
+	assert_string_equal(s, "draining");
+	assert_int_equal(pending, 0);
+	free(s);
+	/* undrain: requests work again */
+	{
+		char msg[256];
+
+		assert_int_equal(moe_admin(b, 2, 0, WAIT_MS, msg, sizeof(msg)), 0);
+		printf("undrain: %s\n", msg);
+	}
+	s = state_of(obs, NULL);
+	assert_string_equal(s, "serving");
+	free(s);
+	forward_ok(a, 0, 3, 132, "after undrain");
+
+	/* the same with moectl */
+	rc = moectl(d, "drain --wait", &out);
+	assert_int_equal(rc, 0);
+	assert_non_null(strstr(out, "drain"));
+	free(out);
+	s = state_of(obs, NULL);
+	assert_string_equal(s, "draining");
+	free(s);
+	assert_int_equal(forward(a, 2, 1, 133, "after moectl drain"), MOE_ESHUTDOWN);
+	rc = moectl(d, "undrain", &out);
+	assert_int_equal(rc, 0);
+	assert_non_null(strstr(out, "accepting"));
+	free(out);
+	forward_ok(a, 2, 1, 134, "after moectl undrain");
+	rc = moectl(d, "reload-config --wait", &out);
+	assert_int_equal(rc, 0);
+	assert_non_null(strstr(out, "applied"));
+	free(out);
+	assert_int_equal(req_stat(obs, "config_reloads"), 1);
+	daemon_write_cfg(d, "scheduler: {max_batch_tokens: }\n  bad: [\n");
+	rc = moectl(d, "reload-config", &out);
+	assert_true(rc != 0);
+	assert_non_null(strstr(out, "moe.yaml"));
+	free(out);
+	assert_int_equal(req_stat(obs, "config_reloads_refused"), 1);
+	forward_ok(a, 0, 2, 135, "after a refused moectl reload-config");
+
+	cl_close(a);
+	cl_close(b);
+	cl_close(obs);
+	daemon_stop(d);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* d. Authorization with dropped privileges                                 */
+
+struct child_result {
+	int connect, forward, admin, status;
+	char err[256];
+	float out[4 * 88];
+};
+
+#define AUTH_TOKENS 4
+
+/* In a child: drop to uid/gid/groups, then connect, forward, admin. */
+static void as_user(struct daemon *d, uid_t uid, gid_t gid, size_t ngroups, const gid_t *groups,
+		    const float *in, struct child_result *res)
+{
+	uint64_t deadline;
+	pid_t pid;
+	int st;
+
+	memset(res, 0, sizeof(*res));
+	res->connect = res->forward = res->admin = res->status = 1;
+	fflush(stdout);
+	fflush(stderr);
+	pid = fork();
+	assert_true(pid >= 0);
+	if (pid == 0) {
+		moe_connect_options o = {.name = "unprivileged", .errbuf = res->err,
+					 .errbuf_len = sizeof(res->err), .region_bytes = 1u << 20};
+		moe_client *c = NULL;
+		char msg[256];
+
+		if (setgroups(ngroups, groups) || setgid(gid) || setuid(uid))
+			_exit(10);
+		if (getuid() != uid || geteuid() != uid || getegid() != gid)
+			_exit(11);
+		res->connect = moe_connect_opts(d->sock, &o, &c);
+		if (!res->connect) {
+			char *j = NULL;
+
+			res->forward = moe_forward(c, 0, MOE_DTYPE_F32, in, res->out, AUTH_TOKENS);
+			res->admin = moe_admin(c, 2 /* undrain: harmless */, 0, 10000, msg,
+					       sizeof(msg));
+			res->status = moe_status_json(c, &j, NULL);
+			free(j);
+			moe_disconnect(c);
+		}
+		_exit(0);
+	}
+	deadline = now_ms() + WAIT_MS;
+	for (;;) {
+		pid_t w = waitpid(pid, &st, WNOHANG);
+
+		if (w == pid)
+			break;
+		if (now_ms() > deadline) {
+			kill(pid, SIGKILL);
+			waitpid(pid, &st, 0);
+			fail_msg("the unprivileged child did not finish");
+		}
+		nap_ms(2);
+	}
+	if (!WIFEXITED(st) || WEXITSTATUS(st))
+		fail_msg("the unprivileged child failed: wait status 0x%x", st);
+}
+
+static void test_auth_privileges(void **state)
+{
+	struct passwd *nobody;
+	struct group *g;
+	gid_t sock_gid = 0, nobody_gid;
+	uid_t nobody_uid;
+	char *extra, sock_group[64], admin_group[64], msg[256];
+	struct daemon *d;
+	struct child_result *res;
+	float *in;
+	moe_client *root;
+	double refused;
+	int n_refused = 0;
+
+	(void)state;
+	if (geteuid() != 0) {
+		printf("test_auth_privileges: SKIPPED (needs root to drop privileges)\n");
+		skip();
+	}
+	nobody = getpwnam("nobody");
+	nobody_uid = nobody ? nobody->pw_uid : 65534;
+	nobody_gid = nobody ? nobody->pw_gid : 65534;
+	/* the admin group: root's; the socket's group: another, not nobody's */
+	g = getgrgid(0);
+	assert_non_null(g);
+	snprintf(admin_group, sizeof(admin_group), "%s", g->gr_name);
+	setgrent();
+	sock_group[0] = '\0';
+	while ((g = getgrent())) {
+		if (g->gr_gid != 0 && g->gr_gid != nobody_gid && g->gr_gid != 65534 &&
+		    g->gr_gid < 60000) {
+			sock_gid = g->gr_gid;
+			snprintf(sock_group, sizeof(sock_group), "%s", g->gr_name);
+			break;
+		}
+	}
+	endgrent();
+	if (!sock_group[0]) {
+		printf("test_auth_privileges: SKIPPED (no spare group in /etc/group)\n");
+		skip();
+	}
+	printf("socket group %s (%d), admin group %s (0), nobody %d:%d\n", sock_group,
+	       (int)sock_gid, admin_group, (int)nobody_uid, (int)nobody_gid);
+	assert_true(asprintf(&extra, "  socket_mode: 0666\n  group: %s\n  admin_group: %s\n",
+			     sock_group, admin_group) > 0);
+	d = daemon_new(extra, NULL, false);
+	free(extra);
+	assert_int_equal(chmod(d->dir, 0755), 0); /* nobody may reach the socket */
+	daemon_start(d);
+	{
+		struct stat sb;
+
+		assert_int_equal(stat(d->sock, &sb), 0);
+		assert_int_equal(sb.st_mode & 0777, 0666);
+		assert_int_equal(sb.st_gid, sock_gid);
+	}
+	res = mmap(NULL, sizeof(*res), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	assert_true(res != MAP_FAILED);
+	assert_int_equal(g_H * AUTH_TOKENS, sizeof(res->out) / sizeof(float));
+	in = make_input(AUTH_TOKENS, 40);
+
+	/* nobody: not root, not the daemon's user, not in the socket's group */
+	as_user(d, nobody_uid, nobody_gid, 0, NULL, in, res);
+	printf("nobody: connect %s (%s)\n", moe_strerror(res->connect), res->err);
+	assert_int_equal(res->connect, MOE_EPERM);
+	n_refused++;
+
+	/* root: everything */
+	root = cl_open(d->sock, "root");
+	forward_ok(root, 0, 3, 41, "root");
+	assert_int_equal(moe_admin(root, 2, 0, WAIT_MS, msg, sizeof(msg)), 0);
+
+	/* nobody with the socket's group as its primary group: forward, no admin */
+	as_user(d, nobody_uid, sock_gid, 0, NULL, in, res);
+	printf("uid nobody, gid %s: connect %s, forward %s, admin %s\n", sock_group,
+	       moe_strerror(res->connect), moe_strerror(res->forward), moe_strerror(res->admin));
+	assert_int_equal(res->connect, 0);
+	assert_int_equal(res->forward, 0);
+	check_output(0, in, res->out, AUTH_TOKENS, "uid nobody in the socket's group");
+	assert_int_equal(res->status, 0);
+	assert_int_equal(res->admin, MOE_EPERM);
+	n_refused++;
+
+	/* ... as a supplementary group */
+	{
+		gid_t sup[1] = {sock_gid};
+
+		as_user(d, nobody_uid, nobody_gid, 1, sup, in, res);
+		printf("uid nobody, supplementary %s: connect %s, forward %s, admin %s\n",
+		       sock_group, moe_strerror(res->connect), moe_strerror(res->forward),
+		       moe_strerror(res->admin));
+		assert_int_equal(res->connect, 0);
+		assert_int_equal(res->forward, 0);
+		check_output(0, in, res->out, AUTH_TOKENS, "supplementary socket group");
+		assert_int_equal(res->admin, MOE_EPERM);
+		n_refused++;
+	}
+	/* ... and in the admin group too: admin allowed */
+	{
+		gid_t sup[2] = {sock_gid, 0};
+
+		as_user(d, nobody_uid, nobody_gid, 2, sup, in, res);
+		printf("uid nobody, supplementary %s and %s: connect %s, forward %s, admin %s\n",
+		       sock_group, admin_group, moe_strerror(res->connect),
+		       moe_strerror(res->forward), moe_strerror(res->admin));
+		assert_int_equal(res->connect, 0);
+		assert_int_equal(res->forward, 0);
+		assert_int_equal(res->admin, 0);
+	}
+	/* in the admin group only: the handshake needs forward rights (an
+	 * administrator must also be in the socket's group) */
+	as_user(d, nobody_uid, 0, 0, NULL, in, res);
+	printf("uid nobody, gid %s only: connect %s\n", admin_group, moe_strerror(res->connect));
+	if (res->connect == MOE_EPERM)
+		n_refused++;
+	else
+		assert_int_equal(res->connect, 0);
+
+	refused = req_stat(root, "refused_unauthorized");
+	printf("refused_unauthorized: %.0f (expected %d)\n", refused, n_refused);
+	assert_int_equal(refused, n_refused);
+	forward_ok(root, 2, 2, 42, "root after the refusals");
+	expect_alive(d, "unprivileged clients");
+	free(in);
+	munmap(res, sizeof(*res));
+	cl_close(root);
+	daemon_stop(d);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* e. Handshake timeout                                                     */
+
+static void test_handshake_timeout(void **state)
+{
+	struct daemon *d = daemon_new("  handshake_timeout_ms: 200\n", NULL, false);
+	moe_client *good;
+	int s[8], st, fds0;
+
+	(void)state;
+	daemon_start(d);
+	good = cl_open(d->sock, "good");
+	forward_ok(good, 0, 3, 50, "before");
+	fds0 = count_fds(d->pid);
+	for (int i = 0; i < 8; i++) {
+		s[i] = raw_socket(d->sock);
+		assert_true(s[i] >= 0);
+	}
+	for (int i = 0; i < 8; i++) {
+		if (!raw_hangup(s[i], READY_MS, &st))
+			fail_msg("connection %d, which never sent HELLO, was not dropped", i);
+		close(s[i]);
+		if (st != MOE_EPROTO && st != 1)
+			fail_msg("connection %d dropped with status %d", i, st);
+	}
+	printf("8 silent connections dropped (status %s)\n", st == 1 ? "none" : moe_strerror(st));
+	/* the attached client, idle far longer than 200 ms by now, is kept */
+	forward_ok(good, 2, 4, 51, "an attached client after the timeouts");
+	/* a new client still gets in */
+	{
+		moe_client *c2 = cl_open(d->sock, "late");
+
+		forward_ok(c2, 0, 1, 52, "a client connecting after the timeouts");
+		cl_close(c2);
+	}
+	fds_back_to(d, fds0, "after the silent connections");
+	cl_close(good);
+	daemon_stop(d);
+	g_passed = true;
+}
+
+/* ------------------------------------------------------------------------ */
+/* f. Socket activation                                                     */
+
+static void test_socket_activation(void **state)
+{
+	struct daemon *d;
+	char *argv[10], *path;
+	moe_client *c = NULL;
+	char eb[256] = "";
+	uint64_t deadline;
+	struct stat sb;
+	int r;
+
+	(void)state;
+	if (access(SOCKET_ACTIVATE, X_OK)) {
+		printf("test_socket_activation: SKIPPED (%s not found)\n", SOCKET_ACTIVATE);
+		skip();
+	}
+	d = daemon_new(NULL, NULL, false);
+	assert_true(asprintf(&path, "%s/activated.sock", d->dir) > 0);
+	argv[0] = SOCKET_ACTIVATE;
+	argv[1] = "--seqpacket";
+	argv[2] = "-l";
+	argv[3] = path;
+	argv[4] = MOED;
+	argv[5] = "--model";
+	argv[6] = FIXTURE;
+	argv[7] = NULL;
+	d->argv = argv;
+	daemon_spawn(d);
+	deadline = now_ms() + READY_MS;
+	while (stat(path, &sb)) {
+		if (now_ms() > deadline)
+			fail_msg("%s did not create %s", SOCKET_ACTIVATE, path);
+		expect_alive(d, "starting systemd-socket-activate");
+		nap_ms(5);
+	}
+	/* the first connection starts moed on the passed socket; moe_connect
+	 * waits (bounded) for the handshake meanwhile */
+	for (;;) {
+		r = cl_try(path, "activated", &c, eb, sizeof(eb));
+		if (!r)
+			break;
+		if (now_ms() > deadline)
+			fail_msg("no connection on the activated socket: %s (%s)", moe_strerror(r),
+				 eb);
+		expect_alive(d, "a connection to the activated socket");
+		nap_ms(20);
+	}
+	forward_ok(c, 0, 9, 60, "on the activated socket");
+	forward_ok(c, 2, 2, 61, "on the activated socket");
+	{
+		cJSON *j = status(c);
+
+		assert_string_equal(jget(j, "state", cJSON_String)->valuestring, "serving");
+		cJSON_Delete(j);
+	}
+	cl_close(c);
+	{
+		/* moed itself, in place of the activator (same pid) */
+		char exe[64], target[512];
+		ssize_t n;
+
+		snprintf(exe, sizeof(exe), "/proc/%d/exe", (int)d->pid);
+		n = readlink(exe, target, sizeof(target) - 1);
+		assert_true(n > 0);
+		target[n] = '\0';
+		printf("pid %d runs %s\n", (int)d->pid, target);
+		assert_non_null(strstr(target, "moed"));
+	}
+	daemon_stop(d);
+	/* moed did not remove the socket it was given */
+	assert_int_equal(stat(path, &sb), 0);
+	{
+		FILE *f = fopen(d->log, "r");
+		char line[512];
+		bool said = false;
+
+		assert_non_null(f);
+		while (fgets(line, sizeof(line), f))
+			if (strstr(line, "the socket systemd passed"))
+				said = true;
+		fclose(f);
+		assert_true(said);
+	}
+	free(path);
+	g_passed = true;
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test_setup_teardown(test_notify_watchdog, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_notify_reload, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_reload_limits, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_drain, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_auth_privileges, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_handshake_timeout, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_socket_activation, test_setup, test_teardown),
+	};
+
+	if (access(MOED, X_OK)) {
+		printf("test_ops: SKIPPED, %s is not built\n", MOED);
+		return 77;
+	}
+	return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}
