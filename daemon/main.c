@@ -140,6 +140,7 @@ static int activated_socket(void)
 struct reload_ctx {
 	const char *file;
 	struct moe_config *live;
+	const struct overrides *ov; /* the command line wins over the file, then too */
 };
 
 #define SAME_STR(a, b) (strcmp((a) ? (a) : "", (b) ? (b) : "") == 0)
@@ -157,6 +158,11 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 	if (ret) {
 		snprintf(msg, n, "%s", err);
 		return ret;
+	}
+	if (apply_overrides(&nc, r->ov)) {
+		snprintf(msg, n, "cannot apply the command-line overrides");
+		moe_cfg_free(&nc);
+		return -EINVAL;
 	}
 	has_admin = group_id(nc.server.admin_group, "server.admin_group", &admin);
 	if (has_admin < 0) {
@@ -210,7 +216,8 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 	return 0;
 }
 
-static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file)
+static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file,
+		      const struct overrides *ov)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
@@ -234,7 +241,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
 		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
 	if (serve) {
-		struct reload_ctx rc = {cfg_file, c};
+		struct reload_ctx rc = {cfg_file, c, ov};
 		gid_t sock_gid = 0, admin_gid = 0;
 		int has_sock = group_id(c->server.group, "server.group", &sock_gid);
 		int has_admin = group_id(c->server.admin_group, "server.admin_group", &admin_gid);
@@ -363,7 +370,7 @@ int main(int argc, char **argv)
 		moe_plan_print(stdout, &cfg, m, &plan);
 		ret = plan.fits && plan.isa >= 0 ? 0 : 1;
 	} else {
-		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load, cfg_file) : 1;
+		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load, cfg_file, &ov) : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in memory (moed -t shows the plan)");
 		if (plan.isa < 0)
