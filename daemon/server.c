@@ -365,13 +365,19 @@ static void unqueue(struct client *c, struct request *r)
 static int64_t next_layer(struct server *s)
 {
 	uint32_t nc = s->n_clients, i = 0;
-	struct client *c;
+	struct client *c = s->clients;
 
+	if (!nc)
+		return -1;
+	/* from the rr-th client round the list once, wrapping to the head */
+	for (; c && i < s->rr % nc; c = c->next)
+		i++;
 	for (uint32_t k = 0; k < nc; k++) {
-		for (c = s->clients, i = 0; c && i < (s->rr + k) % nc; c = c->next)
-			i++;
-		if (c && c->queue)
+		if (!c)
+			c = s->clients;
+		if (c->queue)
 			return c->queue->layer;
+		c = c->next;
 	}
 	return -1;
 }
