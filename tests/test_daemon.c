@@ -37,6 +37,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/daemon_harness.h"
 #include "tests/testutil.h"
 
 #include "client/include/moeclient.h"
@@ -47,34 +48,16 @@
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"
 
-#define MOED	"" MOE_BIN_DIR "/moed"
-#define FIXTURE "" MOE_FIXTURES_DIR "/qwen2_moe_bf16"
+#define MOED	DH_MOED
+#define FIXTURE DH_FIXTURE
 
 /* Bounds for waits that must not hang (generous: sanitizer builds are slow). */
 #define READY_MS 10000
-#define EXIT_MS	 10000
-#define WAIT_MS	 30000
+#define EXIT_MS	 DH_EXIT_MS
+#define WAIT_MS	 DH_WAIT_MS
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                            */
-
-static uint64_t now_ms(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
-}
-
-static void nap_ms(int ms)
-{
-	poll(NULL, 0, ms);
-}
-
-static size_t dt_size(int dt)
-{
-	return dt == MOE_DTYPE_F32 ? 4 : 2;
-}
 
 static const char *dt_name(int dt)
 {
@@ -82,69 +65,7 @@ static const char *dt_name(int dt)
 }
 
 /* ------------------------------------------------------------------------ */
-/* The in-process reference: the same fixture through daemon/engine.h       */
-
-static struct moe_model *g_model;
-static struct moe_engine *g_eng;
-static uint32_t g_H;
-
-static int group_setup(void **state)
-{
-	struct moe_engine_opts o = {.threads = 1, .max_batch_tokens = 4096};
-	char err[MOE_ERRLEN];
-
-	(void)state;
-	if (moe_model_open(FIXTURE, NULL, &g_model, err)) {
-		fprintf(stderr, "%s\n", err);
-		return -1;
-	}
-	if (moe_engine_create(g_model, &o, &g_eng, err)) {
-		fprintf(stderr, "%s\n", err);
-		return -1;
-	}
-	g_H = g_model->hidden;
-	return 0;
-}
-
-static int group_teardown(void **state)
-{
-	(void)state;
-	moe_engine_destroy(g_eng);
-	moe_model_free(g_model);
-	return 0;
-}
-
-static void ref_forward(uint32_t layer, int dt, const void *in, void *out, uint32_t n)
-{
-	struct moe_epoch *ep = moe_epoch_acquire(g_eng);
-	struct moe_batch b = {layer, n, (enum moe_dtype)dt, in, out, NULL, NULL};
-	char err[MOE_ERRLEN];
-	int r = moe_engine_forward(g_eng, ep, &b, err);
-
-	moe_epoch_release(ep);
-	if (r)
-		fail_msg("reference forward: %s", err);
-}
-
-/* n tokens of N(0,1) hidden states in dtype dt (malloc'd). */
-static void *make_input(int dt, uint32_t n, uint64_t seed)
-{
-	size_t cnt = (size_t)n * g_H;
-	float *f = malloc(cnt * sizeof(float));
-	void *p = malloc(cnt * dt_size(dt));
-	struct moe_rng rng = {seed * 0x9e3779b97f4a7c15ull + 1};
-
-	assert_non_null(f);
-	assert_non_null(p);
-	for (size_t i = 0; i < cnt; i++)
-		f[i] = (float)moe_rng_normal(&rng);
-	if (dt == MOE_DTYPE_F32)
-		memcpy(p, f, cnt * sizeof(float));
-	else
-		moe_cpu_from_f32((enum moe_dtype)dt, f, p, cnt);
-	free(f);
-	return p;
-}
+/* Checks against the in-process reference (daemon_harness.c)               */
 
 static float elem(int dt, const void *p, size_t i)
 {
@@ -159,16 +80,16 @@ static float elem(int dt, const void *p, size_t i)
 static void check_output(uint32_t layer, int dt, const void *in, const void *out, uint32_t n,
 			 const char *what)
 {
-	size_t cnt = (size_t)n * g_H, bytes = cnt * dt_size(dt);
+	size_t cnt = (size_t)n * g_H, bytes = cnt * dh_dt_size(dt);
 	void *ref = malloc(bytes);
 
 	assert_non_null(ref);
-	ref_forward(layer, dt, in, ref, n);
+	dh_ref_forward(layer, dt, in, ref, n);
 	if (memcmp(ref, out, bytes)) {
 		size_t i = 0;
 
-		while (i < cnt && !memcmp((const char *)ref + i * dt_size(dt),
-					  (const char *)out + i * dt_size(dt), dt_size(dt)))
+		while (i < cnt && !memcmp((const char *)ref + i * dh_dt_size(dt),
+					  (const char *)out + i * dh_dt_size(dt), dh_dt_size(dt)))
 			i++;
 		fail_msg("%s: layer %u, %s, %u tokens: element %zu (token %zu) is %.9g, the "
 			 "in-process engine gives %.9g",
@@ -181,236 +102,29 @@ static void check_output(uint32_t layer, int dt, const void *in, const void *out
 /* ------------------------------------------------------------------------ */
 /* Daemons                                                                  */
 
-struct daemon {
-	pid_t pid; /* 0: not running */
-	char *dir, *sock, *log, *cfg;
-	char *model;
-};
-
-#define MAX_DAEMONS 4
-#define MAX_CLIENTS 32
 #define MAX_RAW	    16
 
-static struct daemon *g_daemons[MAX_DAEMONS];
-static moe_client *g_clients[MAX_CLIENTS];
 static struct raw *g_raws[MAX_RAW];
-static bool g_passed;
 static char *g_tmpdir; /* a test's own temporary directory, removed by teardown */
-
-static void dump_log(const struct daemon *d)
-{
-	FILE *f = fopen(d->log, "r");
-	char line[512];
-
-	printf("---- moed stderr (%s) ----\n", d->log);
-	if (f) {
-		while (fgets(line, sizeof(line), f))
-			printf("  | %s", line);
-		fclose(f);
-	}
-	printf("---- end of moed stderr ----\n");
-	fflush(stdout);
-}
 
 /* A daemon on `model`, with `cfg_extra` (YAML sections other than model:)
  * in a configuration file, or none (NULL: --model). Not started yet. */
 static struct daemon *daemon_new(const char *model, const char *cfg_extra)
 {
-	struct daemon *d = calloc(1, sizeof(*d));
-	int i;
+	struct daemon *d = dh_daemon_new(model, false, READY_MS);
 
-	assert_non_null(d);
-	d->dir = tu_tmpdir();
-	d->model = strdup(model);
-	assert_true(asprintf(&d->sock, "%s/moed.sock", d->dir) > 0);
-	assert_true(asprintf(&d->log, "%s/moed.stderr", d->dir) > 0);
-	if (cfg_extra) {
-		char *text;
-
-		assert_true(asprintf(&text, "model:\n  path: %s\n%s", model, cfg_extra) > 0);
-		d->cfg = tu_write_file(d->dir, "moe.yaml", text, strlen(text));
-		free(text);
-	}
-	for (i = 0; i < MAX_DAEMONS && g_daemons[i]; i++)
-		;
-	assert_true(i < MAX_DAEMONS);
-	g_daemons[i] = d;
+	d->socket_arg = true;
+	if (cfg_extra)
+		dh_daemon_write_cfg(d, cfg_extra);
 	return d;
-}
-
-/* Waits (bounded) until moed exits; returns its wait status. */
-static int daemon_wait_exit(struct daemon *d, int ms)
-{
-	uint64_t deadline = now_ms() + (uint64_t)ms;
-	int st;
-
-	assert_true(d->pid > 0);
-	for (;;) {
-		pid_t w = waitpid(d->pid, &st, WNOHANG);
-
-		if (w == d->pid) {
-			d->pid = 0;
-			return st;
-		}
-		assert_int_equal(w, 0);
-		if (now_ms() > deadline) {
-			kill(d->pid, SIGKILL);
-			waitpid(d->pid, &st, 0);
-			d->pid = 0;
-			fail_msg("moed did not exit within %d ms", ms);
-		}
-		nap_ms(2);
-	}
-}
-
-static void expect_alive(struct daemon *d, const char *after)
-{
-	int st;
-
-	if (d->pid > 0 && waitpid(d->pid, &st, WNOHANG) == d->pid) {
-		d->pid = 0;
-		fail_msg("moed died after %s (wait status 0x%x)", after, st);
-	}
-	assert_true(d->pid > 0);
-}
-
-static int raw_socket(const char *path);
-static bool raw_hangup(int fd, int ms, int *status);
-
-static void daemon_start(struct daemon *d)
-{
-	char *argv[8];
-	int i = 0, fd;
-	uint64_t deadline;
-
-	argv[i++] = MOED;
-	if (d->cfg) {
-		argv[i++] = "-c";
-		argv[i++] = d->cfg;
-	} else {
-		argv[i++] = "--model";
-		argv[i++] = d->model;
-	}
-	argv[i++] = "--socket";
-	argv[i++] = d->sock;
-	argv[i] = NULL;
-	fflush(stdout);
-	fflush(stderr);
-	d->pid = fork();
-	assert_true(d->pid >= 0);
-	if (d->pid == 0) {
-		sigset_t none;
-
-		fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-		if (fd >= 0) {
-			dup2(fd, STDOUT_FILENO);
-			dup2(fd, STDERR_FILENO);
-		}
-		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, NULL);
-		execv(MOED, argv);
-		_exit(127);
-	}
-	/* Ready = it accepts a connection and hangs up on a bad message: the
-	 * serving loop runs, and that probe has been dropped (it no longer
-	 * counts against server.max_clients). */
-	deadline = now_ms() + READY_MS;
-	for (;;) {
-		int st;
-
-		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
-			d->pid = 0;
-			fail_msg("moed exited during startup (wait status 0x%x)", st);
-		}
-		fd = raw_socket(d->sock);
-		if (fd >= 0) {
-			char b = 0x5a;
-			int left = (int)(deadline > now_ms() ? deadline - now_ms() : 1);
-
-			assert_int_equal(send(fd, &b, 1, MSG_NOSIGNAL), 1);
-			if (!raw_hangup(fd, left, NULL)) {
-				close(fd);
-				fail_msg("moed accepted a connection but did not hang up on garbage");
-			}
-			close(fd);
-			return;
-		}
-		if (now_ms() > deadline)
-			fail_msg("moed did not accept connections on %s within %d ms", d->sock,
-				 READY_MS);
-		nap_ms(5);
-	}
 }
 
 static struct daemon *daemon_run(const char *model, const char *cfg_extra)
 {
 	struct daemon *d = daemon_new(model, cfg_extra);
 
-	daemon_start(d);
+	dh_daemon_start(d);
 	return d;
-}
-
-/* SIGTERM, and it must exit with code 0. */
-static void daemon_stop(struct daemon *d)
-{
-	int st;
-
-	assert_int_equal(kill(d->pid, SIGTERM), 0);
-	st = daemon_wait_exit(d, EXIT_MS);
-	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		fail_msg("moed did not exit cleanly after SIGTERM: wait status 0x%x%s", st,
-			 WIFSIGNALED(st) ? " (killed by a signal)" : "");
-}
-
-/* Freezes / thaws the daemon; after daemon_freeze() it has really stopped. */
-static void daemon_freeze(struct daemon *d)
-{
-	int st;
-
-	assert_int_equal(kill(d->pid, SIGSTOP), 0);
-	assert_int_equal(waitpid(d->pid, &st, WUNTRACED), d->pid);
-	assert_true(WIFSTOPPED(st));
-}
-
-static void daemon_thaw(struct daemon *d)
-{
-	assert_int_equal(kill(d->pid, SIGCONT), 0);
-}
-
-static void daemon_free(struct daemon *d)
-{
-	for (int i = 0; i < MAX_DAEMONS; i++)
-		if (g_daemons[i] == d)
-			g_daemons[i] = NULL;
-	if (d->pid > 0) {
-		kill(d->pid, SIGKILL);
-		waitpid(d->pid, NULL, 0);
-	}
-	tu_rmtree(d->dir);
-	free(d->dir);
-	free(d->sock);
-	free(d->log);
-	free(d->cfg);
-	free(d->model);
-	free(d);
-}
-
-/* Entries in /proc/PID/fd, and mappings of memfds in /proc/PID/maps. */
-static int count_fds(pid_t pid)
-{
-	char path[64];
-	DIR *dir;
-	struct dirent *e;
-	int n = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
-	dir = opendir(path);
-	assert_non_null(dir);
-	while ((e = readdir(dir)))
-		if (e->d_name[0] != '.')
-			n++;
-	closedir(dir);
-	return n;
 }
 
 static int count_memfd_maps(pid_t pid)
@@ -439,14 +153,11 @@ static moe_client *cl_open_opts(struct daemon *d, size_t region, uint32_t depth,
 				 .name = "test_daemon", .auto_reconnect = autorc,
 				 .errbuf = eb, .errbuf_len = sizeof(eb)};
 	moe_client *c = NULL;
-	int r = moe_connect_opts(d->sock, &o, &c), i;
+	int r = moe_connect_opts(d->sock, &o, &c);
 
 	if (r)
 		fail_msg("moe_connect_opts: %s (%s)", moe_strerror(r), eb);
-	for (i = 0; i < MAX_CLIENTS && g_clients[i]; i++)
-		;
-	assert_true(i < MAX_CLIENTS);
-	g_clients[i] = c;
+	dh_cl_track(c);
 	return c;
 }
 
@@ -455,20 +166,12 @@ static moe_client *cl_open(struct daemon *d)
 	return cl_open_opts(d, 0, 0, 0);
 }
 
-static void cl_close(moe_client *c)
-{
-	for (int i = 0; i < MAX_CLIENTS; i++)
-		if (g_clients[i] == c)
-			g_clients[i] = NULL;
-	moe_disconnect(c);
-}
-
 /* moe_forward of fresh random tokens, checked against the reference. */
 static void forward_ok(moe_client *c, uint32_t layer, int dt, uint32_t n, uint64_t seed,
 		       const char *what)
 {
-	void *in = make_input(dt, n, seed);
-	void *out = malloc((size_t)n * g_H * dt_size(dt));
+	void *in = dh_make_input(dt, n, seed);
+	void *out = malloc((size_t)n * g_H * dh_dt_size(dt));
 	int r;
 
 	assert_non_null(out);
@@ -487,41 +190,11 @@ static void good_still_works(struct daemon *d, moe_client *good, const char *aft
 	static uint64_t seed = 1000;
 	char what[160];
 
-	expect_alive(d, after);
+	dh_expect_alive(d, after);
 	snprintf(what, sizeof(what), "well-behaved client after %s", after);
 	forward_ok(good, 0, MOE_DTYPE_F32, 7, seed++, what);
 	forward_ok(good, 2, MOE_DTYPE_BF16, 3, seed++, what);
-	expect_alive(d, after);
-}
-
-/* A request submitted on buffers of the data area (zero-copy). */
-struct req {
-	uint64_t tag;
-	uint32_t layer, n;
-	int dt;
-	void *in, *out; /* in the data area */
-	void *copy;	/* the input, private (the reference gets it) */
-};
-
-static void req_submit(moe_client *c, struct req *q, uint32_t layer, int dt, uint32_t n,
-		       uint64_t seed, uint32_t timeout_ms)
-{
-	size_t bytes = (size_t)n * g_H * dt_size(dt);
-	int r;
-
-	q->layer = layer;
-	q->dt = dt;
-	q->n = n;
-	q->copy = make_input(dt, n, seed);
-	q->in = moe_buf_alloc(c, bytes);
-	q->out = moe_buf_alloc(c, bytes);
-	assert_non_null(q->in);
-	assert_non_null(q->out);
-	memcpy(q->in, q->copy, bytes);
-	memset(q->out, 0xff, bytes);
-	r = moe_submit(c, layer, (moe_dtype)dt, q->in, q->out, n, timeout_ms, &q->tag);
-	if (r)
-		fail_msg("moe_submit(layer %u, %u tokens): %s", layer, n, moe_strerror(r));
+	dh_expect_alive(d, after);
 }
 
 /* Waits (bounded) for q; returns its completion status. */
@@ -534,49 +207,13 @@ static int req_wait(moe_client *c, struct req *q)
 	return st;
 }
 
-static void req_free(moe_client *c, struct req *q)
-{
-	moe_buf_free(c, q->in);
-	moe_buf_free(c, q->out);
-	free(q->copy);
-	q->copy = q->in = q->out = NULL;
-}
-
 /* ------------------------------------------------------------------------ */
 /* JSON                                                                     */
 
-static cJSON *jget(const cJSON *o, const char *key, int type)
-{
-	cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-
-	if (!v)
-		fail_msg("status JSON: no key \"%s\"", key);
-	if (!(v->type & type))
-		fail_msg("status JSON: \"%s\" has the wrong type", key);
-	return v;
-}
-
-static double jnum(const cJSON *o, const char *key)
-{
-	return jget(o, key, cJSON_Number)->valuedouble;
-}
-
+/* The status JSON, its length checked. */
 static cJSON *status(moe_client *c)
 {
-	char *json = NULL;
-	size_t len = 0;
-	int r = moe_status_json(c, &json, &len);
-	cJSON *j;
-
-	if (r)
-		fail_msg("moe_status_json: %s", moe_strerror(r));
-	assert_non_null(json);
-	assert_int_equal(strlen(json), len);
-	j = cJSON_Parse(json);
-	if (!j)
-		fail_msg("status JSON does not parse: %.200s", json);
-	free(json);
-	return j;
+	return dh_status(c, true);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -595,24 +232,9 @@ struct raw {
 	struct moe_msg_hello_reply rep;
 };
 
-/* A connected SOCK_SEQPACKET socket, or -1. */
-static int raw_socket(const char *path)
-{
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-
-	assert_true(fd >= 0);
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		close(fd);
-		return -1;
-	}
-	return fd;
-}
-
 static int raw_connect(struct daemon *d)
 {
-	int fd = raw_socket(d->sock);
+	int fd = dh_raw_socket(d->sock);
 
 	if (fd < 0)
 		fail_msg("connect %s: %s", d->sock, strerror(errno));
@@ -654,99 +276,13 @@ static int raw_send(int fd, uint16_t type, const void *payload, uint32_t len, co
 	return raw_sendmsg(fd, buf, n, fds, nfds);
 }
 
-static int *g_resets; /* if set: counts ECONNRESETs seen by raw_recv */
-
-/* One datagram: > 0 its length, 0 at EOF, -ETIMEDOUT. Received fds are
- * closed. */
-static ssize_t raw_recv(int fd, void *buf, size_t cap, int ms)
-{
-	uint64_t deadline = now_ms() + (uint64_t)(ms < 0 ? 0 : ms);
-
-	for (;;) {
-		union {
-			char b[CMSG_SPACE(sizeof(int) * 8)];
-			struct cmsghdr align;
-		} u;
-		struct iovec iov = {buf, cap};
-		struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.b,
-				    .msg_controllen = sizeof(u.b)};
-		struct pollfd p = {fd, POLLIN, 0};
-		uint64_t t = now_ms();
-		ssize_t n;
-
-		n = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-		if (n < 0 && errno == ECONNRESET) {
-			/* the peer closed with data of ours unread: reported
-			 * once, before what it sent us; then EOF */
-			if (g_resets)
-				(*g_resets)++;
-			continue;
-		}
-		if (n >= 0 || (errno != EAGAIN && errno != EINTR)) {
-			if (n < 0)
-				return -errno;
-			for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm;
-			     cm = CMSG_NXTHDR(&mh, cm))
-				if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS)
-					for (size_t k = 0;
-					     k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int); k++) {
-						int x;
-
-						memcpy(&x, CMSG_DATA(cm) + k * sizeof(int), sizeof(x));
-						close(x);
-					}
-			return n;
-		}
-		if (t >= deadline)
-			return -ETIMEDOUT;
-		poll(&p, 1, (int)(deadline - t));
-	}
-}
-
-/* Reads until the daemon hangs up (true) or `ms` pass (false). *status
- * (may be NULL) gets the status of the first HELLO_REPLY or ERROR seen, 1 if
- * none. A zero-length datagram cannot come from moed: 0 means EOF. */
-static bool raw_hangup(int fd, int ms, int *status)
-{
-	uint64_t deadline = now_ms() + (uint64_t)ms;
-	char buf[MOE_MSG_MAX + 64];
-
-	if (status)
-		*status = 1;
-	for (;;) {
-		uint64_t t = now_ms();
-		ssize_t n = raw_recv(fd, buf, sizeof(buf), t < deadline ? (int)(deadline - t) : 0);
-		struct moe_msg_hdr h;
-		int type;
-
-		if (n == 0)
-			return true;
-		if (n < 0)
-			return false;
-		type = moe_msg_peek(buf, (size_t)n, &h);
-		if (status && *status == 1) {
-			if (type == MOE_MSG_HELLO_REPLY) {
-				struct moe_msg_hello_reply r;
-
-				if (!moe_msg_decode_hello_reply(buf, (size_t)n, &r))
-					*status = r.status;
-			} else if (type == MOE_MSG_ERROR) {
-				struct moe_msg_error e;
-
-				if (!moe_msg_decode_error(buf, (size_t)n, &e))
-					*status = e.status;
-			}
-		}
-	}
-}
-
 /* The daemon must answer with a refusal (HELLO_REPLY with an error status or
  * ERROR) and hang up. Closes fd. Returns the refusal's status. */
 static int expect_refused(int fd, const char *what)
 {
 	int st;
 
-	if (!raw_hangup(fd, READY_MS, &st)) {
+	if (!dh_raw_hangup(fd, READY_MS, &st)) {
 		close(fd);
 		fail_msg("%s: moed did not hang up", what);
 	}
@@ -841,7 +377,7 @@ static struct raw *raw_attach(struct daemon *d, uint64_t bytes, uint32_t entries
 	assert_int_equal(raw_send(r->sock, MOE_MSG_HELLO, &h, sizeof(h), &memfd, 1), 0);
 	close(memfd);
 	for (;;) {
-		ssize_t n = raw_recv(r->sock, buf, sizeof(buf), READY_MS);
+		ssize_t n = dh_raw_recv(r->sock, buf, sizeof(buf), READY_MS);
 		struct moe_msg_hdr mh;
 
 		if (n <= 0)
@@ -900,7 +436,7 @@ static bool raw_drain(struct raw *r)
 	char buf[MOE_MSG_MAX];
 
 	for (;;) {
-		ssize_t n = raw_recv(r->sock, buf, sizeof(buf), 0);
+		ssize_t n = dh_raw_recv(r->sock, buf, sizeof(buf), 0);
 
 		if (n == 0)
 			return false;
@@ -913,7 +449,7 @@ static bool raw_drain(struct raw *r)
  * meanwhile unless `deaf`. */
 static void raw_wait(struct raw *r, struct moe_cqe *out, uint32_t n, bool deaf)
 {
-	uint64_t deadline = now_ms() + WAIT_MS;
+	uint64_t deadline = dh_now_ms() + WAIT_MS;
 	uint32_t got = 0;
 
 	while (got < n) {
@@ -925,10 +461,10 @@ static void raw_wait(struct raw *r, struct moe_cqe *out, uint32_t n, bool deaf)
 		atomic_store_explicit(&r->hdr->cq_head, r->cq_head, memory_order_release);
 		if (got == n)
 			break;
-		if (now_ms() > deadline)
+		if (dh_now_ms() > deadline)
 			fail_msg("raw client: %u of %u completions after %d ms", got, n, WAIT_MS);
 		if (deaf) {
-			nap_ms(1);
+			dh_nap_ms(1);
 		} else {
 			struct pollfd p = {r->sock, POLLIN, 0};
 
@@ -953,8 +489,8 @@ static struct moe_sqe sqe(uint64_t tag, uint32_t layer, uint32_t n, uint64_t in_
 /* A real request through a raw client, its output checked. */
 static void raw_forward_ok(struct raw *r, uint32_t layer, int dt, uint32_t n, uint64_t seed)
 {
-	size_t bytes = (size_t)n * g_H * dt_size(dt);
-	void *in = make_input(dt, n, seed);
+	size_t bytes = (size_t)n * g_H * dh_dt_size(dt);
+	void *in = dh_make_input(dt, n, seed);
 	struct moe_sqe q = sqe(0xabc000 + seed, layer, n, 0, (bytes + 63) & ~(size_t)63,
 			       (uint16_t)dt);
 	struct moe_cqe c;
@@ -974,21 +510,10 @@ static void raw_forward_ok(struct raw *r, uint32_t layer, int dt, uint32_t n, ui
 /* ------------------------------------------------------------------------ */
 /* Setup / teardown of each test                                            */
 
-static int test_setup(void **state)
-{
-	(void)state;
-	g_passed = false;
-	return 0;
-}
-
 static int test_teardown(void **state)
 {
 	(void)state;
-	for (int i = 0; i < MAX_CLIENTS; i++)
-		if (g_clients[i]) {
-			moe_disconnect(g_clients[i]);
-			g_clients[i] = NULL;
-		}
+	dh_close_clients();
 	for (int i = 0; i < MAX_RAW; i++)
 		if (g_raws[i])
 			raw_close(g_raws[i]);
@@ -997,20 +522,7 @@ static int test_teardown(void **state)
 		free(g_tmpdir);
 		g_tmpdir = NULL;
 	}
-	for (int i = 0; i < MAX_DAEMONS; i++) {
-		struct daemon *d = g_daemons[i];
-
-		if (!d)
-			continue;
-		if (d->pid > 0) {
-			kill(d->pid, SIGKILL);
-			waitpid(d->pid, NULL, 0);
-			d->pid = 0;
-		}
-		if (!g_passed)
-			dump_log(d);
-		daemon_free(d);
-	}
+	dh_reap_daemons();
 	return 0;
 }
 
@@ -1062,59 +574,59 @@ static void test_basic(void **state)
 	}
 
 	/* zero-copy requests, several in flight at once (one batch or more) */
-	req_submit(c, &q[0], 0, MOE_DTYPE_F32, 9, 31, 0);
-	req_submit(c, &q[1], 2, MOE_DTYPE_BF16, 33, 32, 0);
-	req_submit(c, &q[2], 0, MOE_DTYPE_F16, 2, 33, 0);
+	dh_req_submit(c, &q[0], 0, MOE_DTYPE_F32, 9, 31, 0);
+	dh_req_submit(c, &q[1], 2, MOE_DTYPE_BF16, 33, 32, 0);
+	dh_req_submit(c, &q[2], 0, MOE_DTYPE_F16, 2, 33, 0);
 	for (int i = 2; i >= 0; i--) {
 		assert_int_equal(req_wait(c, &q[i]), 0);
 		check_output(q[i].layer, q[i].dt, q[i].copy, q[i].out, q[i].n, "moe_submit");
 		tokens[q[i].layer] += q[i].n;
 		n_req++;
-		req_free(c, &q[i]);
+		dh_req_free(c, &q[i]);
 	}
 	assert_int_equal(moe_ping(c, NULL), 0);
 
 	/* status */
 	j = status(c);
-	assert_true(jnum(j, "version") >= 1);
-	assert_true(jnum(j, "uptime_s") >= 0);
-	assert_string_equal(jget(j, "state", cJSON_String)->valuestring, "serving");
-	o = jget(j, "model", cJSON_Object);
-	assert_string_equal(jget(o, "family", cJSON_String)->valuestring, "qwen2_moe");
-	assert_int_equal(jnum(o, "hidden"), 88);
-	assert_int_equal(jnum(o, "experts"), g_model->n_experts);
-	assert_int_equal(jnum(o, "top_k"), g_model->top_k);
-	a = jget(o, "moe_layers", cJSON_Array);
+	assert_true(dh_jnum(j, "version") >= 1);
+	assert_true(dh_jnum(j, "uptime_s") >= 0);
+	assert_string_equal(dh_jget(j, "state", cJSON_String)->valuestring, "serving");
+	o = dh_jget(j, "model", cJSON_Object);
+	assert_string_equal(dh_jget(o, "family", cJSON_String)->valuestring, "qwen2_moe");
+	assert_int_equal(dh_jnum(o, "hidden"), 88);
+	assert_int_equal(dh_jnum(o, "experts"), g_model->n_experts);
+	assert_int_equal(dh_jnum(o, "top_k"), g_model->top_k);
+	a = dh_jget(o, "moe_layers", cJSON_Array);
 	assert_int_equal(cJSON_GetArraySize(a), 2);
 	assert_int_equal(cJSON_GetArrayItem(a, 0)->valuedouble, 0);
 	assert_int_equal(cJSON_GetArrayItem(a, 1)->valuedouble, 2);
-	o = jget(j, "backend", cJSON_Object);
-	assert_true(strlen(jget(o, "name", cJSON_String)->valuestring) > 0);
-	assert_true(strlen(jget(o, "kernels", cJSON_String)->valuestring) > 0);
-	assert_true(jnum(o, "threads") >= 1);
-	a = jget(j, "clients", cJSON_Array);
+	o = dh_jget(j, "backend", cJSON_Object);
+	assert_true(strlen(dh_jget(o, "name", cJSON_String)->valuestring) > 0);
+	assert_true(strlen(dh_jget(o, "kernels", cJSON_String)->valuestring) > 0);
+	assert_true(dh_jnum(o, "threads") >= 1);
+	a = dh_jget(j, "clients", cJSON_Array);
 	assert_int_equal(cJSON_GetArraySize(a), 1); /* the readiness probe is gone */
-	assert_string_equal(jget(cJSON_GetArrayItem(a, 0), "name", cJSON_String)->valuestring,
+	assert_string_equal(dh_jget(cJSON_GetArrayItem(a, 0), "name", cJSON_String)->valuestring,
 			    "test_daemon");
-	o = jget(j, "queue", cJSON_Object);
-	assert_int_equal(jnum(o, "pending_requests"), 0);
-	assert_int_equal(jnum(o, "pending_tokens"), 0);
-	o = jget(j, "requests", cJSON_Object);
-	assert_int_equal(jnum(o, "completed"), n_req);
-	assert_int_equal(jnum(o, "errors"), 0);
-	assert_int_equal(jnum(o, "timeouts"), 0);
-	assert_int_equal(jnum(o, "cancelled"), 0);
-	assert_int_equal(jnum(o, "tokens"), tokens[0] + tokens[2]);
-	assert_true(jnum(o, "batches") >= 1 && jnum(o, "batches") <= n_req);
-	a = jget(j, "layers", cJSON_Array);
+	o = dh_jget(j, "queue", cJSON_Object);
+	assert_int_equal(dh_jnum(o, "pending_requests"), 0);
+	assert_int_equal(dh_jnum(o, "pending_tokens"), 0);
+	o = dh_jget(j, "requests", cJSON_Object);
+	assert_int_equal(dh_jnum(o, "completed"), n_req);
+	assert_int_equal(dh_jnum(o, "errors"), 0);
+	assert_int_equal(dh_jnum(o, "timeouts"), 0);
+	assert_int_equal(dh_jnum(o, "cancelled"), 0);
+	assert_int_equal(dh_jnum(o, "tokens"), tokens[0] + tokens[2]);
+	assert_true(dh_jnum(o, "batches") >= 1 && dh_jnum(o, "batches") <= n_req);
+	a = dh_jget(j, "layers", cJSON_Array);
 	assert_int_equal(cJSON_GetArraySize(a), 2);
 	for (int i = 0; i < 2; i++) {
 		cJSON *l = cJSON_GetArrayItem(a, i), *e, *x;
-		uint32_t layer = (uint32_t)jnum(l, "layer");
+		uint32_t layer = (uint32_t)dh_jnum(l, "layer");
 		double sum = 0;
 
 		assert_true(layer == 0 || layer == 2);
-		e = jget(l, "expert_tokens", cJSON_Array);
+		e = dh_jget(l, "expert_tokens", cJSON_Array);
 		assert_int_equal(cJSON_GetArraySize(e), g_model->n_experts);
 		cJSON_ArrayForEach(x, e) {
 			assert_true(cJSON_IsNumber(x) && x->valuedouble >= 0);
@@ -1126,8 +638,8 @@ static void test_basic(void **state)
 	}
 	cJSON_Delete(j);
 
-	cl_close(c);
-	daemon_stop(d);
+	dh_cl_close(c);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1143,22 +655,22 @@ static void test_wait_nonblocking(void **state)
 	(void)state;
 	/* X is queued before Y (another client's, same layer), so once Y's
 	 * moe_forward returns, X's completion is in c's completion ring */
-	req_submit(c, &q, 0, MOE_DTYPE_F32, 3, 34, 0);
+	dh_req_submit(c, &q, 0, MOE_DTYPE_F32, 3, 34, 0);
 	forward_ok(c2, 0, MOE_DTYPE_F32, 2, 35, "second client");
 	r = moe_wait(c, q.tag, 0, &st);
 	if (r == MOE_ETIMEDOUT) {
 		/* collect it anyway, then fail */
 		assert_int_equal(moe_wait(c, q.tag, WAIT_MS, &st), 0);
-		req_free(c, &q);
+		dh_req_free(c, &q);
 		fail_msg("moe_wait(tag, timeout 0) returned MOE_ETIMEDOUT for a request whose "
 			 "completion was already in the completion ring");
 	}
 	assert_int_equal(r, 0);
 	assert_int_equal(st, 0);
 	check_output(0, MOE_DTYPE_F32, q.copy, q.out, 3, "moe_submit");
-	req_free(c, &q);
+	dh_req_free(c, &q);
 	/* and moe_poll sees a finished request without any other call */
-	req_submit(c, &q, 2, MOE_DTYPE_BF16, 4, 36, 0);
+	dh_req_submit(c, &q, 2, MOE_DTYPE_BF16, 4, 36, 0);
 	forward_ok(c2, 2, MOE_DTYPE_F32, 1, 37, "second client");
 	{
 		moe_completion comp[2];
@@ -1169,10 +681,10 @@ static void test_wait_nonblocking(void **state)
 		assert_int_equal(comp[0].status, 0);
 	}
 	check_output(2, MOE_DTYPE_BF16, q.copy, q.out, 4, "moe_submit + moe_poll");
-	req_free(c, &q);
-	cl_close(c);
-	cl_close(c2);
-	daemon_stop(d);
+	dh_req_free(c, &q);
+	dh_cl_close(c);
+	dh_cl_close(c2);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1217,7 +729,7 @@ static void test_errors(void **state)
 		assert_int_equal(moe_forward(small, 0, MOE_DTYPE_F32, in, out, 4096) == MOE_ENOMEM,
 				 1);
 		moe_buf_free(small, sb);
-		cl_close(small);
+		dh_cl_close(small);
 	}
 	moe_buf_free(c, buf);
 
@@ -1266,8 +778,8 @@ static void test_errors(void **state)
 	raw_forward_ok(r, 2, MOE_DTYPE_BF16, 4, 2);
 	good_still_works(d, c, "bad requests");
 	raw_close(r);
-	cl_close(c);
-	daemon_stop(d);
+	dh_cl_close(c);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1312,7 +824,7 @@ static void test_deadline(void **state)
 	/* Everything reaches the daemon at once: it takes all six entries,
 	 * starting their deadlines, runs the big batch of layer A, and only
 	 * then can look at layer B, whose deadlines are long gone. */
-	daemon_freeze(d);
+	dh_daemon_freeze(d);
 	for (int i = 0; i < 2; i++) {
 		size_t bytes = (size_t)1024 * 256 * 4;
 
@@ -1337,7 +849,7 @@ static void test_deadline(void **state)
 					    small[i].out, 1, (uint32_t)(i % 2), &small[i].tag),
 				 0);
 	}
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	for (int i = 0; i < 4; i++) {
 		assert_int_equal(moe_wait(c, small[i].tag, WAIT_MS, &small[i].st), 0);
 		if (small[i].st != 0 && small[i].st != MOE_ETIMEDOUT)
@@ -1355,8 +867,8 @@ static void test_deadline(void **state)
 	if (small[1].st != MOE_ETIMEDOUT && small[3].st != MOE_ETIMEDOUT)
 		fail_msg("no small request with timeout_ms 1 timed out behind a 2048-token batch");
 	j = status(c);
-	assert_int_equal(jnum(jget(j, "requests", cJSON_Object), "timeouts"), timeouts);
-	assert_int_equal(jnum(jget(j, "queue", cJSON_Object), "pending_requests"), 0);
+	assert_int_equal(dh_jnum(dh_jget(j, "requests", cJSON_Object), "timeouts"), timeouts);
+	assert_int_equal(dh_jnum(dh_jget(j, "queue", cJSON_Object), "pending_requests"), 0);
 	cJSON_Delete(j);
 	/* with a long deadline the same small request runs */
 	assert_int_equal(moe_submit(c, mi.moe_layers[1], MOE_DTYPE_F32, small[0].in, small[0].out,
@@ -1372,8 +884,8 @@ static void test_deadline(void **state)
 		moe_buf_free(c, small[i].in);
 		moe_buf_free(c, small[i].out);
 	}
-	cl_close(c);
-	daemon_stop(d);
+	dh_cl_close(c);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1393,27 +905,27 @@ static void test_cancel(void **state)
 	 * ring's entries before handling it), or — epoll_wait fails with EINTR
 	 * after SIGCONT — takes both entries and runs one batch, of X's layer
 	 * (the oldest), and reads the CANCEL before the next: Y never runs. */
-	daemon_freeze(d);
-	req_submit(c, &q[0], 0, MOE_DTYPE_F32, 16, 41, 0);
-	req_submit(c, &q[1], 2, MOE_DTYPE_F32, 4, 42, 0);
+	dh_daemon_freeze(d);
+	dh_req_submit(c, &q[0], 0, MOE_DTYPE_F32, 16, 41, 0);
+	dh_req_submit(c, &q[1], 2, MOE_DTYPE_F32, 4, 42, 0);
 	assert_int_equal(moe_cancel(c, q[1].tag), 0);
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	assert_int_equal(req_wait(c, &q[1]), MOE_ECANCELED);
 	assert_int_equal(req_wait(c, &q[0]), 0);
 	check_output(0, MOE_DTYPE_F32, q[0].copy, q[0].out, 16, "beside a cancelled request");
 	assert_int_equal(moe_cancel(c, q[1].tag), MOE_ENOENT); /* delivered: forgotten */
 	assert_int_equal(moe_wait(c, q[1].tag, 0, NULL), MOE_ENOENT);
-	req_free(c, &q[0]);
-	req_free(c, &q[1]);
+	dh_req_free(c, &q[0]);
+	dh_req_free(c, &q[1]);
 
 	/* the middle one of four; the others run */
-	daemon_freeze(d);
-	req_submit(c, &q[0], 0, MOE_DTYPE_F32, 5, 43, 0);
-	req_submit(c, &q[1], 2, MOE_DTYPE_BF16, 6, 44, 0);
-	req_submit(c, &q[2], 2, MOE_DTYPE_F32, 3, 45, 0);
-	req_submit(c, &q[3], 0, MOE_DTYPE_F32, 7, 46, 0);
+	dh_daemon_freeze(d);
+	dh_req_submit(c, &q[0], 0, MOE_DTYPE_F32, 5, 43, 0);
+	dh_req_submit(c, &q[1], 2, MOE_DTYPE_BF16, 6, 44, 0);
+	dh_req_submit(c, &q[2], 2, MOE_DTYPE_F32, 3, 45, 0);
+	dh_req_submit(c, &q[3], 0, MOE_DTYPE_F32, 7, 46, 0);
 	assert_int_equal(moe_cancel(c, q[1].tag), 0);
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	assert_int_equal(req_wait(c, &q[3]), 0);
 	assert_int_equal(req_wait(c, &q[1]), MOE_ECANCELED);
 	assert_int_equal(req_wait(c, &q[2]), 0);
@@ -1423,15 +935,15 @@ static void test_cancel(void **state)
 	check_output(0, MOE_DTYPE_F32, q[3].copy, q[3].out, 7, "after the cancelled one");
 	/* cancelling what has finished: harmless, and it is still delivered */
 	for (int i = 0; i < 4; i++)
-		req_free(c, &q[i]);
-	req_submit(c, &q[0], 0, MOE_DTYPE_F32, 2, 47, 0);
+		dh_req_free(c, &q[i]);
+	dh_req_submit(c, &q[0], 0, MOE_DTYPE_F32, 2, 47, 0);
 	{
 		int st = 1;
 
 		assert_int_equal(moe_wait(c, q[0].tag, WAIT_MS, &st), 0);
 		assert_int_equal(st, 0);
 	}
-	req_free(c, &q[0]);
+	dh_req_free(c, &q[0]);
 
 	/* unknown tags */
 	assert_int_equal(moe_cancel(c, 0), MOE_ENOENT);
@@ -1439,11 +951,11 @@ static void test_cancel(void **state)
 	assert_int_equal(moe_cancel(c, UINT64_MAX), MOE_ENOENT);
 
 	j = status(c);
-	assert_int_equal(jnum(jget(j, "requests", cJSON_Object), "cancelled"), 2);
+	assert_int_equal(dh_jnum(dh_jget(j, "requests", cJSON_Object), "cancelled"), 2);
 	cJSON_Delete(j);
 	good_still_works(d, c, "cancels");
-	cl_close(c);
-	daemon_stop(d);
+	dh_cl_close(c);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1468,7 +980,7 @@ static void collect_shutdown(moe_client *c, struct req *q, int n, int *counts)
 		} else {
 			fail_msg("request %d during shutdown: %s", i, moe_strerror(st));
 		}
-		req_free(c, &q[i]);
+		dh_req_free(c, &q[i]);
 	}
 }
 
@@ -1484,14 +996,15 @@ static void test_shutdown(void **state)
 	(void)state;
 	/* live load: two clients, requests in every state when SIGTERM lands */
 	for (int i = 0; i < SHUT_N; i++) {
-		req_submit(c1, &q1[i], i % 2 ? 2 : 0, MOE_DTYPE_F32, 200 + (uint32_t)i, 500 + i, 0);
-		req_submit(c2, &q2[i], i % 2 ? 0 : 2, MOE_DTYPE_BF16, 150 + (uint32_t)i, 600 + i,
-			   0);
+		dh_req_submit(c1, &q1[i], i % 2 ? 2 : 0, MOE_DTYPE_F32, 200 + (uint32_t)i, 500 + i,
+			      0);
+		dh_req_submit(c2, &q2[i], i % 2 ? 0 : 2, MOE_DTYPE_BF16, 150 + (uint32_t)i, 600 + i,
+			      0);
 	}
 	assert_int_equal(kill(d->pid, SIGTERM), 0);
 	collect_shutdown(c1, q1, SHUT_N, counts);
 	collect_shutdown(c2, q2, SHUT_N, counts);
-	st = daemon_wait_exit(d, EXIT_MS);
+	st = dh_daemon_wait_exit(d, EXIT_MS);
 	if (!WIFEXITED(st) || WEXITSTATUS(st))
 		fail_msg("moed exited with wait status 0x%x after SIGTERM under load", st);
 	printf("shutdown under load: %d completed, %d ESHUTDOWN, %d EDAEMON\n", counts[0],
@@ -1501,31 +1014,31 @@ static void test_shutdown(void **state)
 	assert_int_equal(moe_forward(c1, 0, MOE_DTYPE_F32, in, out, 1), MOE_EDAEMON);
 	assert_int_equal(moe_ping(c2, NULL), MOE_EDAEMON);
 	assert_int_equal(moe_poll(c1, comp, 4), MOE_EDAEMON);
-	cl_close(c1);
-	cl_close(c2);
+	dh_cl_close(c1);
+	dh_cl_close(c2);
 
 	/* Frozen, the daemon gets 8 requests on alternating layers and then
 	 * SIGTERM. Thawed, it reads the signal at once (everything answered
 	 * MOE_ESHUTDOWN) or, epoll_wait failing with EINTR after SIGCONT, takes
 	 * the entries and runs one batch (one layer) first: either way the
 	 * other layer's requests are answered MOE_ESHUTDOWN, not run. */
-	daemon_start(d);
+	dh_daemon_start(d);
 	c1 = cl_open(d);
-	daemon_freeze(d);
+	dh_daemon_freeze(d);
 	for (int i = 0; i < 8; i++)
-		req_submit(c1, &q1[i], i % 2 ? 2 : 0, MOE_DTYPE_F32, 32, 700 + i, 0);
+		dh_req_submit(c1, &q1[i], i % 2 ? 2 : 0, MOE_DTYPE_F32, 32, 700 + i, 0);
 	assert_int_equal(kill(d->pid, SIGTERM), 0);
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	memset(counts, 0, sizeof(counts));
 	collect_shutdown(c1, q1, 8, counts);
-	st = daemon_wait_exit(d, EXIT_MS);
+	st = dh_daemon_wait_exit(d, EXIT_MS);
 	if (!WIFEXITED(st) || WEXITSTATUS(st))
 		fail_msg("moed exited with wait status 0x%x after SIGTERM", st);
 	printf("shutdown with queued requests: %d completed, %d ESHUTDOWN, %d EDAEMON\n",
 	       counts[0], counts[1], counts[2]);
 	if (counts[1] < 4)
 		fail_msg("queued requests were not answered with MOE_ESHUTDOWN at shutdown");
-	cl_close(c1);
+	dh_cl_close(c1);
 	g_passed = true;
 }
 
@@ -1566,19 +1079,19 @@ static void test_killed(void **state)
 	forward_ok(c1, 0, MOE_DTYPE_F32, 4, 51, "before the kill");
 
 	/* c1 waits for a request the daemon will never run */
-	daemon_freeze(d);
-	req_submit(c1, &q, 0, MOE_DTYPE_F32, 8, 52, 0);
+	dh_daemon_freeze(d);
+	dh_req_submit(c1, &q, 0, MOE_DTYPE_F32, 8, 52, 0);
 	w.c = c1;
 	w.tag = q.tag;
 	assert_int_equal(pthread_create(&th, NULL, wait_thread, &w), 0);
-	nap_ms(20); /* let it go to sleep in moe_wait (not required) */
+	dh_nap_ms(20); /* let it go to sleep in moe_wait (not required) */
 	assert_int_equal(kill(d->pid, SIGKILL), 0);
-	st = daemon_wait_exit(d, EXIT_MS);
+	st = dh_daemon_wait_exit(d, EXIT_MS);
 	assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
 	assert_int_equal(pthread_join(th, NULL), 0);
 	assert_int_equal(w.r, 0);
 	assert_int_equal(w.st, MOE_EDAEMON);
-	req_free(c1, &q);
+	dh_req_free(c1, &q);
 
 	/* c2 had not noticed: its next calls fail, without SIGPIPE */
 	memset(in, 0, sizeof(in));
@@ -1588,7 +1101,7 @@ static void test_killed(void **state)
 	assert_int_equal(moe_reconnect(c2), MOE_EDAEMON); /* nobody there yet */
 
 	/* a new daemon on the same path (the old socket file is stale) */
-	daemon_start(d);
+	dh_daemon_start(d);
 	forward_ok(c1, 2, MOE_DTYPE_BF16, 6, 53, "auto_reconnect after a restart");
 	assert_int_equal(moe_reconnect(c2), 0);
 	assert_int_equal(moe_reconnect(c2), 0); /* alive: a no-op */
@@ -1598,9 +1111,9 @@ static void test_killed(void **state)
 	forward_ok(c2, 0, MOE_DTYPE_F32, 9, 54, "moe_reconnect after a restart");
 	assert_int_equal(moe_ping(c2, NULL), 0);
 	moe_buf_free(c2, keep);
-	cl_close(c1);
-	cl_close(c2);
-	daemon_stop(d);
+	dh_cl_close(c1);
+	dh_cl_close(c2);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1621,7 +1134,7 @@ static void test_hostile_handshake(void **state)
 
 	(void)state;
 	good_still_works(d, good, "connecting");
-	fds0 = count_fds(d->pid);
+	fds0 = dh_count_fds(d->pid);
 	maps0 = count_memfd_maps(d->pid);
 
 	/* unsealed, or not sealed enough */
@@ -1770,7 +1283,7 @@ static void test_hostile_handshake(void **state)
 	expect_refused(s, "a daemon's message from a client");
 	s = raw_connect(d);
 	assert_int_equal(raw_sendmsg(s, junk, 0, NULL, 0), 0); /* an empty datagram */
-	assert_true(raw_hangup(s, READY_MS, NULL));
+	assert_true(dh_raw_hangup(s, READY_MS, NULL));
 	close(s);
 	s = raw_connect(d);
 	close(s); /* connects and leaves at once */
@@ -1783,13 +1296,13 @@ static void test_hostile_handshake(void **state)
 	fill_hello(&h, 16, MB);
 	assert_int_equal(raw_send(r->sock, MOE_MSG_HELLO, &h, sizeof(h), &fd, 1), 0);
 	close(fd);
-	assert_true(raw_hangup(r->sock, READY_MS, &st));
+	assert_true(dh_raw_hangup(r->sock, READY_MS, &st));
 	assert_true(st < 0);
 	raw_close(r);
 	good_still_works(d, good, "a second HELLO");
 	r = raw_attach(d, MB, 16);
 	assert_int_equal(raw_sendmsg(r->sock, junk, 50, NULL, 0), 0);
-	assert_true(raw_hangup(r->sock, READY_MS, &st));
+	assert_true(dh_raw_hangup(r->sock, READY_MS, &st));
 	assert_true(st < 0);
 	raw_close(r);
 	r = raw_attach(d, MB, 16);
@@ -1798,11 +1311,11 @@ static void test_hostile_handshake(void **state)
 
 		/* CANCEL with a short payload, STATUS with one */
 		assert_int_equal(raw_send(r->sock, MOE_MSG_CANCEL, &m, 4, NULL, 0), 0);
-		assert_true(raw_hangup(r->sock, READY_MS, NULL));
+		assert_true(dh_raw_hangup(r->sock, READY_MS, NULL));
 		raw_close(r);
 		r = raw_attach(d, MB, 16);
 		assert_int_equal(raw_send(r->sock, MOE_MSG_STATUS, &m, sizeof(m), NULL, 0), 0);
-		assert_true(raw_hangup(r->sock, READY_MS, NULL));
+		assert_true(dh_raw_hangup(r->sock, READY_MS, NULL));
 		raw_close(r);
 		/* a DOORBELL carrying an fd: the fd must not leak */
 		r = raw_attach(d, MB, 16);
@@ -1818,20 +1331,20 @@ static void test_hostile_handshake(void **state)
 	 * (dropped clients are gone once we saw them hang up; the last one
 	 * closed its own end, so wait for the daemon to notice) */
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
-		while ((count_fds(d->pid) != fds0 || count_memfd_maps(d->pid) != maps0) &&
-		       now_ms() < deadline)
-			nap_ms(5);
-		if (count_fds(d->pid) != fds0)
+		while ((dh_count_fds(d->pid) != fds0 || count_memfd_maps(d->pid) != maps0) &&
+		       dh_now_ms() < deadline)
+			dh_nap_ms(5);
+		if (dh_count_fds(d->pid) != fds0)
 			fail_msg("moed holds %d fds, %d before the hostile clients",
-				 count_fds(d->pid), fds0);
+				 dh_count_fds(d->pid), fds0);
 		if (count_memfd_maps(d->pid) != maps0)
 			fail_msg("moed maps %d memfds, %d before the hostile clients",
 				 count_memfd_maps(d->pid), maps0);
 	}
-	cl_close(good);
-	daemon_stop(d);
+	dh_cl_close(good);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1852,7 +1365,7 @@ static void test_hostile_rings(void **state)
 	raw_forward_ok(r, 0, MOE_DTYPE_F32, 1, 71);
 	atomic_store(&r->hdr->sq_tail, r->sq_tail + 100000);
 	raw_doorbell(r);
-	assert_true(raw_hangup(r->sock, READY_MS, &st));
+	assert_true(dh_raw_hangup(r->sock, READY_MS, &st));
 	assert_int_equal(st, MOE_EPROTO);
 	raw_close(r);
 	good_still_works(d, good, "a corrupt sq_tail");
@@ -1861,7 +1374,7 @@ static void test_hostile_rings(void **state)
 	raw_forward_ok(r, 0, MOE_DTYPE_F32, 1, 72);
 	atomic_store(&r->hdr->sq_tail, r->sq_tail - 1);
 	raw_doorbell(r);
-	assert_true(raw_hangup(r->sock, READY_MS, NULL));
+	assert_true(dh_raw_hangup(r->sock, READY_MS, NULL));
 	raw_close(r);
 	good_still_works(d, good, "an sq_tail behind the head");
 	/* a completion head past the tail */
@@ -1871,7 +1384,7 @@ static void test_hostile_rings(void **state)
 	nop.tag = 1;
 	raw_push(r, &nop);
 	raw_doorbell(r);
-	assert_true(raw_hangup(r->sock, READY_MS, NULL));
+	assert_true(dh_raw_hangup(r->sock, READY_MS, NULL));
 	raw_close(r);
 	good_still_works(d, good, "a corrupt cq_head");
 	/* sq_head written by the client (it is the daemon's): ignored */
@@ -1920,10 +1433,10 @@ static void test_hostile_rings(void **state)
 	}
 	raw_doorbell(r);
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
-		while (atomic_load(&r->hdr->cq_tail) != 64 && now_ms() < deadline)
-			nap_ms(1);
+		while (atomic_load(&r->hdr->cq_tail) != 64 && dh_now_ms() < deadline)
+			dh_nap_ms(1);
 		assert_int_equal(atomic_load(&r->hdr->cq_tail), 64);
 	}
 	for (int i = 0; i < 64; i++) {
@@ -1949,8 +1462,8 @@ static void test_hostile_rings(void **state)
 	raw_forward_ok(r, 2, MOE_DTYPE_F32, 3, 75);
 	raw_close(r);
 	good_still_works(d, good, "hostile rings");
-	cl_close(good);
-	daemon_stop(d);
+	dh_cl_close(good);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1965,14 +1478,14 @@ static void test_hostile_dying(void **state)
 
 	(void)state;
 	good_still_works(d, good, "connecting");
-	fds0 = count_fds(d->pid);
+	fds0 = dh_count_fds(d->pid);
 	/* a raw client that leaves with requests queued, its region unmapped */
 	for (int k = 0; k < 3; k++) {
 		size_t bytes = (size_t)512 * g_H * 4;
 
 		r = raw_attach(d, 8 * MB, 16);
 		if (k == 0)
-			daemon_freeze(d);
+			dh_daemon_freeze(d);
 		for (int i = 0; i < 8; i++) {
 			struct moe_sqe q1 = sqe((uint64_t)i, i % 2 ? 2 : 0, 512,
 						(uint64_t)i * bytes, (uint64_t)i * bytes, 0);
@@ -1982,21 +1495,22 @@ static void test_hostile_dying(void **state)
 		raw_doorbell(r);
 		raw_close(r); /* socket closed, nothing read, region unmapped */
 		if (k == 0)
-			daemon_thaw(d);
+			dh_daemon_thaw(d);
 		good_still_works(d, good, "a client that died mid-request");
 	}
 	/* library clients that disconnect with requests outstanding */
 	for (int k = 0; k < 2; k++) {
 		c = cl_open(d);
 		if (k == 0)
-			daemon_freeze(d);
+			dh_daemon_freeze(d);
 		for (int i = 0; i < 8; i++)
-			req_submit(c, &q[i], i % 2 ? 0 : 2, MOE_DTYPE_F32, 300, 80 + (uint64_t)i, 0);
+			dh_req_submit(c, &q[i], i % 2 ? 0 : 2, MOE_DTYPE_F32, 300, 80 + (uint64_t)i,
+				      0);
 		for (int i = 0; i < 8; i++)
 			free(q[i].copy);
-		cl_close(c);
+		dh_cl_close(c);
 		if (k == 0)
-			daemon_thaw(d);
+			dh_daemon_thaw(d);
 		good_still_works(d, good, "a library client that left mid-request");
 	}
 	/* a child process killed mid-request */
@@ -2039,20 +1553,20 @@ static void test_hostile_dying(void **state)
 		good_still_works(d, good, "a client process killed mid-request");
 	}
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 		cJSON *j;
 
-		while (count_fds(d->pid) != fds0 && now_ms() < deadline)
-			nap_ms(5);
-		assert_int_equal(count_fds(d->pid), fds0);
+		while (dh_count_fds(d->pid) != fds0 && dh_now_ms() < deadline)
+			dh_nap_ms(5);
+		assert_int_equal(dh_count_fds(d->pid), fds0);
 		j = status(good);
-		assert_int_equal(cJSON_GetArraySize(jget(j, "clients", cJSON_Array)), 1);
-		assert_int_equal(jnum(jget(j, "queue", cJSON_Object), "pending_requests"), 0);
-		assert_int_equal(jnum(jget(j, "queue", cJSON_Object), "pending_tokens"), 0);
+		assert_int_equal(cJSON_GetArraySize(dh_jget(j, "clients", cJSON_Array)), 1);
+		assert_int_equal(dh_jnum(dh_jget(j, "queue", cJSON_Object), "pending_requests"), 0);
+		assert_int_equal(dh_jnum(dh_jget(j, "queue", cJSON_Object), "pending_tokens"), 0);
 		cJSON_Delete(j);
 	}
-	cl_close(good);
-	daemon_stop(d);
+	dh_cl_close(good);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -2147,7 +1661,7 @@ static void test_hostile_more(void **state)
 	(void)state;
 	signal(SIGPIPE, SIG_IGN);
 	good_still_works(d, good, "connecting");
-	fds0 = count_fds(d->pid);
+	fds0 = dh_count_fds(d->pid);
 	maps0 = count_memfd_maps(d->pid);
 
 	/* a sealed, sparse 2 TiB memfd: refused by max_client_shm_bytes
@@ -2303,7 +1817,7 @@ static void test_hostile_more(void **state)
 		close(sv[0]);
 		/* the daemon closed its copies: the pipe's read end and the
 		 * socket's other end are gone once it has */
-		deadline = now_ms() + READY_MS;
+		deadline = dh_now_ms() + READY_MS;
 		for (;;) {
 			char b = 'x';
 			int e1, e2;
@@ -2314,10 +1828,10 @@ static void test_hostile_more(void **state)
 			e2 = errno;
 			if (w < 0 && e1 == EPIPE && n < 0 && e2 == EPIPE)
 				break;
-			if (now_ms() > deadline)
+			if (dh_now_ms() > deadline)
 				fail_msg("moed kept fds passed with a DOORBELL (pipe write %zd, "
 					 "socket send %d)", w, n);
-			nap_ms(2);
+			dh_nap_ms(2);
 		}
 		close(pfd[1]);
 		close(sv[1]);
@@ -2327,7 +1841,7 @@ static void test_hostile_more(void **state)
 
 			/* kept (doorbells ignored) or dropped; never anything else */
 			kept = true;
-			while ((k = raw_recv(r->sock, buf, sizeof(buf), 50)) > 0)
+			while ((k = dh_raw_recv(r->sock, buf, sizeof(buf), 50)) > 0)
 				;
 			if (k == 0)
 				kept = false;
@@ -2341,18 +1855,18 @@ static void test_hostile_more(void **state)
 	}
 
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
-		while ((count_fds(d->pid) != fds0 || count_memfd_maps(d->pid) != maps0) &&
-		       now_ms() < deadline)
-			nap_ms(5);
-		if (count_fds(d->pid) != fds0)
-			fail_msg("moed holds %d fds, %d before", count_fds(d->pid), fds0);
+		while ((dh_count_fds(d->pid) != fds0 || count_memfd_maps(d->pid) != maps0) &&
+		       dh_now_ms() < deadline)
+			dh_nap_ms(5);
+		if (dh_count_fds(d->pid) != fds0)
+			fail_msg("moed holds %d fds, %d before", dh_count_fds(d->pid), fds0);
 		if (count_memfd_maps(d->pid) != maps0)
 			fail_msg("moed maps %d memfds, %d before", count_memfd_maps(d->pid), maps0);
 	}
-	cl_close(good);
-	daemon_stop(d);
+	dh_cl_close(good);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -2384,7 +1898,7 @@ static void test_limits(void **state)
 	assert_int_equal(mi.max_inflight_tokens, 100);
 	{
 		/* more tokens than may ever be in flight: refused up front */
-		char *in = make_input(MOE_DTYPE_F32, 101, 90), *out = malloc(101 * 88 * 4);
+		char *in = dh_make_input(MOE_DTYPE_F32, 101, 90), *out = malloc(101 * 88 * 4);
 
 		assert_non_null(out);
 		rc = moe_forward(c1, 0, MOE_DTYPE_F32, in, out, 101);
@@ -2422,7 +1936,7 @@ static void test_limits(void **state)
 		}
 		/* by hand, without a word from us first */
 		s = raw_connect(d);
-		assert_true(raw_hangup(s, READY_MS, &st));
+		assert_true(dh_raw_hangup(s, READY_MS, &st));
 		close(s);
 		assert_int_equal(st, MOE_ELIMIT);
 		/* by hand, with a HELLO: the daemon may have closed already
@@ -2436,7 +1950,7 @@ static void test_limits(void **state)
 		rc = raw_send(s, MOE_MSG_HELLO, &h, sizeof(h), &fd, 1);
 		assert_true(rc == 0 || rc == -EPIPE);
 		close(fd);
-		assert_true(raw_hangup(s, READY_MS, &st));
+		assert_true(dh_raw_hangup(s, READY_MS, &st));
 		close(s);
 		g_resets = NULL;
 		assert_int_equal(st, MOE_ELIMIT);
@@ -2446,14 +1960,14 @@ static void test_limits(void **state)
 	forward_ok(c1, 0, MOE_DTYPE_F32, 11, 91, "first client while a third is refused");
 	forward_ok(c2, 2, MOE_DTYPE_BF16, 12, 92, "second client while a third is refused");
 	j = status(c1);
-	assert_true(jnum(jget(j, "requests", cJSON_Object), "refused_clients") >= 2);
-	assert_int_equal(cJSON_GetArraySize(jget(j, "clients", cJSON_Array)), 2);
+	assert_true(dh_jnum(dh_jget(j, "requests", cJSON_Object), "refused_clients") >= 2);
+	assert_int_equal(cJSON_GetArraySize(dh_jget(j, "clients", cJSON_Array)), 2);
 	cJSON_Delete(j);
 
 	/* max_inflight_requests: the library stops at 4 */
-	daemon_freeze(d);
+	dh_daemon_freeze(d);
 	for (int i = 0; i < 4; i++)
-		req_submit(c1, &q[i], 0, MOE_DTYPE_F32, 3, 93 + (uint64_t)i, 0);
+		dh_req_submit(c1, &q[i], 0, MOE_DTYPE_F32, 3, 93 + (uint64_t)i, 0);
 	{
 		void *b = moe_buf_alloc(c1, 88 * 4);
 		uint64_t tag;
@@ -2462,28 +1976,28 @@ static void test_limits(void **state)
 		assert_int_equal(moe_submit(c1, 0, MOE_DTYPE_F32, b, b, 1, 0, &tag), MOE_EBUSY);
 		moe_buf_free(c1, b);
 	}
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	for (int i = 0; i < 4; i++) {
 		assert_int_equal(req_wait(c1, &q[i]), 0);
 		check_output(0, MOE_DTYPE_F32, q[i].copy, q[i].out, 3, "at the in-flight limit");
-		req_free(c1, &q[i]);
+		dh_req_free(c1, &q[i]);
 	}
 
 	/* once one leaves, a new one gets in (when the daemon has noticed) */
-	cl_close(c2);
+	dh_cl_close(c2);
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
 		r = NULL;
 		while (!r) {
 			j = status(c1);
-			if (cJSON_GetArraySize(jget(j, "clients", cJSON_Array)) == 1)
+			if (cJSON_GetArraySize(dh_jget(j, "clients", cJSON_Array)) == 1)
 				r = raw_attach(d, 1 << 20, 16);
 			cJSON_Delete(j);
-			if (!r && now_ms() > deadline)
+			if (!r && dh_now_ms() > deadline)
 				fail_msg("no room for a client after one left");
 			if (!r)
-				nap_ms(5);
+				dh_nap_ms(5);
 		}
 	}
 	/* a raw client ignoring max_inflight_requests and max_inflight_tokens:
@@ -2501,7 +2015,7 @@ static void test_limits(void **state)
 						(uint64_t)i * 2 * bytes,
 						(uint64_t)(i * 2 + 1) * bytes, 0);
 
-			in[i] = make_input(MOE_DTYPE_F32, 40, 300 + (uint64_t)i);
+			in[i] = dh_make_input(MOE_DTYPE_F32, 40, 300 + (uint64_t)i);
 			memcpy(r->data + q1.in_off, in[i], bytes);
 			raw_push(r, &q1);
 		}
@@ -2525,8 +2039,8 @@ static void test_limits(void **state)
 	}
 	raw_close(r);
 	forward_ok(c1, 2, MOE_DTYPE_F32, 13, 95, "after the limits");
-	cl_close(c1);
-	daemon_stop(d);
+	dh_cl_close(c1);
+	dh_daemon_stop(d);
 	if (n_other)
 		fail_msg("a third client with max_clients 2 got something else than MOE_ELIMIT "
 			 "%d of 5 times (moeclient.h: \"the daemon's status if it refuses the "
@@ -2572,7 +2086,7 @@ static void test_fairness(void **state)
 		/* A's ring kept full of max-size requests, B's one token after.
 		 * (moe_poll with max 0 reaps A's completion ring: moe_wait with
 		 * timeout 0 alone does not, see test_basic.) */
-		daemon_freeze(d);
+		dh_daemon_freeze(d);
 		assert_int_equal(moe_poll(a, NULL, 0), 0);
 		for (int i = 0; i < FLOOD_DEPTH; i++) {
 			if (fa[i].busy) {
@@ -2588,10 +2102,10 @@ static void test_fairness(void **state)
 						    FLOOD_TOKENS, 0, &fa[i].tag),
 					 0);
 		}
-		req_submit(b, &qb, layer, MOE_DTYPE_F32, 1, 900 + (uint64_t)round, 0);
-		daemon_thaw(d);
+		dh_req_submit(b, &qb, layer, MOE_DTYPE_F32, 1, 900 + (uint64_t)round, 0);
+		dh_daemon_thaw(d);
 		assert_int_equal(req_wait(b, &qb), 0);
-		daemon_freeze(d); /* A's completions as of B's (give or take) */
+		dh_daemon_freeze(d); /* A's completions as of B's (give or take) */
 		assert_int_equal(moe_poll(a, NULL, 0), 0);
 		for (int i = 0; i < FLOOD_DEPTH; i++) {
 			int r = moe_wait(a, fa[i].tag, 0, &st);
@@ -2603,9 +2117,9 @@ static void test_fairness(void **state)
 			fa[i].busy = false;
 			done_before++;
 		}
-		daemon_thaw(d);
+		dh_daemon_thaw(d);
 		check_output(layer, MOE_DTYPE_F32, qb.copy, qb.out, 1, "the small client's request");
-		req_free(b, &qb);
+		dh_req_free(b, &qb);
 		printf("round %d: B's request on layer %u done after %u of A's %d\n", round, layer,
 		       done_before, FLOOD_DEPTH);
 		if (done_before > worst[layer ? 1 : 0])
@@ -2631,33 +2145,33 @@ static void test_fairness(void **state)
 		moe_buf_free(a, fa[i].in);
 		moe_buf_free(a, fa[i].out);
 	}
-	cl_close(a);
-	cl_close(b);
-	daemon_stop(d);
+	dh_cl_close(a);
+	dh_cl_close(b);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_basic, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_wait_nonblocking, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_errors, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_deadline, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_cancel, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_shutdown, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_killed, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_hostile_handshake, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_hostile_rings, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_hostile_dying, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_hostile_more, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_limits, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_fairness, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_basic, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_wait_nonblocking, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_errors, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_deadline, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_cancel, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_shutdown, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_killed, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_hostile_handshake, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_hostile_rings, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_hostile_dying, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_hostile_more, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_limits, dh_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_fairness, dh_setup, test_teardown),
 	};
 
 	if (access(MOED, X_OK)) {
 		printf("test_daemon: SKIPPED, %s is not built\n", MOED);
 		return 77;
 	}
-	return cmocka_run_group_tests(tests, group_setup, group_teardown);
+	return cmocka_run_group_tests(tests, dh_group_setup, dh_group_teardown);
 }

@@ -39,6 +39,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/daemon_harness.h"
 #include "tests/testutil.h"
 
 #include "client/include/moeclient.h"
@@ -49,15 +50,15 @@
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"
 
-#define MOED	"" MOE_BIN_DIR "/moed"
+#define MOED	DH_MOED
 #define MOECTL	"" MOE_BIN_DIR "/moectl"
-#define FIXTURE "" MOE_FIXTURES_DIR "/qwen2_moe_bf16"
+#define FIXTURE DH_FIXTURE
 #define SOCKET_ACTIVATE "/usr/bin/systemd-socket-activate"
 
 /* Bounds for waits that must not hang (generous: sanitizer builds are slow). */
 #define READY_MS 20000
-#define EXIT_MS	 10000
-#define WAIT_MS	 30000
+#define EXIT_MS	 DH_EXIT_MS
+#define WAIT_MS	 DH_WAIT_MS
 
 /* The watchdog test: pings every WATCHDOG_USEC / 2; a wedged batch sleeps
  * STALL_MS, i.e. 5 watchdog intervals, 10 ping intervals. */
@@ -67,14 +68,6 @@
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                            */
 
-static uint64_t now_ms(void)
-{
-	struct timespec t;
-
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (uint64_t)t.tv_sec * 1000u + (uint64_t)t.tv_nsec / 1000000u;
-}
-
 static uint64_t now_us(void)
 {
 	struct timespec t;
@@ -83,56 +76,19 @@ static uint64_t now_us(void)
 	return (uint64_t)t.tv_sec * 1000000u + (uint64_t)t.tv_nsec / 1000u;
 }
 
-static void nap_ms(int ms)
-{
-	poll(NULL, 0, ms);
-}
-
 /* ------------------------------------------------------------------------ */
 /* The in-process reference                                                 */
 
-static struct moe_model *g_model;
-static struct moe_engine *g_eng;
-static uint32_t g_H;
-
 static int group_setup(void **state)
 {
-	struct moe_engine_opts o = {.threads = 1, .max_batch_tokens = 4096};
-	char err[MOE_ERRLEN];
-
-	(void)state;
 	signal(SIGPIPE, SIG_IGN);
-	if (moe_model_open(FIXTURE, NULL, &g_model, err)) {
-		fprintf(stderr, "%s\n", err);
-		return -1;
-	}
-	if (moe_engine_create(g_model, &o, &g_eng, err)) {
-		fprintf(stderr, "%s\n", err);
-		return -1;
-	}
-	g_H = g_model->hidden;
-	return 0;
-}
-
-static int group_teardown(void **state)
-{
-	(void)state;
-	moe_engine_destroy(g_eng);
-	moe_model_free(g_model);
-	return 0;
+	return dh_group_setup(state);
 }
 
 /* n tokens of N(0,1) fp32 hidden states (malloc'd). */
 static float *make_input(uint32_t n, uint64_t seed)
 {
-	size_t cnt = (size_t)n * g_H;
-	float *f = malloc(cnt * sizeof(float));
-	struct moe_rng rng = {seed * 0x9e3779b97f4a7c15ull + 1};
-
-	assert_non_null(f);
-	for (size_t i = 0; i < cnt; i++)
-		f[i] = (float)moe_rng_normal(&rng);
-	return f;
+	return dh_make_input(MOE_DTYPE_F32, n, seed);
 }
 
 /* out must be exactly what the in-process engine gives for in (fp32). */
@@ -141,16 +97,9 @@ static void check_output(uint32_t layer, const float *in, const float *out, uint
 {
 	size_t cnt = (size_t)n * g_H;
 	float *ref = malloc(cnt * sizeof(float));
-	struct moe_epoch *ep = moe_epoch_acquire(g_eng);
-	struct moe_batch b = {layer, n, MOE_DT_F32, in, ref, NULL, NULL};
-	char err[MOE_ERRLEN];
-	int r;
 
 	assert_non_null(ref);
-	r = moe_engine_forward(g_eng, ep, &b, err);
-	moe_epoch_release(ep);
-	if (r)
-		fail_msg("reference forward: %s", err);
+	dh_ref_forward(layer, MOE_DTYPE_F32, in, ref, n);
 	if (memcmp(ref, out, cnt * sizeof(float))) {
 		size_t i = 0;
 
@@ -164,58 +113,6 @@ static void check_output(uint32_t layer, const float *in, const float *out, uint
 
 /* ------------------------------------------------------------------------ */
 /* Daemons                                                                  */
-
-struct daemon {
-	pid_t pid; /* 0: not running */
-	char *dir, *sock, *log, *cfg;
-	char *env[8];	    /* NAME=VALUE for moed, on top of ours */
-	int nfd;	    /* the notify socket, or -1 */
-	char *notify_path;
-	char *notes;	    /* every notify datagram received, for the failure dump */
-	size_t notes_len;
-	uint64_t n_watchdog; /* WATCHDOG=1 messages received */
-	char **argv;	    /* NULL: moed -c cfg */
-};
-
-#define MAX_DAEMONS 2
-#define MAX_CLIENTS 16
-
-static struct daemon *g_daemons[MAX_DAEMONS];
-static moe_client *g_clients[MAX_CLIENTS];
-static bool g_passed;
-
-static void dump_log(const struct daemon *d)
-{
-	FILE *f = fopen(d->log, "r");
-	char line[512];
-
-	printf("---- moed stderr (%s) ----\n", d->log);
-	if (f) {
-		while (fgets(line, sizeof(line), f))
-			printf("  | %s", line);
-		fclose(f);
-	}
-	printf("---- end of moed stderr ----\n");
-	if (d->nfd >= 0) {
-		printf("---- sd_notify messages received ----\n%s---- end ----\n",
-		       d->notes ? d->notes : "");
-	}
-	fflush(stdout);
-}
-
-static void daemon_write_cfg(struct daemon *d, const char *extra)
-{
-	char *text;
-	FILE *f;
-
-	assert_true(asprintf(&text, "model:\n  path: %s\n%s", FIXTURE, extra) > 0);
-	/* rewrite in place (the path moed was given stays the same) */
-	f = fopen(d->cfg, "w");
-	assert_non_null(f);
-	assert_int_equal(fwrite(text, 1, strlen(text), f), strlen(text));
-	assert_int_equal(fclose(f), 0);
-	free(text);
-}
 
 /* The server: section with our socket, then `server_extra` (more server
  * keys, indented) and `other` (other sections). */
@@ -232,91 +129,18 @@ static void daemon_set_cfg(struct daemon *d, const char *server_extra, const cha
 {
 	char *t = cfg_text(d, server_extra, other);
 
-	daemon_write_cfg(d, t);
+	dh_daemon_write_cfg(d, t);
 	free(t);
 }
 
+/* A daemon on FIXTURE from a configuration file (cfg_text), with an
+ * sd_notify socket or not. Not started yet. */
 static struct daemon *daemon_new(const char *server_extra, const char *other, bool notify)
 {
-	struct daemon *d = calloc(1, sizeof(*d));
-	int i;
+	struct daemon *d = dh_daemon_new(FIXTURE, notify, READY_MS);
 
-	assert_non_null(d);
-	d->nfd = -1;
-	d->dir = tu_tmpdir();
-	assert_true(asprintf(&d->sock, "%s/moed.sock", d->dir) > 0);
-	assert_true(asprintf(&d->log, "%s/moed.stderr", d->dir) > 0);
-	assert_true(asprintf(&d->cfg, "%s/moe.yaml", d->dir) > 0);
 	daemon_set_cfg(d, server_extra, other);
-	if (notify) {
-		struct sockaddr_un sa = {.sun_family = AF_UNIX};
-
-		assert_true(asprintf(&d->notify_path, "%s/notify", d->dir) > 0);
-		assert_true(strlen(d->notify_path) < sizeof(sa.sun_path));
-		strcpy(sa.sun_path, d->notify_path);
-		d->nfd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-		assert_true(d->nfd >= 0);
-		assert_int_equal(bind(d->nfd, (struct sockaddr *)&sa, sizeof(sa)), 0);
-		{
-			int big = 1 << 20;
-
-			setsockopt(d->nfd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
-		}
-	}
-	for (i = 0; i < MAX_DAEMONS && g_daemons[i]; i++)
-		;
-	assert_true(i < MAX_DAEMONS);
-	g_daemons[i] = d;
 	return d;
-}
-
-static void daemon_env(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void daemon_env(struct daemon *d, const char *fmt, ...)
-{
-	va_list ap;
-	int i;
-
-	for (i = 0; i < 8 && d->env[i]; i++)
-		;
-	assert_true(i < 7);
-	va_start(ap, fmt);
-	assert_true(vasprintf(&d->env[i], fmt, ap) > 0);
-	va_end(ap);
-}
-
-static int daemon_wait_exit(struct daemon *d, int ms)
-{
-	uint64_t deadline = now_ms() + (uint64_t)ms;
-	int st;
-
-	assert_true(d->pid > 0);
-	for (;;) {
-		pid_t w = waitpid(d->pid, &st, WNOHANG);
-
-		if (w == d->pid) {
-			d->pid = 0;
-			return st;
-		}
-		assert_int_equal(w, 0);
-		if (now_ms() > deadline) {
-			kill(d->pid, SIGKILL);
-			waitpid(d->pid, &st, 0);
-			d->pid = 0;
-			fail_msg("moed did not exit within %d ms", ms);
-		}
-		nap_ms(2);
-	}
-}
-
-static void expect_alive(struct daemon *d, const char *after)
-{
-	int st;
-
-	if (d->pid > 0 && waitpid(d->pid, &st, WNOHANG) == d->pid) {
-		d->pid = 0;
-		fail_msg("moed died after %s (wait status 0x%x)", after, st);
-	}
-	assert_true(d->pid > 0);
 }
 
 /* ---- sd_notify ---------------------------------------------------------- */
@@ -324,7 +148,7 @@ static void expect_alive(struct daemon *d, const char *after)
 /* The next datagram (NUL-terminated in buf), or false after `ms`. */
 static bool notify_next(struct daemon *d, char *buf, size_t cap, int ms)
 {
-	uint64_t deadline = now_ms() + (uint64_t)(ms < 0 ? 0 : ms);
+	uint64_t deadline = dh_now_ms() + (uint64_t)(ms < 0 ? 0 : ms);
 
 	assert_true(d->nfd >= 0);
 	for (;;) {
@@ -354,7 +178,7 @@ static bool notify_next(struct daemon *d, char *buf, size_t cap, int ms)
 			return true;
 		}
 		assert_true(errno == EAGAIN || errno == EINTR);
-		t = now_ms();
+		t = dh_now_ms();
 		if (t >= deadline)
 			return false;
 		poll(&p, 1, (int)(deadline - t));
@@ -400,11 +224,11 @@ static void note_count(struct daemon *d, const char *msg)
 static void notify_expect(struct daemon *d, const char *name, const char *value, char *out,
 			  size_t cap, int ms, const char *what)
 {
-	uint64_t deadline = now_ms() + (uint64_t)ms;
+	uint64_t deadline = dh_now_ms() + (uint64_t)ms;
 	char buf[4096], v[512];
 
 	for (;;) {
-		uint64_t t = now_ms();
+		uint64_t t = dh_now_ms();
 
 		if (!notify_next(d, buf, sizeof(buf), t < deadline ? (int)(deadline - t) : 0))
 			fail_msg("%s: no %s=%s from moed within %d ms", what, name,
@@ -432,11 +256,11 @@ static uint64_t notify_flush(struct daemon *d)
 /* Waits until `n` more WATCHDOG=1 arrive. */
 static void notify_pings(struct daemon *d, uint64_t n, const char *what)
 {
-	uint64_t want = d->n_watchdog + n, deadline = now_ms() + READY_MS;
+	uint64_t want = d->n_watchdog + n, deadline = dh_now_ms() + READY_MS;
 	char buf[4096];
 
 	while (d->n_watchdog < want) {
-		uint64_t t = now_ms();
+		uint64_t t = dh_now_ms();
 
 		if (t >= deadline || !notify_next(d, buf, sizeof(buf), (int)(deadline - t)))
 			fail_msg("%s: %llu of %llu WATCHDOG=1 pings within %d ms", what,
@@ -446,186 +270,20 @@ static void notify_pings(struct daemon *d, uint64_t n, const char *what)
 	}
 }
 
-/* ---- starting and stopping ---------------------------------------------- */
-
-static int raw_socket(const char *path)
-{
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-
-	assert_true(fd >= 0);
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
-	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		close(fd);
-		return -1;
-	}
-	return fd;
-}
-
-static bool raw_hangup(int fd, int ms, int *status);
-
-static void daemon_spawn(struct daemon *d)
-{
-	char *dargv[] = {MOED, "-c", d->cfg, NULL};
-	char **argv = d->argv ? d->argv : dargv;
-	int fd;
-
-	fflush(stdout);
-	fflush(stderr);
-	d->pid = fork();
-	assert_true(d->pid >= 0);
-	if (d->pid == 0) {
-		sigset_t none;
-
-		fd = open(d->log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-		if (fd >= 0) {
-			dup2(fd, STDOUT_FILENO);
-			dup2(fd, STDERR_FILENO);
-		}
-		unsetenv("NOTIFY_SOCKET");
-		unsetenv("WATCHDOG_USEC");
-		unsetenv("WATCHDOG_PID");
-		unsetenv("LISTEN_FDS");
-		unsetenv("LISTEN_PID");
-		unsetenv("LISTEN_FDNAMES");
-		unsetenv("MOED_TEST_STALL_MS");
-		if (d->notify_path)
-			setenv("NOTIFY_SOCKET", d->notify_path, 1);
-		for (int i = 0; i < 8 && d->env[i]; i++)
-			putenv(d->env[i]);
-		sigemptyset(&none);
-		sigprocmask(SIG_SETMASK, &none, NULL);
-		signal(SIGPIPE, SIG_DFL);
-		execv(argv[0], argv);
-		_exit(127);
-	}
-}
-
-/* Starts moed; ready = READY=1 with a notify socket, else it accepts a
- * connection and hangs up on garbage (the serving loop runs). */
-static void daemon_start(struct daemon *d)
-{
-	uint64_t deadline;
-	int fd;
-
-	daemon_spawn(d);
-	if (d->nfd >= 0)
-		return; /* the caller reads the notify messages */
-	deadline = now_ms() + READY_MS;
-	for (;;) {
-		int st;
-
-		if (waitpid(d->pid, &st, WNOHANG) == d->pid) {
-			d->pid = 0;
-			fail_msg("moed exited during startup (wait status 0x%x)", st);
-		}
-		fd = raw_socket(d->sock);
-		if (fd >= 0) {
-			char b = 0x5a;
-			int left = (int)(deadline > now_ms() ? deadline - now_ms() : 1);
-
-			assert_int_equal(send(fd, &b, 1, MSG_NOSIGNAL), 1);
-			if (!raw_hangup(fd, left, NULL)) {
-				close(fd);
-				fail_msg("moed accepted a connection but did not hang up on garbage");
-			}
-			close(fd);
-			return;
-		}
-		if (now_ms() > deadline)
-			fail_msg("moed did not accept connections on %s within %d ms", d->sock,
-				 READY_MS);
-		nap_ms(5);
-	}
-}
-
-static void daemon_stop(struct daemon *d)
-{
-	int st;
-
-	assert_int_equal(kill(d->pid, SIGTERM), 0);
-	st = daemon_wait_exit(d, EXIT_MS);
-	if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
-		fail_msg("moed did not exit cleanly after SIGTERM: wait status 0x%x%s", st,
-			 WIFSIGNALED(st) ? " (killed by a signal)" : "");
-}
-
-static void daemon_freeze(struct daemon *d)
-{
-	int st;
-
-	assert_int_equal(kill(d->pid, SIGSTOP), 0);
-	assert_int_equal(waitpid(d->pid, &st, WUNTRACED), d->pid);
-	assert_true(WIFSTOPPED(st));
-}
-
-static void daemon_thaw(struct daemon *d)
-{
-	assert_int_equal(kill(d->pid, SIGCONT), 0);
-}
-
-static void daemon_free(struct daemon *d)
-{
-	for (int i = 0; i < MAX_DAEMONS; i++)
-		if (g_daemons[i] == d)
-			g_daemons[i] = NULL;
-	if (d->pid > 0) {
-		kill(d->pid, SIGKILL);
-		waitpid(d->pid, NULL, 0);
-	}
-	if (d->nfd >= 0)
-		close(d->nfd);
-	tu_rmtree(d->dir);
-	free(d->dir);
-	free(d->sock);
-	free(d->log);
-	free(d->cfg);
-	free(d->notify_path);
-	free(d->notes);
-	for (int i = 0; i < 8; i++)
-		free(d->env[i]);
-	free(d);
-}
-
-static int count_fds(pid_t pid)
-{
-	char path[64];
-	DIR *dir;
-	struct dirent *e;
-	int n = 0;
-
-	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
-	dir = opendir(path);
-	assert_non_null(dir);
-	while ((e = readdir(dir)))
-		if (e->d_name[0] != '.')
-			n++;
-	closedir(dir);
-	return n;
-}
+/* ---- file descriptors --------------------------------------------------- */
 
 static void fds_back_to(struct daemon *d, int fds0, const char *what)
 {
-	uint64_t deadline = now_ms() + READY_MS;
+	uint64_t deadline = dh_now_ms() + READY_MS;
 
-	while (count_fds(d->pid) != fds0 && now_ms() < deadline)
-		nap_ms(5);
-	if (count_fds(d->pid) != fds0)
-		fail_msg("%s: moed holds %d fds, %d before", what, count_fds(d->pid), fds0);
+	while (dh_count_fds(d->pid) != fds0 && dh_now_ms() < deadline)
+		dh_nap_ms(5);
+	if (dh_count_fds(d->pid) != fds0)
+		fail_msg("%s: moed holds %d fds, %d before", what, dh_count_fds(d->pid), fds0);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Clients                                                                  */
-
-static void cl_track(moe_client *c)
-{
-	int i;
-
-	for (i = 0; i < MAX_CLIENTS && g_clients[i]; i++)
-		;
-	assert_true(i < MAX_CLIENTS);
-	g_clients[i] = c;
-}
 
 /* 0 and *out, or the error (no failure). */
 static int cl_try(const char *sock, const char *name, moe_client **out, char *eb, size_t ebn)
@@ -637,7 +295,7 @@ static int cl_try(const char *sock, const char *name, moe_client **out, char *eb
 	*out = NULL;
 	r = moe_connect_opts(sock, &o, out);
 	if (!r)
-		cl_track(*out);
+		dh_cl_track(*out);
 	return r;
 }
 
@@ -650,14 +308,6 @@ static moe_client *cl_open(const char *sock, const char *name)
 	if (r)
 		fail_msg("moe_connect_opts(%s): %s (%s)", sock, moe_strerror(r), eb);
 	return c;
-}
-
-static void cl_close(moe_client *c)
-{
-	for (int i = 0; i < MAX_CLIENTS; i++)
-		if (g_clients[i] == c)
-			g_clients[i] = NULL;
-	moe_disconnect(c);
 }
 
 /* moe_forward of fresh random fp32 tokens; 0 with the output checked bit
@@ -685,79 +335,24 @@ static void forward_ok(moe_client *c, uint32_t layer, uint32_t n, uint64_t seed,
 			 moe_strerror(r));
 }
 
-struct req {
-	uint64_t tag;
-	uint32_t layer, n;
-	float *in, *out, *copy;
-};
-
+/* An fp32 request on buffers of the data area, no deadline. */
 static void req_submit(moe_client *c, struct req *q, uint32_t layer, uint32_t n, uint64_t seed)
 {
-	size_t bytes = (size_t)n * g_H * sizeof(float);
-	int r;
-
-	q->layer = layer;
-	q->n = n;
-	q->copy = make_input(n, seed);
-	q->in = moe_buf_alloc(c, bytes);
-	q->out = moe_buf_alloc(c, bytes);
-	assert_non_null(q->in);
-	assert_non_null(q->out);
-	memcpy(q->in, q->copy, bytes);
-	memset(q->out, 0xff, bytes);
-	r = moe_submit(c, layer, MOE_DTYPE_F32, q->in, q->out, n, 0, &q->tag);
-	if (r)
-		fail_msg("moe_submit(layer %u, %u tokens): %s", layer, n, moe_strerror(r));
-}
-
-static void req_free(moe_client *c, struct req *q)
-{
-	moe_buf_free(c, q->in);
-	moe_buf_free(c, q->out);
-	free(q->copy);
-	q->copy = q->in = q->out = NULL;
+	dh_req_submit(c, q, layer, MOE_DTYPE_F32, n, seed, 0);
 }
 
 /* ---- status JSON -------------------------------------------------------- */
 
-static cJSON *jget(const cJSON *o, const char *key, int type)
-{
-	cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-
-	if (!v)
-		fail_msg("status JSON: no key \"%s\"", key);
-	if (!(v->type & type))
-		fail_msg("status JSON: \"%s\" has the wrong type", key);
-	return v;
-}
-
-static double jnum(const cJSON *o, const char *key)
-{
-	return jget(o, key, cJSON_Number)->valuedouble;
-}
-
 static cJSON *status(moe_client *c)
 {
-	char *json = NULL;
-	size_t len = 0;
-	int r = moe_status_json(c, &json, &len);
-	cJSON *j;
-
-	if (r)
-		fail_msg("moe_status_json: %s", moe_strerror(r));
-	assert_non_null(json);
-	j = cJSON_Parse(json);
-	if (!j)
-		fail_msg("status JSON does not parse: %.200s", json);
-	free(json);
-	return j;
+	return dh_status(c, false);
 }
 
 /* requests.<key> of the status JSON. */
 static double req_stat(moe_client *c, const char *key)
 {
 	cJSON *j = status(c);
-	double v = jnum(jget(j, "requests", cJSON_Object), key);
+	double v = dh_jnum(dh_jget(j, "requests", cJSON_Object), key);
 
 	cJSON_Delete(j);
 	return v;
@@ -766,59 +361,12 @@ static double req_stat(moe_client *c, const char *key)
 static char *state_of(moe_client *c, double *pending)
 {
 	cJSON *j = status(c);
-	char *s = strdup(jget(j, "state", cJSON_String)->valuestring);
+	char *s = strdup(dh_jget(j, "state", cJSON_String)->valuestring);
 
 	if (pending)
-		*pending = jnum(jget(j, "queue", cJSON_Object), "pending_requests");
+		*pending = dh_jnum(dh_jget(j, "queue", cJSON_Object), "pending_requests");
 	cJSON_Delete(j);
 	return s;
-}
-
-/* ---- raw connections ---------------------------------------------------- */
-
-/* Reads until the daemon hangs up (true) or `ms` pass (false); *status gets
- * the status of the first HELLO_REPLY or ERROR, 1 if none. */
-static bool raw_hangup(int fd, int ms, int *status)
-{
-	uint64_t deadline = now_ms() + (uint64_t)ms;
-	char buf[MOE_MSG_MAX + 64];
-
-	if (status)
-		*status = 1;
-	for (;;) {
-		struct pollfd p = {fd, POLLIN, 0};
-		uint64_t t = now_ms();
-		ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
-		struct moe_msg_hdr h;
-		int type;
-
-		if (n < 0 && errno == ECONNRESET)
-			continue;
-		if (n == 0)
-			return true;
-		if (n < 0) {
-			if (errno != EAGAIN && errno != EINTR)
-				return true;
-			if (t >= deadline)
-				return false;
-			poll(&p, 1, (int)(deadline - t));
-			continue;
-		}
-		type = moe_msg_peek(buf, (size_t)n, &h);
-		if (status && *status == 1) {
-			if (type == MOE_MSG_HELLO_REPLY) {
-				struct moe_msg_hello_reply r;
-
-				if (!moe_msg_decode_hello_reply(buf, (size_t)n, &r))
-					*status = r.status;
-			} else if (type == MOE_MSG_ERROR) {
-				struct moe_msg_error e;
-
-				if (!moe_msg_decode_error(buf, (size_t)n, &e))
-					*status = e.status;
-			}
-		}
-	}
 }
 
 /* ---- moectl ------------------------------------------------------------- */
@@ -855,42 +403,6 @@ static int moectl(struct daemon *d, const char *args, char **out)
 }
 
 /* ------------------------------------------------------------------------ */
-/* Setup / teardown                                                         */
-
-static int test_setup(void **state)
-{
-	(void)state;
-	g_passed = false;
-	return 0;
-}
-
-static int test_teardown(void **state)
-{
-	(void)state;
-	for (int i = 0; i < MAX_CLIENTS; i++)
-		if (g_clients[i]) {
-			moe_disconnect(g_clients[i]);
-			g_clients[i] = NULL;
-		}
-	for (int i = 0; i < MAX_DAEMONS; i++) {
-		struct daemon *d = g_daemons[i];
-
-		if (!d)
-			continue;
-		if (d->pid > 0) {
-			kill(d->pid, SIGCONT);
-			kill(d->pid, SIGKILL);
-			waitpid(d->pid, NULL, 0);
-			d->pid = 0;
-		}
-		if (!g_passed)
-			dump_log(d);
-		daemon_free(d);
-	}
-	return 0;
-}
-
-/* ------------------------------------------------------------------------ */
 /* a. sd_notify: readiness, status, watchdog                                */
 
 static void test_notify_watchdog(void **state)
@@ -903,16 +415,16 @@ static void test_notify_watchdog(void **state)
 	int st;
 
 	(void)state;
-	daemon_env(d, "WATCHDOG_USEC=%d", WATCHDOG_USEC);
-	daemon_env(d, "MOED_TEST_STALL_MS=%d", STALL_MS);
-	daemon_start(d);
+	dh_daemon_env(d, "WATCHDOG_USEC=%d", WATCHDOG_USEC);
+	dh_daemon_env(d, "MOED_TEST_STALL_MS=%d", STALL_MS);
+	dh_daemon_start(d);
 	/* loading: EXTEND_TIMEOUT_USEC (one per MoE layer), then READY=1 */
 	for (;;) {
-		uint64_t t0 = now_ms();
+		uint64_t t0 = dh_now_ms();
 
 		if (!notify_next(d, msg, sizeof(msg), READY_MS))
 			fail_msg("no READY=1 within %d ms", READY_MS);
-		assert_true(now_ms() - t0 <= READY_MS);
+		assert_true(dh_now_ms() - t0 <= READY_MS);
 		note_count(d, msg);
 		if (note_get(msg, "EXTEND_TIMEOUT_USEC", st_line, sizeof(st_line))) {
 			assert_true(strtoull(st_line, NULL, 10) > 0);
@@ -932,7 +444,7 @@ static void test_notify_watchdog(void **state)
 	c = cl_open(d->sock, "test_ops");
 	j = status(c);
 	snprintf(backend, sizeof(backend), "%s",
-		 jget(jget(j, "backend", cJSON_Object), "name", cJSON_String)->valuestring);
+		 dh_jget(dh_jget(j, "backend", cJSON_Object), "name", cJSON_String)->valuestring);
 	cJSON_Delete(j);
 	assert_non_null(strstr(st_line, "serving"));
 	assert_non_null(strstr(st_line, "qwen2_moe"));
@@ -954,12 +466,12 @@ static void test_notify_watchdog(void **state)
 		fail_msg("%llu WATCHDOG=1 pings arrived while a batch stalled: the watchdog "
 			 "does not see a wedged engine", (unsigned long long)during);
 	notify_pings(d, 3, "after the stalled batch");
-	expect_alive(d, "a stalled batch");
+	dh_expect_alive(d, "a stalled batch");
 
-	cl_close(c);
+	dh_cl_close(c);
 	assert_int_equal(kill(d->pid, SIGTERM), 0);
 	notify_expect(d, "STOPPING", "1", NULL, 0, EXIT_MS, "SIGTERM");
-	st = daemon_wait_exit(d, EXIT_MS);
+	st = dh_daemon_wait_exit(d, EXIT_MS);
 	assert_true(WIFEXITED(st));
 	assert_int_equal(WEXITSTATUS(st), 0);
 	g_passed = true;
@@ -1000,7 +512,7 @@ static void test_notify_reload(void **state)
 	int st;
 
 	(void)state;
-	daemon_start(d);
+	dh_daemon_start(d);
 	notify_expect(d, "READY", "1", NULL, 0, READY_MS, "start");
 	c = cl_open(d->sock, "test_ops");
 	forward_ok(c, 0, 3, 10, "before any reload");
@@ -1017,14 +529,14 @@ static void test_notify_reload(void **state)
 	forward_ok(c, 2, 4, 11, "after a reload");
 
 	/* a broken file: refused, the daemon serves on */
-	daemon_write_cfg(d, "server: [unclosed\n");
+	dh_daemon_write_cfg(d, "server: [unclosed\n");
 	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a syntax error");
 	if (!note_get(msg, "STATUS", v, sizeof(v)))
 		fail_msg("a refused reload: READY=1 without a STATUS= saying why: %s", msg);
 	printf("refused reload: STATUS=%s\n", v);
 	assert_non_null(strstr(v, "reload refused"));
 	assert_non_null(strstr(v, "moe.yaml")); /* FILE:LINE:COLUMN of the error */
-	expect_alive(d, "a broken configuration");
+	dh_expect_alive(d, "a broken configuration");
 	forward_ok(c, 0, 6, 12, "after a refused reload");
 	assert_int_equal(req_stat(c, "config_reloads"), 1);
 	assert_int_equal(req_stat(c, "config_reloads_refused"), 1);
@@ -1038,7 +550,7 @@ static void test_notify_reload(void **state)
 	{
 		char *t = cfg_text(d, "  max_clients: 0\n", NULL);
 
-		daemon_write_cfg(d, t);
+		dh_daemon_write_cfg(d, t);
 		free(t);
 	}
 	sighup_reload(d, msg, sizeof(msg), "SIGHUP with max_clients 0");
@@ -1048,7 +560,7 @@ static void test_notify_reload(void **state)
 	{
 		char *t = cfg_text(d, "  admin_group: no-such-group-moe-test\n", NULL);
 
-		daemon_write_cfg(d, t);
+		dh_daemon_write_cfg(d, t);
 		free(t);
 	}
 	sighup_reload(d, msg, sizeof(msg), "SIGHUP with an unknown admin group");
@@ -1072,10 +584,10 @@ static void test_notify_reload(void **state)
 	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a valid configuration again");
 	assert_int_equal(req_stat(c, "config_reloads"), 2);
 
-	cl_close(c);
+	dh_cl_close(c);
 	assert_int_equal(kill(d->pid, SIGTERM), 0);
 	notify_expect(d, "STOPPING", "1", NULL, 0, EXIT_MS, "SIGTERM");
-	st = daemon_wait_exit(d, EXIT_MS);
+	st = dh_daemon_wait_exit(d, EXIT_MS);
 	assert_true(WIFEXITED(st));
 	assert_int_equal(WEXITSTATUS(st), 0);
 	g_passed = true;
@@ -1104,27 +616,27 @@ static void test_reload_limits(void **state)
 	int r, s, st, fds0;
 
 	(void)state;
-	daemon_start(d);
+	dh_daemon_start(d);
 	c1 = cl_open(d->sock, "first");
 	forward_ok(c1, 0, 3, 20, "before the reload");
-	fds0 = count_fds(d->pid);
+	fds0 = dh_count_fds(d->pid);
 	/* a connection that never says HELLO is kept (600 s) ... */
-	s = raw_socket(d->sock);
+	s = dh_raw_socket(d->sock);
 	assert_true(s >= 0);
 	{
 		/* accepted (not still in the backlog when the reload lands) */
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
 		for (;;) {
 			cJSON *j = status(c1);
-			int n = cJSON_GetArraySize(jget(j, "clients", cJSON_Array));
+			int n = cJSON_GetArraySize(dh_jget(j, "clients", cJSON_Array));
 
 			cJSON_Delete(j);
 			if (n == 2)
 				break;
-			if (now_ms() > deadline)
+			if (dh_now_ms() > deadline)
 				fail_msg("the daemon did not accept a connection");
-			nap_ms(2);
+			dh_nap_ms(2);
 		}
 	}
 
@@ -1137,7 +649,7 @@ static void test_reload_limits(void **state)
 	assert_non_null(strstr(msg, "needs a restart"));
 	assert_non_null(strstr(msg, "cpu.threads"));
 	/* ... until the new 200 ms apply */
-	if (!raw_hangup(s, READY_MS, &st))
+	if (!dh_raw_hangup(s, READY_MS, &st))
 		fail_msg("a connection without HELLO was not dropped after handshake_timeout_ms "
 			 "was reloaded to 200");
 	close(s);
@@ -1146,9 +658,9 @@ static void test_reload_limits(void **state)
 	r = cl_try(d->sock, "second", &c2, eb, sizeof(eb));
 	printf("second client with max_clients 1: %s (%s)\n", moe_strerror(r), eb);
 	assert_int_equal(r, MOE_ELIMIT);
-	s = raw_socket(d->sock);
+	s = dh_raw_socket(d->sock);
 	assert_true(s >= 0);
-	assert_true(raw_hangup(s, READY_MS, &st));
+	assert_true(dh_raw_hangup(s, READY_MS, &st));
 	close(s);
 	assert_int_equal(st, MOE_ELIMIT);
 	forward_ok(c1, 2, 5, 21, "the first client while a second is refused");
@@ -1165,10 +677,10 @@ static void test_reload_limits(void **state)
 	forward_ok(c2, 0, 7, 22, "a client admitted after max_clients went up");
 	forward_ok(c1, 0, 2, 23, "the first client");
 	assert_int_equal(req_stat(c1, "config_reloads"), 2);
-	cl_close(c2);
+	dh_cl_close(c2);
 	fds_back_to(d, fds0, "after the reloads");
-	cl_close(c1);
-	daemon_stop(d);
+	dh_cl_close(c1);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1208,19 +720,19 @@ static void test_drain(void **state)
 	int rc;
 
 	(void)state;
-	daemon_env(d, "MOED_TEST_STALL_MS=%d", DRAIN_STALL_MS);
-	daemon_start(d);
+	dh_daemon_env(d, "MOED_TEST_STALL_MS=%d", DRAIN_STALL_MS);
+	dh_daemon_start(d);
 	a = cl_open(d->sock, "submitter");
 	b = cl_open(d->sock, "admin");
 	obs = cl_open(d->sock, "observer");
 
 	/* all of them in the ring when the daemon next looks */
-	daemon_freeze(d);
+	dh_daemon_freeze(d);
 	for (int i = 0; i < DRAIN_REQS; i++)
 		req_submit(a, &q[i], i % 2 ? 2 : 0, 16, 100 + (uint64_t)i);
-	daemon_thaw(d);
+	dh_daemon_thaw(d);
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
 		/* the daemon has taken them (status is answered between batches) */
 		for (;;) {
@@ -1228,9 +740,9 @@ static void test_drain(void **state)
 			free(s);
 			if (pending > 0)
 				break;
-			if (now_ms() > deadline)
+			if (dh_now_ms() > deadline)
 				fail_msg("the daemon never had requests queued");
-			nap_ms(1);
+			dh_nap_ms(1);
 		}
 	}
 	printf("%.0f requests queued when the drain was sent\n", pending);
@@ -1239,7 +751,7 @@ static void test_drain(void **state)
 	call.flags = 1;
 	assert_int_equal(pthread_create(&th, NULL, admin_thread, &call), 0);
 	{
-		uint64_t deadline = now_ms() + READY_MS;
+		uint64_t deadline = dh_now_ms() + READY_MS;
 
 		for (;;) {
 			s = state_of(obs, &pending);
@@ -1248,11 +760,11 @@ static void test_drain(void **state)
 				break;
 			}
 			free(s);
-			if (now_ms() > deadline) {
+			if (dh_now_ms() > deadline) {
 				pthread_join(th, NULL);
 				fail_msg("status never said \"draining\"");
 			}
-			nap_ms(1);
+			dh_nap_ms(1);
 		}
 	}
 	printf("draining with %.0f requests queued; drain --wait %s\n", pending,
@@ -1275,7 +787,7 @@ static void test_drain(void **state)
 				 moe_strerror(r));
 		assert_int_equal(st, 0);
 		check_output(q[i].layer, q[i].copy, q[i].out, q[i].n, "a request queued before a drain");
-		req_free(a, &q[i]);
+		dh_req_free(a, &q[i]);
 	}
 	s = state_of(obs, &pending);
 	assert_string_equal(s, "draining");
@@ -1312,7 +824,7 @@ static void test_drain(void **state)
 	assert_non_null(strstr(out, "applied"));
 	free(out);
 	assert_int_equal(req_stat(obs, "config_reloads"), 1);
-	daemon_write_cfg(d, "scheduler: {max_batch_tokens: }\n  bad: [\n");
+	dh_daemon_write_cfg(d, "scheduler: {max_batch_tokens: }\n  bad: [\n");
 	rc = moectl(d, "reload-config", &out);
 	assert_true(rc != 0);
 	assert_non_null(strstr(out, "moe.yaml"));
@@ -1320,10 +832,10 @@ static void test_drain(void **state)
 	assert_int_equal(req_stat(obs, "config_reloads_refused"), 1);
 	forward_ok(a, 0, 2, 135, "after a refused moectl reload-config");
 
-	cl_close(a);
-	cl_close(b);
-	cl_close(obs);
-	daemon_stop(d);
+	dh_cl_close(a);
+	dh_cl_close(b);
+	dh_cl_close(obs);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1375,18 +887,18 @@ static void as_user(struct daemon *d, uid_t uid, gid_t gid, size_t ngroups, cons
 		}
 		_exit(0);
 	}
-	deadline = now_ms() + WAIT_MS;
+	deadline = dh_now_ms() + WAIT_MS;
 	for (;;) {
 		pid_t w = waitpid(pid, &st, WNOHANG);
 
 		if (w == pid)
 			break;
-		if (now_ms() > deadline) {
+		if (dh_now_ms() > deadline) {
 			kill(pid, SIGKILL);
 			waitpid(pid, &st, 0);
 			fail_msg("the unprivileged child did not finish");
 		}
-		nap_ms(2);
+		dh_nap_ms(2);
 	}
 	if (!WIFEXITED(st) || WEXITSTATUS(st))
 		fail_msg("the unprivileged child failed: wait status 0x%x", st);
@@ -1440,7 +952,7 @@ static void test_auth_privileges(void **state)
 	d = daemon_new(extra, NULL, false);
 	free(extra);
 	assert_int_equal(chmod(d->dir, 0755), 0); /* nobody may reach the socket */
-	daemon_start(d);
+	dh_daemon_start(d);
 	{
 		struct stat sb;
 
@@ -1514,11 +1026,11 @@ static void test_auth_privileges(void **state)
 	printf("refused_unauthorized: %.0f (expected %d)\n", refused, n_refused);
 	assert_int_equal(refused, n_refused);
 	forward_ok(root, 2, 2, 42, "root after the refusals");
-	expect_alive(d, "unprivileged clients");
+	dh_expect_alive(d, "unprivileged clients");
 	free(in);
 	munmap(res, sizeof(*res));
-	cl_close(root);
-	daemon_stop(d);
+	dh_cl_close(root);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1532,16 +1044,16 @@ static void test_handshake_timeout(void **state)
 	int s[8], st, fds0;
 
 	(void)state;
-	daemon_start(d);
+	dh_daemon_start(d);
 	good = cl_open(d->sock, "good");
 	forward_ok(good, 0, 3, 50, "before");
-	fds0 = count_fds(d->pid);
+	fds0 = dh_count_fds(d->pid);
 	for (int i = 0; i < 8; i++) {
-		s[i] = raw_socket(d->sock);
+		s[i] = dh_raw_socket(d->sock);
 		assert_true(s[i] >= 0);
 	}
 	for (int i = 0; i < 8; i++) {
-		if (!raw_hangup(s[i], READY_MS, &st))
+		if (!dh_raw_hangup(s[i], READY_MS, &st))
 			fail_msg("connection %d, which never sent HELLO, was not dropped", i);
 		close(s[i]);
 		if (st != MOE_EPROTO && st != 1)
@@ -1555,11 +1067,11 @@ static void test_handshake_timeout(void **state)
 		moe_client *c2 = cl_open(d->sock, "late");
 
 		forward_ok(c2, 0, 1, 52, "a client connecting after the timeouts");
-		cl_close(c2);
+		dh_cl_close(c2);
 	}
 	fds_back_to(d, fds0, "after the silent connections");
-	cl_close(good);
-	daemon_stop(d);
+	dh_cl_close(good);
+	dh_daemon_stop(d);
 	g_passed = true;
 }
 
@@ -1592,13 +1104,13 @@ static void test_socket_activation(void **state)
 	argv[6] = FIXTURE;
 	argv[7] = NULL;
 	d->argv = argv;
-	daemon_spawn(d);
-	deadline = now_ms() + READY_MS;
+	dh_daemon_spawn(d);
+	deadline = dh_now_ms() + READY_MS;
 	while (stat(path, &sb)) {
-		if (now_ms() > deadline)
+		if (dh_now_ms() > deadline)
 			fail_msg("%s did not create %s", SOCKET_ACTIVATE, path);
-		expect_alive(d, "starting systemd-socket-activate");
-		nap_ms(5);
+		dh_expect_alive(d, "starting systemd-socket-activate");
+		dh_nap_ms(5);
 	}
 	/* the first connection starts moed on the passed socket; moe_connect
 	 * waits (bounded) for the handshake meanwhile */
@@ -1606,21 +1118,21 @@ static void test_socket_activation(void **state)
 		r = cl_try(path, "activated", &c, eb, sizeof(eb));
 		if (!r)
 			break;
-		if (now_ms() > deadline)
+		if (dh_now_ms() > deadline)
 			fail_msg("no connection on the activated socket: %s (%s)", moe_strerror(r),
 				 eb);
-		expect_alive(d, "a connection to the activated socket");
-		nap_ms(20);
+		dh_expect_alive(d, "a connection to the activated socket");
+		dh_nap_ms(20);
 	}
 	forward_ok(c, 0, 9, 60, "on the activated socket");
 	forward_ok(c, 2, 2, 61, "on the activated socket");
 	{
 		cJSON *j = status(c);
 
-		assert_string_equal(jget(j, "state", cJSON_String)->valuestring, "serving");
+		assert_string_equal(dh_jget(j, "state", cJSON_String)->valuestring, "serving");
 		cJSON_Delete(j);
 	}
-	cl_close(c);
+	dh_cl_close(c);
 	{
 		/* moed itself, in place of the activator (same pid) */
 		char exe[64], target[512];
@@ -1633,7 +1145,7 @@ static void test_socket_activation(void **state)
 		printf("pid %d runs %s\n", (int)d->pid, target);
 		assert_non_null(strstr(target, "moed"));
 	}
-	daemon_stop(d);
+	dh_daemon_stop(d);
 	/* moed did not remove the socket it was given */
 	assert_int_equal(stat(path, &sb), 0);
 	{
@@ -1655,18 +1167,18 @@ static void test_socket_activation(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test_setup_teardown(test_notify_watchdog, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_notify_reload, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_reload_limits, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_drain, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_auth_privileges, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_handshake_timeout, test_setup, test_teardown),
-		cmocka_unit_test_setup_teardown(test_socket_activation, test_setup, test_teardown),
+		cmocka_unit_test_setup_teardown(test_notify_watchdog, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_notify_reload, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_reload_limits, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_drain, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_auth_privileges, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_handshake_timeout, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_socket_activation, dh_setup, dh_teardown),
 	};
 
 	if (access(MOED, X_OK)) {
 		printf("test_ops: SKIPPED, %s is not built\n", MOED);
 		return 77;
 	}
-	return cmocka_run_group_tests(tests, group_setup, group_teardown);
+	return cmocka_run_group_tests(tests, group_setup, dh_group_teardown);
 }
