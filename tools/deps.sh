@@ -10,7 +10,8 @@ set -euo pipefail
 
 want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev)
 if [ "${1:-build}" = test ]; then
-	want+=(libcmocka-dev clang libclang-rt-14-dev)
+	# systemd: systemd-analyze verify and systemd-socket-activate in the tests
+	want+=(libcmocka-dev clang libclang-rt-14-dev systemd)
 fi
 
 missing=()
