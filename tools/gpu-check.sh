@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# tools/gpu-check.sh — build and test moed on a bare GPU machine in one call.
+#
+# The lent GPU machines have nvcc, cuBLAS, NCCL and CMake but cannot install
+# anything and lack libyaml, cJSON, cmocka, libsystemd and pkg-config. So:
+#
+#   tools/gpu-check.sh --prepare     (here, with apt): fetch those Debian
+#       packages with `apt-get download`, unpack them into .gpu-deps/root,
+#       make their .pc files relocatable. .gpu-deps/ is git-ignored: name it
+#       in the device tool's `carry`.
+#   tools/gpu-check.sh [OUTDIR]      (there): build Release with CUDA for
+#       sm_90 against .gpu-deps/root, print the GPU, run the whole test suite
+#       (the `gpu` ctest label included) and the benchmarks; logs go to
+#       OUTDIR (default $OUT, else ./gpu-check-out).
+#
+# Typical device call: carry [".gpu-deps"], command "tools/gpu-check.sh".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+deps=$PWD/.gpu-deps
+root=$deps/root
+pkgs=(libcjson1 libcjson-dev libyaml-0-2 libyaml-dev libcmocka0 libcmocka-dev
+	libsystemd0 libsystemd-dev pkgconf pkgconf-bin libpkgconf3)
+
+prepare() {
+	command -v apt-get >/dev/null || { echo "--prepare needs apt-get" >&2; exit 1; }
+	rm -rf "$deps"
+	mkdir -p "$deps/debs" "$root"
+	(cd "$deps/debs" && apt-get download "${pkgs[@]}" >/dev/null)
+	for d in "$deps"/debs/*.deb; do
+		dpkg-deb -x "$d" "$root"
+	done
+	# absolute /usr paths -> relative to the .pc file (pkgconf's
+	# ${pcfiledir}), so the unpacked tree works wherever it is carried
+	find "$root" -name '*.pc' -print0 | while IFS= read -r -d '' pc; do
+		rel=$(realpath --relative-to="$(dirname "$pc")" "$root/usr")
+		sed -i -E "s#^([a-z_]+)=/usr(/|\$)#\1=\\\${pcfiledir}/$rel\2#" "$pc"
+	done
+	rm -rf "$deps/debs"
+	echo "prepared $(du -sh "$deps" | cut -f1) in $deps; carry it: [\".gpu-deps\"]"
+}
+
+if [ "${1:-}" = "--prepare" ]; then
+	prepare
+	exit 0
+fi
+
+out=${1:-${OUT:-$PWD/gpu-check-out}}
+mkdir -p "$out"
+[ -d "$root" ] || { echo "no $root: run tools/gpu-check.sh --prepare here first" >&2; exit 1; }
+libdir=$root/usr/lib/x86_64-linux-gnu
+export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export PKG_CONFIG_PATH=$libdir/pkgconfig:$root/usr/share/pkgconfig
+export PKG_CONFIG_LIBDIR=$PKG_CONFIG_PATH # only what was carried
+export PKG_CONFIG_EXECUTABLE=$root/usr/bin/pkgconf
+export PATH=$root/usr/bin:/usr/local/cuda/bin:$PATH
+export CPATH=$root/usr/include${CPATH:+:$CPATH}
+export LIBRARY_PATH=$libdir${LIBRARY_PATH:+:$LIBRARY_PATH}
+
+{
+	echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
+		echo "nvidia-smi: no GPU visible"
+	nvcc --version | tail -1
+} 2>&1 | tee "$out/gpu-info.txt"
+
+build=build-gpu
+cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON -DMOE_WERROR=ON \
+	-DCMAKE_CUDA_ARCHITECTURES="90-real;80-virtual" \
+	-DPKG_CONFIG_EXECUTABLE="$PKG_CONFIG_EXECUTABLE" >"$out/configure.log" 2>&1 ||
+	{ tail -40 "$out/configure.log"; exit 1; }
+cmake --build $build -j"$(nproc)" >"$out/build.log" 2>&1 || { tail -60 "$out/build.log"; exit 1; }
+echo "== build ok"
+
+status=0
+(cd $build && ctest --output-on-failure -j4 >"$out/ctest.log" 2>&1) || status=1
+grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || true
+
+echo "== moe-bench (CPU engine on this host, for reference)"
+./$build/bin/moe-bench --tokens 1,16,256 2>&1 | tee "$out/moe-bench-cpu.txt" | tail -5
+if ./$build/bin/moe-bench --help 2>&1 | grep -q -- "--device"; then
+	echo "== moe-bench --device cuda"
+	./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
+else
+	echo "== moe-bench has no --device cuda yet (the CUDA backend is not built): skipped"
+fi
+exit $status
