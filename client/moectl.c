@@ -233,21 +233,17 @@ static int parse_u32(const char *s, uint32_t *v)
 	return 0;
 }
 
+_Static_assert(MOE_DTYPE_F32 == 0 && MOE_DTYPE_BF16 == 1 && MOE_DTYPE_F16 == 2,
+	       "moe_st_float_code numbers the dtypes as moe_dtype does");
+
 static int st_to_dtype(enum moe_st_dtype dt, moe_dtype *out)
 {
-	switch (dt) {
-	case MOE_ST_F32:
-		*out = MOE_DTYPE_F32;
-		return 0;
-	case MOE_ST_BF16:
-		*out = MOE_DTYPE_BF16;
-		return 0;
-	case MOE_ST_F16:
-		*out = MOE_DTYPE_F16;
-		return 0;
-	default:
+	int code = moe_st_float_code(dt);
+
+	if (code < 0)
 		return -1;
-	}
+	*out = (moe_dtype)code;
+	return 0;
 }
 
 /* Runs n rows through the layer in chunks the daemon and the data area take. */

@@ -454,21 +454,17 @@ out:
  * Tensors of one layer
  * ------------------------------------------------------------------------ */
 
+_Static_assert(MOE_DT_F32 == 0 && MOE_DT_BF16 == 1 && MOE_DT_F16 == 2,
+	       "moe_st_float_code numbers the dtypes as enum moe_dtype does");
+
 static int st_to_dtype(enum moe_st_dtype dt, enum moe_dtype *out)
 {
-	switch (dt) {
-	case MOE_ST_F32:
-		*out = MOE_DT_F32;
-		return 0;
-	case MOE_ST_BF16:
-		*out = MOE_DT_BF16;
-		return 0;
-	case MOE_ST_F16:
-		*out = MOE_DT_F16;
-		return 0;
-	default:
+	int code = moe_st_float_code(dt);
+
+	if (code < 0)
 		return -1;
-	}
+	*out = (enum moe_dtype)code;
+	return 0;
 }
 
 static void fmt_shape(const uint64_t *s, uint32_t nd, char *buf, size_t n)

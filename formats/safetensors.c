@@ -44,6 +44,11 @@ const char *moe_st_dtype_name(enum moe_st_dtype dt)
 	return (unsigned)dt < MOE_ST_NDTYPES ? dtypes[dt].name : "?";
 }
 
+int moe_st_float_code(enum moe_st_dtype dt)
+{
+	return dt == MOE_ST_F32 ? 0 : dt == MOE_ST_BF16 ? 1 : dt == MOE_ST_F16 ? 2 : -1;
+}
+
 unsigned moe_st_dtype_bits(enum moe_st_dtype dt)
 {
 	return (unsigned)dt < MOE_ST_NDTYPES ? dtypes[dt].bits : 0;

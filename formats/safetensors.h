@@ -52,6 +52,10 @@ enum moe_st_dtype {
 };
 
 const char *moe_st_dtype_name(enum moe_st_dtype dt);
+/* The float dtypes moed computes with, numbered as everywhere else in moed
+ * (the engine's enum moe_dtype, the wire's and libmoeclient's): 0 F32,
+ * 1 BF16, 2 F16; -1 for any other dtype. */
+int moe_st_float_code(enum moe_st_dtype dt);
 unsigned moe_st_dtype_bits(enum moe_st_dtype dt);
 /* Returns the dtype for a safetensors dtype string, or -1. */
 int moe_st_dtype_parse(const char *s);
