@@ -185,7 +185,7 @@ int main(int argc, char **argv)
 			struct moe_epoch *ep = moe_epoch_acquire(e);
 			struct moe_batch b = {(uint32_t)layer, n, MOE_DT_BF16,
 					      in + (size_t)set * n * m->hidden, out,
-					      rep < 0 ? ids : NULL, NULL};
+					      rep < 0 ? ids : NULL, NULL, 0, NULL};
 			double t0 = moe_bench_now(), dt;
 
 			if (moe_engine_forward(e, ep, &b, err)) {

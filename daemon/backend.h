@@ -1,6 +1,13 @@
-/* daemon/backend.h — what a kind of device provides to the engine (cpu now,
- * cuda later). The engine owns placement, epochs, dispatch and combine; a
- * backend owns memory on its device and the math that runs there.
+/* daemon/backend.h — what a kind of device provides to the engine.
+ *
+ * Two shapes of backend share the seam:
+ *  - step backends (cpu) provide route + experts; the engine does the
+ *    conversion, dispatch and combine on the host between them;
+ *  - device backends (cuda) provide forward: the whole batch on the device
+ *    (convert, route, permute, expert GEMMs, combine), because a round trip
+ *    to the host between the steps would cost more than the steps.
+ * Either way the engine owns placement and epochs (which slot serves which
+ * expert), the backend owns memory on its device and the math there.
  */
 #ifndef MOE_BACKEND_H
 #define MOE_BACKEND_H
@@ -47,12 +54,34 @@ struct moe_rank_work {
 	struct moe_ffn_group *groups;
 };
 
+/* A run of tokens of one request inside a batch, in host memory. */
+struct moe_seg {
+	const void *in; /* [n_tokens, H] */
+	void *out;	/* [n_tokens, H] */
+	enum moe_dtype dtype;
+	uint32_t n_tokens;
+};
+
+/* One batch of one layer for a device backend. */
+struct moe_fwd {
+	uint32_t n_tokens;
+	uint32_t n_segs;
+	const struct moe_seg *segs; /* tokens in order, each n_tokens > 0 */
+	const struct moe_slot *const *expert_slot; /* [E]: the slot serving each expert */
+	uint32_t *topk_ids;	/* optional [n, K] */
+	float *topk_weights;	/* optional [n, K] */
+	uint32_t *expert_count; /* out [E]: rows routed to each expert */
+	float device_ms;	/* out: device time of the batch (< 0: not measured) */
+};
+
 struct moe_rank {
 	uint32_t id;
+	int device; /* GPU index for device backends */
 	const char *kernels; /* name of the kernels in use, for logs and status */
 	const struct moe_backend_ops *ops;
 	void *priv;
 	struct moe_pool *pool;
+	char desc[192]; /* what the rank runs on, for logs and status */
 };
 
 struct moe_backend_ops {
@@ -67,7 +96,7 @@ struct moe_backend_ops {
 	/* Room for an expert of intermediate size `inter` (its layout is the
 	 * backend's: the CPU packs panels). */
 	int (*slot_alloc)(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
-			  struct moe_slot *s);
+			  struct moe_slot *s, char *err);
 	/* Reads an expert's three matrices from the checkpoint into the slot. */
 	int (*slot_upload)(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
 			   const struct moe_expert_src *src, char *err);
@@ -77,8 +106,20 @@ struct moe_backend_ops {
 		     const float *x, uint32_t n, uint32_t *ids, float *w);
 	/* Runs every group of the work (grouped expert FFNs). */
 	int (*experts)(struct moe_rank *r, const struct moe_rank_work *w);
+
+	/* Device backends: the whole batch. -ENOTRECOVERABLE when the device
+	 * is lost (a sticky error): every later call fails the same way. */
+	int (*forward)(struct moe_rank *r, const struct moe_model *m,
+		       const struct moe_layer_state *ls, struct moe_fwd *f, char *err);
+	/* Optional: pins host memory that batches will read and write (client
+	 * regions), so that copies to and from the device are DMA. */
+	int (*host_register)(struct moe_rank *r, void *p, size_t len, char *err);
+	void (*host_unregister)(struct moe_rank *r, void *p);
 };
 
 extern const struct moe_backend_ops moe_backend_cpu;
+#ifdef MOE_HAVE_CUDA
+extern const struct moe_backend_ops moe_backend_cuda;
+#endif
 
 #endif

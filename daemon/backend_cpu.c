@@ -11,6 +11,7 @@
  * sum in k order, so a token's result does not depend on its batch.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,6 +58,7 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	}
 	c->k = moe_cpu_kernels_for(chosen);
 	r->kernels = moe_cpu_isa_name(chosen);
+	snprintf(r->desc, sizeof(r->desc), "cpu (%s kernels)", r->kernels);
 	c->n_workers = moe_pool_threads(r->pool);
 	c->max_tokens = max_tokens;
 	c->logits = malloc((size_t)max_tokens * m->n_experts * sizeof(float));
@@ -110,14 +112,17 @@ static size_t gate_up_bytes(const struct moe_model *m, uint32_t inter)
 }
 
 static int cpu_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
-			  struct moe_slot *s)
+			  struct moe_slot *s, char *err)
 {
 	size_t bytes = gate_up_bytes(m, inter) + moe_pack_rows_bytes(m->hidden, inter, m->dtype);
 
 	s->mem = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
 	s->bytes = bytes;
 	s->inter = inter;
-	return s->mem ? 0 : -ENOMEM;
+	if (!s->mem)
+		return moe_err(err, -ENOMEM, "out of host memory (%.1f MiB)",
+			       (double)bytes / (1 << 20));
+	return 0;
 }
 
 static void cpu_slot_free(struct moe_rank *r, struct moe_slot *s)

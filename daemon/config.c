@@ -29,7 +29,12 @@
 
 /* What the engine can run today. Raise these when it can do more. */
 #define CFG_CPU_RANKS_SUPPORTED 1
-#define CFG_CUDA_SUPPORTED      false
+#define CFG_GPUS_SUPPORTED      1 /* GPUs in a list; cuda:all is checked at start */
+#ifdef MOE_HAVE_CUDA
+#define CFG_CUDA_BUILT true
+#else
+#define CFG_CUDA_BUILT false
+#endif
 
 /* How much of a user's text is echoed back in a message. */
 #define CFG_ECHO_MAX 48
@@ -714,9 +719,12 @@ static int parse_devices(struct cfg_parser *p, const struct cfg_key *k, const ya
 		rc = bad_value(p, k->path, ev, DEVICES_EXPECTED);
 	if (rc)
 		return rc;
-	if (c->devices.kind == MOE_CFG_DEV_CUDA && !CFG_CUDA_SUPPORTED)
+	if (c->devices.kind == MOE_CFG_DEV_CUDA && !CFG_CUDA_BUILT)
 		return cfg_error(p, ev->start_mark, k->path,
-		                 "not supported yet (CPU only for now)");
+		                 "this moed was built without CUDA (MOE_CUDA=OFF): use cpu");
+	if (c->devices.kind == MOE_CFG_DEV_CUDA && c->devices.n_ranks > CFG_GPUS_SUPPORTED)
+		return cfg_error(p, ev->start_mark, k->path,
+		                 "not supported yet (one GPU for now)");
 	if (c->devices.kind == MOE_CFG_DEV_CPU && c->devices.n_ranks > CFG_CPU_RANKS_SUPPORTED)
 		return cfg_error(p, ev->start_mark, k->path,
 		                 "not supported yet (one CPU rank for now)");

@@ -11,12 +11,21 @@
  *
  * Tokens are processed in chunks of CHUNK_TOKENS so that the sorted buffers
  * stay bounded whatever max_batch_tokens is.
+ *
+ * A device backend (CUDA) takes the whole batch instead (ops->forward):
+ * the engine then only picks the slot of each expert from the epoch's
+ * placement and keeps the statistics; the steps above run on the device.
+ *
+ * Test hook: MOED_TEST_ENGINE_FAULT=N makes the N-th batch fail as a lost
+ * device does (-ENOTRECOVERABLE), on any backend, so that the daemon's
+ * crash-only path is tested without a GPU.
  */
 #include "daemon/engine.h"
 
 #include <errno.h>
 #include <math.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -55,6 +64,13 @@ struct moe_engine {
 	float *acc;	  /* [H] */
 	struct moe_ffn_group *groups; /* [E + 1] */
 	_Atomic uint64_t *expert_tokens; /* [n_moe_layers * E] */
+
+	bool device;	  /* the backend runs whole batches (ops->forward) */
+	const struct moe_slot **slot_tab; /* [E]: device backends */
+	uint32_t *ecount; /* [E]: device backends */
+	float last_ms;
+	atomic_bool lost;
+	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
 };
 
 static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
@@ -68,6 +84,12 @@ static int alloc_workspaces(struct moe_engine *e)
 	const struct moe_model *m = e->m;
 	size_t H = m->hidden, K = m->top_k, E = m->n_experts, ck = (size_t)e->chunk * K;
 
+	e->expert_tokens = calloc((size_t)m->n_moe_layers * E, sizeof(*e->expert_tokens));
+	if (e->device) {
+		e->slot_tab = calloc(E, sizeof(*e->slot_tab));
+		e->ecount = calloc(E, sizeof(*e->ecount));
+		return e->expert_tokens && e->slot_tab && e->ecount ? 0 : -ENOMEM;
+	}
 	e->x = malloc((size_t)e->max_tokens * H * sizeof(float));
 	e->ids = malloc((size_t)e->max_tokens * K * sizeof(uint32_t));
 	e->w = malloc((size_t)e->max_tokens * K * sizeof(float));
@@ -80,7 +102,6 @@ static int alloc_workspaces(struct moe_engine *e)
 	e->sc = malloc(ck * sizeof(float));
 	e->acc = malloc(H * sizeof(float));
 	e->groups = calloc(E + 1, sizeof(*e->groups));
-	e->expert_tokens = calloc((size_t)m->n_moe_layers * E, sizeof(*e->expert_tokens));
 	if (m->shared_inter) {
 		e->sh_h = malloc((size_t)e->chunk * m->shared_inter * sizeof(float));
 		e->sh_y = malloc((size_t)e->chunk * H * sizeof(float));
@@ -94,12 +115,18 @@ static int alloc_workspaces(struct moe_engine *e)
 	return 0;
 }
 
+/* what: "expert 5" or "the shared expert", for a message naming what did
+ * not fit. */
 static int upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
-		  const struct moe_expert_src *src, char *err)
+		  const struct moe_expert_src *src, uint32_t layer, const char *what, char *err)
 {
-	if (r->ops->slot_alloc(r, e->m, src->gate.rows, s))
-		return moe_err(err, -ENOMEM, "%s rank %u: out of memory for an expert slot",
-			       r->ops->name, r->id);
+	char why[MOE_ERRLEN];
+	int ret = r->ops->slot_alloc(r, e->m, src->gate.rows, s, why);
+
+	if (ret)
+		return moe_err(err, ret, "%s rank %u: cannot hold layer %u's %s: %s (%.1f GiB of "
+			       "weights loaded so far)", r->ops->name, r->id, layer, what, why,
+			       (double)e->weight_bytes / (1 << 30));
 	e->weight_bytes += s->bytes;
 	return r->ops->slot_upload(r, s, e->m, src, err);
 }
@@ -116,8 +143,6 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
 	e->weight_bytes += (size_t)m->n_experts * m->hidden * sizeof(float);
 	ret = moe_model_read_f32(m, &d->router, ls->router, err);
-	if (!ret && e->ranks[0].ops->layer_init(&e->ranks[0], m, ls))
-		ret = moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
 	if (!ret && d->has_bias) {
 		ls->bias = malloc(m->n_experts * sizeof(float));
 		ret = ls->bias ? moe_model_read_f32(m, &d->bias, ls->bias, err)
@@ -128,16 +153,24 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		ret = ls->shared_gate ? moe_model_read_f32(m, &d->shared_gate, ls->shared_gate, err)
 				      : moe_err(err, -ENOMEM, "out of memory");
 	}
+	/* (after bias and shared gate: a device backend uploads them too) */
+	if (!ret && e->ranks[0].ops->layer_init(&e->ranks[0], m, ls))
+		ret = moe_err(err, -ENOMEM, "%s rank 0: out of memory for layer %u's router",
+			      e->ranks[0].ops->name, d->index);
 	/* The shared expert lives beside the router (rank 0 for now). */
 	if (!ret && d->has_shared)
-		ret = upload(e, &e->ranks[0], &ls->shared, &d->shared, err);
+		ret = upload(e, &e->ranks[0], &ls->shared, &d->shared, d->index,
+			     "shared expert", err);
 	for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
 		uint32_t n;
 		const struct moe_replica *rep = moe_place_get(e->placement, l, x, &n);
+		char what[32];
 
+		snprintf(what, sizeof(what), "expert %u", x);
 		for (uint32_t i = 0; i < n && !ret; i++)
 			ret = upload(e, &e->ranks[rep[i].rank],
-				     slot_at(e, rep[i].rank, l, rep[i].slot), &d->experts[x], err);
+				     slot_at(e, rep[i].rank, l, rep[i].slot), &d->experts[x],
+				     d->index, what, err);
 	}
 	return ret;
 }
@@ -146,6 +179,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		      struct moe_engine **out, char *err)
 {
 	struct moe_engine *e;
+	const struct moe_backend_ops *ops;
 	uint32_t R = o && o->n_ranks ? o->n_ranks : 1;
 	int ret;
 
@@ -158,6 +192,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->max_tokens = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
 	e->chunk = e->max_tokens < CHUNK_TOKENS ? e->max_tokens : CHUNK_TOKENS;
 	e->n_ranks = R;
+	e->last_ms = -1.0f;
 	pthread_mutex_init(&e->epoch_lock, NULL);
 	pthread_mutex_init(&e->fwd_lock, NULL);
 	ret = moe_pool_create(o ? o->threads : 0, &e->pool);
@@ -171,6 +206,19 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		ret = moe_err(err, ret, "cannot build the initial placement");
 		goto err_destroy;
 	}
+	ops = &moe_backend_cpu;
+	if (o && o->backend && !strcmp(o->backend, "cuda")) {
+#ifdef MOE_HAVE_CUDA
+		ops = &moe_backend_cuda;
+#else
+		ret = moe_err(err, -ENOTSUP, "this moed was built without CUDA (MOE_CUDA=OFF)");
+		goto err_destroy;
+#endif
+	} else if (o && o->backend && strcmp(o->backend, "cpu")) {
+		ret = moe_err(err, -EINVAL, "unknown backend \"%s\"", o->backend);
+		goto err_destroy;
+	}
+	e->device = ops->forward != NULL;
 	e->ranks = calloc(R, sizeof(*e->ranks));
 	e->slots = calloc((size_t)R * m->n_moe_layers * e->placement->slots_per_rank,
 			  sizeof(*e->slots));
@@ -181,12 +229,16 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		goto err_destroy;
 	}
 	for (uint32_t r = 0; r < R; r++) {
-		e->ranks[r] = (struct moe_rank){.id = r, .ops = &moe_backend_cpu, .pool = e->pool};
-		ret = e->ranks[r].ops->rank_init(&e->ranks[r], m, e->max_tokens, o ? o->isa : NULL,
-						 err);
-		if (ret)
+		e->ranks[r] = (struct moe_rank){.id = r, .device = o ? o->device : 0, .ops = ops,
+						.pool = e->pool};
+		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, o ? o->isa : NULL, err);
+		if (ret) {
+			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
+		}
 	}
+	if (getenv("MOED_TEST_ENGINE_FAULT"))
+		e->fault_at = strtoul(getenv("MOED_TEST_ENGINE_FAULT"), NULL, 10);
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		ret = load_layer(e, l, err);
 		if (ret)
@@ -260,6 +312,8 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->acc);
 	free(e->groups);
 	free(e->expert_tokens);
+	free(e->slot_tab);
+	free(e->ecount);
 	pthread_mutex_destroy(&e->epoch_lock);
 	pthread_mutex_destroy(&e->fwd_lock);
 	free(e);
@@ -345,14 +399,18 @@ static void shared_gate(const struct moe_engine *e, const float *wg, uint32_t c0
 	}
 }
 
-static void combine(struct moe_engine *e, const struct moe_batch *b, uint32_t c0, uint32_t nc,
+static void combine(struct moe_engine *e, const struct moe_seg *segs, uint32_t c0, uint32_t nc,
 		    bool shared)
 {
-	uint32_t H = e->m->hidden, K = e->m->top_k;
-	size_t osz = moe_dtype_size(b->dtype);
+	uint32_t H = e->m->hidden, K = e->m->top_k, si = 0, s0 = 0;
 
+	while (c0 >= s0 + segs[si].n_tokens) /* the segment holding token c0 */
+		s0 += segs[si++].n_tokens;
 	for (uint32_t t = 0; t < nc; t++) {
 		float *acc = e->acc;
+
+		if (c0 + t == s0 + segs[si].n_tokens)
+			s0 += segs[si++].n_tokens;
 
 		memcpy(acc, e->ys + (size_t)e->pos[(size_t)t * K] * H, H * sizeof(float));
 		for (uint32_t k = 1; k < K; k++) {
@@ -364,20 +422,63 @@ static void combine(struct moe_engine *e, const struct moe_batch *b, uint32_t c0
 		if (shared)
 			for (uint32_t j = 0; j < H; j++)
 				acc[j] += e->sh_y[(size_t)t * H + j];
-		moe_cpu_from_f32(b->dtype, acc, (char *)b->out + (size_t)(c0 + t) * H * osz, H);
+		moe_cpu_from_f32(segs[si].dtype, acc,
+				 (char *)segs[si].out +
+					 (size_t)(c0 + t - s0) * H * moe_dtype_size(segs[si].dtype),
+				 H);
 	}
 }
 
+/* The whole batch on a device backend. */
+static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
+			  const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
+			  char *err)
+{
+	const struct moe_model *m = e->m;
+	struct moe_rank *r = &e->ranks[0];
+	struct moe_fwd f = {b->n_tokens, n_segs, segs, e->slot_tab, b->topk_ids, b->topk_weights,
+			    e->ecount, -1.0f};
+	int ret;
+
+	for (uint32_t x = 0; x < m->n_experts; x++) {
+		uint32_t nr;
+		const struct moe_replica *rep = moe_place_get(ep->placement, l, x, &nr);
+
+		e->slot_tab[x] = slot_at(e, rep[0].rank, l, rep[0].slot);
+	}
+	ret = r->ops->forward(r, m, &e->ls[l], &f, err);
+	if (ret)
+		return ret;
+	e->last_ms = f.device_ms;
+	for (uint32_t x = 0; x < m->n_experts; x++)
+		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + x],
+					  e->ecount[x], memory_order_relaxed);
+	return 0;
+}
+
 static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
-			  const struct moe_batch *b, char *err)
+			  const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
+			  char *err)
 {
 	const struct moe_model *m = e->m;
 	const struct moe_layer_state *ls = &e->ls[l];
 	struct moe_rank *r = &e->ranks[0];
 	uint32_t H = m->hidden, K = m->top_k, n = b->n_tokens;
+	size_t t0 = 0;
 	int ret;
 
-	moe_cpu_to_f32(b->dtype, b->in, e->x, (size_t)n * H);
+	if (e->fault_at && ++e->calls == e->fault_at) {
+		atomic_store(&e->lost, true);
+		return moe_err(err, -ENOTRECOVERABLE,
+			       "injected device fault (MOED_TEST_ENGINE_FAULT=%lu)", e->fault_at);
+	}
+	if (e->device)
+		return forward_device(e, ep, l, b, segs, n_segs, err);
+	for (uint32_t i = 0; i < n_segs; i++) {
+		moe_cpu_to_f32(segs[i].dtype, segs[i].in, e->x + t0 * H,
+			       (size_t)segs[i].n_tokens * H);
+		t0 += segs[i].n_tokens;
+	}
 	moe_cpu_round(m->dtype, e->x, (size_t)n * H);
 	ret = r->ops->route(r, m, ls, e->x, n, e->ids, e->w);
 	if (ret)
@@ -410,7 +511,7 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 		ret = r->ops->experts(r, &w);
 		if (ret)
 			return moe_err(err, ret, "expert FFNs failed");
-		combine(e, b, c0, nc, ls->shared.mem != NULL);
+		combine(e, segs, c0, nc, ls->shared.mem != NULL);
 	}
 	return 0;
 }
@@ -419,20 +520,37 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 		       char *err)
 {
 	int l = moe_model_layer_pos(e->m, b->layer);
+	struct moe_seg one = {b->in, b->out, b->dtype, b->n_tokens};
+	const struct moe_seg *segs = b->n_segs ? b->segs : &one;
+	uint32_t n_segs = b->n_segs ? b->n_segs : 1;
+	uint64_t sum = 0;
 	int ret;
 
 	if (l < 0)
 		return moe_err(err, -EINVAL, "layer %u is not an MoE layer of this model",
 			       b->layer);
-	if (b->dtype != MOE_DT_F32 && b->dtype != MOE_DT_BF16 && b->dtype != MOE_DT_F16)
-		return moe_err(err, -EINVAL, "unknown dtype %d", (int)b->dtype);
+	for (uint32_t i = 0; i < n_segs; i++) {
+		if (segs[i].dtype != MOE_DT_F32 && segs[i].dtype != MOE_DT_BF16 &&
+		    segs[i].dtype != MOE_DT_F16)
+			return moe_err(err, -EINVAL, "unknown dtype %d", (int)segs[i].dtype);
+		if (!segs[i].n_tokens && b->n_segs)
+			return moe_err(err, -EINVAL, "segment %u has no tokens", i);
+		sum += segs[i].n_tokens;
+	}
+	if (sum != b->n_tokens)
+		return moe_err(err, -EINVAL, "segments hold %llu tokens, the batch %u",
+			       (unsigned long long)sum, b->n_tokens);
 	if (b->n_tokens > e->max_tokens)
 		return moe_err(err, -E2BIG, "%u tokens exceed max_batch_tokens %u", b->n_tokens,
 			       e->max_tokens);
+	if (atomic_load(&e->lost))
+		return moe_err(err, -ENOTRECOVERABLE, "the device was lost earlier");
 	if (!b->n_tokens)
 		return 0;
 	pthread_mutex_lock(&e->fwd_lock);
-	ret = forward_locked(e, ep, (uint32_t)l, b, err);
+	ret = forward_locked(e, ep, (uint32_t)l, b, segs, n_segs, err);
+	if (ret == -ENOTRECOVERABLE)
+		atomic_store(&e->lost, true);
 	pthread_mutex_unlock(&e->fwd_lock);
 	return ret;
 }
@@ -478,6 +596,45 @@ const char *moe_engine_backend(const struct moe_engine *e)
 const char *moe_engine_kernels(const struct moe_engine *e)
 {
 	return e->ranks[0].kernels;
+}
+
+const char *moe_engine_device(const struct moe_engine *e)
+{
+	return e->ranks[0].desc;
+}
+
+float moe_engine_last_device_ms(const struct moe_engine *e)
+{
+	return e->last_ms;
+}
+
+bool moe_engine_lost(const struct moe_engine *e)
+{
+	return atomic_load(&((struct moe_engine *)e)->lost);
+}
+
+int moe_engine_host_register(struct moe_engine *e, void *p, size_t len, char *err)
+{
+	for (uint32_t r = 0; r < e->n_ranks; r++) {
+		int ret;
+
+		if (!e->ranks[r].ops->host_register)
+			return -ENOTSUP;
+		ret = e->ranks[r].ops->host_register(&e->ranks[r], p, len, err);
+		if (ret) {
+			while (r--)
+				e->ranks[r].ops->host_unregister(&e->ranks[r], p);
+			return ret;
+		}
+	}
+	return 0;
+}
+
+void moe_engine_host_unregister(struct moe_engine *e, void *p)
+{
+	for (uint32_t r = 0; r < e->n_ranks; r++)
+		if (e->ranks[r].ops->host_unregister)
+			e->ranks[r].ops->host_unregister(&e->ranks[r], p);
 }
 
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e)

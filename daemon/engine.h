@@ -19,6 +19,7 @@
 #define MOE_ENGINE_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 
 #include "daemon/backend.h"
 #include "daemon/model.h"
@@ -33,6 +34,8 @@ struct moe_engine_opts {
 	uint32_t spare_slots;	  /* per rank per layer */
 	const char *isa;	  /* CPU kernels: NULL/"auto", "scalar", "avx2", "avx512"
 				     (MOE_CPU_ISA in the environment overrides) */
+	const char *backend;	  /* NULL/"cpu", or "cuda" (built with CUDA) */
+	int device;		  /* GPU index for "cuda" */
 	/* Called after each layer is loaded (a large checkpoint takes a while:
 	 * moed extends systemd's start timeout from here). */
 	void (*progress)(void *arg, uint32_t layers_done, uint32_t layers);
@@ -54,6 +57,11 @@ struct moe_batch {
 	void *out;	/* [n_tokens, hidden] */
 	uint32_t *topk_ids;   /* optional [n_tokens, K]: chosen experts, best first */
 	float *topk_weights;  /* optional [n_tokens, K] */
+	/* Or, with n_segs > 0, the tokens come in segments (one per request,
+	 * each with its own buffers and dtype; in, out and dtype above are
+	 * then unused). The segments' n_tokens must add up to n_tokens. */
+	uint32_t n_segs;
+	const struct moe_seg *segs;
 };
 
 /* Loads every MoE layer of `m` into slots (reading the checkpoint with
@@ -66,8 +74,9 @@ void moe_engine_destroy(struct moe_engine *e);
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e);
 void moe_epoch_release(struct moe_epoch *ep);
 
-/* 0, or -EINVAL (layer is not MoE, bad dtype), -E2BIG (too many tokens);
- * err gets the reason. */
+/* 0, or -EINVAL (layer is not MoE, bad dtype), -E2BIG (too many tokens),
+ * -ENOTRECOVERABLE (the device is lost: every later call fails too, the
+ * process should exit and be restarted); err gets the reason. */
 int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct moe_batch *b,
 		       char *err);
 
@@ -81,6 +90,18 @@ uint32_t moe_engine_max_tokens(const struct moe_engine *e);
 const char *moe_engine_backend(const struct moe_engine *e);
 /* The kernels in use on rank 0 ("scalar", "avx2", "avx512"). */
 const char *moe_engine_kernels(const struct moe_engine *e);
+/* What rank 0 runs on ("cpu (avx2 kernels)", "GPU 0: NVIDIA H100 ..."). */
+const char *moe_engine_device(const struct moe_engine *e);
+/* Device time of the last batch in ms (device backends), or < 0. */
+float moe_engine_last_device_ms(const struct moe_engine *e);
+/* Non-zero once a device was lost (see moe_engine_forward). */
+bool moe_engine_lost(const struct moe_engine *e);
+/* Pins host memory that batch segments will point into (client regions)
+ * for device backends: 0 when pinned, -ENOTSUP when the backend has no use
+ * for it (CPU), another -errno with err when pinning failed (copies then
+ * go through the driver's staging, slower but correct). */
+int moe_engine_host_register(struct moe_engine *e, void *p, size_t len, char *err);
+void moe_engine_host_unregister(struct moe_engine *e, void *p);
 /* Bytes of weights held by the engine (slots + router state). */
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e);
 /* Tokens routed to expert `x` of MoE layer position `pos` since start. */

@@ -40,7 +40,7 @@ static void usage(FILE *f)
 		"      --model DIR     override model.path\n"
 		"      --family NAME   override model.family\n"
 		"      --socket PATH   override server.socket\n"
-		"      --devices SPEC  override devices (cpu, cpu:1)\n"
+		"      --devices SPEC  override devices (cpu, cuda, cuda:N for GPU N)\n"
 		"      --threads N     override cpu.threads\n"
 		"  -h, --help          this text\n"
 		"      --version       print the version\n");
@@ -71,10 +71,30 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 		if (!(c->server.socket = strdup(o->socket)))
 			return -ENOMEM;
 	}
-	if (o->devices && strcmp(o->devices, "cpu") && strcmp(o->devices, "cpu:1")) {
-		fprintf(stderr, "moed: --devices %s: not supported yet (cpu or cpu:1 for now)\n",
-			o->devices);
-		return -EINVAL;
+	if (o->devices) {
+		char *end;
+		long id = !strncmp(o->devices, "cuda:", 5) ? strtol(o->devices + 5, &end, 10) : -1;
+
+		if (!strcmp(o->devices, "cpu") || !strcmp(o->devices, "cpu:1")) {
+			c->devices.kind = MOE_CFG_DEV_CPU;
+			c->devices.n_ranks = 1;
+			c->devices.all_gpus = false;
+		} else if (!strcmp(o->devices, "cuda") ||
+			   (id >= 0 && id < MOE_CFG_MAX_GPUS && !*end && o->devices[5])) {
+#ifndef MOE_HAVE_CUDA
+			fprintf(stderr, "moed: --devices %s: this moed was built without CUDA "
+				"(MOE_CUDA=OFF)\n", o->devices);
+			return -EINVAL;
+#endif
+			c->devices.kind = MOE_CFG_DEV_CUDA;
+			c->devices.all_gpus = id < 0;
+			c->devices.n_ranks = id < 0 ? 0 : 1;
+			c->devices.gpu_ids[0] = (uint8_t)(id < 0 ? 0 : id);
+		} else {
+			fprintf(stderr, "moed: --devices %s: expected cpu, cuda or cuda:N (N a GPU "
+				"index); several ranks are not supported yet\n", o->devices);
+			return -EINVAL;
+		}
 	}
 	if (o->threads) {
 		char *end;
@@ -217,17 +237,21 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 }
 
 static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file,
-		      const struct overrides *ov)
+		      const struct overrides *ov, const struct moe_plan *plan)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
 				     .isa = moe_cfg_isa_name(c->cpu.isa),
+				     .backend = plan->backend,
+				     .device = plan->device,
 				     .progress = load_progress};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;
 	double s;
 
+	if (strcmp(plan->backend, "cuda"))
+		moe_log(LOG_NOTICE, "serving on the CPU; GPU: %s", plan->device_note);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	if (moe_engine_create(m, &eo, &e, err)) {
 		moe_log(LOG_ERR, "loading failed: %s", err);
@@ -236,10 +260,10 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
 	moe_log(LOG_INFO, "loaded %u MoE layers, %.1f MiB of weights in %.2f s (%.0f MiB/s), "
-		"backend %s (%s kernels), %u threads",
+		"backend %s (%s)",
 		m->n_moe_layers, (double)moe_engine_weight_bytes(e) / (1 << 20), s,
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
-		moe_engine_backend(e), moe_engine_kernels(e), moe_engine_threads(e));
+		moe_engine_backend(e), moe_engine_device(e));
 	if (serve) {
 		struct reload_ctx rc = {cfg_file, c, ov};
 		gid_t sock_gid = 0, admin_gid = 0;
@@ -263,6 +287,8 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 			.request_timeout_ms = c->scheduler.request_timeout_ms,
 			.handshake_timeout_ms = c->server.handshake_timeout_ms,
 			.model_path = c->model.path,
+			.gpu = strcmp(plan->backend, "cuda") ? plan->device_note
+							     : moe_engine_device(e),
 			.auth = {.has_socket_gid = has_sock > 0, .socket_gid = sock_gid,
 				 .has_admin_gid = has_admin > 0, .admin_gid = admin_gid},
 			.admin_group = c->server.admin_group,
@@ -368,13 +394,18 @@ int main(int argc, char **argv)
 	moe_plan_compute(&cfg, m, &plan);
 	if (test) {
 		moe_plan_print(stdout, &cfg, m, &plan);
-		ret = plan.fits && plan.isa >= 0 ? 0 : 1;
+		ret = plan.fits && plan.isa >= 0 && plan.device_ok ? 0 : 1;
 	} else {
-		ret = plan.fits && plan.isa >= 0 ? run_engine(&cfg, m, !load, cfg_file, &ov) : 1;
+		ret = plan.fits && plan.isa >= 0 && plan.device_ok
+			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan)
+			      : 1;
 		if (!plan.fits)
-			moe_log(LOG_ERR, "the model does not fit in memory (moed -t shows the plan)");
+			moe_log(LOG_ERR, "the model does not fit in %s memory (moed -t shows the plan)",
+				strcmp(plan.backend, "cuda") ? "host" : "GPU");
 		if (plan.isa < 0)
 			moe_log(LOG_ERR, "%s", plan.isa_err);
+		if (!plan.device_ok)
+			moe_log(LOG_ERR, "%s", plan.device_note);
 	}
 	moe_model_free(m);
 	moe_cfg_free(&cfg);

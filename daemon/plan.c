@@ -25,6 +25,71 @@ static uint64_t mem_available(void)
 	return kb * 1024;
 }
 
+/* Device memory of the CUDA backend's workspaces (daemon/backend_cuda.c
+ * allocates the same list). */
+static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint64_t T)
+{
+	uint64_t H = m->hidden, K = m->top_k, E = m->n_experts, I = m->inter;
+	uint64_t Is = m->shared_inter, ds = moe_dtype_size(m->dtype);
+
+	return T * (8 * H + H * ds + 4 * (E + 1) + 4 + 16) +
+	       T * K * (16 + H * ds + 8 * I + I * ds + 4 * H) +
+	       T * (8 * Is + Is * ds + 4 * H) * (Is > 0) + 8 * E + (32u << 20);
+}
+
+static void choose_device(const struct moe_config *c, struct moe_plan *p)
+{
+	p->backend = "cpu";
+	p->device_ok = true;
+#ifdef MOE_HAVE_CUDA
+	char why[200] = "", name[128];
+	int n = moe_cuda_device_count(why, sizeof(why));
+	size_t mem = 0;
+
+	if (c->devices.kind != MOE_CFG_DEV_CUDA) {
+		if (n > 0)
+			snprintf(p->device_note, sizeof(p->device_note),
+				 "none used: devices is cpu (%d GPU%s visible; devices: cuda "
+				 "serves on GPU 0)", n, n > 1 ? "s" : "");
+		else
+			snprintf(p->device_note, sizeof(p->device_note), "none: no usable GPU (%s)",
+				 n == 0 ? "no CUDA device" : why);
+		return;
+	}
+	p->backend = "cuda";
+	p->device = c->devices.all_gpus ? 0 : c->devices.gpu_ids[0];
+	p->device_ok = false;
+	if (n <= 0)
+		snprintf(p->device_note, sizeof(p->device_note),
+			 "devices asks for a GPU, but none is usable: %s",
+			 n == 0 ? "no CUDA device" : why);
+	else if (c->devices.all_gpus && n > 1)
+		snprintf(p->device_note, sizeof(p->device_note),
+			 "devices: cuda, and %d GPUs are visible: moed serves one GPU for now; "
+			 "name it, e.g. devices: [0]", n);
+	else if (p->device >= n)
+		snprintf(p->device_note, sizeof(p->device_note),
+			 "devices asks for GPU %d, but %d GPU%s visible (ids 0..%d)", p->device, n,
+			 n > 1 ? "s are" : " is", n - 1);
+	else if (moe_cuda_device_info(p->device, name, sizeof(name), &mem))
+		snprintf(p->device_note, sizeof(p->device_note), "GPU %d: cannot read its properties",
+			 p->device);
+	else {
+		p->device_ok = true;
+		p->device_mem = mem;
+		snprintf(p->device_note, sizeof(p->device_note), "GPU %d: %s, %.1f GiB", p->device,
+			 name, (double)mem / (1 << 30));
+	}
+#else
+	if (c->devices.kind == MOE_CFG_DEV_CUDA) { /* the parser refuses it first */
+		p->device_ok = false;
+		snprintf(p->device_note, sizeof(p->device_note), "built without CUDA");
+		return;
+	}
+	snprintf(p->device_note, sizeof(p->device_note), "none: built without CUDA");
+#endif
+}
+
 void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p)
 {
 	struct moe_engine_opts o = {.threads = c->cpu.threads,
@@ -42,6 +107,14 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, str
 	p->mem_available = mem_available();
 	p->fits = !p->mem_available ||
 		  p->n_ranks * p->weight_bytes_per_rank + p->workspace_bytes <= p->mem_available;
+	choose_device(c, p);
+	if (!strcmp(p->backend, "cuda")) {
+		/* the weights go to the GPU; the host keeps a copy of the routers */
+		p->workspace_bytes = cuda_workspace_bytes(m, o.max_batch_tokens ? o.max_batch_tokens
+										: 4096);
+		p->fits = !p->device_mem ||
+			  p->weight_bytes_per_rank + p->workspace_bytes <= p->device_mem;
+	}
 	{
 		enum moe_cpu_isa isa;
 
@@ -63,22 +136,6 @@ static void human(uint64_t b, char *buf, size_t n)
 	snprintf(buf, n, i ? "%.1f %s" : "%.0f %s", v, u[i]);
 }
 
-static void print_backend(FILE *f)
-{
-#ifdef MOE_HAVE_CUDA
-	char err[256] = "";
-	int n = moe_cuda_device_count(err, sizeof(err));
-
-	if (n > 0)
-		fprintf(f, "backend:     cpu (CUDA backend built, %d GPU(s) visible; GPU serving "
-			   "arrives with the CUDA issue)\n", n);
-	else
-		fprintf(f, "backend:     cpu (CUDA backend built, no usable GPU: %s)\n",
-			n == 0 ? "no device" : err);
-#else
-	fprintf(f, "backend:     cpu (built without CUDA)\n");
-#endif
-}
 
 void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model *m,
 		    const struct moe_plan *p)
@@ -101,21 +158,35 @@ void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model 
 		: m->route.group == MOE_GROUP_MAX ? ", group-limited (max)"
 						  : ", group-limited (sum of top-2)",
 		m->route.renormalize ? ", renormalized" : "", m->route.scale);
-	print_backend(f);
-	if (p->isa >= 0)
-		fprintf(f, "kernels:     %s (cpu.isa %s; best on this CPU: %s)\n",
-			moe_cpu_isa_name((enum moe_cpu_isa)p->isa), moe_cfg_isa_name(c->cpu.isa),
-			moe_cpu_isa_name(moe_cpu_isa_best()));
+	if (!p->device_ok)
+		fprintf(f, "backend:     ERROR: %s\n", p->device_note);
+	else if (!strcmp(p->backend, "cuda"))
+		fprintf(f, "backend:     cuda (%s; expert GEMMs with cuBLAS)\n", p->device_note);
 	else
-		fprintf(f, "kernels:     ERROR: %s\n", p->isa_err);
+		fprintf(f, "backend:     cpu (GPU: %s)\n", p->device_note);
+	if (strcmp(p->backend, "cuda")) {
+		if (p->isa >= 0)
+			fprintf(f, "kernels:     %s (cpu.isa %s; best on this CPU: %s)\n",
+				moe_cpu_isa_name((enum moe_cpu_isa)p->isa),
+				moe_cfg_isa_name(c->cpu.isa), moe_cpu_isa_name(moe_cpu_isa_best()));
+		else
+			fprintf(f, "kernels:     ERROR: %s\n", p->isa_err);
+	}
 	human(m->expert_bytes, a, sizeof(a));
-	fprintf(f, "ranks:       %u (cpu), %u slots per rank per layer (%s per expert)\n",
-		p->n_ranks, p->slots_per_rank, a);
+	fprintf(f, "ranks:       %u (%s), %u slots per rank per layer (%s per expert)\n",
+		p->n_ranks, p->backend, p->slots_per_rank, a);
 	human(p->weight_bytes_per_rank, a, sizeof(a));
 	human(p->workspace_bytes, b, sizeof(b));
 	human(p->mem_available, d, sizeof(d));
-	fprintf(f, "memory:      %s of weights per rank + %s of workspaces (max_batch_tokens %u); "
-		   "%s available\n",
-		a, b, c->scheduler.max_batch_tokens, p->mem_available ? d : "unknown");
+	if (!strcmp(p->backend, "cuda")) {
+		human(p->device_mem, d, sizeof(d));
+		fprintf(f, "memory:      %s of weights + %s of device workspaces (max_batch_tokens "
+			   "%u); %s on the GPU\n",
+			a, b, c->scheduler.max_batch_tokens, p->device_mem ? d : "unknown");
+	} else {
+		fprintf(f, "memory:      %s of weights per rank + %s of workspaces (max_batch_tokens "
+			   "%u); %s available\n",
+			a, b, c->scheduler.max_batch_tokens, p->mem_available ? d : "unknown");
+	}
 	fprintf(f, "fits:        %s\n", p->fits ? "yes" : "NO");
 }

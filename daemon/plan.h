@@ -17,6 +17,14 @@ struct moe_plan {
 	bool fits;
 	int isa;		/* enum moe_cpu_isa chosen, or -1 */
 	char isa_err[256];	/* why the requested kernels cannot run */
+	/* devices: which backend serves. cuda only when asked for (devices:
+	 * cuda | [id]); a GPU that was asked for and is not there is an error,
+	 * never a silent fall back to the CPU. */
+	const char *backend;	/* "cpu" or "cuda" */
+	int device;		/* GPU index with cuda */
+	bool device_ok;		/* false: device_note says why moed cannot start */
+	char device_note[256];	/* cpu: why no GPU; cuda: the GPU; or the error */
+	uint64_t device_mem;	/* GPU memory (cuda), 0 otherwise */
 };
 
 void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p);

@@ -52,6 +52,7 @@ struct client {
 	uid_t uid;
 	char name[32];
 	bool attached, dead;
+	bool pinned; /* region registered with the device backend */
 	/* the shared region, once attached */
 	void *region;
 	uint64_t region_bytes;
@@ -88,13 +89,13 @@ struct server {
 	uint64_t watchdog_ns, last_ping_ns, last_status_ns;
 	uint32_t stall_ms; /* test hook: MOED_TEST_STALL_MS, every batch sleeps */
 	uint64_t start_ns;
-	/* batch staging, fp32 */
-	float *in, *out;
 	struct request **batch;
+	struct moe_seg *segs; /* one per request of the batch */
+	bool lost;	      /* the device failed: answer everything, exit */
 	uint8_t *is_moe; /* [n_layers] */
 	/* counters */
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
-	uint64_t reloads, reloads_refused;
+	uint64_t reloads, reloads_refused, unpinned;
 };
 
 /* sd_notify when built with libsystemd and run under systemd (it does
@@ -325,7 +326,10 @@ static void poll_sq(struct server *s, struct client *c)
 		if (st || (q.flags & MOE_SQE_NOP) || s->stopping || s->draining) {
 			bool refuse = !(q.flags & MOE_SQE_NOP) && (s->stopping || s->draining);
 
-			complete(s, c, q.tag, st ? st : refuse ? MOE_ESHUTDOWN : 0);
+			complete(s, c, q.tag,
+				 st	  ? st
+				 : refuse ? (s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN)
+					  : 0);
 			continue;
 		}
 		r = calloc(1, sizeof(*r));
@@ -419,17 +423,22 @@ static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
 	return n;
 }
 
-/* Inputs come out of the clients' regions as fp32 (exact for bf16/f16),
- * results go back in each request's dtype: a token's result is the same
- * bits whichever batch it lands in (the engine is batch-invariant). */
+/* Each request is one segment of the batch: the engine reads its input
+ * from the client's region and writes its output there, in the request's
+ * dtype (on a GPU, DMA from and to the pinned region). The engine reads
+ * every input before it writes any output. On the CPU backend a token's
+ * result is the same bits whichever batch it lands in.
+ *
+ * A lost device (-ENOTRECOVERABLE) is not survived in place: the batch and
+ * everything queued are answered MOE_EDEVICE, and moed stops with exit
+ * status MOE_EXIT_DEVICE_LOST so that systemd restarts it (crash-only). */
 static void run_batch(struct server *s)
 {
-	uint32_t H = s->m->hidden, tokens = 0, n;
+	uint32_t tokens = 0, n;
 	int64_t layer = next_layer(s);
 	struct moe_epoch *ep;
 	char err[MOE_ERRLEN];
-	size_t off = 0;
-	int ret;
+	int ret, status;
 
 	if (layer < 0)
 		return;
@@ -441,31 +450,34 @@ static void run_batch(struct server *s)
 	for (uint32_t i = 0; i < n; i++) {
 		struct request *r = s->batch[i];
 
-		moe_cpu_to_f32(r->dtype, r->c->data + r->in_off, s->in + off,
-			       (size_t)r->n_tokens * H);
-		off += (size_t)r->n_tokens * H;
+		s->segs[i] = (struct moe_seg){r->c->data + r->in_off, r->c->data + r->out_off,
+					      r->dtype, r->n_tokens};
 	}
 	ep = moe_epoch_acquire(s->e);
 	{
-		struct moe_batch b = {(uint32_t)layer, tokens, MOE_DT_F32, s->in, s->out, NULL,
-				      NULL};
+		struct moe_batch b = {.layer = (uint32_t)layer, .n_tokens = tokens,
+				      .n_segs = n, .segs = s->segs};
 
 		ret = moe_engine_forward(s->e, ep, &b, err);
 	}
 	moe_epoch_release(ep);
-	if (ret)
+	status = !ret ? 0 : ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
+	if (ret == -ENOTRECOVERABLE) {
+		moe_log(LOG_CRIT, "device lost: %s; answering %u in-flight requests with an error "
+			"and exiting (status %d) to be restarted", err, s->pending,
+			MOE_EXIT_DEVICE_LOST);
+		notify("STATUS=device lost: %s", err);
+		s->lost = true;
+		s->stopping = true;
+	} else if (ret) {
 		moe_log(LOG_ERR, "batch of %u tokens on layer %lld failed: %s", tokens,
 			(long long)layer, err);
-	off = 0;
+	}
 	for (uint32_t i = 0; i < n; i++) {
 		struct request *r = s->batch[i];
 
-		if (!ret && !r->c->dead)
-			moe_cpu_from_f32(r->dtype, s->out + off, r->c->data + r->out_off,
-					 (size_t)r->n_tokens * H);
-		off += (size_t)r->n_tokens * H;
 		s->tokens += r->n_tokens;
-		finish(s, r, ret ? MOE_EINTERNAL : 0);
+		finish(s, r, status);
 	}
 	s->batches++;
 }
@@ -519,6 +531,8 @@ static void drop_client(struct server *s, struct client *c)
 	}
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
+	if (c->pinned)
+		moe_engine_host_unregister(s->e, c->region);
 	if (c->region)
 		munmap(c->region, c->region_bytes);
 	moe_log(LOG_INFO, "client %u (pid %d, %s) disconnected after %llu requests", c->id,
@@ -649,6 +663,19 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 	c->cq_tail = atomic_load_explicit(&c->hdr->cq_tail, memory_order_relaxed);
 	memcpy(c->name, h->client_name, sizeof(c->name));
 	c->attached = true;
+	{
+		char err[MOE_ERRLEN];
+		int ret = moe_engine_host_register(s->e, p, h->region_bytes, err);
+
+		c->pinned = ret == 0;
+		if (ret && ret != -ENOTSUP) {
+			/* correct but slower: the driver stages the copies */
+			s->unpinned++;
+			moe_log(LOG_WARNING, "client %u: cannot pin its %llu-byte region (%s); its "
+				"copies to the GPU are staged", c->id,
+				(unsigned long long)h->region_bytes, err);
+		}
+	}
 	return 0;
 }
 
@@ -923,7 +950,12 @@ static char *status_json(struct server *s)
 	cJSON_AddStringToObject(o, "name", moe_engine_backend(s->e));
 	cJSON_AddStringToObject(o, "kernels", moe_engine_kernels(s->e));
 	cJSON_AddNumberToObject(o, "threads", moe_engine_threads(s->e));
-	cJSON_AddStringToObject(o, "gpu", "none (CPU backend)");
+	cJSON_AddStringToObject(o, "device", moe_engine_device(s->e));
+	cJSON_AddStringToObject(o, "gpu", s->o.gpu ? s->o.gpu : "none");
+	cJSON_AddBoolToObject(o, "device_lost", moe_engine_lost(s->e));
+	if (moe_engine_last_device_ms(s->e) >= 0)
+		cJSON_AddNumberToObject(o, "last_batch_device_ms", moe_engine_last_device_ms(s->e));
+	cJSON_AddNumberToObject(o, "unpinned_clients", (double)s->unpinned);
 	a = cJSON_AddArrayToObject(j, "clients");
 	for (struct client *c = s->clients; c; c = c->next) {
 		cJSON *x = cJSON_CreateObject();
@@ -1086,11 +1118,11 @@ static int setup(struct server *s)
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->sfd, &ev);
 	ev.data.ptr = &s->tfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->tfd, &ev);
-	s->in = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
-	s->out = malloc((size_t)moe_engine_max_tokens(s->e) * s->m->hidden * sizeof(float));
+	/* a request has at least one token: max_tokens bounds a batch's requests */
 	s->batch = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->batch));
+	s->segs = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->segs));
 	s->is_moe = calloc(s->m->n_layers, 1);
-	if (!s->in || !s->out || !s->batch || !s->is_moe)
+	if (!s->segs || !s->batch || !s->is_moe)
 		return -1;
 	for (uint32_t i = 0; i < s->m->n_moe_layers; i++)
 		s->is_moe[s->m->layers[i].index] = 1;
@@ -1133,7 +1165,7 @@ static void shutdown_clients(struct server *s)
 			struct request *r = c->queue;
 
 			unqueue(c, r);
-			finish(s, r, MOE_ESHUTDOWN);
+			finish(s, r, s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN);
 		}
 		for (int i = 0; i < 4 && !c->dead; i++) {
 			flush_cq(c);
@@ -1203,6 +1235,8 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 	}
 	notify("STOPPING=1");
 	shutdown_clients(&s);
+	if (s.lost)
+		code = MOE_EXIT_DEVICE_LOST;
 	moe_log(LOG_NOTICE, "stopped: %llu requests completed, %llu errors, %llu batches",
 		(unsigned long long)s.completed, (unsigned long long)s.errors,
 		(unsigned long long)s.batches);
@@ -1219,8 +1253,7 @@ out:
 		close(s.sfd);
 	if (s.tfd >= 0)
 		close(s.tfd);
-	free(s.in);
-	free(s.out);
+	free(s.segs);
 	free(s.batch);
 	free(s.is_moe);
 	return code;

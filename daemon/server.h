@@ -38,6 +38,7 @@ struct moe_server_opts {
 	uint32_t request_timeout_ms;	/* default deadline, 0: none */
 	uint32_t handshake_timeout_ms;	/* a connection must HELLO within this */
 	const char *model_path;
+	const char *gpu; /* for status: the GPU served, or why none */
 	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */
 	const char *admin_group;	/* for messages */
 	int log_level;
@@ -45,7 +46,12 @@ struct moe_server_opts {
 	void *reload_arg;
 };
 
-/* Serves until SIGTERM/SIGINT; returns the process exit code. */
+/* moed's exit status when a device was lost (a sticky CUDA error): the
+ * in-flight requests were answered MOE_EDEVICE; systemd restarts it. */
+#define MOE_EXIT_DEVICE_LOST 3
+
+/* Serves until SIGTERM/SIGINT (0) or a lost device (MOE_EXIT_DEVICE_LOST);
+ * returns the process exit code. */
 int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o);
 
 #endif

@@ -27,6 +27,7 @@ enum moe_error {
 	MOE_EDTYPE = -15,    /* unsupported dtype */
 	MOE_ENOENT = -16,    /* no such request */
 	MOE_ELIMIT = -17,    /* a daemon limit refused the client (clients, memory) */
+	MOE_EDEVICE = -18,   /* the device failed; the daemon exits to be restarted */
 };
 
 /* A human-readable name for a MOE_E* code (never NULL). Exported from

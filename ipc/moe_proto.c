@@ -22,6 +22,7 @@ static const char *const messages[] = {
 	[15] = "unsupported dtype",
 	[16] = "no such request",
 	[17] = "refused by a daemon limit",
+	[18] = "the device failed (the daemon restarts)",
 };
 
 const char *moe_strerror(int err)

@@ -50,7 +50,23 @@ MOE_CPU_ISA=scalar check "MOE_CPU_ISA forces a path" 0 "kernels: +scalar" \
 MOE_CPU_ISA=bogus check "unknown path is an error" 1 "MOE_CPU_ISA=bogus: unknown" \
 	"$bin/moed" -t --model "$fix/olmoe_f32"
 check "missing checkpoint" 1 "/nonexistent" "$bin/moed" -t --model /nonexistent
-check "GPU devices refused for now" 1 "not supported yet" "$bin/moed" --devices cuda -t \
+# A GPU asked for and not there is an error, never a silent CPU fallback;
+# where a GPU is usable, the plan names it.
+if "$bin/moed" --devices cuda -t --model "$fix/olmoe_f32" 2>&1 | grep -q "backend: *cuda (GPU"; then
+	check "GPU plan" 0 "backend: +cuda \(GPU 0: " "$bin/moed" --devices cuda -t \
+		--model "$fix/olmoe_f32"
+else
+	check "GPU asked for, none usable" 1 \
+		"backend: +ERROR: devices asks for a GPU, but none is usable|built without CUDA" \
+		"$bin/moed" --devices cuda -t --model "$fix/olmoe_f32"
+	check "serving refuses it too" 1 "none is usable|built without CUDA" \
+		"$bin/moed" --devices cuda --model "$fix/olmoe_f32" --socket "$tmp/g.sock"
+fi
+check "GPU 63 is not there" 1 "asks for GPU 63|none is usable|built without CUDA" \
+	"$bin/moed" --devices cuda:63 -t --model "$fix/olmoe_f32"
+check "unknown --devices" 1 "expected cpu, cuda or cuda:N" "$bin/moed" --devices tpu -t \
+	--model "$fix/olmoe_f32"
+check "the CPU plan says why no GPU" 0 "backend: +cpu \(GPU: none" "$bin/moed" -t \
 	--model "$fix/olmoe_f32"
 check "socket path too long" 1 "longer than 107" "$bin/moed" --model "$fix/olmoe_f32" \
 	--socket "/tmp/$(printf 'x%.0s' $(seq 120))"

@@ -333,10 +333,10 @@ static void test_null_client(void **state)
 
 static void test_strerror(void **state)
 {
-	const char *seen[-MOE_ELIMIT + 1];
+	const char *seen[-MOE_EDEVICE + 1];
 
 	(void)state;
-	for (int e = 0; e >= MOE_ELIMIT; e--) {
+	for (int e = 0; e >= MOE_EDEVICE; e--) {
 		seen[-e] = moe_strerror(e);
 		assert_non_null(seen[-e]);
 		assert_true(strlen(seen[-e]) > 0);
@@ -344,7 +344,7 @@ static void test_strerror(void **state)
 		for (int k = 0; k < -e; k++)
 			assert_string_not_equal(seen[k], seen[-e]);
 	}
-	assert_string_equal(moe_strerror(MOE_ELIMIT - 1), "unknown error");
+	assert_string_equal(moe_strerror(MOE_EDEVICE - 1), "unknown error");
 	assert_string_equal(moe_strerror(1), "unknown error");
 }
 

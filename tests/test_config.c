@@ -574,14 +574,29 @@ static void test_devices(void **state)
 	           "t.yaml:2:10: devices: not supported yet (one CPU rank for now)");
 	EXPECT_ERR("model: {path: /m}\ndevices: cpu:64\n",
 	           "t.yaml:2:10: devices: not supported yet (one CPU rank for now)");
-	EXPECT_ERR("model: {path: /m}\ndevices: cuda\n",
-	           "t.yaml:2:10: devices: not supported yet (CPU only for now)");
-	EXPECT_ERR("model: {path: /m}\ndevices: cuda:all\n",
-	           "t.yaml:2:10: devices: not supported yet (CPU only for now)");
+#ifdef MOE_HAVE_CUDA
+	LOAD_OK("model: {path: /m}\ndevices: cuda\n", &c);
+	assert_int_equal(c.devices.kind, MOE_CFG_DEV_CUDA);
+	assert_true(c.devices.all_gpus);
+	moe_cfg_free(&c);
+	LOAD_OK("model: {path: /m}\ndevices: [3]\n", &c);
+	assert_int_equal(c.devices.kind, MOE_CFG_DEV_CUDA);
+	assert_false(c.devices.all_gpus);
+	assert_int_equal(c.devices.n_ranks, 1);
+	assert_int_equal(c.devices.gpu_ids[0], 3);
+	moe_cfg_free(&c);
 	EXPECT_ERR("model: {path: /m}\ndevices: [0, 1, 3]\n",
-	           "t.yaml:2:10: devices: not supported yet (CPU only for now)");
+	           "t.yaml:2:10: devices: not supported yet (one GPU for now)");
 	EXPECT_ERR("model: {path: /m}\ndevices:\n  - 0\n  - 63\n",
-	           "t.yaml:3:3: devices: not supported yet (CPU only for now)");
+	           "t.yaml:3:3: devices: not supported yet (one GPU for now)");
+#else
+	EXPECT_ERR("model: {path: /m}\ndevices: cuda\n",
+	           "t.yaml:2:10: devices: this moed was built without CUDA (MOE_CUDA=OFF): use cpu");
+	EXPECT_ERR("model: {path: /m}\ndevices: cuda:all\n",
+	           "t.yaml:2:10: devices: this moed was built without CUDA (MOE_CUDA=OFF): use cpu");
+	EXPECT_ERR("model: {path: /m}\ndevices: [0, 1, 3]\n",
+	           "t.yaml:2:10: devices: this moed was built without CUDA (MOE_CUDA=OFF): use cpu");
+#endif
 	EXPECT_ERR("model: {path: /m}\ndevices: [0, 64]\n",
 	           "t.yaml:2:14: devices: expected a GPU id between 0 and 63, got 64");
 	EXPECT_ERR("model: {path: /m}\ndevices: [-1]\n",

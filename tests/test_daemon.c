@@ -1779,7 +1779,7 @@ static void test_hostile_more(void **state)
 				seen[k] = 1;
 				if (cq[i].status == 0)
 					ok++;
-				else if (cq[i].status < 0 && cq[i].status >= MOE_ELIMIT)
+				else if (cq[i].status < 0 && cq[i].status >= MOE_EDEVICE)
 					errs++;
 				else
 					fail_msg("completion status %d is not a MOE_E* code",

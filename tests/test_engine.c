@@ -79,7 +79,7 @@ static void forward(struct moe_engine *e, uint32_t layer, enum moe_dtype dt, con
 		    void *out, uint32_t n, uint32_t *ids, float *w)
 {
 	struct moe_epoch *ep = moe_epoch_acquire(e);
-	struct moe_batch b = {layer, n, dt, in, out, ids, w};
+	struct moe_batch b = {layer, n, dt, in, out, ids, w, 0, NULL};
 	char err[MOE_ERRLEN];
 
 	if (moe_engine_forward(e, ep, &b, err))
@@ -503,10 +503,15 @@ static void test_forward_errors(void **state)
 	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
 	e = open_engine(dir, 1, 4, &m);
 	ep = moe_epoch_acquire(e);
-	struct moe_batch dense = {1, 1, MOE_DT_F32, x, y, NULL, NULL}; /* layer 1 is dense */
-	struct moe_batch big = {0, 5, MOE_DT_F32, x, y, NULL, NULL};
-	struct moe_batch none = {99, 1, MOE_DT_F32, x, y, NULL, NULL};
-	struct moe_batch bad = {0, 1, (enum moe_dtype)7, x, y, NULL, NULL};
+	struct moe_batch dense = {1, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL}; /* dense layer */
+	struct moe_batch big = {0, 5, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
+	struct moe_batch none = {99, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
+	struct moe_batch bad = {0, 1, (enum moe_dtype)7, x, y, NULL, NULL, 0, NULL};
+	struct moe_seg segs[2] = {{x, y, MOE_DT_F32, 2}, {x, y, MOE_DT_F32, 0}};
+	struct moe_batch sum = {.layer = 0, .n_tokens = 3, .n_segs = 1, .segs = segs};
+	struct moe_batch empty = {.layer = 0, .n_tokens = 2, .n_segs = 2, .segs = segs};
+	struct moe_seg bad_dt = {x, y, (enum moe_dtype)9, 1};
+	struct moe_batch bad_seg = {.layer = 0, .n_tokens = 1, .n_segs = 1, .segs = &bad_dt};
 
 	assert_int_equal(moe_engine_forward(e, ep, &dense, err), -EINVAL);
 	assert_non_null(strstr(err, "layer 1 is not an MoE layer"));
@@ -514,8 +519,130 @@ static void test_forward_errors(void **state)
 	assert_int_equal(moe_engine_forward(e, ep, &big, err), -E2BIG);
 	assert_non_null(strstr(err, "max_batch_tokens 4"));
 	assert_int_equal(moe_engine_forward(e, ep, &bad, err), -EINVAL);
+	assert_int_equal(moe_engine_forward(e, ep, &sum, err), -EINVAL);
+	assert_non_null(strstr(err, "segments hold 2 tokens, the batch 3"));
+	assert_int_equal(moe_engine_forward(e, ep, &empty, err), -EINVAL);
+	assert_non_null(strstr(err, "segment 1 has no tokens"));
+	assert_int_equal(moe_engine_forward(e, ep, &bad_seg, err), -EINVAL);
+	assert_false(moe_engine_lost(e));
 	moe_epoch_release(ep);
 	moe_engine_destroy(e);
+	moe_model_free(m);
+}
+
+/* A batch of segments (one per request, each its own buffers and dtype,
+ * as moed forms them) gives each request the same bits as running it
+ * alone: the segment plumbing neither mixes rows nor dtypes. The chunk
+ * boundary (1024 tokens) falls inside a segment. */
+static void test_segments(void **state)
+{
+	static const enum moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16, MOE_DT_BF16};
+	static const uint32_t lens[] = {5, 1000, 37, 3};
+	struct moe_synth_opts o;
+	struct moe_model *m;
+	struct moe_engine *e;
+	struct moe_rng r = {11};
+	struct moe_seg segs[4];
+	void *in[4], *out[4], *ref[4];
+	uint32_t n = 0;
+	char *dir, err[MOE_ERRLEN];
+
+	(void)state;
+	moe_synth_defaults(&o, MOE_FAM_QWEN2_MOE);
+	o.hidden = 64, o.inter = 32, o.shared_inter = 48, o.experts = 8, o.top_k = 2;
+	dir = synth(&o);
+	e = open_engine(dir, 2, 2048, &m);
+	for (int i = 0; i < 4; i++) {
+		size_t cnt = (size_t)lens[i] * o.hidden, sz = moe_dtype_size(dts[i]);
+
+		in[i] = malloc(cnt * sz), out[i] = malloc(cnt * sz), ref[i] = malloc(cnt * sz);
+		for (size_t j = 0; j < cnt; j++) {
+			float v = (float)moe_rng_normal(&r);
+
+			if (dts[i] == MOE_DT_F32)
+				((float *)in[i])[j] = v;
+			else if (dts[i] == MOE_DT_BF16)
+				((uint16_t *)in[i])[j] = moe_f32_to_bf16(v);
+			else
+				((uint16_t *)in[i])[j] = moe_f32_to_f16(v);
+		}
+		memset(out[i], 0xa5, cnt * sz);
+		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i]};
+		n += lens[i];
+		forward(e, 0, dts[i], in[i], ref[i], lens[i], NULL, NULL);
+	}
+	{
+		struct moe_epoch *ep = moe_epoch_acquire(e);
+		struct moe_batch b = {.layer = 0, .n_tokens = n, .n_segs = 4, .segs = segs};
+
+		if (moe_engine_forward(e, ep, &b, err))
+			fail_msg("%s", err);
+		moe_epoch_release(ep);
+	}
+	for (int i = 0; i < 4; i++) {
+		assert_memory_equal(out[i], ref[i], (size_t)lens[i] * o.hidden * moe_dtype_size(dts[i]));
+		free(in[i]), free(out[i]), free(ref[i]);
+	}
+	moe_engine_destroy(e);
+	moe_model_free(m);
+	tu_rmtree(dir);
+	free(dir);
+}
+
+/* A lost device (here the engine's test hook, as a sticky CUDA error would
+ * be) fails that batch and every later one with -ENOTRECOVERABLE. */
+static void test_lost_device(void **state)
+{
+	char dir[1024], err[MOE_ERRLEN];
+	struct moe_model *m;
+	struct moe_engine *e;
+	float x[4 * 128], y[4 * 128];
+	struct moe_epoch *ep;
+	struct moe_rng r = {5};
+
+	(void)state;
+	setenv("MOED_TEST_ENGINE_FAULT", "2", 1);
+	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
+	e = open_engine(dir, 1, 4, &m);
+	unsetenv("MOED_TEST_ENGINE_FAULT");
+	assert_true(m->hidden <= 128);
+	for (size_t i = 0; i < sizeof(x) / sizeof(x[0]); i++)
+		x[i] = (float)moe_rng_normal(&r);
+	struct moe_batch b = {0, 2, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
+	ep = moe_epoch_acquire(e);
+	assert_int_equal(moe_engine_forward(e, ep, &b, err), 0);
+	assert_false(moe_engine_lost(e));
+	assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
+	assert_non_null(strstr(err, "MOED_TEST_ENGINE_FAULT"));
+	assert_true(moe_engine_lost(e));
+	assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
+	moe_epoch_release(ep);
+	moe_engine_destroy(e);
+	moe_model_free(m);
+}
+
+/* Backend selection: "cuda" without a GPU (or without CUDA built in) is a
+ * clear error, an unknown backend too. */
+static void test_backend_choice(void **state)
+{
+	char dir[1024], err[MOE_ERRLEN];
+	struct moe_model *m;
+	struct moe_engine *e = NULL;
+	struct moe_engine_opts o = {.threads = 1, .max_batch_tokens = 4, .backend = "tpu"};
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
+	if (moe_model_open(dir, NULL, &m, err))
+		fail_msg("%s", err);
+	assert_int_equal(moe_engine_create(m, &o, &e, err), -EINVAL);
+	assert_non_null(strstr(err, "unknown backend \"tpu\""));
+	o.backend = "cuda";
+	o.device = 63;
+	assert_true(moe_engine_create(m, &o, &e, err) < 0);
+	/* without CUDA built: "built without CUDA"; with it and no GPU 63:
+	 * "no usable GPU" or "GPU 63 requested" */
+	assert_true(strstr(err, "without CUDA") || strstr(err, "GPU"));
+	assert_null(e);
 	moe_model_free(m);
 }
 
@@ -639,7 +766,7 @@ static void test_shard_overwritten_after_load(void **state)
 
 static int run_all(const char *isa)
 {
-	struct CMUnitTest tests[sizeof(cases) / sizeof(cases[0]) + 8];
+	struct CMUnitTest tests[sizeof(cases) / sizeof(cases[0]) + 16];
 	char group[64];
 	size_t n = 0;
 
@@ -652,6 +779,9 @@ static int run_all(const char *isa)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_synthetic_families);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_batch_invariance);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_forward_errors);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_segments);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_lost_device);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_backend_choice);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_modified_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_truncated_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_overwritten_after_load);

@@ -121,7 +121,8 @@ static void child(const struct opts *o, int id, struct result *res)
 			struct moe_epoch *ep = moe_epoch_acquire(e);
 			struct moe_batch b = {layer, n, bf16 ? MOE_DT_BF16 : MOE_DT_F32,
 					      bf16 ? (void *)x16 : (void *)x32,
-					      bf16 ? (void *)ref16 : (void *)ref32, NULL, NULL};
+					      bf16 ? (void *)ref16 : (void *)ref32, NULL, NULL, 0,
+					      NULL};
 
 			moe_engine_forward(e, ep, &b, err);
 			moe_epoch_release(ep);

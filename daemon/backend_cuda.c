@@ -1,0 +1,555 @@
+/* daemon/backend_cuda.c — the CUDA backend: one rank per GPU, a whole batch
+ * on the device (kernels/cuda/moe_cuda.h has the data path), expert GEMMs
+ * with cuBLAS.
+ *
+ * Memory. Every expert lives in a device slot: W_gate over W_up as one
+ * [2I, H] matrix (one GEMM gives both halves), then W_down [H, I], in the
+ * model dtype, uploaded once through a pinned staging buffer. Every
+ * workspace is allocated at start for scheduler.max_batch_tokens; a batch
+ * allocates nothing (cuBLAS gets a workspace of its own too). Activations
+ * between the GEMMs are fp32 where they are sums (GEMM outputs, combine)
+ * and the model dtype where they feed a GEMM.
+ *
+ * The host syncs once in the middle of a batch: cuBLAS takes the GEMM
+ * sizes on the host, so the per-expert row counts come back before the
+ * expert GEMMs are issued (one GEMM per expert hit, cublasGemmEx). A
+ * grouped kernel reading the counts on the device would allow CUDA graphs
+ * at decode sizes; it is the next step once the per-expert path is
+ * measured on a GPU (bench/RESULTS.md).
+ *
+ * Faults are crash-only: any CUDA or cuBLAS error during a batch marks the
+ * rank lost (-ENOTRECOVERABLE) and every later call fails the same way;
+ * moed answers what is in flight and exits so that systemd restarts it on
+ * a fresh context. Nothing tries to recover a context in place.
+ *
+ * Not batch-invariant: cuBLAS picks its algorithm by shape, so a token's
+ * result may differ in the last bits with the batch it lands in (the CPU
+ * backend is bit-exact across batches). Results stay within the bf16
+ * tolerance of the CPU engine (tests/test_cuda.c).
+ */
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/backend.h"
+#include "daemon/log.h"
+#include "kernels/cpu/convert.h"
+#include "kernels/cuda/moe_cuda.h"
+
+#define BLAS_WS_BYTES (32u << 20) /* cuBLAS' recommendation for Hopper */
+
+struct cuda_rank {
+	int dev;
+	cudaStream_t st;
+	cublasHandle_t blas;
+	cudaEvent_t ev0, ev1;
+	uint32_t max_tokens;
+	bool lost;
+	char lost_msg[256];
+	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
+	size_t dev_bytes;	       /* workspaces */
+
+	/* device */
+	void *blas_ws;
+	char *in_raw, *out_raw;
+	void *x, *xs, *h, *shh;
+	float *logits, *w, *gsc, *gu, *ys, *shgu, *shy;
+	uint32_t *ids, *count, *off, *pos, *src;
+	struct moe_cuda_seg *segs_d;
+	/* pinned host */
+	struct moe_cuda_seg *segs_h;
+	uint32_t *count_h, *ids_h;
+	float *w_h;
+	void *stage;
+	size_t stage_bytes;
+};
+
+struct cuda_layer {
+	void *router; /* [E (+1 shared gate row), H] model dtype */
+	float *bias;  /* [E] or NULL */
+};
+
+static cudaDataType_t cuda_type(enum moe_dtype dt)
+{
+	return dt == MOE_DT_BF16 ? CUDA_R_16BF : dt == MOE_DT_F16 ? CUDA_R_16F : CUDA_R_32F;
+}
+
+/* A failure during a batch: the rank is lost from here on. */
+static int lose(struct cuda_rank *c, const char *what, const char *why, char *err)
+{
+	if (!c->lost) {
+		c->lost = true;
+		snprintf(c->lost_msg, sizeof(c->lost_msg), "GPU %d: %s failed: %s", c->dev, what,
+			 why);
+	}
+	return moe_err(err, -ENOTRECOVERABLE, "%s", c->lost_msg);
+}
+
+#define CK(call)                                                                               \
+	do {                                                                                   \
+		cudaError_t e_ = (call);                                                       \
+		if (e_ != cudaSuccess)                                                         \
+			return lose(c, #call, cudaGetErrorString(e_), err);                    \
+	} while (0)
+#define KL(call)                                                                               \
+	do {                                                                                   \
+		int e_ = (call);                                                               \
+		if (e_)                                                                        \
+			return lose(c, #call, cudaGetErrorString((cudaError_t)e_), err);       \
+	} while (0)
+
+static int cuda_oom(struct cuda_rank *c, const char *what, size_t bytes, char *err)
+{
+	size_t fr = 0, tot = 0;
+
+	cudaGetLastError(); /* an allocation failure is not sticky */
+	cudaMemGetInfo(&fr, &tot);
+	return moe_err(err, -ENOMEM,
+		       "GPU %d: out of device memory for %s (%.1f MiB; %.1f MiB free of %.1f MiB)",
+		       c->dev, what, (double)bytes / (1 << 20), (double)fr / (1 << 20),
+		       (double)tot / (1 << 20));
+}
+
+static int dalloc(struct cuda_rank *c, void *pp, size_t bytes, const char *what, char *err)
+{
+	void **p = pp;
+
+	if (cudaMalloc(p, bytes ? bytes : 1) != cudaSuccess) {
+		*p = NULL;
+		return cuda_oom(c, what, bytes, err);
+	}
+	c->dev_bytes += bytes;
+	return 0;
+}
+
+static int halloc(struct cuda_rank *c, void *pp, size_t bytes, char *err)
+{
+	void **p = pp;
+
+	if (cudaMallocHost(p, bytes ? bytes : 1) != cudaSuccess) {
+		*p = NULL;
+		cudaGetLastError();
+		return moe_err(err, -ENOMEM, "GPU %d: cannot allocate %.1f MiB of pinned host memory",
+			       c->dev, (double)bytes / (1 << 20));
+	}
+	return 0;
+}
+
+static void cuda_rank_fini(struct moe_rank *r)
+{
+	struct cuda_rank *c = r->priv;
+	void *dev[] = {c ? c->blas_ws : NULL, c ? c->in_raw : NULL, c ? c->out_raw : NULL,
+		       c ? c->x : NULL, c ? c->xs : NULL, c ? c->h : NULL, c ? c->shh : NULL,
+		       c ? c->logits : NULL, c ? c->w : NULL, c ? c->gsc : NULL,
+		       c ? c->gu : NULL, c ? c->ys : NULL, c ? c->shgu : NULL,
+		       c ? c->shy : NULL, c ? c->ids : NULL, c ? c->count : NULL,
+		       c ? c->off : NULL, c ? c->pos : NULL, c ? c->src : NULL,
+		       c ? c->segs_d : NULL};
+	void *host[] = {c ? c->segs_h : NULL, c ? c->count_h : NULL, c ? c->ids_h : NULL,
+			c ? c->w_h : NULL, c ? c->stage : NULL};
+
+	if (!c)
+		return;
+	cudaSetDevice(c->dev);
+	/* A lost context refuses most calls: what cannot be freed goes with
+	 * the process, which exits right after. */
+	for (size_t i = 0; i < sizeof(dev) / sizeof(dev[0]); i++)
+		if (dev[i])
+			cudaFree(dev[i]);
+	for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
+		if (host[i])
+			cudaFreeHost(host[i]);
+	if (c->blas)
+		cublasDestroy(c->blas);
+	if (c->ev0)
+		cudaEventDestroy(c->ev0);
+	if (c->ev1)
+		cudaEventDestroy(c->ev1);
+	if (c->st)
+		cudaStreamDestroy(c->st);
+	cudaGetLastError();
+	free(c);
+	r->priv = NULL;
+}
+
+static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char *err)
+{
+	size_t T = c->max_tokens, H = m->hidden, K = m->top_k, E = m->n_experts, I = m->inter;
+	size_t Is = m->shared_inter, ds = moe_dtype_size(m->dtype), TK = T * K;
+	size_t imax = I > Is ? I : Is;
+	int ret;
+
+	ret = dalloc(c, &c->in_raw, T * H * 4, "the batch input buffer", err);
+	ret = ret ? ret : dalloc(c, &c->out_raw, T * H * 4, "the batch output buffer", err);
+	ret = ret ? ret : dalloc(c, &c->x, T * H * ds, "the batch activations", err);
+	ret = ret ? ret : dalloc(c, &c->logits, T * (E + 1) * 4, "the router logits", err);
+	ret = ret ? ret : dalloc(c, &c->ids, TK * 4, "the top-k ids", err);
+	ret = ret ? ret : dalloc(c, &c->w, TK * 4, "the top-k weights", err);
+	ret = ret ? ret : dalloc(c, &c->gsc, T * 4, "the shared-expert gates", err);
+	ret = ret ? ret : dalloc(c, &c->count, E * 4, "the expert counts", err);
+	ret = ret ? ret : dalloc(c, &c->off, (E + 1) * 4, "the expert offsets", err);
+	ret = ret ? ret : dalloc(c, &c->pos, TK * 4, "the dispatch positions", err);
+	ret = ret ? ret : dalloc(c, &c->src, TK * 4, "the dispatch sources", err);
+	ret = ret ? ret : dalloc(c, &c->xs, TK * H * ds, "the dispatched rows", err);
+	ret = ret ? ret : dalloc(c, &c->gu, TK * 2 * I * 4, "the gate/up GEMM output", err);
+	ret = ret ? ret : dalloc(c, &c->h, TK * I * ds, "the SwiGLU output", err);
+	ret = ret ? ret : dalloc(c, &c->ys, TK * H * 4, "the expert outputs", err);
+	ret = ret ? ret : dalloc(c, &c->segs_d, T * sizeof(struct moe_cuda_seg), "segments", err);
+	if (!ret && Is) {
+		ret = dalloc(c, &c->shgu, T * 2 * Is * 4, "the shared gate/up output", err);
+		ret = ret ? ret : dalloc(c, &c->shh, T * Is * ds, "the shared SwiGLU output", err);
+		ret = ret ? ret : dalloc(c, &c->shy, T * H * 4, "the shared expert output", err);
+	}
+	ret = ret ? ret : dalloc(c, &c->blas_ws, BLAS_WS_BYTES, "the cuBLAS workspace", err);
+	c->stage_bytes = 3 * imax * H * ds;
+	ret = ret ? ret : halloc(c, &c->segs_h, T * sizeof(struct moe_cuda_seg), err);
+	ret = ret ? ret : halloc(c, &c->count_h, E * 4, err);
+	ret = ret ? ret : halloc(c, &c->ids_h, TK * 4, err);
+	ret = ret ? ret : halloc(c, &c->w_h, TK * 4, err);
+	ret = ret ? ret : halloc(c, &c->stage, c->stage_bytes, err);
+	return ret;
+}
+
+static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
+			  const char *isa, char *err)
+{
+	struct cuda_rank *c = calloc(1, sizeof(*c));
+	struct cudaDeviceProp p;
+	const char *fault = getenv("MOED_TEST_CUDA_FAULT");
+	cudaError_t e;
+	int n = 0, ret;
+
+	(void)isa;
+	if (!c)
+		return moe_err(err, -ENOMEM, "cuda rank: out of memory");
+	r->priv = c;
+	c->dev = r->device;
+	c->max_tokens = max_tokens;
+	e = cudaGetDeviceCount(&n);
+	if (e != cudaSuccess || r->device < 0 || r->device >= n) {
+		ret = e != cudaSuccess
+			      ? moe_err(err, -ENODEV, "no usable GPU: %s", cudaGetErrorString(e))
+			      : moe_err(err, -ENODEV, "GPU %d requested, %d visible", r->device, n);
+		cudaGetLastError();
+		goto fail;
+	}
+	if (cudaSetDevice(c->dev) != cudaSuccess || cudaGetDeviceProperties(&p, c->dev)) {
+		ret = moe_err(err, -ENODEV, "GPU %d: cannot open it", c->dev);
+		goto fail;
+	}
+	if (p.major < 8) {
+		ret = moe_err(err, -ENOTSUP,
+			      "GPU %d (%.96s) has compute capability %d.%d; moed's CUDA kernels "
+			      "need 8.0 or newer",
+			      c->dev, p.name, p.major, p.minor);
+		goto fail;
+	}
+	snprintf(r->desc, sizeof(r->desc), "GPU %d: %.96s, %.1f GiB, compute %d.%d, %d SMs", c->dev,
+		 p.name, (double)p.totalGlobalMem / (1 << 30), p.major, p.minor,
+		 p.multiProcessorCount);
+	r->kernels = "cublas";
+	if (cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
+	    cudaEventCreate(&c->ev0) != cudaSuccess || cudaEventCreate(&c->ev1) != cudaSuccess ||
+	    cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
+		ret = moe_err(err, -ENODEV, "GPU %d: cannot create a stream, events or cuBLAS",
+			      c->dev);
+		goto fail;
+	}
+	ret = alloc_workspaces(c, m, err);
+	if (ret)
+		goto fail;
+	if (cublasSetStream(c->blas, c->st) != CUBLAS_STATUS_SUCCESS ||
+	    cublasSetWorkspace(c->blas, c->blas_ws, BLAS_WS_BYTES) != CUBLAS_STATUS_SUCCESS) {
+		ret = moe_err(err, -ENODEV, "GPU %d: cannot set cuBLAS' stream and workspace",
+			      c->dev);
+		goto fail;
+	}
+	if (fault)
+		c->fault_at = strtoul(fault, NULL, 10);
+	moe_log(LOG_INFO, "%s: %.1f MiB of workspaces for %u tokens", r->desc,
+		(double)c->dev_bytes / (1 << 20), max_tokens);
+	return 0;
+fail:
+	cuda_rank_fini(r);
+	return ret;
+}
+
+static int cuda_layer_init(struct moe_rank *r, const struct moe_model *m,
+			   struct moe_layer_state *ls)
+{
+	struct cuda_rank *c = r->priv;
+	struct cuda_layer *cl = calloc(1, sizeof(*cl));
+	size_t E = m->n_experts, H = m->hidden, ds = moe_dtype_size(m->dtype);
+	size_t rows = E + (ls->shared_gate ? 1 : 0);
+	char *host = malloc(rows * H * ds);
+	char err[MOE_ERRLEN];
+	int ret = -ENOMEM;
+
+	if (!cl || !host)
+		goto out;
+	/* The router and the shared gate row go back to the model dtype: they
+	 * were widened from it, so this is exact. */
+	moe_cpu_from_f32(m->dtype, ls->router, host, E * H);
+	if (ls->shared_gate)
+		moe_cpu_from_f32(m->dtype, ls->shared_gate, host + E * H * ds, H);
+	if (dalloc(c, &cl->router, rows * H * ds, "a router", err) ||
+	    (ls->bias && dalloc(c, &cl->bias, E * 4, "a router bias", err))) {
+		moe_log(LOG_ERR, "%s", err);
+		goto out;
+	}
+	if (cudaMemcpy(cl->router, host, rows * H * ds, cudaMemcpyHostToDevice) != cudaSuccess ||
+	    (ls->bias && cudaMemcpy(cl->bias, ls->bias, E * 4, cudaMemcpyHostToDevice))) {
+		cudaGetLastError();
+		ret = -EIO;
+		goto out;
+	}
+	ls->router_dev = cl;
+	cl = NULL;
+	ret = 0;
+out:
+	if (cl) {
+		cudaFree(cl->router);
+		cudaFree(cl->bias);
+		free(cl);
+	}
+	free(host);
+	return ret;
+}
+
+static void cuda_layer_fini(struct moe_rank *r, struct moe_layer_state *ls)
+{
+	struct cuda_layer *cl = ls->router_dev;
+
+	(void)r;
+	if (!cl)
+		return;
+	cudaFree(cl->router);
+	cudaFree(cl->bias);
+	free(cl);
+	ls->router_dev = NULL;
+}
+
+static int cuda_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
+			   struct moe_slot *s, char *err)
+{
+	struct cuda_rank *c = r->priv;
+	size_t bytes = 3 * (size_t)inter * m->hidden * moe_dtype_size(m->dtype);
+	int ret = dalloc(c, &s->mem, bytes, "an expert slot", err);
+
+	c->dev_bytes -= ret ? 0 : bytes; /* weights, not workspaces */
+	s->bytes = ret ? 0 : bytes;
+	s->inter = inter;
+	return ret;
+}
+
+static void cuda_slot_free(struct moe_rank *r, struct moe_slot *s)
+{
+	(void)r;
+	cudaFree(s->mem);
+	s->mem = NULL;
+	s->bytes = 0;
+}
+
+/* gate over up, then down: read into the pinned stage, one copy. */
+static int cuda_slot_upload(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
+			    const struct moe_expert_src *src, char *err)
+{
+	struct cuda_rank *c = r->priv;
+	uint32_t I = src->gate.rows;
+	size_t mat = (size_t)I * m->hidden * moe_dtype_size(m->dtype);
+	char *stage = c->stage;
+	int ret;
+
+	if (I != s->inter || 3 * mat > c->stage_bytes)
+		return moe_err(err, -EINVAL, "slot for inter %u given an expert of %u", s->inter, I);
+	ret = moe_model_read(m, &src->gate, stage, err);
+	if (!ret)
+		ret = moe_model_read(m, &src->up, stage + mat, err);
+	if (!ret)
+		ret = moe_model_read(m, &src->down, stage + 2 * mat, err);
+	if (!ret && cudaMemcpy(s->mem, stage, 3 * mat, cudaMemcpyHostToDevice) != cudaSuccess) {
+		ret = moe_err(err, -EIO, "GPU %d: copying an expert to the device failed: %s",
+			      c->dev, cudaGetErrorString(cudaGetLastError()));
+	}
+	return ret;
+}
+
+/* C[n, m] (fp32, row-major) = B[n, k] · A[m, k]ᵀ: weights A, activations B,
+ * both row-major in dtype t (column-major: C = op(A)ᵀ-free A^T·B). */
+static cublasStatus_t gemm(struct cuda_rank *c, cudaDataType_t t, uint32_t m, uint32_t n,
+			   uint32_t k, const void *A, const void *B, float *C)
+{
+	const float one = 1.0f, zero = 0.0f;
+
+	return cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)m, (int)n, (int)k, &one, A, t,
+			    (int)k, B, t, (int)k, &zero, C, CUDA_R_32F, (int)m, CUBLAS_COMPUTE_32F,
+			    CUBLAS_GEMM_DEFAULT);
+}
+
+#define CB(call)                                                                               \
+	do {                                                                                   \
+		cublasStatus_t b_ = (call);                                                    \
+		if (b_ != CUBLAS_STATUS_SUCCESS)                                               \
+			return lose(c, #call, cublasGetStatusString(b_), err);                 \
+	} while (0)
+
+static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
+			const struct moe_layer_state *ls, struct moe_fwd *f, char *err)
+{
+	struct cuda_rank *c = r->priv;
+	const struct cuda_layer *cl = ls->router_dev;
+	const uint32_t n = f->n_tokens, H = m->hidden, K = m->top_k, E = m->n_experts;
+	const int mdt = (int)m->dtype;
+	const size_t ds = moe_dtype_size(m->dtype);
+	const cudaDataType_t t = cuda_type(m->dtype);
+	struct moe_cuda_route_params rp = {
+		.n_experts = E,
+		.top_k = K,
+		.score = (uint32_t)m->route.score,
+		.group = (uint32_t)m->route.group,
+		.n_group = m->route.n_group,
+		.topk_group = m->route.topk_group,
+		.renormalize = m->route.renormalize,
+		.renorm_eps = m->route.renorm_eps,
+		.scale = m->route.scale,
+		.round_dt = m->router_fp32 ? -1 : mdt,
+		.ld = E + (ls->shared_gate ? 1 : 0),
+		.shared_gate = ls->shared_gate != NULL,
+	};
+	uint64_t boff = 0;
+	uint32_t tok = 0, row = 0;
+	float ms = -1.0f;
+
+	f->device_ms = -1.0f;
+	if (c->lost)
+		return moe_err(err, -ENOTRECOVERABLE, "%s", c->lost_msg);
+	if (n > c->max_tokens || f->n_segs > c->max_tokens)
+		return moe_err(err, -E2BIG, "%u tokens exceed the workspaces (%u)", n,
+			       c->max_tokens);
+	c->calls++;
+	CK(cudaSetDevice(c->dev));
+	CK(cudaEventRecord(c->ev0, c->st));
+	for (uint32_t i = 0; i < f->n_segs; i++) {
+		const struct moe_seg *sg = &f->segs[i];
+		size_t bytes = (size_t)sg->n_tokens * H * moe_dtype_size(sg->dtype);
+
+		c->segs_h[i] = (struct moe_cuda_seg){tok, (uint32_t)sg->dtype, boff};
+		CK(cudaMemcpyAsync(c->in_raw + boff, sg->in, bytes, cudaMemcpyHostToDevice, c->st));
+		boff += bytes;
+		tok += sg->n_tokens;
+	}
+	CK(cudaMemcpyAsync(c->segs_d, c->segs_h, f->n_segs * sizeof(*c->segs_h),
+			   cudaMemcpyHostToDevice, c->st));
+	KL(moe_cuda_convert_in(c->st, c->in_raw, c->segs_d, f->n_segs, n, H, mdt, c->x));
+	CB(gemm(c, t, rp.ld, n, H, cl->router, c->x, c->logits));
+	KL(moe_cuda_route(c->st, &rp, c->logits, cl->bias, n, c->ids, c->w, c->gsc));
+	KL(moe_cuda_permute(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src));
+	KL(moe_cuda_gather(c->st, c->x, c->src, n * K, H * ds, c->xs));
+	CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
+	if (c->fault_at && c->calls == c->fault_at) {
+		moe_log(LOG_WARNING, "MOED_TEST_CUDA_FAULT: injecting an illegal access on GPU %d",
+			c->dev);
+		KL(moe_cuda_inject_fault(c->st));
+	}
+	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
+
+	for (uint32_t x = 0; x < E; x++) {
+		const struct moe_slot *s = f->expert_slot[x];
+		uint32_t cnt = c->count_h[x];
+
+		if (!cnt)
+			continue;
+		CB(gemm(c, t, 2 * s->inter, cnt, H, s->mem, (char *)c->xs + (size_t)row * H * ds,
+			c->gu + (size_t)row * 2 * m->inter));
+		row += cnt;
+	}
+	KL(moe_cuda_swiglu(c->st, c->gu, n * K, m->inter, mdt, c->h));
+	row = 0;
+	for (uint32_t x = 0; x < E; x++) {
+		const struct moe_slot *s = f->expert_slot[x];
+		uint32_t cnt = c->count_h[x];
+
+		if (!cnt)
+			continue;
+		CB(gemm(c, t, H, cnt, s->inter, (const char *)s->mem + 2 * (size_t)s->inter * H * ds,
+			(char *)c->h + (size_t)row * m->inter * ds, c->ys + (size_t)row * H));
+		row += cnt;
+	}
+	if (ls->shared.mem) {
+		uint32_t Is = ls->shared.inter;
+
+		CB(gemm(c, t, 2 * Is, n, H, ls->shared.mem, c->x, c->shgu));
+		KL(moe_cuda_swiglu(c->st, c->shgu, n, Is, mdt, c->shh));
+		CB(gemm(c, t, H, n, Is, (const char *)ls->shared.mem + 2 * (size_t)Is * H * ds,
+			c->shh, c->shy));
+	}
+	KL(moe_cuda_combine(c->st, c->ys, c->pos, c->w, n, K, H, ls->shared.mem ? c->shy : NULL,
+			    ls->shared_gate ? c->gsc : NULL, c->segs_d, f->n_segs, c->out_raw));
+	for (uint32_t i = 0; i < f->n_segs; i++) {
+		const struct moe_seg *sg = &f->segs[i];
+
+		CK(cudaMemcpyAsync(sg->out, c->out_raw + c->segs_h[i].boff,
+				   (size_t)sg->n_tokens * H * moe_dtype_size(sg->dtype),
+				   cudaMemcpyDeviceToHost, c->st));
+	}
+	if (f->topk_ids)
+		CK(cudaMemcpyAsync(c->ids_h, c->ids, (size_t)n * K * 4, cudaMemcpyDeviceToHost,
+				   c->st));
+	if (f->topk_weights)
+		CK(cudaMemcpyAsync(c->w_h, c->w, (size_t)n * K * 4, cudaMemcpyDeviceToHost, c->st));
+	CK(cudaEventRecord(c->ev1, c->st));
+	CK(cudaStreamSynchronize(c->st));
+	if (f->topk_ids)
+		memcpy(f->topk_ids, c->ids_h, (size_t)n * K * 4);
+	if (f->topk_weights)
+		memcpy(f->topk_weights, c->w_h, (size_t)n * K * 4);
+	memcpy(f->expert_count, c->count_h, E * 4);
+	CK(cudaEventElapsedTime(&ms, c->ev0, c->ev1));
+	f->device_ms = ms;
+	return 0;
+}
+
+static int cuda_host_register(struct moe_rank *r, void *p, size_t len, char *err)
+{
+	struct cuda_rank *c = r->priv;
+	cudaError_t e;
+
+	if (c->lost)
+		return moe_err(err, -ENOTRECOVERABLE, "%s", c->lost_msg);
+	cudaSetDevice(c->dev);
+	e = cudaHostRegister(p, len, cudaHostRegisterPortable);
+	if (e != cudaSuccess) {
+		cudaGetLastError(); /* not sticky */
+		return moe_err(err, -EIO, "cudaHostRegister of %zu bytes: %s", len,
+			       cudaGetErrorString(e));
+	}
+	return 0;
+}
+
+static void cuda_host_unregister(struct moe_rank *r, void *p)
+{
+	struct cuda_rank *c = r->priv;
+
+	if (c->lost)
+		return; /* the process is on its way out */
+	cudaSetDevice(c->dev);
+	if (cudaHostUnregister(p) != cudaSuccess)
+		cudaGetLastError();
+}
+
+const struct moe_backend_ops moe_backend_cuda = {
+	.name = "cuda",
+	.rank_init = cuda_rank_init,
+	.rank_fini = cuda_rank_fini,
+	.layer_init = cuda_layer_init,
+	.layer_fini = cuda_layer_fini,
+	.slot_alloc = cuda_slot_alloc,
+	.slot_upload = cuda_slot_upload,
+	.slot_free = cuda_slot_free,
+	.forward = cuda_forward,
+	.host_register = cuda_host_register,
+	.host_unregister = cuda_host_unregister,
+};
