@@ -1164,6 +1164,70 @@ static void test_socket_activation(void **state)
 	g_passed = true;
 }
 
+/* ------------------------------------------------------------------------ */
+/* A lost device: crash-only                                                */
+
+/* A sticky device error is not survived in place. The engine's fault hook
+ * (MOED_TEST_ENGINE_FAULT, the same path a lost GPU takes) fails the 3rd
+ * batch: that batch's requests and every queued one are answered
+ * MOE_EDEVICE, moed exits with status 3 for systemd to restart it, and the
+ * client's next call fails at once instead of hanging. */
+static void test_device_lost(void **state)
+{
+	struct daemon *d = daemon_new(NULL, NULL, false);
+	struct req q[8];
+	moe_client *c;
+	int st, n_dev = 0;
+
+	(void)state;
+	dh_daemon_env(d, "MOED_TEST_ENGINE_FAULT=3");
+	dh_daemon_start(d);
+	c = cl_open(d->sock, "victim");
+	forward_ok(c, 0, 3, 300, "batch 1, before the fault");
+	forward_ok(c, 2, 2, 301, "batch 2, before the fault");
+	/* all in the ring when the daemon next looks: layer 0 ones form the
+	 * failing batch, layer 2 ones are still queued behind it */
+	dh_daemon_freeze(d);
+	for (int i = 0; i < 8; i++)
+		req_submit(c, &q[i], i % 2 ? 2 : 0, 4, 310 + (uint64_t)i);
+	dh_daemon_thaw(d);
+	for (int i = 0; i < 8; i++) {
+		int r = moe_wait(c, q[i].tag, DH_WAIT_MS, &st);
+
+		if (r)
+			fail_msg("request %d: moe_wait: %s", i, moe_strerror(r));
+		if (st != MOE_EDEVICE && st != MOE_EDAEMON)
+			fail_msg("request %d completed with %s, not MOE_EDEVICE", i,
+				 moe_strerror(st));
+		n_dev += st == MOE_EDEVICE;
+		dh_req_free(c, &q[i]);
+	}
+	printf("%d of 8 requests answered MOE_EDEVICE by the daemon\n", n_dev);
+	/* the batch that failed and the queue behind it were answered, not
+	 * dropped: at least the failing batch saw its completions */
+	assert_true(n_dev >= 1);
+	st = dh_daemon_wait_exit(d, DH_EXIT_MS);
+	if (!WIFEXITED(st) || WEXITSTATUS(st) != 3)
+		fail_msg("moed's wait status after a lost device: 0x%x (want exit 3)", st);
+	{
+		int r = forward(c, 0, 1, 320, "after the daemon exited");
+
+		assert_int_equal(r, MOE_EDAEMON);
+	}
+	{
+		FILE *f = fopen(d->log, "r");
+		char line[1024];
+		bool seen = false;
+
+		assert_non_null(f);
+		while (fgets(line, sizeof(line), f))
+			seen |= strstr(line, "device lost") && strstr(line, "MOED_TEST_ENGINE_FAULT");
+		fclose(f);
+		assert_true(seen);
+	}
+	g_passed = true;
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -1174,6 +1238,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_auth_privileges, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_handshake_timeout, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_socket_activation, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_device_lost, dh_setup, dh_teardown),
 	};
 
 	if (access(MOED, X_OK)) {
