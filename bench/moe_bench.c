@@ -34,6 +34,8 @@ static void usage(FILE *f)
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
 		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
 		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
+		   "       moe-bench --device cuda[:N] [--shape mixtral|olmoe|all] [--model DIR]\n"
+		   "                 [--tokens 1,16,64,256,1024,4096]   (the CUDA backend on GPU N)\n"
 		   "Without --model: a synthetic OLMoE-1B-7B-shaped layer (hidden 2048, inter 1024,\n"
 		   "64 experts, top-8, bf16), cached in $MOE_BENCH_CACHE or /tmp.\n");
 }
@@ -61,14 +63,19 @@ static const char *default_model(char *buf, size_t n)
 }
 
 int moe_bench_ipc(int argc, char **argv);
+int moe_bench_cuda(const char *shape, const char *model, const char *tokens, int device,
+		   double min_reps);
 
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
 		{"isa", 1, NULL, 'i'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
+		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'},
 		{"help", 0, NULL, 'h'},	   {0},
 	};
+	const char *device = "cpu", *shape = "all";
+	bool tokens_given = false;
 	const char *model = NULL, *isa = NULL, *tokens = "1,4,16,64,256,1024";
 	struct moe_engine_opts eo = {.max_batch_tokens = 1024};
 	char dirbuf[4096], err[MOE_ERRLEN];
@@ -98,6 +105,13 @@ int main(int argc, char **argv)
 			break;
 		case 'n':
 			tokens = optarg;
+			tokens_given = true;
+			break;
+		case 'd':
+			device = optarg;
+			break;
+		case 's':
+			shape = optarg;
 			break;
 		case 'T':
 			min_time = atof(optarg);
@@ -109,6 +123,21 @@ int main(int argc, char **argv)
 			usage(stderr);
 			return 2;
 		}
+	}
+	if (!strncmp(device, "cuda", 4)) {
+#ifdef MOE_HAVE_CUDA
+		return moe_bench_cuda(shape, model, tokens_given ? tokens : NULL,
+				      device[4] == ':' ? atoi(device + 5) : 0, 24);
+#else
+		(void)shape, (void)tokens_given;
+		fprintf(stderr, "moe-bench: --device %s: built without CUDA (MOE_CUDA=OFF)\n",
+			device);
+		return 1;
+#endif
+	}
+	if (strcmp(device, "cpu")) {
+		fprintf(stderr, "moe-bench: --device %s: expected cpu or cuda[:N]\n", device);
+		return 2;
 	}
 	if (!model)
 		model = default_model(dirbuf, sizeof(dirbuf));

@@ -72,15 +72,27 @@ cmake --build $build -j"$(nproc)" >"$out/build.log" 2>&1 || { tail -60 "$out/bui
 echo "== build ok"
 
 status=0
+echo "== GPU tests (ctest -L gpu, verbose log in gpu-tests.log)"
+(cd $build && ctest -L gpu -V >"$out/gpu-tests.log" 2>&1) || status=1
+grep -E "SKIPPED|\[  (PASSED|FAILED|ERROR) |^ *[0-9]+/[0-9]+ Test|tests passed|tests failed" \
+	"$out/gpu-tests.log" | tail -30 || true
+echo "== the whole suite"
 (cd $build && ctest --output-on-failure -j4 >"$out/ctest.log" 2>&1) || status=1
 grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || true
 
+echo "== moe-bench --device cuda (Mixtral- and OLMoE-shaped layers)"
+./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
+echo "== the same layers through PyTorch on the GPU (transformers' block, torch._grouped_mm)"
+if python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
+	for d in "${MOE_BENCH_CACHE:-/tmp}"/moe-bench-mixtral-* "${MOE_BENCH_CACHE:-/tmp}"/moe-bench-olmoe-*; do
+		[ -f "$d/model.safetensors" ] || continue
+		python3 bench/compare_torch.py --device cuda --model "$d" \
+			--moe-bench ./$build/bin/moe-bench 2>&1 | tee -a "$out/compare-torch-cuda.txt" ||
+			status=1
+	done
+else
+	echo "no torch with CUDA here: skipped"
+fi
 echo "== moe-bench (CPU engine on this host, for reference)"
 ./$build/bin/moe-bench --tokens 1,16,256 2>&1 | tee "$out/moe-bench-cpu.txt" | tail -5
-if ./$build/bin/moe-bench --help 2>&1 | grep -q -- "--device"; then
-	echo "== moe-bench --device cuda"
-	./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
-else
-	echo "== moe-bench has no --device cuda yet (the CUDA backend is not built): skipped"
-fi
 exit $status
