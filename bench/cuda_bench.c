@@ -85,7 +85,10 @@ static int bench_one(const char *model, const char *tokens, int device, double m
 	printf("moe-bench: %s layer of %s: hidden %u, inter %u, %u experts, top-%u, %s\n",
 	       moe_family_name(m->family), model, m->hidden, m->inter, m->n_experts, m->top_k,
 	       moe_dtype_name(m->dtype));
-	printf("engine: backend %s on %s\n", moe_engine_backend(e), moe_engine_device(e));
+	printf("engine: backend %s on %s; expert GEMMs: %s\n", moe_engine_backend(e),
+	       moe_engine_device(e),
+	       getenv("MOE_CUDA_GEMM") ? getenv("MOE_CUDA_GEMM")
+				       : "auto (small kernels up to 16 rows per expert, else cuBLAS)");
 	printf("limits: device-to-device copy %.0f GB/s (read + write, 1 GiB); cuBLAS bf16 GEMM "
 	       "%u x 4096 x %u: %.1f TFLOP/s\n\n",
 	       copy_bw, 2 * m->inter, m->hidden, gemm);

@@ -10,12 +10,17 @@
  * between the GEMMs are fp32 where they are sums (GEMM outputs, combine)
  * and the model dtype where they feed a GEMM.
  *
- * The host syncs once in the middle of a batch: cuBLAS takes the GEMM
- * sizes on the host, so the per-expert row counts come back before the
- * expert GEMMs are issued (one GEMM per expert hit, cublasGemmEx). A
- * grouped kernel reading the counts on the device would allow CUDA graphs
- * at decode sizes; it is the next step once the per-expert path is
- * measured on a GPU (bench/RESULTS.md).
+ * Two ways to run the experts, chosen per batch:
+ *  - cublas: the host syncs once in the middle of the batch, since cuBLAS
+ *    takes GEMM sizes on the host: the per-expert row counts come back,
+ *    then one gate/up GEMM, the SwiGLU kernel and one down GEMM per expert
+ *    hit (cublasGemmEx);
+ *  - small: grouped kernels that read the counts on the device, SwiGLU
+ *    fused (kernels/cuda/experts_small.cu): no host sync in the batch.
+ * auto takes small when the rows per expert average at most SMALL_ROWS
+ * (decode) and the shapes allow 16-byte rows. MOE_CUDA_GEMM=cublas|small|
+ * auto forces one, for measurement (moe-bench, tools/gpu-check.sh). Which
+ * is faster at which size is to be measured on a GPU (bench/RESULTS.md).
  *
  * Faults are crash-only: any CUDA or cuBLAS error during a batch marks the
  * rank lost (-ENOTRECOVERABLE) and every later call fails the same way;
@@ -40,6 +45,10 @@
 #include "kernels/cuda/moe_cuda.h"
 
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS' recommendation for Hopper */
+#define SMALL_ROWS    16	  /* auto: small kernels up to this many rows per expert */
+#define SMALL_SHARED  32	  /* ... and for the shared expert up to this many tokens */
+
+enum gemm_mode { GEMM_AUTO, GEMM_CUBLAS, GEMM_SMALL };
 
 struct cuda_rank {
 	int dev;
@@ -50,6 +59,8 @@ struct cuda_rank {
 	bool lost;
 	char lost_msg[256];
 	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
+	enum gemm_mode gemm;
+	bool small_ok, small_shared_ok;
 	size_t dev_bytes;	       /* workspaces */
 
 	/* device */
@@ -59,8 +70,10 @@ struct cuda_rank {
 	float *logits, *w, *gsc, *gu, *ys, *shgu, *shy;
 	uint32_t *ids, *count, *off, *pos, *src;
 	struct moe_cuda_seg *segs_d;
+	const void **wptr_d; /* [E] slot of each expert, for the small kernels */
 	/* pinned host */
 	struct moe_cuda_seg *segs_h;
+	const void **wptr_h;
 	uint32_t *count_h, *ids_h;
 	float *w_h;
 	void *stage;
@@ -147,9 +160,9 @@ static void cuda_rank_fini(struct moe_rank *r)
 		       c ? c->gu : NULL, c ? c->ys : NULL, c ? c->shgu : NULL,
 		       c ? c->shy : NULL, c ? c->ids : NULL, c ? c->count : NULL,
 		       c ? c->off : NULL, c ? c->pos : NULL, c ? c->src : NULL,
-		       c ? c->segs_d : NULL};
+		       c ? c->segs_d : NULL, c ? (void *)c->wptr_d : NULL};
 	void *host[] = {c ? c->segs_h : NULL, c ? c->count_h : NULL, c ? c->ids_h : NULL,
-			c ? c->w_h : NULL, c ? c->stage : NULL};
+			c ? c->w_h : NULL, c ? c->stage : NULL, c ? (void *)c->wptr_h : NULL};
 
 	if (!c)
 		return;
@@ -198,6 +211,7 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : dalloc(c, &c->h, TK * I * ds, "the SwiGLU output", err);
 	ret = ret ? ret : dalloc(c, &c->ys, TK * H * 4, "the expert outputs", err);
 	ret = ret ? ret : dalloc(c, &c->segs_d, T * sizeof(struct moe_cuda_seg), "segments", err);
+	ret = ret ? ret : dalloc(c, &c->wptr_d, E * sizeof(void *), "the slot table", err);
 	if (!ret && Is) {
 		ret = dalloc(c, &c->shgu, T * 2 * Is * 4, "the shared gate/up output", err);
 		ret = ret ? ret : dalloc(c, &c->shh, T * Is * ds, "the shared SwiGLU output", err);
@@ -210,6 +224,7 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : halloc(c, &c->ids_h, TK * 4, err);
 	ret = ret ? ret : halloc(c, &c->w_h, TK * 4, err);
 	ret = ret ? ret : halloc(c, &c->stage, c->stage_bytes, err);
+	ret = ret ? ret : halloc(c, &c->wptr_h, E * sizeof(void *), err);
 	return ret;
 }
 
@@ -250,7 +265,6 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 	snprintf(r->desc, sizeof(r->desc), "GPU %d: %.96s, %.1f GiB, compute %d.%d, %d SMs", c->dev,
 		 p.name, (double)p.totalGlobalMem / (1 << 30), p.major, p.minor,
 		 p.multiProcessorCount);
-	r->kernels = "cublas";
 	if (cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
 	    cudaEventCreate(&c->ev0) != cudaSuccess || cudaEventCreate(&c->ev1) != cudaSuccess ||
 	    cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
@@ -269,6 +283,31 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 	}
 	if (fault)
 		c->fault_at = strtoul(fault, NULL, 10);
+	c->small_ok = moe_cuda_small_ok(m->dtype, m->hidden, m->inter);
+	c->small_shared_ok = m->shared_inter && moe_cuda_small_ok(m->dtype, m->hidden,
+								   m->shared_inter);
+	{
+		const char *g = getenv("MOE_CUDA_GEMM");
+
+		c->gemm = !g || !strcmp(g, "auto") ? GEMM_AUTO
+			  : !strcmp(g, "cublas")   ? GEMM_CUBLAS
+			  : !strcmp(g, "small")	   ? GEMM_SMALL
+						   : (enum gemm_mode)-1;
+		if ((int)c->gemm < 0) {
+			ret = moe_err(err, -EINVAL, "MOE_CUDA_GEMM=%s: expected auto, cublas or small",
+				      g);
+			goto fail;
+		}
+		if (c->gemm == GEMM_SMALL && !c->small_ok) {
+			ret = moe_err(err, -EINVAL, "MOE_CUDA_GEMM=small: hidden %u and inter %u "
+				      "must be multiples of %d", m->hidden, m->inter,
+				      m->dtype == MOE_DT_F32 ? 4 : 8);
+			goto fail;
+		}
+		if (g && c->gemm != GEMM_AUTO)
+			moe_log(LOG_NOTICE, "MOE_CUDA_GEMM=%s: expert GEMMs forced", g);
+	}
+	r->kernels = c->small_ok ? "cublas+small" : "cublas";
 	moe_log(LOG_INFO, "%s: %.1f MiB of workspaces for %u tokens", r->desc,
 		(double)c->dev_bytes / (1 << 20), max_tokens);
 	return 0;
@@ -419,6 +458,9 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		.ld = E + (ls->shared_gate ? 1 : 0),
 		.shared_gate = ls->shared_gate != NULL,
 	};
+	const bool small = c->gemm == GEMM_SMALL ||
+			   (c->gemm == GEMM_AUTO && c->small_ok &&
+			    (uint64_t)n * K <= (uint64_t)SMALL_ROWS * E);
 	uint64_t boff = 0;
 	uint32_t tok = 0, row = 0;
 	float ms = -1.0f;
@@ -454,6 +496,15 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			c->dev);
 		KL(moe_cuda_inject_fault(c->st));
 	}
+	if (small) {
+		for (uint32_t x = 0; x < E; x++)
+			c->wptr_h[x] = f->expert_slot[x]->mem;
+		CK(cudaMemcpyAsync(c->wptr_d, c->wptr_h, E * sizeof(void *),
+				   cudaMemcpyHostToDevice, c->st));
+		KL(moe_cuda_experts_small(c->st, mdt, c->wptr_d, NULL, c->count, c->off, E, 0,
+					  c->xs, H, m->inter, c->h, c->ys));
+		goto shared;
+	}
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
 
 	for (uint32_t x = 0; x < E; x++) {
@@ -478,7 +529,11 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			(char *)c->h + (size_t)row * m->inter * ds, c->ys + (size_t)row * H));
 		row += cnt;
 	}
-	if (ls->shared.mem) {
+shared:
+	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
+		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, 1, n, c->x,
+					  H, ls->shared.inter, c->shh, c->shy));
+	} else if (ls->shared.mem) {
 		uint32_t Is = ls->shared.inter;
 
 		CB(gemm(c, t, 2 * Is, n, H, ls->shared.mem, c->x, c->shgu));

@@ -10,6 +10,9 @@
  *     requests within 2e-2·rms (bf16 models: the GPU rounds the SwiGLU
  *     output to bf16 before the down GEMM, as transformers does; the CPU
  *     keeps it fp32), 1e-4·rms for f32 models;
+ *   - both ways of running the experts (MOE_CUDA_GEMM=cublas: per-expert
+ *     cuBLAS GEMMs after a host sync; =small: the grouped kernels that read
+ *     the counts on the device) for each of the above;
  *   - a batch of segments in several dtypes against the same requests run
  *     one by one on the GPU;
  *   - moed serving on the GPU (devices: [0]): outputs against the CPU
@@ -108,9 +111,11 @@ static void to_dtype(enum moe_dtype dt, const float *src, void *dst, size_t n)
 
 /* ---- the transformers fixtures on the GPU ------------------------------ */
 
-static void test_fixtures(void **state)
+static const char *const gemm_modes[] = {"cublas", "small"};
+
+static void fixtures_in(const char *mode)
 {
-	(void)state;
+	setenv("MOE_CUDA_GEMM", mode, 1);
 	for (size_t f = 0; f < sizeof(fixtures) / sizeof(fixtures[0]); f++) {
 		char dir[1024], ref[1100], err[MOE_ERRLEN], key[160];
 		struct moe_st_file *rf;
@@ -185,11 +190,19 @@ static void test_fixtures(void **state)
 			free(in), free(out_hf), free(fid), free(fw), free(y), free(in32);
 			free(in_m), free(out_m), free(ids), free(w);
 		}
-		printf("ok   %s on the GPU\n", fixtures[f]);
+		printf("ok   %s on the GPU (%s)\n", fixtures[f], mode);
 		moe_st_close(rf);
 		moe_engine_destroy(e);
 		moe_model_free(m);
 	}
+	unsetenv("MOE_CUDA_GEMM");
+}
+
+static void test_fixtures(void **state)
+{
+	(void)state;
+	for (size_t i = 0; i < sizeof(gemm_modes) / sizeof(gemm_modes[0]); i++)
+		fixtures_in(gemm_modes[i]);
 }
 
 /* ---- GPU against CPU on random inputs ---------------------------------- */
@@ -220,24 +233,30 @@ static void test_against_cpu(void **state)
 		if (moe_synth_write(tmpl, &o, err))
 			fail_msg("%s", err);
 		ec = open_on(tmpl, "cpu", 512, &mc);
-		eg = open_on(tmpl, "cuda", 512, &mg);
 		float *x = malloc((size_t)n * o.hidden * 4), *yc = malloc((size_t)n * o.hidden * 4),
 		      *yg = malloc((size_t)n * o.hidden * 4);
 		double *dc = malloc((size_t)n * o.hidden * 8), *dg = malloc((size_t)n * o.hidden * 8);
 		for (size_t i = 0; i < (size_t)n * o.hidden; i++)
 			x[i] = (float)moe_rng_normal(&r);
 		fwd_ok(ec, mc->layers[0].index, MOE_DT_F32, x, yc, n, NULL, NULL);
-		fwd_ok(eg, mg->layers[0].index, MOE_DT_F32, x, yg, n, NULL, NULL);
 		tu_to_f64(MOE_DT_F32, yc, dc, (size_t)n * o.hidden);
-		tu_to_f64(MOE_DT_F32, yg, dg, (size_t)n * o.hidden);
-		snprintf(what, sizeof(what), "cuda vs cpu, %s %s", moe_family_name(fam),
-			 moe_dtype_name(o.dtype));
-		assert_true(tu_check_rows(what, dg, dc, n, o.hidden,
-					  o.dtype == MOE_DT_F32 ? 1e-4 : 2e-2, 1e-5) <= 1);
-		printf("ok   %s\n", what);
+		for (size_t md = 0; md < sizeof(gemm_modes) / sizeof(gemm_modes[0]); md++) {
+			setenv("MOE_CUDA_GEMM", gemm_modes[md], 1);
+			eg = open_on(tmpl, "cuda", 512, &mg);
+			unsetenv("MOE_CUDA_GEMM");
+			fwd_ok(eg, mg->layers[0].index, MOE_DT_F32, x, yg, n, NULL, NULL);
+			tu_to_f64(MOE_DT_F32, yg, dg, (size_t)n * o.hidden);
+			snprintf(what, sizeof(what), "cuda (%s) vs cpu, %s %s", gemm_modes[md],
+				 moe_family_name(fam), moe_dtype_name(o.dtype));
+			assert_true(tu_check_rows(what, dg, dc, n, o.hidden,
+						  o.dtype == MOE_DT_F32 ? 1e-4 : 2e-2, 1e-5) <= 1);
+			printf("ok   %s\n", what);
+			moe_engine_destroy(eg);
+			moe_model_free(mg);
+		}
 		free(x), free(yc), free(yg), free(dc), free(dg);
-		moe_engine_destroy(ec), moe_engine_destroy(eg);
-		moe_model_free(mc), moe_model_free(mg);
+		moe_engine_destroy(ec);
+		moe_model_free(mc);
 		tu_rmtree(tmpl);
 	}
 }
@@ -293,6 +312,28 @@ static void test_segments(void **state)
 	}
 	assert_true(moe_engine_last_device_ms(e) > 0);
 	moe_engine_destroy(e);
+	moe_model_free(m);
+}
+
+/* ---- out of device memory at load --------------------------------------- */
+
+/* Workspaces for 2^31 tokens cannot fit any GPU: the load fails with a
+ * message that names what did not fit and the GPU's free memory. */
+static void test_oom_message(void **state)
+{
+	struct moe_engine_opts o = {.threads = 1, .max_batch_tokens = 1u << 31, .backend = "cuda"};
+	char err[MOE_ERRLEN];
+	struct moe_model *m;
+	struct moe_engine *e = NULL;
+
+	(void)state;
+	if (moe_model_open(DH_FIXTURE, NULL, &m, err))
+		fail_msg("%s", err);
+	assert_int_equal(moe_engine_create(m, &o, &e, err), -ENOMEM);
+	printf("out of memory: %s\n", err);
+	assert_non_null(strstr(err, "GPU 0: out of device memory for the batch input buffer"));
+	assert_non_null(strstr(err, "free of"));
+	assert_null(e);
 	moe_model_free(m);
 }
 
@@ -431,6 +472,7 @@ int main(int argc, char **argv)
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_against_cpu),
 		cmocka_unit_test(test_segments),
+		cmocka_unit_test(test_oom_message),
 		cmocka_unit_test_setup_teardown(test_daemon_gpu, dh_setup, dh_teardown),
 	};
 	const struct CMUnitTest fault_tests[] = {

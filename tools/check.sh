@@ -55,7 +55,9 @@ echo "CPU kernel paths (each supported path runs the kernel and engine suites):"
 build-ci/release/tests/test_kernels 2>&1 | grep "panel kernels:" | sed 's/^/  /'
 build-ci/release/tests/test_engine 2>&1 | grep -E "SKIPPED" | sed 's/^/  /' || true
 if [ "$cuda" = ON ]; then
-	echo "CUDA: compiled and linked; no GPU code runs in this suite yet."
+	echo "CUDA: backend compiled and linked; GPU tests (ctest label gpu):"
+	build-ci/release/tests/test_cuda 2>&1 | grep -E "SKIPPED|PASSED|FAILED" | sed 's/^/  /' ||
+		true
 else
 	echo "CUDA: not compiled (no nvcc found)."
 fi

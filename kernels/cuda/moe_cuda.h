@@ -16,6 +16,9 @@
  *   moe_cuda_combine      out[t] = Σ_k w[t,k] ys[pos[t,k]] + g[t] shared[t],
  *                         fp32, cast once to each segment's dtype
  *
+ * Small batches replace the three middle steps by moe_cuda_experts_small,
+ * which reads the counts on the device: no host sync in the whole batch.
+ *
  * Every launcher returns the cudaError_t of the launch (as int, 0 = ok);
  * errors of the execution surface at the next synchronisation.
  * Types: `dt` values are enum moe_dtype (0 f32, 1 bf16, 2 f16).
@@ -76,6 +79,17 @@ int moe_cuda_gather(moe_cuda_stream s, const void *x, const uint32_t *src, uint3
 /* h[r, i] = silu(gu[r, i]) * gu[r, I + i] for r < rows, i < I; h in dtype mdt. */
 int moe_cuda_swiglu(moe_cuda_stream s, const float *gu, uint32_t rows, uint32_t I, int mdt,
 		    void *h);
+
+/* Small batches (kernels/cuda/experts_small.cu): both expert GEMMs with
+ * SwiGLU fused, reading count/off on the device (no host sync). Wt: device
+ * array [n_experts] of slot pointers (gate over up, then down); or Wt NULL
+ * and W0 one slot over fixed_n rows from row 0 (the shared expert).
+ * h: [rows, I] model dtype scratch, y: [rows, H] fp32. */
+int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I);
+int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt, const void *W0,
+			   const uint32_t *count, const uint32_t *off, uint32_t n_experts,
+			   uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I, void *h,
+			   float *y);
 
 /* out rows in each segment's dtype into raw (same layout as convert_in).
  * shy/gsc: shared expert output [n, H] and its gate [n] (NULL: none/1). */
