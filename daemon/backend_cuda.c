@@ -94,6 +94,11 @@ static cudaDataType_t cuda_type(enum moe_dtype dt)
 static int lose(struct cuda_rank *c, const char *what, const char *why, char *err)
 {
 	if (!c->lost) {
+		/* Work already queued (copies from and to client regions) must
+		 * not outlive the answer: after a sticky error this returns at
+		 * once, after another it waits for the queue to drain. */
+		cudaStreamSynchronize(c->st);
+		cudaGetLastError();
 		c->lost = true;
 		snprintf(c->lost_msg, sizeof(c->lost_msg), "GPU %d: %s failed: %s", c->dev, what,
 			 why);
@@ -195,8 +200,10 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	size_t imax = I > Is ? I : Is;
 	int ret;
 
-	ret = dalloc(c, &c->in_raw, T * H * 4, "the batch input buffer", err);
-	ret = ret ? ret : dalloc(c, &c->out_raw, T * H * 4, "the batch output buffer", err);
+	/* segments start 16-byte aligned (a bf16 segment of odd length
+	 * followed by an f32 one): one pad per token bounds the padding */
+	ret = dalloc(c, &c->in_raw, T * (H * 4 + 16), "the batch input buffer", err);
+	ret = ret ? ret : dalloc(c, &c->out_raw, T * (H * 4 + 16), "the batch output buffer", err);
 	ret = ret ? ret : dalloc(c, &c->x, T * H * ds, "the batch activations", err);
 	ret = ret ? ret : dalloc(c, &c->logits, T * (E + 1) * 4, "the router logits", err);
 	ret = ret ? ret : dalloc(c, &c->ids, TK * 4, "the top-k ids", err);
@@ -339,8 +346,11 @@ static int cuda_layer_init(struct moe_rank *r, const struct moe_model *m,
 		moe_log(LOG_ERR, "%s", err);
 		goto out;
 	}
+	/* (synchronised: the compute stream is non-blocking, so nothing else
+	 * orders it after a pageable copy) */
 	if (cudaMemcpy(cl->router, host, rows * H * ds, cudaMemcpyHostToDevice) != cudaSuccess ||
-	    (ls->bias && cudaMemcpy(cl->bias, ls->bias, E * 4, cudaMemcpyHostToDevice))) {
+	    (ls->bias && cudaMemcpy(cl->bias, ls->bias, E * 4, cudaMemcpyHostToDevice)) ||
+	    cudaStreamSynchronize(0) != cudaSuccess) {
 		cudaGetLastError();
 		ret = -EIO;
 		goto out;
@@ -480,7 +490,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 
 		c->segs_h[i] = (struct moe_cuda_seg){tok, (uint32_t)sg->dtype, boff};
 		CK(cudaMemcpyAsync(c->in_raw + boff, sg->in, bytes, cudaMemcpyHostToDevice, c->st));
-		boff += bytes;
+		boff += (bytes + 15) & ~(uint64_t)15;
 		tok += sg->n_tokens;
 	}
 	CK(cudaMemcpyAsync(c->segs_d, c->segs_h, f->n_segs * sizeof(*c->segs_h),

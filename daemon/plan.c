@@ -32,7 +32,7 @@ static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint64_t T)
 	uint64_t H = m->hidden, K = m->top_k, E = m->n_experts, I = m->inter;
 	uint64_t Is = m->shared_inter, ds = moe_dtype_size(m->dtype);
 
-	return T * (8 * H + H * ds + 4 * (E + 1) + 4 + 16) +
+	return T * (8 * H + 32 + H * ds + 4 * (E + 1) + 4 + 16) +
 	       T * K * (16 + H * ds + 8 * I + I * ds + 4 * H) +
 	       T * (8 * Is + Is * ds + 4 * H) * (Is > 0) + 8 * E + (32u << 20);
 }

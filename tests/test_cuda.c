@@ -263,11 +263,14 @@ static void test_against_cpu(void **state)
 
 /* ---- segments in several dtypes --------------------------------------- */
 
-static void test_segments(void **state)
+/* dir's first MoE layer: three segments in one batch against each alone.
+ * lens[0] is odd: with an odd hidden size the f32 segment after it would
+ * start off a 4-byte boundary unless segments are padded. */
+static void segments_on(const char *dir)
 {
-	static const enum moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F16};
+	static const enum moe_dtype dts[] = {MOE_DT_BF16, MOE_DT_F32, MOE_DT_F16};
 	static const uint32_t lens[] = {7, 200, 1};
-	char dir[1024], err[MOE_ERRLEN];
+	char err[MOE_ERRLEN];
 	struct moe_model *m;
 	struct moe_engine *e;
 	struct moe_rng r = {77};
@@ -275,8 +278,6 @@ static void test_segments(void **state)
 	void *in[3], *out[3], *ref[3];
 	uint32_t n = 0;
 
-	(void)state;
-	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
 	e = open_on(dir, "cuda", 512, &m);
 	for (int i = 0; i < 3; i++) {
 		size_t cnt = (size_t)lens[i] * m->hidden, sz = moe_dtype_size(dts[i]);
@@ -311,8 +312,26 @@ static void test_segments(void **state)
 		free(a), free(b), free(in[i]), free(out[i]), free(ref[i]);
 	}
 	assert_true(moe_engine_last_device_ms(e) > 0);
+	printf("ok   segments on %s (hidden %u)\n", dir, m->hidden);
 	moe_engine_destroy(e);
 	moe_model_free(m);
+}
+
+static void test_segments(void **state)
+{
+	struct moe_synth_opts o;
+	char tmpl[] = "/tmp/moe-cuda-odd-XXXXXX", err[MOE_ERRLEN];
+
+	(void)state;
+	segments_on(DH_FIXTURE);
+	assert_non_null(mkdtemp(tmpl));
+	moe_synth_defaults(&o, MOE_FAM_MIXTRAL);
+	o.hidden = 75, o.inter = 33, o.experts = 8, o.top_k = 2, o.layers = 1;
+	o.dtype = MOE_DT_BF16, o.seed = 3;
+	if (moe_synth_write(tmpl, &o, err))
+		fail_msg("%s", err);
+	segments_on(tmpl);
+	tu_rmtree(tmpl);
 }
 
 /* ---- out of device memory at load --------------------------------------- */
