@@ -149,8 +149,16 @@ static void print_status(const cJSON *j)
 	ml = obj(m, "moe_layers");
 	if (cJSON_IsArray(ml))
 		printf(", %d MoE layers", cJSON_GetArraySize(ml));
-	printf("\nbackend:  %s (kernels %s, %.0f threads, gpu %s)\n", str(b, "name"),
-	       str(b, "kernels"), num(b, "threads"), str(b, "gpu"));
+	printf("\nbackend:  %s on %s (%.0f host threads)\n", str(b, "name"), str(b, "device"),
+	       num(b, "threads"));
+	printf("gpu:      %s", str(b, "gpu"));
+	if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(b, "last_batch_device_ms")))
+		printf("; last batch %.3f ms on the device", num(b, "last_batch_device_ms"));
+	if (num(b, "unpinned_clients") > 0)
+		printf("; %.0f client regions could not be pinned", num(b, "unpinned_clients"));
+	if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(b, "device_lost")))
+		printf("; DEVICE LOST");
+	printf("\n");
 	printf("queue:    %.0f requests, %.0f tokens pending\n", num(q, "pending_requests"),
 	       num(q, "pending_tokens"));
 	printf("requests: %.0f completed, %.0f errors, %.0f timeouts, %.0f cancelled;"

@@ -58,7 +58,7 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	}
 	c->k = moe_cpu_kernels_for(chosen);
 	r->kernels = moe_cpu_isa_name(chosen);
-	snprintf(r->desc, sizeof(r->desc), "cpu (%s kernels)", r->kernels);
+	snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels", r->kernels);
 	c->n_workers = moe_pool_threads(r->pool);
 	c->max_tokens = max_tokens;
 	c->logits = malloc((size_t)max_tokens * m->n_experts * sizeof(float));

@@ -260,7 +260,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 	clock_gettime(CLOCK_MONOTONIC, &t1);
 	s = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
 	moe_log(LOG_INFO, "loaded %u MoE layers, %.1f MiB of weights in %.2f s (%.0f MiB/s), "
-		"backend %s (%s)",
+		"backend %s on %s",
 		m->n_moe_layers, (double)moe_engine_weight_bytes(e) / (1 << 20), s,
 		(double)moe_engine_weight_bytes(e) / (1 << 20) / (s > 0 ? s : 1),
 		moe_engine_backend(e), moe_engine_device(e));
