@@ -16,11 +16,16 @@
  *    then one gate/up GEMM, the SwiGLU kernel and one down GEMM per expert
  *    hit (cublasGemmEx);
  *  - small: grouped kernels that read the counts on the device, SwiGLU
- *    fused (kernels/cuda/experts_small.cu): no host sync in the batch.
+ *    fused (kernels/cuda/experts_small.cu): no host sync in the batch;
+ *  - grouped: like cublas, but each of the two GEMMs is one
+ *    cublasGemmGroupedBatchedEx call over the experts hit (one launch
+ *    instead of one per expert). Probed at start: where cuBLAS refuses the
+ *    type combination it is unavailable (and refused if forced).
  * auto takes small when the rows per expert average at most SMALL_ROWS
- * (decode) and the shapes allow 16-byte rows. MOE_CUDA_GEMM=cublas|small|
- * auto forces one, for measurement (moe-bench, tools/gpu-check.sh). Which
- * is faster at which size is to be measured on a GPU (bench/RESULTS.md).
+ * (decode) and the shapes allow 16-byte rows, else cublas.
+ * MOE_CUDA_GEMM=cublas|small|grouped|auto forces one, for measurement
+ * (moe-bench, tools/gpu-check.sh). Which is faster at which size is to be
+ * measured on a GPU (bench/RESULTS.md); auto follows the measurements.
  *
  * Faults are crash-only: any CUDA or cuBLAS error during a batch marks the
  * rank lost (-ENOTRECOVERABLE) and every later call fails the same way;
@@ -48,7 +53,15 @@
 #define SMALL_ROWS    16	  /* auto: small kernels up to this many rows per expert */
 #define SMALL_SHARED  32	  /* ... and for the shared expert up to this many tokens */
 
-enum gemm_mode { GEMM_AUTO, GEMM_CUBLAS, GEMM_SMALL };
+enum gemm_mode { GEMM_AUTO, GEMM_CUBLAS, GEMM_SMALL, GEMM_GROUPED };
+
+/* Host-side arguments of cublasGemmGroupedBatchedEx: one group per expert
+ * hit (each has its own row count), for each of the two GEMMs. */
+struct grouped_args {
+	cublasOperation_t *ta, *tb;
+	int *m, *n, *k, *lda, *ldb, *ldc, *size;
+	float *alpha, *beta;
+};
 
 struct cuda_rank {
 	int dev;
@@ -60,7 +73,8 @@ struct cuda_rank {
 	char lost_msg[256];
 	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
 	enum gemm_mode gemm;
-	bool small_ok, small_shared_ok;
+	bool small_ok, small_shared_ok, grouped_ok;
+	struct grouped_args ga;
 	size_t dev_bytes;	       /* workspaces */
 
 	/* device */
@@ -70,10 +84,11 @@ struct cuda_rank {
 	float *logits, *w, *gsc, *gu, *ys, *shgu, *shy;
 	uint32_t *ids, *count, *off, *pos, *src;
 	struct moe_cuda_seg *segs_d;
-	const void **wptr_d; /* [E] slot of each expert, for the small kernels */
+	const void **wptr_d; /* [6E]: slots for the small kernels; A|B|C arrays of
+			      * both grouped GEMMs */
 	/* pinned host */
 	struct moe_cuda_seg *segs_h;
-	const void **wptr_h;
+	const void **wptr_h; /* [6E] */
 	uint32_t *count_h, *ids_h;
 	float *w_h;
 	void *stage;
@@ -180,6 +195,9 @@ static void cuda_rank_fini(struct moe_rank *r)
 	for (size_t i = 0; i < sizeof(host) / sizeof(host[0]); i++)
 		if (host[i])
 			cudaFreeHost(host[i]);
+	free(c->ga.ta), free(c->ga.tb), free(c->ga.m), free(c->ga.n), free(c->ga.k);
+	free(c->ga.lda), free(c->ga.ldb), free(c->ga.ldc), free(c->ga.size);
+	free(c->ga.alpha), free(c->ga.beta);
 	if (c->blas)
 		cublasDestroy(c->blas);
 	if (c->ev0)
@@ -218,7 +236,7 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : dalloc(c, &c->h, TK * I * ds, "the SwiGLU output", err);
 	ret = ret ? ret : dalloc(c, &c->ys, TK * H * 4, "the expert outputs", err);
 	ret = ret ? ret : dalloc(c, &c->segs_d, T * sizeof(struct moe_cuda_seg), "segments", err);
-	ret = ret ? ret : dalloc(c, &c->wptr_d, E * sizeof(void *), "the slot table", err);
+	ret = ret ? ret : dalloc(c, &c->wptr_d, 6 * E * sizeof(void *), "the slot table", err);
 	if (!ret && Is) {
 		ret = dalloc(c, &c->shgu, T * 2 * Is * 4, "the shared gate/up output", err);
 		ret = ret ? ret : dalloc(c, &c->shh, T * Is * ds, "the shared SwiGLU output", err);
@@ -231,9 +249,28 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : halloc(c, &c->ids_h, TK * 4, err);
 	ret = ret ? ret : halloc(c, &c->w_h, TK * 4, err);
 	ret = ret ? ret : halloc(c, &c->stage, c->stage_bytes, err);
-	ret = ret ? ret : halloc(c, &c->wptr_h, E * sizeof(void *), err);
+	ret = ret ? ret : halloc(c, &c->wptr_h, 6 * E * sizeof(void *), err);
+	if (!ret) {
+		struct grouped_args *g = &c->ga;
+
+		g->ta = calloc(E, sizeof(*g->ta)), g->tb = calloc(E, sizeof(*g->tb));
+		g->m = calloc(E, sizeof(int)), g->n = calloc(E, sizeof(int));
+		g->k = calloc(E, sizeof(int)), g->lda = calloc(E, sizeof(int));
+		g->ldb = calloc(E, sizeof(int)), g->ldc = calloc(E, sizeof(int));
+		g->size = calloc(E, sizeof(int));
+		g->alpha = calloc(E, sizeof(float)), g->beta = calloc(E, sizeof(float));
+		if (!g->ta || !g->tb || !g->m || !g->n || !g->k || !g->lda || !g->ldb || !g->ldc ||
+		    !g->size || !g->alpha || !g->beta)
+			ret = moe_err(err, -ENOMEM, "out of memory");
+		for (size_t i = 0; !ret && i < E; i++) {
+			g->ta[i] = CUBLAS_OP_T, g->tb[i] = CUBLAS_OP_N;
+			g->size[i] = 1, g->alpha[i] = 1.0f, g->beta[i] = 0.0f;
+		}
+	}
 	return ret;
 }
+
+static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m);
 
 static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
 			  const char *isa, char *err)
@@ -299,10 +336,17 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 		c->gemm = !g || !strcmp(g, "auto") ? GEMM_AUTO
 			  : !strcmp(g, "cublas")   ? GEMM_CUBLAS
 			  : !strcmp(g, "small")	   ? GEMM_SMALL
+			  : !strcmp(g, "grouped")  ? GEMM_GROUPED
 						   : (enum gemm_mode)-1;
 		if ((int)c->gemm < 0) {
-			ret = moe_err(err, -EINVAL, "MOE_CUDA_GEMM=%s: expected auto, cublas or small",
-				      g);
+			ret = moe_err(err, -EINVAL,
+				      "MOE_CUDA_GEMM=%s: expected auto, cublas, small or grouped", g);
+			goto fail;
+		}
+		c->grouped_ok = probe_grouped(c, m);
+		if (c->gemm == GEMM_GROUPED && !c->grouped_ok) {
+			ret = moe_err(err, -ENOTSUP, "MOE_CUDA_GEMM=grouped: this cuBLAS refuses a "
+				      "grouped %s GEMM with fp32 output", moe_dtype_name(m->dtype));
 			goto fail;
 		}
 		if (c->gemm == GEMM_SMALL && !c->small_ok) {
@@ -438,6 +482,47 @@ static cublasStatus_t gemm(struct cuda_rank *c, cudaDataType_t t, uint32_t m, ui
 			    CUBLAS_GEMM_DEFAULT);
 }
 
+static cublasStatus_t gemm_grouped(struct cuda_rank *c, cudaDataType_t t, int ng,
+				    const void *const *A, const void *const *B, void *const *C)
+{
+	const struct grouped_args *g = &c->ga;
+
+	return cublasGemmGroupedBatchedEx(c->blas, g->ta, g->tb, g->m, g->n, g->k, g->alpha, A, t,
+					  g->lda, B, t, g->ldb, g->beta, C, CUDA_R_32F, g->ldc, ng,
+					  g->size, CUBLAS_COMPUTE_32F);
+}
+
+/* Whether cuBLAS runs a grouped GEMM of the model dtype with fp32 output
+ * here: one tiny problem on the workspaces (their contents do not matter). */
+static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m)
+{
+	struct grouped_args *g = &c->ga;
+	cublasStatus_t st = CUBLAS_STATUS_ALLOC_FAILED;
+	cudaError_t e;
+	char *buf = NULL; /* A 8x8, B 8x1, C 8x1: 1 KiB covers any dtype */
+
+	g->m[0] = 8, g->n[0] = 1, g->k[0] = 8, g->lda[0] = 8, g->ldb[0] = 8, g->ldc[0] = 8;
+	e = cudaMalloc((void **)&buf, 1024);
+	if (e == cudaSuccess)
+		e = cudaMemset(buf, 0, 1024);
+	if (e == cudaSuccess) {
+		c->wptr_h[0] = buf, c->wptr_h[1] = buf + 512, c->wptr_h[2] = buf + 768;
+		e = cudaMemcpy(c->wptr_d, c->wptr_h, 3 * sizeof(void *), cudaMemcpyHostToDevice);
+	}
+	if (e == cudaSuccess) {
+		st = gemm_grouped(c, cuda_type(m->dtype), 1, c->wptr_d, c->wptr_d + 1,
+				  (void *const *)(c->wptr_d + 2));
+		e = cudaStreamSynchronize(c->st);
+	}
+	cudaFree(buf);
+	cudaGetLastError();
+	if (st != CUBLAS_STATUS_SUCCESS || e != cudaSuccess)
+		moe_log(LOG_INFO, "GPU %d: grouped cuBLAS GEMMs unavailable (%s)", c->dev,
+			st != CUBLAS_STATUS_SUCCESS ? cublasGetStatusString(st)
+						    : cudaGetErrorString(e));
+	return st == CUBLAS_STATUS_SUCCESS && e == cudaSuccess;
+}
+
 #define CB(call)                                                                               \
 	do {                                                                                   \
 		cublasStatus_t b_ = (call);                                                    \
@@ -517,6 +602,43 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 	}
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
 
+	if (c->gemm == GEMM_GROUPED) {
+		const void **P = c->wptr_h; /* A1 B1 C1 A2 B2 C2, E each */
+		struct grouped_args *g = &c->ga;
+		int ng = 0;
+
+		for (uint32_t x = 0; x < E; x++) {
+			const struct moe_slot *s = f->expert_slot[x];
+			uint32_t cnt = c->count_h[x];
+
+			if (!cnt)
+				continue;
+			g->n[ng] = (int)cnt;
+			P[ng] = s->mem;
+			P[E + ng] = (const char *)c->xs + (size_t)row * H * ds;
+			P[2 * E + ng] = c->gu + (size_t)row * 2 * m->inter;
+			P[3 * E + ng] = (const char *)s->mem + 2 * (size_t)s->inter * H * ds;
+			P[4 * E + ng] = (const char *)c->h + (size_t)row * m->inter * ds;
+			P[5 * E + ng] = c->ys + (size_t)row * H;
+			ng++;
+			row += cnt;
+		}
+		CK(cudaMemcpyAsync(c->wptr_d, c->wptr_h, 6 * E * sizeof(void *),
+				   cudaMemcpyHostToDevice, c->st));
+		for (int i = 0; i < ng; i++) {
+			g->m[i] = (int)(2 * m->inter), g->k[i] = (int)H;
+			g->lda[i] = (int)H, g->ldb[i] = (int)H, g->ldc[i] = (int)(2 * m->inter);
+		}
+		CB(gemm_grouped(c, t, ng, c->wptr_d, c->wptr_d + E, (void *const *)(c->wptr_d + 2 * E)));
+		KL(moe_cuda_swiglu(c->st, c->gu, n * K, m->inter, mdt, c->h));
+		for (int i = 0; i < ng; i++) {
+			g->m[i] = (int)H, g->k[i] = (int)m->inter;
+			g->lda[i] = (int)m->inter, g->ldb[i] = (int)m->inter, g->ldc[i] = (int)H;
+		}
+		CB(gemm_grouped(c, t, ng, c->wptr_d + 3 * E, c->wptr_d + 4 * E,
+				(void *const *)(c->wptr_d + 5 * E)));
+		goto shared;
+	}
 	for (uint32_t x = 0; x < E; x++) {
 		const struct moe_slot *s = f->expert_slot[x];
 		uint32_t cnt = c->count_h[x];

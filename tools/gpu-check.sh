@@ -82,9 +82,9 @@ grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || t
 
 echo "== moe-bench --device cuda (Mixtral- and OLMoE-shaped layers)"
 ./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
-echo "== decode sizes, each way of running the experts (MOE_CUDA_GEMM)"
-for g in cublas small; do
-	MOE_CUDA_GEMM=$g ./$build/bin/moe-bench --device cuda --tokens 1,4,16,64,256 2>&1 |
+echo "== each way of running the experts (MOE_CUDA_GEMM), every size"
+for g in cublas grouped small; do
+	MOE_CUDA_GEMM=$g ./$build/bin/moe-bench --device cuda --tokens 1,4,16,64,256,1024,4096 2>&1 |
 		tee -a "$out/moe-bench-cuda-gemm.txt" || status=1
 done
 echo "== the same layers through PyTorch on the GPU (transformers' block, torch._grouped_mm)"
