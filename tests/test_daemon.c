@@ -586,6 +586,40 @@ static void test_basic(void **state)
 	}
 	assert_int_equal(moe_ping(c, NULL), 0);
 
+	/* one batch of three dtypes, each request in place (out == in): every
+	 * request is a segment with its own dtype, and the daemon reads every
+	 * input before it writes any output */
+	{
+		static const int dts[] = {MOE_DTYPE_BF16, MOE_DTYPE_F32, MOE_DTYPE_F16};
+		static const uint32_t ns[] = {3, 11, 6};
+		void *buf[3], *copy[3];
+		uint64_t tag[3];
+		int st;
+
+		dh_daemon_freeze(d);
+		for (int i = 0; i < 3; i++) {
+			size_t bytes = (size_t)ns[i] * g_H * dh_dt_size(dts[i]);
+
+			copy[i] = dh_make_input(dts[i], ns[i], 40 + (uint64_t)i);
+			buf[i] = moe_buf_alloc(c, bytes);
+			assert_non_null(buf[i]);
+			memcpy(buf[i], copy[i], bytes);
+			assert_int_equal(moe_submit(c, 0, (moe_dtype)dts[i], buf[i], buf[i], ns[i], 0,
+						    &tag[i]),
+					 0);
+		}
+		dh_daemon_thaw(d);
+		for (int i = 0; i < 3; i++) {
+			assert_int_equal(moe_wait(c, tag[i], DH_WAIT_MS, &st), 0);
+			assert_int_equal(st, 0);
+			check_output(0, dts[i], copy[i], buf[i], ns[i], "in place, mixed dtypes");
+			tokens[0] += ns[i];
+			n_req++;
+			moe_buf_free(c, buf[i]);
+			free(copy[i]);
+		}
+	}
+
 	/* status */
 	j = status(c);
 	assert_true(dh_jnum(j, "version") >= 1);
