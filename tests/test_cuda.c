@@ -392,6 +392,7 @@ static void test_daemon_gpu(void **state)
 	cJSON *j;
 
 	(void)state;
+	d->socket_arg = true; /* --socket: the test's own, not /run/moed */
 	dh_daemon_write_cfg(d, "devices: [0]\n");
 	dh_daemon_start(d);
 	assert_int_equal(moe_connect(d->sock, &c), 0);
@@ -465,6 +466,7 @@ static void test_daemon_fault(void **state)
 	int st;
 
 	(void)state;
+	d->socket_arg = true; /* --socket: the test's own, not /run/moed */
 	dh_daemon_write_cfg(d, "devices: [0]\n");
 	dh_daemon_env(d, "MOED_TEST_CUDA_FAULT=2");
 	dh_daemon_start(d);
