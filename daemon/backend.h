@@ -19,6 +19,10 @@
 
 struct moe_pool;
 
+/* Step backends get at most this many tokens per `experts` call (the
+ * engine works in chunks so that its sorted buffers stay bounded). */
+#define MOE_CHUNK_TOKENS 1024
+
 /* Room for one expert's weights on a rank. CPU: gate | up | down, each
  * row-major in the model dtype. */
 struct moe_slot {

@@ -63,7 +63,23 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	c->max_tokens = max_tokens;
 	c->logits = malloc((size_t)max_tokens * m->n_experts * sizeof(float));
 	c->route_scratch = malloc(c->n_workers * MOE_ROUTE_SCRATCH(m->n_experts) * sizeof(float));
-	if (!c->logits || !c->route_scratch) {
+	{
+		/* The most tiles a chunk can make, so that `experts` never
+		 * allocates (and never fails halfway through a batch whose
+		 * outputs are being written): per group ceil(rows / TOK_BLOCK)
+		 * token blocks, rows summing to chunk * K routed + chunk shared. */
+		uint64_t ck = max_tokens < MOE_CHUNK_TOKENS ? max_tokens : MOE_CHUNK_TOKENS;
+		uint64_t imax = m->inter > m->shared_inter ? m->inter : m->shared_inter;
+		uint64_t pb_gu = ((imax + 7) / 8 + PANELS_PER_TILE - 1) / PANELS_PER_TILE;
+		uint64_t pb_d = ((m->hidden + MOE_PANEL - 1) / MOE_PANEL + PANELS_PER_TILE - 1) /
+				PANELS_PER_TILE;
+		uint64_t blocks = (ck * m->top_k + TOK_BLOCK - 1) / TOK_BLOCK + m->n_experts +
+				  (ck + TOK_BLOCK - 1) / TOK_BLOCK + 1;
+
+		c->tiles_cap = (uint32_t)(blocks * (pb_gu > pb_d ? pb_gu : pb_d));
+		c->tiles = malloc((size_t)c->tiles_cap * sizeof(*c->tiles));
+	}
+	if (!c->logits || !c->route_scratch || !c->tiles) {
 		r->ops->rank_fini(r);
 		return moe_err(err, -ENOMEM, "cpu rank: out of memory for %u-token workspaces",
 			       max_tokens);
@@ -274,14 +290,8 @@ static int cpu_experts(struct moe_rank *r, const struct moe_rank_work *w)
 	uint32_t n1 = make_tiles(w, false, NULL), n2 = make_tiles(w, true, NULL);
 	uint32_t need = n1 > n2 ? n1 : n2;
 
-	if (need > c->tiles_cap) {
-		struct tile *t = realloc(c->tiles, need * sizeof(*t));
-
-		if (!t)
-			return -ENOMEM;
-		c->tiles = t;
-		c->tiles_cap = need;
-	}
+	if (need > c->tiles_cap) /* cannot happen: rank_init sized it for a chunk */
+		return -EOVERFLOW;
 	make_tiles(w, false, c->tiles);
 	moe_pool_run(r->pool, n1, gate_up_task, &fc);
 	make_tiles(w, true, c->tiles);

@@ -34,7 +34,7 @@
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
 
-#define CHUNK_TOKENS	   1024
+#define CHUNK_TOKENS	   MOE_CHUNK_TOKENS
 #define DEFAULT_MAX_TOKENS 4096
 
 struct moe_engine {

@@ -198,6 +198,11 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 	NEEDS_RESTART(!SAME_STR(nc.model.family, c->model.family), "model.family");
 	NEEDS_RESTART(nc.cpu.threads != c->cpu.threads, "cpu.threads");
 	NEEDS_RESTART(nc.cpu.isa != c->cpu.isa, "cpu.isa");
+	NEEDS_RESTART(nc.devices.kind != c->devices.kind || nc.devices.n_ranks != c->devices.n_ranks ||
+			      nc.devices.all_gpus != c->devices.all_gpus ||
+			      memcmp(nc.devices.gpu_ids, c->devices.gpu_ids,
+				     sizeof(nc.devices.gpu_ids)),
+		      "devices");
 	NEEDS_RESTART(nc.scheduler.max_batch_tokens != c->scheduler.max_batch_tokens,
 		      "scheduler.max_batch_tokens");
 	NEEDS_RESTART(!SAME_STR(nc.server.socket, c->server.socket), "server.socket");
@@ -328,6 +333,7 @@ int main(int argc, char **argv)
 	struct moe_model *m = NULL;
 	struct moe_model_opts mo = {0};
 	struct moe_plan plan;
+	bool isa_ok;
 	char err[MOE_CFG_ERRLEN > MOE_ERRLEN ? MOE_CFG_ERRLEN : MOE_ERRLEN];
 	int test = 0, load = 0, c, ret;
 
@@ -392,17 +398,19 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	moe_plan_compute(&cfg, m, &plan);
+	/* the CPU kernels matter only when the CPU serves */
+	isa_ok = plan.isa >= 0 || !strcmp(plan.backend, "cuda");
 	if (test) {
 		moe_plan_print(stdout, &cfg, m, &plan);
-		ret = plan.fits && plan.isa >= 0 && plan.device_ok ? 0 : 1;
+		ret = plan.fits && isa_ok && plan.device_ok ? 0 : 1;
 	} else {
-		ret = plan.fits && plan.isa >= 0 && plan.device_ok
+		ret = plan.fits && isa_ok && plan.device_ok
 			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan)
 			      : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in %s memory (moed -t shows the plan)",
 				strcmp(plan.backend, "cuda") ? "host" : "GPU");
-		if (plan.isa < 0)
+		if (!isa_ok)
 			moe_log(LOG_ERR, "%s", plan.isa_err);
 		if (!plan.device_ok)
 			moe_log(LOG_ERR, "%s", plan.device_note);

@@ -52,7 +52,8 @@ struct client {
 	uid_t uid;
 	char name[32];
 	bool attached, dead;
-	bool pinned; /* region registered with the device backend */
+	bool pinned;	  /* region registered with the device backend */
+	bool pin_failed;  /* the backend wanted it pinned and could not */
 	/* the shared region, once attached */
 	void *region;
 	uint64_t region_bytes;
@@ -95,7 +96,8 @@ struct server {
 	uint8_t *is_moe; /* [n_layers] */
 	/* counters */
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
-	uint64_t reloads, reloads_refused, unpinned;
+	uint64_t reloads, reloads_refused;
+	uint32_t unpinned; /* clients now connected whose region is not pinned */
 };
 
 /* sd_notify when built with libsystemd and run under systemd (it does
@@ -407,6 +409,8 @@ static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
 			struct client *c = order[(s->rr + k) % nc];
 			struct request *r;
 
+			if (c->dead) /* its requests go with it (reap_dead) */
+				continue;
 			for (r = c->queue; r && r->layer != layer; r = r->next)
 				;
 			if (!r || t + r->n_tokens > maxt)
@@ -533,6 +537,8 @@ static void drop_client(struct server *s, struct client *c)
 	close(c->fd);
 	if (c->pinned)
 		moe_engine_host_unregister(s->e, c->region);
+	if (c->pin_failed)
+		s->unpinned--;
 	if (c->region)
 		munmap(c->region, c->region_bytes);
 	moe_log(LOG_INFO, "client %u (pid %d, %s) disconnected after %llu requests", c->id,
@@ -670,6 +676,7 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 		c->pinned = ret == 0;
 		if (ret && ret != -ENOTSUP) {
 			/* correct but slower: the driver stages the copies */
+			c->pin_failed = true;
 			s->unpinned++;
 			moe_log(LOG_WARNING, "client %u: cannot pin its %llu-byte region (%s); its "
 				"copies to the GPU are staged", c->id,

@@ -643,11 +643,19 @@ static void test_reload_limits(void **state)
 	daemon_set_cfg(d,
 		       "  max_clients: 1\n  handshake_timeout_ms: 200\n"
 		       "  max_inflight_requests: 3\n",
+#ifdef MOE_HAVE_CUDA
+		       "cpu:\n  threads: 1\ndevices: [0]\n");
+#else
 		       "cpu:\n  threads: 1\n");
+#endif
 	admin_reload(c1, msg, sizeof(msg));
 	assert_non_null(strstr(msg, "applied"));
 	assert_non_null(strstr(msg, "needs a restart"));
 	assert_non_null(strstr(msg, "cpu.threads"));
+#ifdef MOE_HAVE_CUDA
+	/* another device is never switched to under load */
+	assert_non_null(strstr(msg, "devices"));
+#endif
 	/* ... until the new 200 ms apply */
 	if (!dh_raw_hangup(s, READY_MS, &st))
 		fail_msg("a connection without HELLO was not dropped after handshake_timeout_ms "
