@@ -133,7 +133,9 @@ MOE_API int moe_submit(moe_client *c, uint32_t layer, moe_dtype dtype, const voi
 
 typedef struct {
 	uint64_t tag;
-	int status;     /* 0: the output is in out_buf; else a MOE_E* code */
+	int status;     /* 0: the output is in out_buf; else a MOE_E* code, and
+	                 * out_buf's contents are unspecified (MOE_EDEVICE: the
+	                 * GPU failed mid-batch; the daemon exits and restarts) */
 	uint32_t epoch; /* the weights version the request ran on */
 } moe_completion;
 
