@@ -8,12 +8,18 @@
 #       packages with `apt-get download`, unpack them into .gpu-deps/root,
 #       make their .pc files relocatable. .gpu-deps/ is git-ignored: name it
 #       in the device tool's `carry`.
-#   tools/gpu-check.sh [OUTDIR]      (there): build Release with CUDA for
-#       sm_90 against .gpu-deps/root, print the GPU, run the whole test suite
-#       (the `gpu` ctest label included) and the benchmarks; logs go to
-#       OUTDIR (default $OUT, else ./gpu-check-out).
+#   tools/gpu-check.sh [test|bench|all] [OUTDIR]   (there): build Release
+#       with CUDA for sm_90 against .gpu-deps/root (incremental: build-gpu/
+#       stays on a warm machine), print the GPU, then
+#         test   the GPU tests (ctest -L gpu), then the whole suite
+#         bench  moe-bench --device cuda (all three expert paths) and the
+#                PyTorch comparison on the GPU
+#         all    both (the default; may not fit one 10-minute call when the
+#                synthetic Mixtral layer must be written first)
+#       logs go to OUTDIR (default $OUT, else ./gpu-check-out).
 #
-# Typical device call: carry [".gpu-deps"], command "tools/gpu-check.sh".
+# Typical device calls: carry [".gpu-deps"], command "tools/gpu-check.sh
+# test", then "tools/gpu-check.sh bench".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 deps=$PWD/.gpu-deps
@@ -44,6 +50,8 @@ if [ "${1:-}" = "--prepare" ]; then
 	exit 0
 fi
 
+stage=all
+case "${1:-}" in test | bench | all) stage=$1; shift ;; esac
 out=${1:-${OUT:-$PWD/gpu-check-out}}
 mkdir -p "$out"
 [ -d "$root" ] || { echo "no $root: run tools/gpu-check.sh --prepare here first" >&2; exit 1; }
@@ -72,13 +80,18 @@ cmake --build $build -j"$(nproc)" >"$out/build.log" 2>&1 || { tail -60 "$out/bui
 echo "== build ok"
 
 status=0
-echo "== GPU tests (ctest -L gpu, verbose log in gpu-tests.log)"
-(cd $build && ctest -L gpu -V >"$out/gpu-tests.log" 2>&1) || status=1
-grep -E "SKIPPED|\[  (PASSED|FAILED|ERROR) |^ *[0-9]+/[0-9]+ Test|tests passed|tests failed" \
-	"$out/gpu-tests.log" | tail -30 || true
-echo "== the whole suite"
-(cd $build && ctest --output-on-failure -j4 >"$out/ctest.log" 2>&1) || status=1
-grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || true
+if [ $stage != bench ]; then
+	echo "== GPU tests (ctest -L gpu, verbose log in gpu-tests.log)"
+	(cd $build && ctest -L gpu -V >"$out/gpu-tests.log" 2>&1) || status=1
+	grep -E "SKIPPED|\[  (PASSED|FAILED|ERROR) |^ *[0-9]+/[0-9]+ Test|tests passed|tests failed" \
+		"$out/gpu-tests.log" | tail -30 || true
+	echo "== the whole suite"
+	(cd $build && ctest --output-on-failure -j4 >"$out/ctest.log" 2>&1) || status=1
+	grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || true
+fi
+if [ $stage = test ]; then
+	exit $status
+fi
 
 echo "== moe-bench --device cuda (Mixtral- and OLMoE-shaped layers)"
 ./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
