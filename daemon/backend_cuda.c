@@ -19,8 +19,9 @@
  *    fused (kernels/cuda/experts_small.cu): no host sync in the batch;
  *  - grouped: like cublas, but each of the two GEMMs is one
  *    cublasGemmGroupedBatchedEx call over the experts hit (one launch
- *    instead of one per expert). Probed at start: where cuBLAS refuses the
- *    type combination it is unavailable (and refused if forced).
+ *    instead of one per expert). Its output is in the model dtype (cuBLAS
+ *    has no bf16-in/fp32-out grouped GEMM), rounded where transformers
+ *    rounds too. Probed at start; needs the small path's alignment.
  * auto takes small when the rows per expert average at most SMALL_ROWS
  * (decode) and the shapes allow 16-byte rows, else cublas.
  * MOE_CUDA_GEMM=cublas|small|grouped|auto forces one, for measurement
@@ -50,8 +51,9 @@
 #include "kernels/cuda/moe_cuda.h"
 
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS' recommendation for Hopper */
-#define SMALL_ROWS    16	  /* auto: small kernels up to this many rows per expert */
-#define SMALL_SHARED  32	  /* ... and for the shared expert up to this many tokens */
+#define SMALL_ROWS    8	  /* auto: small kernels up to this many rows per expert on
+				   * average (most experts then fit one 16-token pass) */
+#define SMALL_SHARED  16	  /* ... and for the shared expert up to one pass of tokens */
 
 enum gemm_mode { GEMM_AUTO, GEMM_CUBLAS, GEMM_SMALL, GEMM_GROUPED };
 
@@ -82,7 +84,7 @@ struct cuda_rank {
 	char *in_raw, *out_raw;
 	void *x, *xs, *h, *shh;
 	float *logits, *w, *gsc, *gu, *ys, *shgu, *shy;
-	uint32_t *ids, *count, *off, *pos, *src;
+	uint32_t *ids, *count, *off, *pos, *src, *act;
 	struct moe_cuda_seg *segs_d;
 	const void **wptr_d; /* [6E]: slots for the small kernels; A|B|C arrays of
 			      * both grouped GEMMs */
@@ -180,7 +182,7 @@ static void cuda_rank_fini(struct moe_rank *r)
 		       c ? c->gu : NULL, c ? c->ys : NULL, c ? c->shgu : NULL,
 		       c ? c->shy : NULL, c ? c->ids : NULL, c ? c->count : NULL,
 		       c ? c->off : NULL, c ? c->pos : NULL, c ? c->src : NULL,
-		       c ? c->segs_d : NULL, c ? (void *)c->wptr_d : NULL};
+		       c ? c->segs_d : NULL, c ? (void *)c->wptr_d : NULL, c ? c->act : NULL};
 	void *host[] = {c ? c->segs_h : NULL, c ? c->count_h : NULL, c ? c->ids_h : NULL,
 			c ? c->w_h : NULL, c ? c->stage : NULL, c ? (void *)c->wptr_h : NULL};
 
@@ -229,6 +231,7 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : dalloc(c, &c->gsc, T * 4, "the shared-expert gates", err);
 	ret = ret ? ret : dalloc(c, &c->count, E * 4, "the expert counts", err);
 	ret = ret ? ret : dalloc(c, &c->off, (E + 1) * 4, "the expert offsets", err);
+	ret = ret ? ret : dalloc(c, &c->act, (E + 1) * 4, "the active experts", err);
 	ret = ret ? ret : dalloc(c, &c->pos, TK * 4, "the dispatch positions", err);
 	ret = ret ? ret : dalloc(c, &c->src, TK * 4, "the dispatch sources", err);
 	ret = ret ? ret : dalloc(c, &c->xs, TK * H * ds, "the dispatched rows", err);
@@ -343,10 +346,12 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 				      "MOE_CUDA_GEMM=%s: expected auto, cublas, small or grouped", g);
 			goto fail;
 		}
-		c->grouped_ok = probe_grouped(c, m);
+		c->grouped_ok = c->small_ok && probe_grouped(c, m);
 		if (c->gemm == GEMM_GROUPED && !c->grouped_ok) {
 			ret = moe_err(err, -ENOTSUP, "MOE_CUDA_GEMM=grouped: this cuBLAS refuses a "
-				      "grouped %s GEMM with fp32 output", moe_dtype_name(m->dtype));
+				      "grouped %s GEMM, or hidden %u / inter %u are not multiples "
+				      "of %d", moe_dtype_name(m->dtype), m->hidden, m->inter,
+				      m->dtype == MOE_DT_F32 ? 4 : 8);
 			goto fail;
 		}
 		if (c->gemm == GEMM_SMALL && !c->small_ok) {
@@ -488,12 +493,12 @@ static cublasStatus_t gemm_grouped(struct cuda_rank *c, cudaDataType_t t, int ng
 	const struct grouped_args *g = &c->ga;
 
 	return cublasGemmGroupedBatchedEx(c->blas, g->ta, g->tb, g->m, g->n, g->k, g->alpha, A, t,
-					  g->lda, B, t, g->ldb, g->beta, C, CUDA_R_32F, g->ldc, ng,
-					  g->size, CUBLAS_COMPUTE_32F);
+					  g->lda, B, t, g->ldb, g->beta, C, t, g->ldc, ng, g->size,
+					  CUBLAS_COMPUTE_32F);
 }
 
-/* Whether cuBLAS runs a grouped GEMM of the model dtype with fp32 output
- * here: one tiny problem on the workspaces (their contents do not matter). */
+/* Whether cuBLAS runs a grouped GEMM of the model dtype here: one tiny
+ * problem on a scratch buffer. */
 static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m)
 {
 	struct grouped_args *g = &c->ga;
@@ -583,7 +588,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 	KL(moe_cuda_convert_in(c->st, c->in_raw, c->segs_d, f->n_segs, n, H, mdt, c->x));
 	CB(gemm(c, t, rp.ld, n, H, cl->router, c->x, c->logits));
 	KL(moe_cuda_route(c->st, &rp, c->logits, cl->bias, n, c->ids, c->w, c->gsc));
-	KL(moe_cuda_permute(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src));
+	KL(moe_cuda_permute(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src, c->act));
 	KL(moe_cuda_gather(c->st, c->x, c->src, n * K, H * ds, c->xs));
 	CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
 	if (c->fault_at && c->calls == c->fault_at) {
@@ -596,8 +601,8 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			c->wptr_h[x] = f->expert_slot[x]->mem;
 		CK(cudaMemcpyAsync(c->wptr_d, c->wptr_h, E * sizeof(void *),
 				   cudaMemcpyHostToDevice, c->st));
-		KL(moe_cuda_experts_small(c->st, mdt, c->wptr_d, NULL, c->count, c->off, E, 0,
-					  c->xs, H, m->inter, c->h, c->ys));
+		KL(moe_cuda_experts_small(c->st, mdt, c->wptr_d, NULL, c->count, c->off, c->act, E,
+					  n * K, 0, c->xs, H, m->inter, c->h, c->ys));
 		goto shared;
 	}
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
@@ -616,10 +621,10 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			g->n[ng] = (int)cnt;
 			P[ng] = s->mem;
 			P[E + ng] = (const char *)c->xs + (size_t)row * H * ds;
-			P[2 * E + ng] = c->gu + (size_t)row * 2 * m->inter;
+			P[2 * E + ng] = (char *)c->gu + (size_t)row * 2 * m->inter * ds;
 			P[3 * E + ng] = (const char *)s->mem + 2 * (size_t)s->inter * H * ds;
 			P[4 * E + ng] = (const char *)c->h + (size_t)row * m->inter * ds;
-			P[5 * E + ng] = c->ys + (size_t)row * H;
+			P[5 * E + ng] = (char *)c->ys + (size_t)row * H * ds;
 			ng++;
 			row += cnt;
 		}
@@ -630,7 +635,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			g->lda[i] = (int)H, g->ldb[i] = (int)H, g->ldc[i] = (int)(2 * m->inter);
 		}
 		CB(gemm_grouped(c, t, ng, c->wptr_d, c->wptr_d + E, (void *const *)(c->wptr_d + 2 * E)));
-		KL(moe_cuda_swiglu(c->st, c->gu, n * K, m->inter, mdt, c->h));
+		KL(moe_cuda_swiglu(c->st, c->gu, mdt, n * K, m->inter, mdt, c->h));
 		for (int i = 0; i < ng; i++) {
 			g->m[i] = (int)H, g->k[i] = (int)m->inter;
 			g->lda[i] = (int)m->inter, g->ldb[i] = (int)m->inter, g->ldc[i] = (int)H;
@@ -649,7 +654,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			c->gu + (size_t)row * 2 * m->inter));
 		row += cnt;
 	}
-	KL(moe_cuda_swiglu(c->st, c->gu, n * K, m->inter, mdt, c->h));
+	KL(moe_cuda_swiglu(c->st, c->gu, MOE_DT_F32, n * K, m->inter, mdt, c->h));
 	row = 0;
 	for (uint32_t x = 0; x < E; x++) {
 		const struct moe_slot *s = f->expert_slot[x];
@@ -663,17 +668,18 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 	}
 shared:
 	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
-		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, 1, n, c->x,
-					  H, ls->shared.inter, c->shh, c->shy));
+		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, NULL, 1, 1,
+					  n, c->x, H, ls->shared.inter, c->shh, c->shy));
 	} else if (ls->shared.mem) {
 		uint32_t Is = ls->shared.inter;
 
 		CB(gemm(c, t, 2 * Is, n, H, ls->shared.mem, c->x, c->shgu));
-		KL(moe_cuda_swiglu(c->st, c->shgu, n, Is, mdt, c->shh));
+		KL(moe_cuda_swiglu(c->st, c->shgu, MOE_DT_F32, n, Is, mdt, c->shh));
 		CB(gemm(c, t, H, n, Is, (const char *)ls->shared.mem + 2 * (size_t)Is * H * ds,
 			c->shh, c->shy));
 	}
-	KL(moe_cuda_combine(c->st, c->ys, c->pos, c->w, n, K, H, ls->shared.mem ? c->shy : NULL,
+	KL(moe_cuda_combine(c->st, c->ys, c->gemm == GEMM_GROUPED && !small ? mdt : MOE_DT_F32,
+			    c->pos, c->w, n, K, H, ls->shared.mem ? c->shy : NULL,
 			    ls->shared_gate ? c->gsc : NULL, c->segs_d, f->n_segs, c->out_raw));
 	for (uint32_t i = 0; i < f->n_segs; i++) {
 		const struct moe_seg *sg = &f->segs[i];

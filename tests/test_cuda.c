@@ -10,9 +10,10 @@
  *     requests within 2e-2·rms (bf16 models: the GPU rounds the SwiGLU
  *     output to bf16 before the down GEMM, as transformers does; the CPU
  *     keeps it fp32), 1e-4·rms for f32 models;
- *   - both ways of running the experts (MOE_CUDA_GEMM=cublas: per-expert
- *     cuBLAS GEMMs after a host sync; =small: the grouped kernels that read
- *     the counts on the device) for each of the above;
+ *   - every way of running the experts (MOE_CUDA_GEMM=cublas: per-expert
+ *     cuBLAS GEMMs after a host sync; =grouped: one grouped cuBLAS call per
+ *     GEMM, output in the model dtype; =small: the kernels that read the
+ *     counts on the device) for each of the above;
  *   - a batch of segments in several dtypes against the same requests run
  *     one by one on the GPU;
  *   - moed serving on the GPU (devices: [0]): outputs against the CPU

@@ -8,8 +8,9 @@
  * Shape: the work is weight-streaming (a few tokens per expert), so each
  * warp owns RPW output rows of one expert and streams those weight rows
  * once, 16 bytes per lane per step, against up to MAXT tokens held in
- * registers; tokens beyond MAXT take another pass. Blocks of experts with no
- * rows exit at once.
+ * registers; tokens beyond MAXT take another pass. Blocks go only to the
+ * experts that have rows (the permute's act list; the grid is min(E, n*K)
+ * experts high, the surplus exits at once).
  *
  *   gate_up: h[row, i] = silu(W_g[i]·x[row]) * (W_u[i]·x[row])   (SwiGLU fused:
  *            the gate and up sums never leave registers)
@@ -82,27 +83,35 @@ static __device__ __forceinline__ float warp_sum(float v)
 }
 
 /* Which expert this block works for: its weights, rows and first row.
+ * blockIdx.y indexes the experts that have rows (act, from the permute);
+ * the grid has min(E, n*K) of them, the surplus exits at once.
  * Wt == NULL: one matrix W0 over fixed_n rows from row 0 (shared expert). */
 static __device__ __forceinline__ bool block_expert(const void *const *Wt, const void *W0,
 						    const uint32_t *count, const uint32_t *off,
+						    const uint32_t *act, uint32_t n_experts,
 						    uint32_t fixed_n, const char **W,
 						    uint32_t *cnt, uint32_t *base)
 {
+	uint32_t x;
+
 	if (!Wt) {
 		*W = (const char *)W0, *cnt = fixed_n, *base = 0;
-	} else {
-		*cnt = count[blockIdx.y];
-		*base = off[blockIdx.y];
-		*W = (const char *)Wt[blockIdx.y];
+		return fixed_n != 0;
 	}
+	if (blockIdx.y >= act[n_experts])
+		return false;
+	x = act[blockIdx.y];
+	*cnt = count[x];
+	*base = off[x];
+	*W = (const char *)Wt[x];
 	return *cnt != 0;
 }
 
 template <int DT>
 __global__ void __launch_bounds__(WARPS * 32)
 	gate_up_small(const void *const *Wt, const void *W0, const uint32_t *count,
-		      const uint32_t *off, uint32_t fixed_n, const void *xs, uint32_t H,
-		      uint32_t I, void *h)
+		      const uint32_t *off, const uint32_t *act, uint32_t n_experts, uint32_t fixed_n,
+		      const void *xs, uint32_t H, uint32_t I, void *h)
 {
 	typedef vec16<DT> V;
 	const size_t es = DT == MOE_DT_F32_ ? 4 : 2;
@@ -111,7 +120,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 	const char *W;
 	uint32_t cnt, base;
 
-	if (!block_expert(Wt, W0, count, off, fixed_n, &W, &cnt, &base) || row0 >= I)
+	if (!block_expert(Wt, W0, count, off, act, n_experts, fixed_n, &W, &cnt, &base) ||
+	    row0 >= I)
 		return;
 	for (uint32_t t0 = 0; t0 < cnt; t0 += MAXT) {
 		const uint32_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
@@ -169,7 +179,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 template <int DT>
 __global__ void __launch_bounds__(WARPS * 32)
 	down_small(const void *const *Wt, const void *W0, const uint32_t *count, const uint32_t *off,
-		   uint32_t fixed_n, const void *h, uint32_t H, uint32_t I, float *y)
+		   const uint32_t *act, uint32_t n_experts, uint32_t fixed_n, const void *h,
+		   uint32_t H, uint32_t I, float *y)
 {
 	typedef vec16<DT> V;
 	const size_t es = DT == MOE_DT_F32_ ? 4 : 2;
@@ -178,7 +189,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 	const char *W;
 	uint32_t cnt, base;
 
-	if (!block_expert(Wt, W0, count, off, fixed_n, &W, &cnt, &base) || row0 >= H)
+	if (!block_expert(Wt, W0, count, off, act, n_experts, fixed_n, &W, &cnt, &base) ||
+	    row0 >= H)
 		return;
 	W += (size_t)2 * I * H * es; /* W_down follows W_gate and W_up */
 	for (uint32_t t0 = 0; t0 < cnt; t0 += MAXT) {
@@ -239,11 +251,13 @@ extern "C" int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I)
 
 extern "C" int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt,
 				      const void *W0, const uint32_t *count, const uint32_t *off,
-				      uint32_t n_experts, uint32_t fixed_n, const void *xs,
-				      uint32_t H, uint32_t I, void *h, float *y)
+				      const uint32_t *act, uint32_t n_experts, uint32_t max_active,
+				      uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I,
+				      void *h, float *y)
 {
-	dim3 g1((I + WARPS * RPW_GU - 1) / (WARPS * RPW_GU), Wt ? n_experts : 1);
-	dim3 g2((H + WARPS * RPW_D - 1) / (WARPS * RPW_D), Wt ? n_experts : 1);
+	uint32_t ny = !Wt ? 1 : max_active < n_experts ? max_active : n_experts;
+	dim3 g1((I + WARPS * RPW_GU - 1) / (WARPS * RPW_GU), ny ? ny : 1);
+	dim3 g2((H + WARPS * RPW_D - 1) / (WARPS * RPW_D), ny ? ny : 1);
 	cudaError_t e;
 
 	if (!moe_cuda_small_ok(mdt, H, I) || g1.y > 65535)
@@ -252,32 +266,32 @@ extern "C" int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *co
 		return 0;
 	switch (mdt) {
 	case MOE_DT_BF16_:
-		gate_up_small<MOE_DT_BF16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n,
-								      xs, H, I, h);
+		gate_up_small<MOE_DT_BF16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								      n_experts, fixed_n, xs, H, I, h);
 		break;
 	case MOE_DT_F16_:
-		gate_up_small<MOE_DT_F16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n,
-								     xs, H, I, h);
+		gate_up_small<MOE_DT_F16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								     n_experts, fixed_n, xs, H, I, h);
 		break;
 	default:
-		gate_up_small<MOE_DT_F32_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n,
-								     xs, H, I, h);
+		gate_up_small<MOE_DT_F32_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								     n_experts, fixed_n, xs, H, I, h);
 	}
 	e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return (int)e;
 	switch (mdt) {
 	case MOE_DT_BF16_:
-		down_small<MOE_DT_BF16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n, h,
-								   H, I, y);
+		down_small<MOE_DT_BF16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								   n_experts, fixed_n, h, H, I, y);
 		break;
 	case MOE_DT_F16_:
-		down_small<MOE_DT_F16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n, h, H,
-								  I, y);
+		down_small<MOE_DT_F16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								  n_experts, fixed_n, h, H, I, y);
 		break;
 	default:
-		down_small<MOE_DT_F32_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, fixed_n, h, H,
-								  I, y);
+		down_small<MOE_DT_F32_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
+								  n_experts, fixed_n, h, H, I, y);
 	}
 	return (int)cudaGetLastError();
 }

@@ -70,30 +70,34 @@ int moe_cuda_route(moe_cuda_stream s, const struct moe_cuda_route_params *p, con
  * order inside an expert (the CPU engine's order):
  *   count[x]   rows routed to expert x       off[x] first row of expert x
  *   pos[t*K+k] row of pair (t, k)            src[row] its token
+ *   act[i]     the i-th expert with rows     act[E] how many have rows
  * then xs[row] = x[src[row]] (elem bytes per value). */
 int moe_cuda_permute(moe_cuda_stream s, const uint32_t *ids, uint32_t n, uint32_t K, uint32_t E,
-		     uint32_t *count, uint32_t *off, uint32_t *pos, uint32_t *src);
+		     uint32_t *count, uint32_t *off, uint32_t *pos, uint32_t *src, uint32_t *act);
 int moe_cuda_gather(moe_cuda_stream s, const void *x, const uint32_t *src, uint32_t rows,
 		    size_t row_bytes, void *xs);
 
-/* h[r, i] = silu(gu[r, i]) * gu[r, I + i] for r < rows, i < I; h in dtype mdt. */
-int moe_cuda_swiglu(moe_cuda_stream s, const float *gu, uint32_t rows, uint32_t I, int mdt,
-		    void *h);
+/* h[r, i] = silu(gu[r, i]) * gu[r, I + i] for r < rows, i < I; gu in dtype
+ * gdt (fp32, or the model dtype after grouped cuBLAS GEMMs), h in mdt. */
+int moe_cuda_swiglu(moe_cuda_stream s, const void *gu, int gdt, uint32_t rows, uint32_t I,
+		    int mdt, void *h);
 
 /* Small batches (kernels/cuda/experts_small.cu): both expert GEMMs with
  * SwiGLU fused, reading count/off on the device (no host sync). Wt: device
  * array [n_experts] of slot pointers (gate over up, then down); or Wt NULL
  * and W0 one slot over fixed_n rows from row 0 (the shared expert).
+ * act: from moe_cuda_permute (the experts with rows); max_active bounds
+ * act[E] (min(E, n*K)): blocks go to active experts only.
  * h: [rows, I] model dtype scratch, y: [rows, H] fp32. */
 int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I);
 int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt, const void *W0,
-			   const uint32_t *count, const uint32_t *off, uint32_t n_experts,
-			   uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I, void *h,
-			   float *y);
+			   const uint32_t *count, const uint32_t *off, const uint32_t *act,
+			   uint32_t n_experts, uint32_t max_active, uint32_t fixed_n,
+			   const void *xs, uint32_t H, uint32_t I, void *h, float *y);
 
 /* out rows in each segment's dtype into raw (same layout as convert_in).
  * shy/gsc: shared expert output [n, H] and its gate [n] (NULL: none/1). */
-int moe_cuda_combine(moe_cuda_stream s, const float *ys, const uint32_t *pos, const float *w,
+int moe_cuda_combine(moe_cuda_stream s, const void *ys, int ydt, const uint32_t *pos, const float *w,
 		     uint32_t n, uint32_t K, uint32_t H, const float *shy, const float *gsc,
 		     const struct moe_cuda_seg *segs, uint32_t n_segs, void *raw);
 

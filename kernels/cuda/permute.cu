@@ -28,7 +28,8 @@ __global__ void count_kernel(const uint32_t *ids, uint32_t nk, uint32_t *count)
 }
 
 __global__ void scatter_kernel(const uint32_t *ids, uint32_t nk, uint32_t K, uint32_t E,
-			       const uint32_t *count, uint32_t *off, uint32_t *pos, uint32_t *src)
+			       const uint32_t *count, uint32_t *off, uint32_t *pos, uint32_t *src,
+			       uint32_t *act)
 {
 	typedef cub::BlockReduce<uint32_t, PB> reduce_t;
 	typedef cub::BlockScan<uint32_t, PB> scan_t;
@@ -38,16 +39,25 @@ __global__ void scatter_kernel(const uint32_t *ids, uint32_t nk, uint32_t K, uin
 	} tmp;
 	__shared__ uint32_t first;
 	const uint32_t x = blockIdx.x;
-	uint32_t part = 0, run;
+	uint32_t part = 0, busy = 0, run;
 
-	for (uint32_t y = threadIdx.x; y < x; y += PB)
+	for (uint32_t y = threadIdx.x; y < x; y += PB) {
 		part += count[y];
+		busy += count[y] != 0;
+	}
 	part = reduce_t(tmp.r).Sum(part);
+	__syncthreads(); /* tmp is reused */
+	busy = reduce_t(tmp.r).Sum(busy);
 	if (threadIdx.x == 0) {
 		first = part;
 		off[x] = part;
-		if (x == E - 1)
+		/* the experts with rows, in order: the small kernels' blocks */
+		if (count[x])
+			act[busy] = x;
+		if (x == E - 1) {
 			off[E] = part + count[x];
+			act[E] = busy + (count[x] != 0);
+		}
 	}
 	__syncthreads();
 	run = first;
@@ -66,7 +76,7 @@ __global__ void scatter_kernel(const uint32_t *ids, uint32_t nk, uint32_t K, uin
 
 extern "C" int moe_cuda_permute(moe_cuda_stream s, const uint32_t *ids, uint32_t n, uint32_t K,
 				uint32_t E, uint32_t *count, uint32_t *off, uint32_t *pos,
-				uint32_t *src)
+				uint32_t *src, uint32_t *act)
 {
 	cudaError_t e;
 
@@ -76,7 +86,7 @@ extern "C" int moe_cuda_permute(moe_cuda_stream s, const uint32_t *ids, uint32_t
 	e = cudaGetLastError();
 	if (e != cudaSuccess)
 		return (int)e;
-	scatter_kernel<<<E, PB, 0, s>>>(ids, n * K, K, E, count, off, pos, src);
+	scatter_kernel<<<E, PB, 0, s>>>(ids, n * K, K, E, count, off, pos, src, act);
 	return (int)cudaGetLastError();
 }
 

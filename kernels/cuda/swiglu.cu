@@ -6,20 +6,19 @@
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_cuda.h"
 
-__global__ void swiglu_kernel(const float *gu, uint32_t I, int mdt, void *h)
+__global__ void swiglu_kernel(const void *gu, int gdt, uint32_t I, int mdt, void *h)
 {
-	const size_t r = blockIdx.y;
-	const float *g = gu + r * 2 * I, *u = g + I;
+	const size_t r = blockIdx.y, g0 = r * 2 * I;
 
 	for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < I; i += gridDim.x * blockDim.x) {
-		float a = g[i];
+		float a = moe_ld(gu, g0 + i, gdt), u = moe_ld(gu, g0 + I + i, gdt);
 
-		moe_st(h, r * I + i, mdt, a / (1.0f + expf(-a)) * u[i]);
+		moe_st(h, r * I + i, mdt, a / (1.0f + expf(-a)) * u);
 	}
 }
 
-extern "C" int moe_cuda_swiglu(moe_cuda_stream s, const float *gu, uint32_t rows, uint32_t I,
-			       int mdt, void *h)
+extern "C" int moe_cuda_swiglu(moe_cuda_stream s, const void *gu, int gdt, uint32_t rows,
+			       uint32_t I, int mdt, void *h)
 {
 	uint32_t bx = (I + 255) / 256;
 
@@ -34,14 +33,14 @@ extern "C" int moe_cuda_swiglu(moe_cuda_stream s, const float *gu, uint32_t rows
 			cudaError_t e;
 
 			swiglu_kernel<<<dim3(bx, nr), 256, 0, s>>>(
-				gu + (size_t)r0 * 2 * I, I, mdt,
-				(char *)h + (size_t)r0 * I * moe_dt_bytes(mdt));
+				(const char *)gu + (size_t)r0 * 2 * I * moe_dt_bytes(gdt), gdt, I,
+				mdt, (char *)h + (size_t)r0 * I * moe_dt_bytes(mdt));
 			e = cudaGetLastError();
 			if (e != cudaSuccess)
 				return (int)e;
 		}
 		return 0;
 	}
-	swiglu_kernel<<<dim3(bx, rows), 256, 0, s>>>(gu, I, mdt, h);
+	swiglu_kernel<<<dim3(bx, rows), 256, 0, s>>>(gu, gdt, I, mdt, h);
 	return (int)cudaGetLastError();
 }
