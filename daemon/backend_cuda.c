@@ -590,7 +590,8 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 	KL(moe_cuda_route(c->st, &rp, c->logits, cl->bias, n, c->ids, c->w, c->gsc));
 	KL(moe_cuda_permute(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src, c->act));
 	KL(moe_cuda_gather(c->st, c->x, c->src, n * K, H * ds, c->xs));
-	CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
+	if (!small) /* the GEMM sizes, before the sync below */
+		CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
 	if (c->fault_at && c->calls == c->fault_at) {
 		moe_log(LOG_WARNING, "MOED_TEST_CUDA_FAULT: injecting an illegal access on GPU %d",
 			c->dev);
@@ -681,6 +682,8 @@ shared:
 	KL(moe_cuda_combine(c->st, c->ys, c->gemm == GEMM_GROUPED && !small ? mdt : MOE_DT_F32,
 			    c->pos, c->w, n, K, H, ls->shared.mem ? c->shy : NULL,
 			    ls->shared_gate ? c->gsc : NULL, c->segs_d, f->n_segs, c->out_raw));
+	if (small) /* statistics only: at the end, off the critical path */
+		CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
 	for (uint32_t i = 0; i < f->n_segs; i++) {
 		const struct moe_seg *sg = &f->segs[i];
 
