@@ -603,7 +603,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		CK(cudaMemcpyAsync(c->wptr_d, c->wptr_h, E * sizeof(void *),
 				   cudaMemcpyHostToDevice, c->st));
 		KL(moe_cuda_experts_small(c->st, mdt, c->wptr_d, NULL, c->count, c->off, c->act, E,
-					  n * K, 0, c->xs, H, m->inter, c->h, c->ys));
+					  n * K, n, 0, c->xs, H, m->inter, c->h, c->ys));
 		goto shared;
 	}
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
@@ -670,7 +670,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 shared:
 	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
 		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, NULL, 1, 1,
-					  n, c->x, H, ls->shared.inter, c->shh, c->shy));
+					  n, n, c->x, H, ls->shared.inter, c->shh, c->shy));
 	} else if (ls->shared.mem) {
 		uint32_t Is = ls->shared.inter;
 

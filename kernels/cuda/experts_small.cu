@@ -23,7 +23,9 @@
 #include "kernels/cuda/moe_cuda.h"
 
 #define WARPS 4
-#define MAXT  16
+#define MAXT  16 /* tokens per pass at most; fewer when the batch is smaller
+		  * (MT: 1, 4 or 16), so decode kernels hold fewer registers
+		  * and keep more loads in flight */
 #define RPW_GU 2 /* gate/up row pairs per warp */
 #define RPW_D  4 /* down rows per warp */
 
@@ -107,7 +109,7 @@ static __device__ __forceinline__ bool block_expert(const void *const *Wt, const
 	return *cnt != 0;
 }
 
-template <int DT>
+template <int DT, int MT>
 __global__ void __launch_bounds__(WARPS * 32)
 	gate_up_small(const void *const *Wt, const void *W0, const uint32_t *count,
 		      const uint32_t *off, const uint32_t *act, uint32_t n_experts, uint32_t fixed_n,
@@ -123,14 +125,14 @@ __global__ void __launch_bounds__(WARPS * 32)
 	if (!block_expert(Wt, W0, count, off, act, n_experts, fixed_n, &W, &cnt, &base) ||
 	    row0 >= I)
 		return;
-	for (uint32_t t0 = 0; t0 < cnt; t0 += MAXT) {
-		const uint32_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
-		float ag[RPW_GU][MAXT], au[RPW_GU][MAXT];
+	for (uint32_t t0 = 0; t0 < cnt; t0 += MT) {
+		const uint32_t nt = cnt - t0 < MT ? cnt - t0 : MT;
+		float ag[RPW_GU][MT], au[RPW_GU][MT];
 
 #pragma unroll
 		for (int r = 0; r < RPW_GU; r++)
 #pragma unroll
-			for (int j = 0; j < MAXT; j++)
+			for (int j = 0; j < MT; j++)
 				ag[r][j] = au[r][j] = 0.0f;
 		for (uint32_t v = lane; v < nv; v += 32) {
 			float g[RPW_GU][V::N], u[RPW_GU][V::N];
@@ -143,7 +145,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 				V::load(W + ((size_t)(I + row) * H + (size_t)v * V::N) * es, u[r]);
 			}
 #pragma unroll
-			for (int j = 0; j < MAXT; j++) {
+			for (int j = 0; j < MT; j++) {
 				float xv[V::N];
 
 				if (j >= (int)nt)
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 			}
 		}
 #pragma unroll
-		for (int j = 0; j < MAXT; j++) {
+		for (int j = 0; j < MT; j++) {
 			if (j >= (int)nt)
 				break;
 #pragma unroll
@@ -176,7 +178,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 	}
 }
 
-template <int DT>
+template <int DT, int MT>
 __global__ void __launch_bounds__(WARPS * 32)
 	down_small(const void *const *Wt, const void *W0, const uint32_t *count, const uint32_t *off,
 		   const uint32_t *act, uint32_t n_experts, uint32_t fixed_n, const void *h,
@@ -193,14 +195,14 @@ __global__ void __launch_bounds__(WARPS * 32)
 	    row0 >= H)
 		return;
 	W += (size_t)2 * I * H * es; /* W_down follows W_gate and W_up */
-	for (uint32_t t0 = 0; t0 < cnt; t0 += MAXT) {
-		const uint32_t nt = cnt - t0 < MAXT ? cnt - t0 : MAXT;
-		float acc[RPW_D][MAXT];
+	for (uint32_t t0 = 0; t0 < cnt; t0 += MT) {
+		const uint32_t nt = cnt - t0 < MT ? cnt - t0 : MT;
+		float acc[RPW_D][MT];
 
 #pragma unroll
 		for (int r = 0; r < RPW_D; r++)
 #pragma unroll
-			for (int j = 0; j < MAXT; j++)
+			for (int j = 0; j < MT; j++)
 				acc[r][j] = 0.0f;
 		for (uint32_t v = lane; v < nv; v += 32) {
 			float w[RPW_D][V::N];
@@ -212,7 +214,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 				V::load(W + ((size_t)row * I + (size_t)v * V::N) * es, w[r]);
 			}
 #pragma unroll
-			for (int j = 0; j < MAXT; j++) {
+			for (int j = 0; j < MT; j++) {
 				float hv[V::N];
 
 				if (j >= (int)nt)
@@ -228,7 +230,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 			}
 		}
 #pragma unroll
-		for (int j = 0; j < MAXT; j++) {
+		for (int j = 0; j < MT; j++) {
 			if (j >= (int)nt)
 				break;
 #pragma unroll
@@ -249,49 +251,58 @@ extern "C" int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I)
 	return H % n == 0 && I % n == 0 && H >= n && I >= n;
 }
 
+template <int MT>
+static void launch_small(moe_cuda_stream s, int mdt, dim3 g1, dim3 g2, const void *const *Wt,
+			 const void *W0, const uint32_t *count, const uint32_t *off,
+			 const uint32_t *act, uint32_t n_experts, uint32_t fixed_n, const void *xs,
+			 uint32_t H, uint32_t I, void *h, float *y)
+{
+	/* a launch error stays pending for the cudaGetLastError() after both */
+	switch (mdt) {
+	case MOE_DT_BF16_:
+		gate_up_small<MOE_DT_BF16_, MT><<<g1, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+		down_small<MOE_DT_BF16_, MT><<<g2, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
+		break;
+	case MOE_DT_F16_:
+		gate_up_small<MOE_DT_F16_, MT><<<g1, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+		down_small<MOE_DT_F16_, MT><<<g2, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
+		break;
+	default:
+		gate_up_small<MOE_DT_F32_, MT><<<g1, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+		down_small<MOE_DT_F32_, MT><<<g2, WARPS * 32, 0, s>>>(
+			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
+	}
+}
+
 extern "C" int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt,
 				      const void *W0, const uint32_t *count, const uint32_t *off,
 				      const uint32_t *act, uint32_t n_experts, uint32_t max_active,
-				      uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I,
-				      void *h, float *y)
+				      uint32_t max_tokens, uint32_t fixed_n, const void *xs,
+				      uint32_t H, uint32_t I, void *h, float *y)
 {
 	uint32_t ny = !Wt ? 1 : max_active < n_experts ? max_active : n_experts;
 	dim3 g1((I + WARPS * RPW_GU - 1) / (WARPS * RPW_GU), ny ? ny : 1);
 	dim3 g2((H + WARPS * RPW_D - 1) / (WARPS * RPW_D), ny ? ny : 1);
-	cudaError_t e;
+	const uint32_t maxt = Wt ? max_tokens : fixed_n;
 
 	if (!moe_cuda_small_ok(mdt, H, I) || g1.y > 65535)
 		return (int)cudaErrorInvalidValue;
 	if (!Wt && !fixed_n)
 		return 0;
-	switch (mdt) {
-	case MOE_DT_BF16_:
-		gate_up_small<MOE_DT_BF16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								      n_experts, fixed_n, xs, H, I, h);
-		break;
-	case MOE_DT_F16_:
-		gate_up_small<MOE_DT_F16_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								     n_experts, fixed_n, xs, H, I, h);
-		break;
-	default:
-		gate_up_small<MOE_DT_F32_><<<g1, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								     n_experts, fixed_n, xs, H, I, h);
-	}
-	e = cudaGetLastError();
-	if (e != cudaSuccess)
-		return (int)e;
-	switch (mdt) {
-	case MOE_DT_BF16_:
-		down_small<MOE_DT_BF16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								   n_experts, fixed_n, h, H, I, y);
-		break;
-	case MOE_DT_F16_:
-		down_small<MOE_DT_F16_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								  n_experts, fixed_n, h, H, I, y);
-		break;
-	default:
-		down_small<MOE_DT_F32_><<<g2, WARPS * 32, 0, s>>>(Wt, W0, count, off, act,
-								  n_experts, fixed_n, h, H, I, y);
-	}
+	/* no expert gets more rows than the batch has tokens */
+	if (maxt <= 1)
+		launch_small<1>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs, H,
+				I, h, y);
+	else if (maxt <= 4)
+		launch_small<4>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs, H,
+				I, h, y);
+	else
+		launch_small<MAXT>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs,
+				   H, I, h, y);
 	return (int)cudaGetLastError();
 }

@@ -87,13 +87,15 @@ int moe_cuda_swiglu(moe_cuda_stream s, const void *gu, int gdt, uint32_t rows, u
  * array [n_experts] of slot pointers (gate over up, then down); or Wt NULL
  * and W0 one slot over fixed_n rows from row 0 (the shared expert).
  * act: from moe_cuda_permute (the experts with rows); max_active bounds
- * act[E] (min(E, n*K)): blocks go to active experts only.
+ * act[E] (min(E, n*K)): blocks go to active experts only. max_tokens (the
+ * batch's n) bounds any expert's rows: it picks the tokens per pass.
  * h: [rows, I] model dtype scratch, y: [rows, H] fp32. */
 int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I);
 int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt, const void *W0,
 			   const uint32_t *count, const uint32_t *off, const uint32_t *act,
-			   uint32_t n_experts, uint32_t max_active, uint32_t fixed_n,
-			   const void *xs, uint32_t H, uint32_t I, void *h, float *y);
+			   uint32_t n_experts, uint32_t max_active, uint32_t max_tokens,
+			   uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I, void *h,
+			   float *y);
 
 /* out rows in each segment's dtype into raw (same layout as convert_in).
  * shy/gsc: shared expert output [n, H] and its gate [n] (NULL: none/1). */
