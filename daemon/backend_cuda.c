@@ -86,8 +86,7 @@ struct cuda_rank {
 	float *logits, *w, *gsc, *gu, *ys, *shgu, *shy;
 	uint32_t *ids, *count, *off, *pos, *src, *act;
 	struct moe_cuda_seg *segs_d;
-	const void **wptr_d; /* [6E]: slots for the small kernels; A|B|C arrays of
-			      * both grouped GEMMs */
+	const void **wptr_d; /* [6E]: the A|B|C pointer arrays of both grouped GEMMs */
 	/* pinned host */
 	struct moe_cuda_seg *segs_h;
 	const void **wptr_h; /* [6E] */
@@ -100,6 +99,10 @@ struct cuda_rank {
 struct cuda_layer {
 	void *router; /* [E (+1 shared gate row), H] model dtype */
 	float *bias;  /* [E] or NULL */
+	/* The slot of each expert as the small kernels read it, uploaded
+	 * again only when the placement gives this layer other slots. */
+	const void **slots_d; /* [E] device */
+	const void **slots_h; /* [E] what slots_d holds; NULL entries: unset */
 };
 
 static cudaDataType_t cuda_type(enum moe_dtype dt)
@@ -390,7 +393,9 @@ static int cuda_layer_init(struct moe_rank *r, const struct moe_model *m,
 	moe_cpu_from_f32(m->dtype, ls->router, host, E * H);
 	if (ls->shared_gate)
 		moe_cpu_from_f32(m->dtype, ls->shared_gate, host + E * H * ds, H);
-	if (dalloc(c, &cl->router, rows * H * ds, "a router", err) ||
+	cl->slots_h = calloc(E, sizeof(*cl->slots_h));
+	if (!cl->slots_h || dalloc(c, &cl->router, rows * H * ds, "a router", err) ||
+	    dalloc(c, &cl->slots_d, E * sizeof(void *), "a slot table", err) ||
 	    (ls->bias && dalloc(c, &cl->bias, E * 4, "a router bias", err))) {
 		moe_log(LOG_ERR, "%s", err);
 		goto out;
@@ -411,6 +416,8 @@ out:
 	if (cl) {
 		cudaFree(cl->router);
 		cudaFree(cl->bias);
+		cudaFree(cl->slots_d);
+		free(cl->slots_h);
 		free(cl);
 	}
 	free(host);
@@ -426,6 +433,8 @@ static void cuda_layer_fini(struct moe_rank *r, struct moe_layer_state *ls)
 		return;
 	cudaFree(cl->router);
 	cudaFree(cl->bias);
+	cudaFree(cl->slots_d);
+	free(cl->slots_h);
 	free(cl);
 	ls->router_dev = NULL;
 }
@@ -598,12 +607,20 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		KL(moe_cuda_inject_fault(c->st));
 	}
 	if (small) {
+		bool same = true;
+
 		for (uint32_t x = 0; x < E; x++)
-			c->wptr_h[x] = f->expert_slot[x]->mem;
-		CK(cudaMemcpyAsync(c->wptr_d, c->wptr_h, E * sizeof(void *),
-				   cudaMemcpyHostToDevice, c->st));
-		KL(moe_cuda_experts_small(c->st, mdt, c->wptr_d, NULL, c->count, c->off, c->act, E,
-					  n * K, n, 0, c->xs, H, m->inter, c->h, c->ys));
+			same &= cl->slots_h[x] == f->expert_slot[x]->mem;
+		if (!same) { /* rare: the first batch, or a new placement */
+			for (uint32_t x = 0; x < E; x++)
+				c->wptr_h[x] = f->expert_slot[x]->mem;
+			CK(cudaMemcpyAsync((void *)cl->slots_d, c->wptr_h, E * sizeof(void *),
+					   cudaMemcpyHostToDevice, c->st));
+			for (uint32_t x = 0; x < E; x++)
+				cl->slots_h[x] = f->expert_slot[x]->mem;
+		}
+		KL(moe_cuda_experts_small(c->st, mdt, cl->slots_d, NULL, c->count, c->off, c->act,
+					  E, n * K, n, 0, c->xs, H, m->inter, c->h, c->ys));
 		goto shared;
 	}
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
