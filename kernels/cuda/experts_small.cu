@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 		      const void *xs, uint32_t H, uint32_t I, void *h)
 {
 	typedef vec16<DT> V;
+	constexpr int UNROLL = MT <= 4 && DT != MOE_DT_F32_ ? 2 : 1;
 	const size_t es = DT == MOE_DT_F32_ ? 4 : 2;
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = H / V::N;
 	const uint32_t row0 = (blockIdx.x * WARPS + warp) * RPW_GU;
@@ -134,6 +135,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
 			for (int j = 0; j < MT; j++)
 				ag[r][j] = au[r][j] = 0.0f;
+		/* two steps' weight loads in flight where registers allow */
+#pragma unroll(UNROLL)
 		for (uint32_t v = lane; v < nv; v += 32) {
 			float g[RPW_GU][V::N], u[RPW_GU][V::N];
 
@@ -185,6 +188,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 		   uint32_t H, uint32_t I, float *y)
 {
 	typedef vec16<DT> V;
+	constexpr int UNROLL = MT <= 4 && DT != MOE_DT_F32_ ? 2 : 1;
 	const size_t es = DT == MOE_DT_F32_ ? 4 : 2;
 	const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, nv = I / V::N;
 	const uint32_t row0 = (blockIdx.x * WARPS + warp) * RPW_D;
@@ -204,6 +208,8 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
 			for (int j = 0; j < MT; j++)
 				acc[r][j] = 0.0f;
+		/* two steps' weight loads in flight where registers allow */
+#pragma unroll(UNROLL)
 		for (uint32_t v = lane; v < nv; v += 32) {
 			float w[RPW_D][V::N];
 
