@@ -179,18 +179,16 @@ static int halloc(struct cuda_rank *c, void *pp, size_t bytes, char *err)
 static void cuda_rank_fini(struct moe_rank *r)
 {
 	struct cuda_rank *c = r->priv;
-	void *dev[] = {c ? c->blas_ws : NULL, c ? c->in_raw : NULL, c ? c->out_raw : NULL,
-		       c ? c->x : NULL, c ? c->xs : NULL, c ? c->h : NULL, c ? c->shh : NULL,
-		       c ? c->logits : NULL, c ? c->w : NULL, c ? c->gsc : NULL,
-		       c ? c->gu : NULL, c ? c->ys : NULL, c ? c->shgu : NULL,
-		       c ? c->shy : NULL, c ? c->ids : NULL, c ? c->count : NULL,
-		       c ? c->off : NULL, c ? c->pos : NULL, c ? c->src : NULL,
-		       c ? c->segs_d : NULL, c ? (void *)c->wptr_d : NULL, c ? c->act : NULL};
-	void *host[] = {c ? c->segs_h : NULL, c ? c->count_h : NULL, c ? c->ids_h : NULL,
-			c ? c->w_h : NULL, c ? c->stage : NULL, c ? (void *)c->wptr_h : NULL};
 
 	if (!c)
 		return;
+	void *dev[] = {c->blas_ws, c->in_raw,  c->out_raw, c->x,      c->xs,
+		       c->h,	   c->shh,     c->logits,  c->w,      c->gsc,
+		       c->gu,	   c->ys,      c->shgu,	   c->shy,    c->ids,
+		       c->count,   c->off,     c->pos,	   c->src,    c->segs_d,
+		       (void *)c->wptr_d, c->act};
+	void *host[] = {c->segs_h, c->count_h, c->ids_h, c->w_h, c->stage, (void *)c->wptr_h};
+
 	cudaSetDevice(c->dev);
 	/* A lost context refuses most calls: what cannot be freed goes with
 	 * the process, which exits right after. */

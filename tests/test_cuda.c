@@ -35,6 +35,7 @@
 #include "daemon/engine.h"
 #include "daemon/model.h"
 #include "formats/safetensors.h"
+#include "kernels/cpu/convert.h"
 #include "tools/synth.h"
 #ifdef MOE_HAVE_CUDA
 #include "kernels/cuda/device.h"
@@ -96,18 +97,6 @@ static int cmp_u32(const void *a, const void *b)
 	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
 
 	return x < y ? -1 : x > y;
-}
-
-static void to_dtype(enum moe_dtype dt, const float *src, void *dst, size_t n)
-{
-	for (size_t i = 0; i < n; i++) {
-		if (dt == MOE_DT_F32)
-			((float *)dst)[i] = src[i];
-		else if (dt == MOE_DT_BF16)
-			((uint16_t *)dst)[i] = moe_f32_to_bf16(src[i]);
-		else
-			((uint16_t *)dst)[i] = moe_f32_to_f16(src[i]);
-	}
 }
 
 /* ---- the transformers fixtures on the GPU ------------------------------ */
@@ -180,7 +169,7 @@ static void fixtures_in(const char *mode)
 			w = malloc(nid * sizeof(float));
 			for (size_t i = 0; i < ni; i++)
 				in32[i] = (float)in[i];
-			to_dtype(m->dtype, in32, in_m, ni);
+			moe_cpu_from_f32(m->dtype, in32, in_m, ni);
 			fwd_ok(e, L, m->dtype, in_m, out_m, n, ids, w);
 			for (uint32_t t = 0; t < n; t++) {
 				uint32_t sorted[MOE_MAX_TOPK];
@@ -313,7 +302,7 @@ static void segments_on(const char *dir)
 		for (size_t j = 0; j < cnt; j++)
 			v[j] = (float)moe_rng_normal(&r);
 		in[i] = malloc(cnt * sz), out[i] = malloc(cnt * sz), ref[i] = malloc(cnt * sz);
-		to_dtype(dts[i], v, in[i], cnt);
+		moe_cpu_from_f32(dts[i], v, in[i], cnt);
 		free(v);
 		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i]};
 		n += lens[i];
