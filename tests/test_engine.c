@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "daemon/engine.h"
+#include "kernels/cpu/convert.h"
 #include "kernels/cpu/isa.h"
 #include "daemon/model.h"
 #include "tests/testutil.h"
@@ -555,17 +556,13 @@ static void test_segments(void **state)
 	for (int i = 0; i < 4; i++) {
 		size_t cnt = (size_t)lens[i] * o.hidden, sz = moe_dtype_size(dts[i]);
 
-		in[i] = malloc(cnt * sz), out[i] = malloc(cnt * sz), ref[i] = malloc(cnt * sz);
-		for (size_t j = 0; j < cnt; j++) {
-			float v = (float)moe_rng_normal(&r);
+		float *v = malloc(cnt * sizeof(float));
 
-			if (dts[i] == MOE_DT_F32)
-				((float *)in[i])[j] = v;
-			else if (dts[i] == MOE_DT_BF16)
-				((uint16_t *)in[i])[j] = moe_f32_to_bf16(v);
-			else
-				((uint16_t *)in[i])[j] = moe_f32_to_f16(v);
-		}
+		in[i] = malloc(cnt * sz), out[i] = malloc(cnt * sz), ref[i] = malloc(cnt * sz);
+		for (size_t j = 0; j < cnt; j++)
+			v[j] = (float)moe_rng_normal(&r);
+		moe_cpu_from_f32(dts[i], v, in[i], cnt);
+		free(v);
 		memset(out[i], 0xa5, cnt * sz);
 		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i]};
 		n += lens[i];
