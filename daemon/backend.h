@@ -75,7 +75,11 @@ struct moe_fwd {
 	uint32_t *topk_ids;	/* optional [n, K] */
 	float *topk_weights;	/* optional [n, K] */
 	uint32_t *expert_count; /* out [E]: rows routed to each expert */
-	float device_ms;	/* out: device time of the batch (< 0: not measured) */
+	float device_ms;	/* out: device time of the batch, copies from and to the
+				 * host included (< 0: not measured) */
+	float kernel_ms;	/* out: device time of the layer's kernels alone, input
+				 * on the device to output on the device (< 0: not
+				 * measured) */
 };
 
 struct moe_rank {

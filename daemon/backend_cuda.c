@@ -55,6 +55,8 @@
 				   * average (most experts then fit one 16-token pass) */
 #define SMALL_SHARED  16	  /* ... and for the shared expert up to one pass of tokens */
 
+#define GRAPH_MAX     64	  /* batches of up to this many tokens run from a graph */
+
 enum gemm_mode { GEMM_AUTO, GEMM_CUBLAS, GEMM_SMALL, GEMM_GROUPED };
 
 /* Host-side arguments of cublasGemmGroupedBatchedEx: one group per expert
@@ -69,8 +71,9 @@ struct cuda_rank {
 	int dev;
 	cudaStream_t st;
 	cublasHandle_t blas;
-	cudaEvent_t ev0, ev1;
+	cudaEvent_t ev0, ev1, evk0, evk1; /* end to end; the layer's kernels */
 	uint32_t max_tokens;
+	bool graphs; /* small batches replayed from CUDA graphs (MOE_CUDA_GRAPHS) */
 	bool lost;
 	char lost_msg[256];
 	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
@@ -103,6 +106,12 @@ struct cuda_layer {
 	 * again only when the placement gives this layer other slots. */
 	const void **slots_d; /* [E] device */
 	const void **slots_h; /* [E] what slots_d holds; NULL entries: unset */
+	/* The small path of an n-token batch (n <= GRAPH_MAX) captured once
+	 * and replayed: every pointer it reads is fixed per rank and layer
+	 * (slots go through slots_d), except the shared expert's slot, so a
+	 * new shared slot means a new capture. */
+	cudaGraphExec_t graph[GRAPH_MAX + 1];
+	const void *graph_shared[GRAPH_MAX + 1];
 };
 
 static cudaDataType_t cuda_type(enum moe_dtype dt)
@@ -207,6 +216,10 @@ static void cuda_rank_fini(struct moe_rank *r)
 		cudaEventDestroy(c->ev0);
 	if (c->ev1)
 		cudaEventDestroy(c->ev1);
+	if (c->evk0)
+		cudaEventDestroy(c->evk0);
+	if (c->evk1)
+		cudaEventDestroy(c->evk1);
 	if (c->st)
 		cudaStreamDestroy(c->st);
 	cudaGetLastError();
@@ -315,6 +328,7 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 		 p.multiProcessorCount);
 	if (cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) != cudaSuccess ||
 	    cudaEventCreate(&c->ev0) != cudaSuccess || cudaEventCreate(&c->ev1) != cudaSuccess ||
+	    cudaEventCreate(&c->evk0) != cudaSuccess || cudaEventCreate(&c->evk1) != cudaSuccess ||
 	    cublasCreate(&c->blas) != CUBLAS_STATUS_SUCCESS) {
 		ret = moe_err(err, -ENODEV, "GPU %d: cannot create a stream, events or cuBLAS",
 			      c->dev);
@@ -364,7 +378,15 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 		if (g && c->gemm != GEMM_AUTO)
 			moe_log(LOG_NOTICE, "MOE_CUDA_GEMM=%s: expert GEMMs forced", g);
 	}
-	r->kernels = c->small_ok ? "cublas+small" : "cublas";
+	{
+		const char *g = getenv("MOE_CUDA_GRAPHS");
+
+		c->graphs = !g || strcmp(g, "0");
+		if (!c->graphs)
+			moe_log(LOG_NOTICE, "MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel");
+	}
+	r->kernels = c->small_ok ? (c->graphs ? "cublas+small (graphs)" : "cublas+small")
+				 : "cublas";
 	moe_log(LOG_INFO, "%s: %.1f MiB of workspaces for %u tokens", r->desc,
 		(double)c->dev_bytes / (1 << 20), max_tokens);
 	return 0;
@@ -429,6 +451,9 @@ static void cuda_layer_fini(struct moe_rank *r, struct moe_layer_state *ls)
 	(void)r;
 	if (!cl)
 		return;
+	for (int i = 0; i <= GRAPH_MAX; i++)
+		if (cl->graph[i])
+			cudaGraphExecDestroy(cl->graph[i]);
 	cudaFree(cl->router);
 	cudaFree(cl->bias);
 	cudaFree(cl->slots_d);
@@ -542,18 +567,13 @@ static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m)
 			return lose(c, #call, cublasGetStatusString(b_), err);                 \
 	} while (0)
 
-static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
-			const struct moe_layer_state *ls, struct moe_fwd *f, char *err)
+/* The routing parameters of a layer as the route kernel takes them. */
+static struct moe_cuda_route_params route_params(const struct moe_model *m,
+						 const struct moe_layer_state *ls)
 {
-	struct cuda_rank *c = r->priv;
-	const struct cuda_layer *cl = ls->router_dev;
-	const uint32_t n = f->n_tokens, H = m->hidden, K = m->top_k, E = m->n_experts;
-	const int mdt = (int)m->dtype;
-	const size_t ds = moe_dtype_size(m->dtype);
-	const cudaDataType_t t = cuda_type(m->dtype);
-	struct moe_cuda_route_params rp = {
-		.n_experts = E,
-		.top_k = K,
+	return (struct moe_cuda_route_params){
+		.n_experts = m->n_experts,
+		.top_k = m->top_k,
 		.score = (uint32_t)m->route.score,
 		.group = (uint32_t)m->route.group,
 		.n_group = m->route.n_group,
@@ -561,68 +581,122 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		.renormalize = m->route.renormalize,
 		.renorm_eps = m->route.renorm_eps,
 		.scale = m->route.scale,
-		.round_dt = m->router_fp32 ? -1 : mdt,
-		.ld = E + (ls->shared_gate ? 1 : 0),
+		.round_dt = m->router_fp32 ? -1 : (int)m->dtype,
+		.ld = m->n_experts + (ls->shared_gate ? 1 : 0),
 		.shared_gate = ls->shared_gate != NULL,
 	};
-	const bool small = c->gemm == GEMM_SMALL ||
-			   (c->gemm == GEMM_AUTO && c->small_ok &&
-			    (uint64_t)n * K <= (uint64_t)SMALL_ROWS * E);
-	uint64_t boff = 0;
-	uint32_t tok = 0, row = 0;
-	float ms = -1.0f;
+}
 
-	f->device_ms = -1.0f;
-	if (c->lost)
-		return moe_err(err, -ENOTRECOVERABLE, "%s", c->lost_msg);
-	if (n > c->max_tokens || f->n_segs > c->max_tokens)
-		return moe_err(err, -E2BIG, "%u tokens exceed the workspaces (%u)", n,
-			       c->max_tokens);
-	c->calls++;
-	CK(cudaSetDevice(c->dev));
-	CK(cudaEventRecord(c->ev0, c->st));
-	for (uint32_t i = 0; i < f->n_segs; i++) {
-		const struct moe_seg *sg = &f->segs[i];
-		size_t bytes = (size_t)sg->n_tokens * H * moe_dtype_size(sg->dtype);
+/* Input rows to routed, dispatched rows: convert, router GEMM, top-k,
+ * permute, gather. */
+static int front(struct cuda_rank *c, const struct moe_model *m, const struct moe_layer_state *ls,
+		 uint32_t n, uint32_t n_segs, char *err)
+{
+	const struct cuda_layer *cl = ls->router_dev;
+	const struct moe_cuda_route_params rp = route_params(m, ls);
+	const uint32_t H = m->hidden, K = m->top_k, E = m->n_experts;
 
-		c->segs_h[i] = (struct moe_cuda_seg){tok, (uint32_t)sg->dtype, boff};
-		CK(cudaMemcpyAsync(c->in_raw + boff, sg->in, bytes, cudaMemcpyHostToDevice, c->st));
-		boff += (bytes + 15) & ~(uint64_t)15;
-		tok += sg->n_tokens;
-	}
-	CK(cudaMemcpyAsync(c->segs_d, c->segs_h, f->n_segs * sizeof(*c->segs_h),
-			   cudaMemcpyHostToDevice, c->st));
-	KL(moe_cuda_convert_in(c->st, c->in_raw, c->segs_d, f->n_segs, n, H, mdt, c->x));
-	CB(gemm(c, t, rp.ld, n, H, cl->router, c->x, c->logits));
+	KL(moe_cuda_convert_in(c->st, c->in_raw, c->segs_d, n_segs, n, H, (int)m->dtype, c->x));
+	CB(gemm(c, cuda_type(m->dtype), rp.ld, n, H, cl->router, c->x, c->logits));
 	KL(moe_cuda_route(c->st, &rp, c->logits, cl->bias, n, c->ids, c->w, c->gsc));
 	KL(moe_cuda_permute(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src, c->act));
-	KL(moe_cuda_gather(c->st, c->x, c->src, n * K, H * ds, c->xs));
-	if (!small) /* the GEMM sizes, before the sync below */
-		CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
-	if (c->fault_at && c->calls == c->fault_at) {
-		moe_log(LOG_WARNING, "MOED_TEST_CUDA_FAULT: injecting an illegal access on GPU %d",
-			c->dev);
-		KL(moe_cuda_inject_fault(c->st));
-	}
-	if (small) {
-		bool same = true;
+	KL(moe_cuda_gather(c->st, c->x, c->src, n * K, H * moe_dtype_size(m->dtype), c->xs));
+	return 0;
+}
 
-		for (uint32_t x = 0; x < E; x++)
-			same &= cl->slots_h[x] == f->expert_slot[x]->mem;
-		if (!same) { /* rare: the first batch, or a new placement */
-			for (uint32_t x = 0; x < E; x++)
-				c->wptr_h[x] = f->expert_slot[x]->mem;
-			CK(cudaMemcpyAsync((void *)cl->slots_d, c->wptr_h, E * sizeof(void *),
-					   cudaMemcpyHostToDevice, c->st));
-			for (uint32_t x = 0; x < E; x++)
-				cl->slots_h[x] = f->expert_slot[x]->mem;
+/* The shared expert (if any) and the combine into the output rows. */
+static int back(struct cuda_rank *c, const struct moe_model *m, const struct moe_layer_state *ls,
+		uint32_t n, uint32_t n_segs, int ydt, char *err)
+{
+	const uint32_t H = m->hidden, K = m->top_k;
+	const int mdt = (int)m->dtype;
+	const size_t ds = moe_dtype_size(m->dtype);
+
+	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
+		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, NULL, 1, 1,
+					  n, n, c->x, H, ls->shared.inter, c->shh, c->shy));
+	} else if (ls->shared.mem) {
+		uint32_t Is = ls->shared.inter;
+		cudaDataType_t t = cuda_type(m->dtype);
+
+		CB(gemm(c, t, 2 * Is, n, H, ls->shared.mem, c->x, c->shgu));
+		KL(moe_cuda_swiglu(c->st, c->shgu, MOE_DT_F32, n, Is, mdt, c->shh));
+		CB(gemm(c, t, H, n, Is, (const char *)ls->shared.mem + 2 * (size_t)Is * H * ds,
+			c->shh, c->shy));
+	}
+	KL(moe_cuda_combine(c->st, c->ys, ydt, c->pos, c->w, n, K, H,
+			    ls->shared.mem ? c->shy : NULL, ls->shared_gate ? c->gsc : NULL,
+			    c->segs_d, n_segs, c->out_raw));
+	return 0;
+}
+
+/* A small batch's kernels, input rows to output rows, with no host sync:
+ * what a graph captures. */
+static int small_body(struct cuda_rank *c, const struct moe_model *m,
+		      const struct moe_layer_state *ls, uint32_t n, uint32_t n_segs, char *err)
+{
+	const struct cuda_layer *cl = ls->router_dev;
+	const uint32_t K = m->top_k, E = m->n_experts;
+	int ret = front(c, m, ls, n, n_segs, err);
+
+	if (ret)
+		return ret;
+	KL(moe_cuda_experts_small(c->st, (int)m->dtype, cl->slots_d, NULL, c->count, c->off,
+				  c->act, E, n * K, n, 0, c->xs, m->hidden, m->inter, c->h, c->ys));
+	return back(c, m, ls, n, n_segs, MOE_DT_F32, err);
+}
+
+/* small_body replayed from the layer's graph for n tokens, captured on
+ * first use. The segment table then has n entries (the padding is never
+ * matched), so one graph serves any split of n tokens into requests. */
+static int small_graph(struct cuda_rank *c, const struct moe_model *m,
+		       const struct moe_layer_state *ls, uint32_t n, char *err)
+{
+	struct cuda_layer *cl = ls->router_dev;
+	cudaGraph_t g = NULL;
+	cudaError_t e;
+	int ret;
+
+	if (cl->graph[n] && cl->graph_shared[n] != ls->shared.mem) {
+		cudaGraphExecDestroy(cl->graph[n]);
+		cl->graph[n] = NULL;
+	}
+	if (!cl->graph[n]) {
+		CK(cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal));
+		ret = small_body(c, m, ls, n, n, err);
+		e = cudaStreamEndCapture(c->st, &g);
+		if (ret) {
+			if (g)
+				cudaGraphDestroy(g);
+			return ret;
 		}
-		KL(moe_cuda_experts_small(c->st, mdt, cl->slots_d, NULL, c->count, c->off, c->act,
-					  E, n * K, n, 0, c->xs, H, m->inter, c->h, c->ys));
-		goto shared;
+		if (e != cudaSuccess)
+			return lose(c, "capturing a small batch", cudaGetErrorString(e), err);
+		e = cudaGraphInstantiate(&cl->graph[n], g, 0);
+		cudaGraphDestroy(g);
+		if (e != cudaSuccess) {
+			cl->graph[n] = NULL;
+			return lose(c, "cudaGraphInstantiate", cudaGetErrorString(e), err);
+		}
+		cl->graph_shared[n] = ls->shared.mem;
 	}
-	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
+	CK(cudaGraphLaunch(cl->graph[n], c->st));
+	return 0;
+}
 
+/* The expert FFNs of a larger batch with cuBLAS: the row counts come to
+ * the host first (one sync), then per-expert GEMMs or two grouped ones. */
+static int experts_blas(struct cuda_rank *c, const struct moe_model *m, const struct moe_fwd *f,
+			char *err)
+{
+	const uint32_t n = f->n_tokens, H = m->hidden, K = m->top_k, E = m->n_experts;
+	const int mdt = (int)m->dtype;
+	const size_t ds = moe_dtype_size(m->dtype);
+	const cudaDataType_t t = cuda_type(m->dtype);
+	uint32_t row = 0;
+
+	CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
+	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
 	if (c->gemm == GEMM_GROUPED) {
 		const void **P = c->wptr_h; /* A1 B1 C1 A2 B2 C2, E each */
 		struct grouped_args *g = &c->ga;
@@ -658,7 +732,7 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		}
 		CB(gemm_grouped(c, t, ng, c->wptr_d + 3 * E, c->wptr_d + 4 * E,
 				(void *const *)(c->wptr_d + 5 * E)));
-		goto shared;
+		return 0;
 	}
 	for (uint32_t x = 0; x < E; x++) {
 		const struct moe_slot *s = f->expert_slot[x];
@@ -682,21 +756,81 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 			(char *)c->h + (size_t)row * m->inter * ds, c->ys + (size_t)row * H));
 		row += cnt;
 	}
-shared:
-	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
-		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, NULL, 1, 1,
-					  n, n, c->x, H, ls->shared.inter, c->shh, c->shy));
-	} else if (ls->shared.mem) {
-		uint32_t Is = ls->shared.inter;
+	return 0;
+}
 
-		CB(gemm(c, t, 2 * Is, n, H, ls->shared.mem, c->x, c->shgu));
-		KL(moe_cuda_swiglu(c->st, c->shgu, MOE_DT_F32, n, Is, mdt, c->shh));
-		CB(gemm(c, t, H, n, Is, (const char *)ls->shared.mem + 2 * (size_t)Is * H * ds,
-			c->shh, c->shy));
+static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
+			const struct moe_layer_state *ls, struct moe_fwd *f, char *err)
+{
+	struct cuda_rank *c = r->priv;
+	struct cuda_layer *cl = ls->router_dev;
+	const uint32_t n = f->n_tokens, H = m->hidden, K = m->top_k, E = m->n_experts;
+	const bool small = c->gemm == GEMM_SMALL ||
+			   (c->gemm == GEMM_AUTO && c->small_ok &&
+			    (uint64_t)n * K <= (uint64_t)SMALL_ROWS * E);
+	const bool graph = small && c->graphs && n <= GRAPH_MAX;
+	const uint32_t n_segs = graph ? n : f->n_segs; /* as the kernels see it */
+	uint64_t boff = 0;
+	uint32_t tok = 0;
+	float ms = -1.0f, kms = -1.0f;
+	int ret;
+
+	f->device_ms = f->kernel_ms = -1.0f;
+	if (c->lost)
+		return moe_err(err, -ENOTRECOVERABLE, "%s", c->lost_msg);
+	if (n > c->max_tokens || f->n_segs > c->max_tokens)
+		return moe_err(err, -E2BIG, "%u tokens exceed the workspaces (%u)", n,
+			       c->max_tokens);
+	c->calls++;
+	CK(cudaSetDevice(c->dev));
+	CK(cudaEventRecord(c->ev0, c->st));
+	for (uint32_t i = 0; i < f->n_segs; i++) {
+		const struct moe_seg *sg = &f->segs[i];
+		size_t bytes = (size_t)sg->n_tokens * H * moe_dtype_size(sg->dtype);
+
+		c->segs_h[i] = (struct moe_cuda_seg){tok, (uint32_t)sg->dtype, boff};
+		CK(cudaMemcpyAsync(c->in_raw + boff, sg->in, bytes, cudaMemcpyHostToDevice, c->st));
+		boff += (bytes + 15) & ~(uint64_t)15;
+		tok += sg->n_tokens;
 	}
-	KL(moe_cuda_combine(c->st, c->ys, c->gemm == GEMM_GROUPED && !small ? mdt : MOE_DT_F32,
-			    c->pos, c->w, n, K, H, ls->shared.mem ? c->shy : NULL,
-			    ls->shared_gate ? c->gsc : NULL, c->segs_d, f->n_segs, c->out_raw));
+	for (uint32_t i = f->n_segs; i < n_segs; i++) /* a graph's padding: never matched */
+		c->segs_h[i] = (struct moe_cuda_seg){UINT32_MAX, 0, 0};
+	CK(cudaMemcpyAsync(c->segs_d, c->segs_h, n_segs * sizeof(*c->segs_h),
+			   cudaMemcpyHostToDevice, c->st));
+	if (small) {
+		bool same = true;
+
+		for (uint32_t x = 0; x < E; x++)
+			same &= cl->slots_h[x] == f->expert_slot[x]->mem;
+		if (!same) { /* rare: the first batch, or a new placement */
+			for (uint32_t x = 0; x < E; x++)
+				c->wptr_h[x] = f->expert_slot[x]->mem;
+			CK(cudaMemcpyAsync((void *)cl->slots_d, c->wptr_h, E * sizeof(void *),
+					   cudaMemcpyHostToDevice, c->st));
+			for (uint32_t x = 0; x < E; x++)
+				cl->slots_h[x] = f->expert_slot[x]->mem;
+		}
+	}
+	if (c->fault_at && c->calls == c->fault_at) {
+		moe_log(LOG_WARNING, "MOED_TEST_CUDA_FAULT: injecting an illegal access on GPU %d",
+			c->dev);
+		KL(moe_cuda_inject_fault(c->st));
+	}
+	CK(cudaEventRecord(c->evk0, c->st));
+	if (graph)
+		ret = small_graph(c, m, ls, n, err);
+	else if (small)
+		ret = small_body(c, m, ls, n, n_segs, err);
+	else {
+		ret = front(c, m, ls, n, n_segs, err);
+		ret = ret ? ret : experts_blas(c, m, f, err);
+		ret = ret ? ret
+			  : back(c, m, ls, n, n_segs,
+				 c->gemm == GEMM_GROUPED ? (int)m->dtype : MOE_DT_F32, err);
+	}
+	if (ret)
+		return ret;
+	CK(cudaEventRecord(c->evk1, c->st));
 	if (small) /* statistics only: at the end, off the critical path */
 		CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
 	for (uint32_t i = 0; i < f->n_segs; i++) {
@@ -719,7 +853,9 @@ shared:
 		memcpy(f->topk_weights, c->w_h, (size_t)n * K * 4);
 	memcpy(f->expert_count, c->count_h, E * 4);
 	CK(cudaEventElapsedTime(&ms, c->ev0, c->ev1));
+	CK(cudaEventElapsedTime(&kms, c->evk0, c->evk1));
 	f->device_ms = ms;
+	f->kernel_ms = kms;
 	return 0;
 }
 

@@ -68,7 +68,7 @@ struct moe_engine {
 	bool device;	  /* the backend runs whole batches (ops->forward) */
 	const struct moe_slot **slot_tab; /* [E]: device backends */
 	uint32_t *ecount; /* [E]: device backends */
-	float last_ms;
+	float last_ms, last_kernel_ms;
 	atomic_bool lost;
 	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
 };
@@ -192,7 +192,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->max_tokens = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
 	e->chunk = e->max_tokens < CHUNK_TOKENS ? e->max_tokens : CHUNK_TOKENS;
 	e->n_ranks = R;
-	e->last_ms = -1.0f;
+	e->last_ms = e->last_kernel_ms = -1.0f;
 	pthread_mutex_init(&e->epoch_lock, NULL);
 	pthread_mutex_init(&e->fwd_lock, NULL);
 	ret = moe_pool_create(o ? o->threads : 0, &e->pool);
@@ -437,7 +437,7 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	const struct moe_model *m = e->m;
 	struct moe_rank *r = &e->ranks[0];
 	struct moe_fwd f = {b->n_tokens, n_segs, segs, e->slot_tab, b->topk_ids, b->topk_weights,
-			    e->ecount, -1.0f};
+			    e->ecount, -1.0f, -1.0f};
 	int ret;
 
 	for (uint32_t x = 0; x < m->n_experts; x++) {
@@ -450,6 +450,7 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	if (ret)
 		return ret;
 	e->last_ms = f.device_ms;
+	e->last_kernel_ms = f.kernel_ms;
 	for (uint32_t x = 0; x < m->n_experts; x++)
 		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + x],
 					  e->ecount[x], memory_order_relaxed);
@@ -606,6 +607,11 @@ const char *moe_engine_device(const struct moe_engine *e)
 float moe_engine_last_device_ms(const struct moe_engine *e)
 {
 	return e->last_ms;
+}
+
+float moe_engine_last_kernel_ms(const struct moe_engine *e)
+{
+	return e->last_kernel_ms;
 }
 
 bool moe_engine_lost(const struct moe_engine *e)

@@ -94,6 +94,9 @@ const char *moe_engine_kernels(const struct moe_engine *e);
 const char *moe_engine_device(const struct moe_engine *e);
 /* Device time of the last batch in ms (device backends), or < 0. */
 float moe_engine_last_device_ms(const struct moe_engine *e);
+/* The part of it spent in the layer's kernels (input already on the
+ * device, output not yet copied back), or < 0. */
+float moe_engine_last_kernel_ms(const struct moe_engine *e);
 /* Non-zero once a device was lost (see moe_engine_forward). */
 bool moe_engine_lost(const struct moe_engine *e);
 /* Pins host memory that batch segments will point into (client regions)

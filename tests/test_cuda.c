@@ -14,6 +14,10 @@
  *     cuBLAS GEMMs after a host sync; =grouped: one grouped cuBLAS call per
  *     GEMM, output in the model dtype; =small: the kernels that read the
  *     counts on the device) for each of the above;
+ *   - small batches (1-64 tokens) replayed from CUDA graphs, three times
+ *     each on fresh inputs split into other requests, against the CPU
+ *     engine; and the same without graphs (MOE_CUDA_GRAPHS=0); the layer's
+ *     kernel time is measured and within the end-to-end time;
  *   - a batch of segments in several dtypes against the same requests run
  *     one by one on the GPU;
  *   - moed serving on the GPU (devices: [0]): outputs against the CPU
@@ -277,6 +281,114 @@ static void test_against_cpu(void **state)
 	}
 }
 
+/* ---- small batches from CUDA graphs ----------------------------------- */
+
+/* Decode-sized batches take the small path and replay a graph captured
+ * per layer and token count (MOE_CUDA_GRAPHS, on by default). Each count
+ * runs three times on fresh inputs split into other requests (one, two,
+ * then up to three segments of mixed dtypes), so a replay that kept a
+ * capture-time input, segment table or expert choice fails against the
+ * CPU engine; the same batches without graphs must agree too. */
+static void graphs_on(enum moe_family fam, const char *gemm, const char *graphs)
+{
+	static const uint32_t counts[] = {1, 2, 5, 16, 33, 64};
+	static const enum moe_dtype dts[] = {MOE_DT_F32, MOE_DT_BF16, MOE_DT_F32};
+	struct moe_synth_opts o;
+	struct moe_model *mc, *mg;
+	struct moe_engine *ec, *eg;
+	struct moe_rng r = {(uint64_t)fam + 90};
+	char tmpl[] = "/tmp/moe-cuda-graph-XXXXXX", err[MOE_ERRLEN], what[128];
+
+	assert_non_null(mkdtemp(tmpl));
+	moe_synth_defaults(&o, fam);
+	o.hidden = 256, o.inter = 96, o.experts = 16, o.top_k = 4, o.layers = 2;
+	o.dtype = MOE_DT_BF16, o.seed = 11 + fam;
+	if (fam == MOE_FAM_QWEN2_MOE)
+		o.shared_inter = 128;
+	if (fam == MOE_FAM_DEEPSEEK_V3) {
+		o.shared_inter = 2 * o.inter;
+		o.n_group = 4, o.topk_group = 2, o.group_limited = true;
+	}
+	if (moe_synth_write(tmpl, &o, err))
+		fail_msg("%s", err);
+	ec = open_on(tmpl, "cpu", 64, &mc);
+	setenv("MOE_CUDA_GRAPHS", graphs, 1);
+	setenv("MOE_CUDA_GEMM", gemm, 1);
+	eg = open_on(tmpl, "cuda", 64, &mg);
+	unsetenv("MOE_CUDA_GRAPHS");
+	unsetenv("MOE_CUDA_GEMM");
+	for (size_t ci = 0; ci < sizeof(counts) / sizeof(counts[0]); ci++) {
+		const uint32_t n = counts[ci], H = o.hidden;
+
+		for (int rep = 0; rep < 3; rep++) {
+			uint32_t L = mg->layers[rep % mg->n_moe_layers].index, nseg = 0, t0 = 0;
+			struct moe_seg segs[3];
+			void *in[3], *out[3];
+			float *x = malloc((size_t)n * H * 4), *yc = malloc((size_t)n * H * 4);
+			double *dc = malloc((size_t)n * H * 8), *dg = malloc((size_t)n * H * 8);
+			float kms, dms;
+
+			for (size_t i = 0; i < (size_t)n * H; i++)
+				x[i] = (float)moe_rng_normal(&r);
+			/* the reference: each token's input as the GPU will get it */
+			while (t0 < n) {
+				uint32_t len = rep == 0 ? n : rep == 1 ? (n + 1) / 2 : (n + 2) / 3;
+				enum moe_dtype dt = dts[nseg];
+				size_t cnt;
+
+				len = len < n - t0 ? len : n - t0;
+				cnt = (size_t)len * H;
+				in[nseg] = malloc(cnt * 4), out[nseg] = malloc(cnt * 4);
+				moe_cpu_from_f32(dt, x + (size_t)t0 * H, in[nseg], cnt);
+				moe_cpu_to_f32(dt, in[nseg], x + (size_t)t0 * H, cnt);
+				segs[nseg] = (struct moe_seg){in[nseg], out[nseg], dt, len};
+				t0 += len, nseg++;
+			}
+			fwd_ok(ec, L, MOE_DT_F32, x, yc, n, NULL, NULL);
+			{
+				struct moe_epoch *ep = moe_epoch_acquire(eg);
+				struct moe_batch b = {.layer = L, .n_tokens = n, .n_segs = nseg,
+						      .segs = segs};
+
+				if (moe_engine_forward(eg, ep, &b, err))
+					fail_msg("%s", err);
+				moe_epoch_release(ep);
+			}
+			kms = moe_engine_last_kernel_ms(eg), dms = moe_engine_last_device_ms(eg);
+			assert_true(kms > 0 && kms <= dms);
+			t0 = 0;
+			for (uint32_t sI = 0; sI < nseg; sI++) {
+				tu_to_f64(segs[sI].dtype, out[sI], dg + (size_t)t0 * H,
+					  (size_t)segs[sI].n_tokens * H);
+				t0 += segs[sI].n_tokens;
+				free(in[sI]), free(out[sI]);
+			}
+			tu_to_f64(MOE_DT_F32, yc, dc, (size_t)n * H);
+			snprintf(what, sizeof(what), "cuda (%s, graphs %s) vs cpu, %s, %u tokens "
+				 "in %u requests", gemm, graphs, moe_family_name(fam), n, nseg);
+			/* bf16 outputs (segment 2) add one rounding: 1/128 relative */
+			assert_true(tu_check_rows(what, dg, dc, n, H, 2e-2, 1.0 / 128) <= 1);
+			free(x), free(yc), free(dc), free(dg);
+		}
+	}
+	printf("ok   %s (%s, graphs %s): 1-64 tokens, 3 splits each\n", moe_family_name(fam),
+	       gemm, graphs);
+	moe_engine_destroy(eg);
+	moe_model_free(mg);
+	moe_engine_destroy(ec);
+	moe_model_free(mc);
+	tu_rmtree(tmpl);
+}
+
+static void test_graphs(void **state)
+{
+	(void)state;
+	graphs_on(MOE_FAM_OLMOE, "auto", "1");
+	graphs_on(MOE_FAM_QWEN2_MOE, "small", "1");
+	graphs_on(MOE_FAM_DEEPSEEK_V3, "small", "1");
+	graphs_on(MOE_FAM_MIXTRAL, "small", "0");
+}
+
 /* ---- segments in several dtypes --------------------------------------- */
 
 /* dir's first MoE layer: three segments in one batch against each alone.
@@ -508,6 +620,7 @@ int main(int argc, char **argv)
 	const struct CMUnitTest main_tests[] = {
 		cmocka_unit_test(test_fixtures),
 		cmocka_unit_test(test_against_cpu),
+		cmocka_unit_test(test_graphs),
 		cmocka_unit_test(test_segments),
 		cmocka_unit_test(test_oom_message),
 		cmocka_unit_test_setup_teardown(test_daemon_gpu, dh_setup, dh_teardown),

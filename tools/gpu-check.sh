@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
-# tools/gpu-check.sh — build and test moed on a bare GPU machine in one call.
+# tools/gpu-check.sh — build, test and benchmark moed on a bare GPU machine
+# in one call of about 7 minutes.
 #
-# The lent GPU machines have nvcc, cuBLAS, NCCL and CMake but cannot install
-# anything and lack libyaml, cJSON, cmocka, libsystemd and pkg-config. So:
+# The lent GPU machines have nvcc, cuBLAS, CMake, torch and transformers but
+# cannot install anything and lack libyaml, cJSON, cmocka, libsystemd and
+# pkg-config. So:
 #
 #   tools/gpu-check.sh --prepare     (here, with apt): fetch those Debian
 #       packages with `apt-get download`, unpack them into .gpu-deps/root,
 #       make their .pc files relocatable. .gpu-deps/ is git-ignored: name it
 #       in the device tool's `carry`.
-#   tools/gpu-check.sh [test|bench|all] [OUTDIR]   (there): build Release
-#       with CUDA for sm_90 against .gpu-deps/root (incremental: build-gpu/
-#       stays on a warm machine), print the GPU, then
-#         test   the GPU tests (ctest -L gpu), then the whole suite
-#         bench  moe-bench --device cuda (all three expert paths) and the
-#                PyTorch comparison on the GPU
-#         all    both (the default; may not fit one 10-minute call when the
-#                synthetic Mixtral layer must be written first)
-#       logs go to OUTDIR (default $OUT, else ./gpu-check-out).
+#   tools/gpu-check.sh [STAGES] [OUTDIR]   (there): STAGES is a comma list of
+#         build   Release, CUDA for sm_90 only, -j$(nproc), against .gpu-deps
+#         test    the GPU tests (ctest -L gpu), graphs on (the default)
+#         bench   moe-bench --device cuda, Mixtral- and OLMoE-shaped layers:
+#                 auto, then each expert path (MOE_CUDA_GEMM), then auto
+#                 without graphs (MOE_CUDA_GRAPHS=0)
+#         torch   bench/compare_torch.py --device cuda on the same layers
+#                 (transformers' block, torch._grouped_mm)
+#         nograph the GPU tests again with MOE_CUDA_GRAPHS=0
+#       default: build,test,bench,torch. Each stage runs under its
+#       own `timeout` and appends to a few logs in OUTDIR (default $OUT, else
+#       ./gpu-check-out) as it goes, so a call that runs out of time still
+#       returns what ran. Without a GPU the GPU stages stop with "no GPU".
 #
-# Typical device calls: carry [".gpu-deps"], command "tools/gpu-check.sh
-# test", then "tools/gpu-check.sh bench".
-set -euo pipefail
+# Device call: carry [".gpu-deps"], command "tools/gpu-check.sh",
+# timeout_s 540.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 deps=$PWD/.gpu-deps
 root=$deps/root
@@ -28,6 +34,7 @@ pkgs=(libcjson1 libcjson-dev libyaml-0-2 libyaml-dev libcmocka0 libcmocka-dev
 	libsystemd0 libsystemd-dev pkgconf pkgconf-bin libpkgconf3)
 
 prepare() {
+	set -e
 	command -v apt-get >/dev/null || { echo "--prepare needs apt-get" >&2; exit 1; }
 	rm -rf "$deps"
 	mkdir -p "$deps/debs" "$root"
@@ -50,8 +57,8 @@ if [ "${1:-}" = "--prepare" ]; then
 	exit 0
 fi
 
-stage=all
-case "${1:-}" in test | bench | all) stage=$1; shift ;; esac
+stages=build,test,bench,torch
+case "${1:-}" in [a-z]*) stages=$1; shift ;; esac
 out=${1:-${OUT:-$PWD/gpu-check-out}}
 mkdir -p "$out"
 [ -d "$root" ] || { echo "no $root: run tools/gpu-check.sh --prepare here first" >&2; exit 1; }
@@ -63,54 +70,103 @@ export PKG_CONFIG_EXECUTABLE=$root/usr/bin/pkgconf
 export PATH=$root/usr/bin:/usr/local/cuda/bin:$PATH
 export CPATH=$root/usr/include${CPATH:+:$CPATH}
 export LIBRARY_PATH=$libdir${LIBRARY_PATH:+:$LIBRARY_PATH}
-
-{
-	echo "== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-	nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
-		echo "nvidia-smi: no GPU visible"
-	nvcc --version | tail -1
-} 2>&1 | tee "$out/gpu-info.txt"
+export MOE_BENCH_CACHE=${MOE_BENCH_CACHE:-/tmp}
+export PYTHONUNBUFFERED=1
 
 build=build-gpu
-cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON -DMOE_WERROR=ON \
-	-DCMAKE_CUDA_ARCHITECTURES="90-real;80-virtual" \
-	-DPKG_CONFIG_EXECUTABLE="$PKG_CONFIG_EXECUTABLE" >"$out/configure.log" 2>&1 ||
-	{ tail -40 "$out/configure.log"; exit 1; }
-cmake --build $build -j"$(nproc)" >"$out/build.log" 2>&1 || { tail -60 "$out/build.log"; exit 1; }
-echo "== build ok"
-
+bin=$PWD/$build/bin
+log=$out/summary.log # everything short; the long logs beside it
+t_start=$(date +%s)
+say() { echo "== [$(($(date +%s) - t_start))s] $*" | tee -a "$log"; }
+has() { case ",$stages," in *",$1,"*) return 0 ;; esac; return 1; }
+gpu=1
 status=0
-if [ $stage != bench ]; then
-	echo "== GPU tests (ctest -L gpu, verbose log in gpu-tests.log)"
-	(cd $build && ctest -L gpu -V >"$out/gpu-tests.log" 2>&1) || status=1
-	grep -E "SKIPPED|\[  (PASSED|FAILED|ERROR) |^ *[0-9]+/[0-9]+ Test|tests passed|tests failed" \
-		"$out/gpu-tests.log" | tail -30 || true
-	echo "== the whole suite"
-	(cd $build && ctest --output-on-failure -j4 >"$out/ctest.log" 2>&1) || status=1
-	grep -E "tests passed|tests failed|\(Failed\)|\(Skipped\)" "$out/ctest.log" || true
+
+{
+	echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
+		"$(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')"
+	nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
+		--format=csv,noheader || echo "nvidia-smi: no GPU visible"
+	nvcc --version | tail -1
+	echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+	python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tail -1
+} 2>&1 | tee -a "$log"
+nvidia-smi -L >/dev/null 2>&1 || gpu=0
+
+if has build; then
+	say "build (Release, CUDA sm_90, -j$(nproc))"
+	{
+		timeout 240 cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMOE_CUDA=ON \
+			-DMOE_WERROR=ON -DCMAKE_CUDA_ARCHITECTURES=90-real -DCMAKE_CUDA_FLAGS=-Xptxas=-v \
+			-DPKG_CONFIG_EXECUTABLE="$PKG_CONFIG_EXECUTABLE" &&
+			timeout 120 cmake --build $build -j"$(nproc)" --target moe-mkmodel
+	} >"$out/build.log" 2>&1 || { tail -40 "$out/build.log" | tee -a "$log"; say "BUILD FAILED"; exit 1; }
+	# The benchmark's synthetic layers (what moe-bench --device cuda would
+	# write on first use, same options), written while the rest builds and
+	# the tests run: about a minute of one core.
+	if has bench && [ $gpu = 1 ]; then
+		synth() { # shape family hidden inter experts top-k
+			local d=$MOE_BENCH_CACHE/moe-bench-$1-$3x$4x$5x$6-bf16
+			[ -f "$d/model.safetensors" ] && return 0
+			"$bin/moe-mkmodel" --family "$2" --hidden "$3" --inter "$4" --experts "$5" \
+				--top-k "$6" --layers 1 --dtype bf16 --seed 2026 --out "$d.tmp" &&
+				mv "$d.tmp" "$d"
+		}
+		synth mixtral mixtral 4096 14336 8 2 >>"$out/build.log" 2>&1 &
+		synth olmoe olmoe 2048 1024 64 8 >>"$out/build.log" 2>&1 &
+	fi
+	timeout 240 cmake --build $build -j"$(nproc)" >>"$out/build.log" 2>&1 ||
+		{ tail -40 "$out/build.log" | tee -a "$log"; say "BUILD FAILED"; exit 1; }
+	say "build ok"
 fi
-if [ $stage = test ]; then
-	exit $status
+if [ $gpu = 0 ]; then
+	say "no GPU: nvidia-smi sees none; the GPU stages are not run"
+	exit 1
 fi
 
-echo "== moe-bench --device cuda (Mixtral- and OLMoE-shaped layers)"
-./$build/bin/moe-bench --device cuda 2>&1 | tee "$out/moe-bench-cuda.txt" || status=1
-echo "== each way of running the experts (MOE_CUDA_GEMM), every size"
-for g in cublas grouped small; do
-	MOE_CUDA_GEMM=$g ./$build/bin/moe-bench --device cuda --tokens 1,4,16,64,256,1024,4096 2>&1 |
-		tee -a "$out/moe-bench-cuda-gemm.txt" || status=1
-done
-echo "== the same layers through PyTorch on the GPU (transformers' block, torch._grouped_mm)"
-if python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
-	for d in "${MOE_BENCH_CACHE:-/tmp}"/moe-bench-mixtral-* "${MOE_BENCH_CACHE:-/tmp}"/moe-bench-olmoe-*; do
-		[ -f "$d/model.safetensors" ] || continue
-		python3 bench/compare_torch.py --device cuda --model "$d" \
-			--moe-bench ./$build/bin/moe-bench 2>&1 | tee -a "$out/compare-torch-cuda.txt" ||
-			status=1
-	done
-else
-	echo "no torch with CUDA here: skipped"
+gpu_tests() { # tag env...
+	local tag=$1
+	shift
+	say "GPU tests ($tag): ctest -L gpu"
+	(cd $build && env "$@" timeout 150 ctest -L gpu -V) >>"$out/tests.log" 2>&1 || status=1
+	grep -E "SKIPPED|\[  (PASSED|FAILED|ERROR) |\[ +OK +\]|^ *[0-9]+/[0-9]+ Test|tests passed|tests failed|printed|MiB|within" \
+		"$out/tests.log" | tail -60 >>"$log"
+	tail -3 "$out/tests.log" | tee -a "$log"
+}
+has test && gpu_tests "graphs on"
+
+bench() { # tag env... : both shapes, every size
+	local tag=$1
+	shift
+	say "moe-bench --device cuda ($tag)"
+	echo "### $tag" >>"$out/bench.log"
+	env "$@" timeout 150 "$bin/moe-bench" --device cuda >>"$out/bench.log" 2>&1 || {
+		status=1
+		echo "moe-bench failed ($tag)" | tee -a "$log"
+	}
+	grep -vE '^\{' "$out/bench.log" | awk -v t="### $tag" '$0==t{p=1;next} /^### /{p=0} p' >>"$log"
+}
+if has bench; then
+	say "waiting for the synthetic layers"
+	wait
+	bench "auto, graphs"
+	bench "cublas" MOE_CUDA_GEMM=cublas
+	bench "small, graphs" MOE_CUDA_GEMM=small
+	bench "grouped" MOE_CUDA_GEMM=grouped
+	bench "auto, no graphs" MOE_CUDA_GRAPHS=0
 fi
-echo "== moe-bench (CPU engine on this host, for reference)"
-./$build/bin/moe-bench --tokens 1,16,256 2>&1 | tee "$out/moe-bench-cpu.txt" | tail -5
+
+if has torch; then
+	say "PyTorch on the same layers (transformers' block, torch._grouped_mm)"
+	for d in "$MOE_BENCH_CACHE"/moe-bench-mixtral-* "$MOE_BENCH_CACHE"/moe-bench-olmoe-*; do
+		[ -f "$d/model.safetensors" ] || continue
+		timeout 150 python3 bench/compare_torch.py --device cuda --model "$d" \
+			>>"$out/torch.log" 2>&1 || { status=1; echo "compare_torch failed on $d" >>"$log"; }
+	done
+	grep -vE '^\{' "$out/torch.log" >>"$log"
+fi
+
+has nograph && gpu_tests "graphs off" MOE_CUDA_GRAPHS=0
+
+say "done, status $status"
 exit $status
