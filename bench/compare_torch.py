@@ -271,6 +271,8 @@ def main():
         torch.set_num_threads(a.threads)
 
     if cuda:
+        if device.index is None:  # "cuda": the first GPU, as moe-bench --device cuda
+            device = torch.device("cuda", 0)
         torch.cuda.set_device(device)  # CUDA events record on the current device's stream
     block, info = load_block(a.model, a.layer, device)
     why = grouped_mm_unavailable(device)

@@ -22,11 +22,16 @@
  *    instead of one per expert). Its output is in the model dtype (cuBLAS
  *    has no bf16-in/fp32-out grouped GEMM), rounded where transformers
  *    rounds too. Probed at start; needs the small path's alignment.
- * auto takes small when the rows per expert average at most SMALL_ROWS
- * (decode) and the shapes allow 16-byte rows, else cublas.
- * MOE_CUDA_GEMM=cublas|small|grouped|auto forces one, for measurement
- * (moe-bench, tools/gpu-check.sh). Which is faster at which size is to be
- * measured on a GPU (bench/RESULTS.md); auto follows the measurements.
+ * auto follows the crossovers measured on an H200 (bench/RESULTS.md, both
+ * benchmark shapes, every path at 1-4096 tokens): small while the rows per
+ * expert average at most SMALL_ROWS (decode: the small kernels beat
+ * cuBLAS there by skipping the host sync, and lose beyond since they run
+ * on CUDA cores, not tensor cores); past that, grouped for models of more
+ * than GROUPED_EXPERTS experts (per-expert cuBLAS calls cost a launch
+ * each: 128 for an OLMoE layer, 4-8x the grouped call's time at 16-1024
+ * tokens), else cublas (8 experts: per-expert GEMMs are as fast at 16-64
+ * tokens and 2x faster from 1024 on). MOE_CUDA_GEMM=cublas|small|grouped|
+ * auto forces one, for measurement (moe-bench, tools/gpu-check.sh).
  *
  * Faults are crash-only: any CUDA or cuBLAS error during a batch marks the
  * rank lost (-ENOTRECOVERABLE) and every later call fails the same way;
@@ -51,8 +56,9 @@
 #include "kernels/cuda/moe_cuda.h"
 
 #define BLAS_WS_BYTES (32u << 20) /* cuBLAS' recommendation for Hopper */
-#define SMALL_ROWS    8	  /* auto: small kernels up to this many rows per expert on
-				   * average (most experts then fit one 16-token pass) */
+#define SMALL_ROWS    2	  /* auto: small kernels up to this many rows per expert on
+				   * average */
+#define GROUPED_EXPERTS 16 /* auto: grouped cuBLAS past small for more experts */
 #define SMALL_SHARED  16	  /* ... and for the shared expert up to one pass of tokens */
 
 #define GRAPH_MAX     64	  /* batches of up to this many tokens run from a graph */
@@ -74,6 +80,7 @@ struct cuda_rank {
 	cudaEvent_t ev0, ev1, evk0, evk1; /* end to end; the layer's kernels */
 	uint32_t max_tokens;
 	bool graphs; /* small batches replayed from CUDA graphs (MOE_CUDA_GRAPHS) */
+	bool fused;  /* small batches' front in three kernels (MOE_CUDA_FUSED) */
 	bool lost;
 	char lost_msg[256];
 	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
@@ -384,6 +391,10 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 		c->graphs = !g || strcmp(g, "0");
 		if (!c->graphs)
 			moe_log(LOG_NOTICE, "MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel");
+		g = getenv("MOE_CUDA_FUSED");
+		c->fused = (!g || strcmp(g, "0")) && moe_cuda_front_small_ok(m->hidden, m->n_experts);
+		if (g && !strcmp(g, "0"))
+			moe_log(LOG_NOTICE, "MOE_CUDA_FUSED=0: small batches use the general front");
 	}
 	r->kernels = c->small_ok ? (c->graphs ? "cublas+small (graphs)" : "cublas+small")
 				 : "cublas";
@@ -614,7 +625,7 @@ static int back(struct cuda_rank *c, const struct moe_model *m, const struct moe
 
 	if (ls->shared.mem && c->small_shared_ok && n <= SMALL_SHARED && c->gemm != GEMM_CUBLAS) {
 		KL(moe_cuda_experts_small(c->st, mdt, NULL, ls->shared.mem, NULL, NULL, NULL, 1, 1,
-					  n, n, c->x, H, ls->shared.inter, c->shh, c->shy));
+					  n, n, c->x, NULL, H, ls->shared.inter, c->shh, c->shy));
 	} else if (ls->shared.mem) {
 		uint32_t Is = ls->shared.inter;
 		cudaDataType_t t = cuda_type(m->dtype);
@@ -631,18 +642,33 @@ static int back(struct cuda_rank *c, const struct moe_model *m, const struct moe
 }
 
 /* A small batch's kernels, input rows to output rows, with no host sync:
- * what a graph captures. */
+ * what a graph captures. Fused (the default where the shapes allow): the
+ * front in three kernels (convert + router logits, top-k, permute) and the
+ * experts reading x through src; else the general front and a gather. */
 static int small_body(struct cuda_rank *c, const struct moe_model *m,
 		      const struct moe_layer_state *ls, uint32_t n, uint32_t n_segs, char *err)
 {
 	const struct cuda_layer *cl = ls->router_dev;
-	const uint32_t K = m->top_k, E = m->n_experts;
-	int ret = front(c, m, ls, n, n_segs, err);
+	const uint32_t H = m->hidden, K = m->top_k, E = m->n_experts;
+	const bool fused = c->fused && n * K <= 1024;
+	int ret = 0;
 
+	if (fused) {
+		const struct moe_cuda_route_params rp = route_params(m, ls);
+
+		KL(moe_cuda_front_small(c->st, c->in_raw, c->segs_d, n_segs, n, H, (int)m->dtype,
+					cl->router, rp.ld, c->x, c->logits));
+		KL(moe_cuda_route(c->st, &rp, c->logits, cl->bias, n, c->ids, c->w, c->gsc));
+		KL(moe_cuda_permute_small(c->st, c->ids, n, K, E, c->count, c->off, c->pos, c->src,
+					  c->act));
+	} else {
+		ret = front(c, m, ls, n, n_segs, err);
+	}
 	if (ret)
 		return ret;
 	KL(moe_cuda_experts_small(c->st, (int)m->dtype, cl->slots_d, NULL, c->count, c->off,
-				  c->act, E, n * K, n, 0, c->xs, m->hidden, m->inter, c->h, c->ys));
+				  c->act, E, n * K, n, 0, fused ? c->x : c->xs,
+				  fused ? c->src : NULL, H, m->inter, c->h, c->ys));
 	return back(c, m, ls, n, n_segs, MOE_DT_F32, err);
 }
 
@@ -687,7 +713,7 @@ static int small_graph(struct cuda_rank *c, const struct moe_model *m,
 /* The expert FFNs of a larger batch with cuBLAS: the row counts come to
  * the host first (one sync), then per-expert GEMMs or two grouped ones. */
 static int experts_blas(struct cuda_rank *c, const struct moe_model *m, const struct moe_fwd *f,
-			char *err)
+			bool grouped, char *err)
 {
 	const uint32_t n = f->n_tokens, H = m->hidden, K = m->top_k, E = m->n_experts;
 	const int mdt = (int)m->dtype;
@@ -697,7 +723,7 @@ static int experts_blas(struct cuda_rank *c, const struct moe_model *m, const st
 
 	CK(cudaMemcpyAsync(c->count_h, c->count, E * 4, cudaMemcpyDeviceToHost, c->st));
 	CK(cudaStreamSynchronize(c->st)); /* the GEMM sizes */
-	if (c->gemm == GEMM_GROUPED) {
+	if (grouped) {
 		const void **P = c->wptr_h; /* A1 B1 C1 A2 B2 C2, E each */
 		struct grouped_args *g = &c->ga;
 		int ng = 0;
@@ -768,6 +794,9 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 	const bool small = c->gemm == GEMM_SMALL ||
 			   (c->gemm == GEMM_AUTO && c->small_ok &&
 			    (uint64_t)n * K <= (uint64_t)SMALL_ROWS * E);
+	const bool grouped = !small && (c->gemm == GEMM_GROUPED ||
+					(c->gemm == GEMM_AUTO && c->grouped_ok &&
+					 E > GROUPED_EXPERTS));
 	const bool graph = small && c->graphs && n <= GRAPH_MAX;
 	const uint32_t n_segs = graph ? n : f->n_segs; /* as the kernels see it */
 	uint64_t boff = 0;
@@ -823,10 +852,9 @@ static int cuda_forward(struct moe_rank *r, const struct moe_model *m,
 		ret = small_body(c, m, ls, n, n_segs, err);
 	else {
 		ret = front(c, m, ls, n, n_segs, err);
-		ret = ret ? ret : experts_blas(c, m, f, err);
+		ret = ret ? ret : experts_blas(c, m, f, grouped, err);
 		ret = ret ? ret
-			  : back(c, m, ls, n, n_segs,
-				 c->gemm == GEMM_GROUPED ? (int)m->dtype : MOE_DT_F32, err);
+			  : back(c, m, ls, n, n_segs, grouped ? (int)m->dtype : MOE_DT_F32, err);
 	}
 	if (ret)
 		return ret;

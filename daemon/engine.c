@@ -243,8 +243,11 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		ret = load_layer(e, l, err);
 		if (ret)
 			goto err_destroy;
-		if (o && o->progress)
-			o->progress(o->progress_arg, l + 1, m->n_moe_layers);
+		if (o && o->progress && o->progress(o->progress_arg, l + 1, m->n_moe_layers)) {
+			ret = moe_err(err, -ECANCELED, "loading stopped after %u of %u MoE layers",
+				      l + 1, m->n_moe_layers);
+			goto err_destroy;
+		}
 	}
 	ret = moe_model_close_files(m, err);
 	if (ret)

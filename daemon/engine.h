@@ -38,7 +38,9 @@ struct moe_engine_opts {
 	int device;		  /* GPU index for "cuda" */
 	/* Called after each layer is loaded (a large checkpoint takes a while:
 	 * moed extends systemd's start timeout from here). */
-	void (*progress)(void *arg, uint32_t layers_done, uint32_t layers);
+	/* Called after each MoE layer is loaded; non-zero stops the load
+	 * (moe_engine_create fails with -ECANCELED). */
+	int (*progress)(void *arg, uint32_t layers_done, uint32_t layers);
 	void *progress_arg;
 };
 

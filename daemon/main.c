@@ -12,6 +12,7 @@
 #include <grp.h>
 #include <stdbool.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,14 +110,35 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 	return 0;
 }
 
-static void load_progress(void *arg, uint32_t done, uint32_t total)
+/* SIGTERM, SIGINT and SIGHUP are blocked from the first line of main, before
+ * any thread exists, so that every thread inherits the mask: the server
+ * reads them from a signalfd, and no thread (ours, or the CUDA driver's and
+ * cuBLAS' own, which start while the engine loads) ever takes their
+ * default action, which would kill moed mid-batch instead of draining. */
+static void block_signals(sigset_t *set)
 {
+	sigemptyset(set);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGHUP);
+	sigprocmask(SIG_BLOCK, set, NULL);
+}
+
+/* After each layer: a pending SIGTERM or SIGINT stops the load (a large
+ * model takes minutes); a SIGHUP waits for the server. */
+static int load_progress(void *arg, uint32_t done, uint32_t total)
+{
+	sigset_t pend;
+
+	(void)arg;
 	moe_log(LOG_DEBUG, "loaded layer %u of %u", done, total);
 #ifdef MOE_HAVE_SYSTEMD
 	/* each layer buys another minute of start-up time */
 	sd_notifyf(0, "EXTEND_TIMEOUT_USEC=60000000\nSTATUS=loading: %u of %u MoE layers",
 		   done, total);
 #endif
+	sigpending(&pend);
+	return sigismember(&pend, SIGTERM) || sigismember(&pend, SIGINT);
 }
 
 static int group_id(const char *name, const char *key, gid_t *gid)
@@ -254,11 +276,17 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;
 	double s;
+	int ret;
 
 	if (strcmp(plan->backend, "cuda"))
 		moe_log(LOG_NOTICE, "serving on the CPU; GPU: %s", plan->device_note);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	if (moe_engine_create(m, &eo, &e, err)) {
+	ret = moe_engine_create(m, &eo, &e, err);
+	if (ret == -ECANCELED) { /* SIGTERM or SIGINT while loading: a clean stop */
+		moe_log(LOG_NOTICE, "%s: stopped by a signal", err);
+		return 0;
+	}
+	if (ret) {
 		moe_log(LOG_ERR, "loading failed: %s", err);
 		return 1;
 	}
@@ -336,6 +364,7 @@ int main(int argc, char **argv)
 	bool isa_ok;
 	char err[MOE_CFG_ERRLEN > MOE_ERRLEN ? MOE_CFG_ERRLEN : MOE_ERRLEN];
 	int test = 0, load = 0, c, ret;
+	sigset_t sigs;
 
 	while ((c = getopt_long(argc, argv, "c:th", opts, NULL)) != -1) {
 		switch (c) {
@@ -378,6 +407,8 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return 2;
 	}
+	if (!test)
+		block_signals(&sigs);
 	ret = cfg_file ? moe_cfg_load_file(cfg_file, &cfg, err, sizeof(err)) : moe_cfg_defaults(&cfg);
 	if (ret) {
 		fprintf(stderr, "moed: %s\n", cfg_file ? err : strerror(-ret));

@@ -14,12 +14,15 @@
 #         build   Release, CUDA for sm_90 only, -j$(nproc), against .gpu-deps
 #         test    the GPU tests (ctest -L gpu), graphs on (the default)
 #         bench   moe-bench --device cuda, Mixtral- and OLMoE-shaped layers:
-#                 auto, then each expert path (MOE_CUDA_GEMM), then auto
-#                 without graphs (MOE_CUDA_GRAPHS=0)
+#                 auto, then each expert path (MOE_CUDA_GEMM), then small
+#                 batches without graphs (MOE_CUDA_GRAPHS=0) and without the
+#                 fused front (MOE_CUDA_FUSED=0)
 #         torch   bench/compare_torch.py --device cuda on the same layers
 #                 (transformers' block, torch._grouped_mm)
-#         nograph the GPU tests again with MOE_CUDA_GRAPHS=0
-#       default: build,test,bench,torch. Each stage runs under its
+#         nograph the GPU tests again with MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0
+#         ncu     per-kernel device times (Nsight Compute) of the OLMoE-shaped
+#                 layer at 1, 16 and 4096 tokens, where ncu can read counters
+#       default: build,test,nograph,bench,torch,ncu. Each stage runs under its
 #       own `timeout` and appends to a few logs in OUTDIR (default $OUT, else
 #       ./gpu-check-out) as it goes, so a call that runs out of time still
 #       returns what ran. Without a GPU the GPU stages stop with "no GPU".
@@ -52,12 +55,20 @@ prepare() {
 	echo "prepared $(du -sh "$deps" | cut -f1) in $deps; carry it: [\".gpu-deps\"]"
 }
 
+tree_hash() { # the sources' content, whatever .git says
+	find CMakeLists.txt bench client daemon formats ipc kernels tests tools -type f \
+		! -path 'tests/fuzz/corpus*' -print0 | sort -z | xargs -0 sha1sum | sha1sum | cut -c1-12
+}
+if [ "${1:-}" = "--tree-hash" ]; then
+	tree_hash
+	exit 0
+fi
 if [ "${1:-}" = "--prepare" ]; then
 	prepare
 	exit 0
 fi
 
-stages=build,test,bench,torch
+stages=build,test,nograph,bench,torch,ncu
 case "${1:-}" in [a-z]*) stages=$1; shift ;; esac
 out=${1:-${OUT:-$PWD/gpu-check-out}}
 mkdir -p "$out"
@@ -83,8 +94,12 @@ gpu=1
 status=0
 
 {
+	# the device's copy of the tree may carry an older .git: name the
+	# sources by content too (tools/gpu-check.sh --tree-hash here gives the
+	# same for a commit)
 	echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-		"$(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')"
+		"$(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')" \
+		"source tree $(tree_hash)"
 	nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
 		--format=csv,noheader || echo "nvidia-smi: no GPU visible"
 	nvcc --version | tail -1
@@ -133,14 +148,15 @@ gpu_tests() { # tag env...
 		"$out/tests.log" | tail -60 >>"$log"
 	tail -3 "$out/tests.log" | tee -a "$log"
 }
-has test && gpu_tests "graphs on"
+has test && gpu_tests "defaults: graphs, fused front"
+has nograph && gpu_tests "MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0" MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0
 
-bench() { # tag env... : both shapes, every size
-	local tag=$1
-	shift
+bench() { # tag tokens env... : both shapes
+	local tag=$1 tokens=$2
+	shift 2
 	say "moe-bench --device cuda ($tag)"
 	echo "### $tag" >>"$out/bench.log"
-	env "$@" timeout 150 "$bin/moe-bench" --device cuda >>"$out/bench.log" 2>&1 || {
+	env "$@" timeout 120 "$bin/moe-bench" --device cuda --tokens "$tokens" >>"$out/bench.log" 2>&1 || {
 		status=1
 		echo "moe-bench failed ($tag)" | tee -a "$log"
 	}
@@ -149,11 +165,13 @@ bench() { # tag env... : both shapes, every size
 if has bench; then
 	say "waiting for the synthetic layers"
 	wait
-	bench "auto, graphs"
-	bench "cublas" MOE_CUDA_GEMM=cublas
-	bench "small, graphs" MOE_CUDA_GEMM=small
-	bench "grouped" MOE_CUDA_GEMM=grouped
-	bench "auto, no graphs" MOE_CUDA_GRAPHS=0
+	all=1,16,64,256,1024,4096
+	bench "auto (the default)" 1,2,4,8,16,32,64,256,1024,4096
+	bench "cublas" $all MOE_CUDA_GEMM=cublas
+	bench "grouped" $all MOE_CUDA_GEMM=grouped
+	bench "small" $all MOE_CUDA_GEMM=small
+	bench "small, no graphs" 1,4,16,64 MOE_CUDA_GEMM=small MOE_CUDA_GRAPHS=0
+	bench "small, graphs, general front" 1,4,16,64 MOE_CUDA_GEMM=small MOE_CUDA_FUSED=0
 fi
 
 if has torch; then
@@ -166,7 +184,21 @@ if has torch; then
 	grep -vE '^\{' "$out/torch.log" >>"$log"
 fi
 
-has nograph && gpu_tests "graphs off" MOE_CUDA_GRAPHS=0
+if has ncu; then
+	ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+	if [ -n "$ncu" ]; then
+		for nt in 1 16 4096; do
+			say "ncu: OLMoE-shaped layer, $nt tokens, auto (per-kernel device time)"
+			timeout 60 "$ncu" --clock-control none --metrics gpu__time_duration.sum \
+				--launch-skip 150 --launch-count 40 --print-summary per-kernel \
+				"$bin/moe-bench" --device cuda --shape olmoe --tokens $nt >>"$out/ncu.log" 2>&1 ||
+				echo "ncu failed (exit $?)" >>"$log"
+			grep -E "^  [a-zA-Z_].*\(|gpu__time_duration.sum" "$out/ncu.log" | tail -40 >>"$log"
+		done
+	else
+		say "ncu: not found"
+	fi
+fi
 
 say "done, status $status"
 exit $status

@@ -113,7 +113,7 @@ template <int DT, int MT>
 __global__ void __launch_bounds__(WARPS * 32)
 	gate_up_small(const void *const *Wt, const void *W0, const uint32_t *count,
 		      const uint32_t *off, const uint32_t *act, uint32_t n_experts, uint32_t fixed_n,
-		      const void *xs, uint32_t H, uint32_t I, void *h)
+		      const void *xs, const uint32_t *src, uint32_t H, uint32_t I, void *h)
 {
 	typedef vec16<DT> V;
 	constexpr int UNROLL = MT <= 4 && DT != MOE_DT_F32_ ? 2 : 1;
@@ -150,12 +150,12 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
 			for (int j = 0; j < MT; j++) {
 				float xv[V::N];
+				uint32_t xr;
 
 				if (j >= (int)nt)
 					break;
-				V::load((const char *)xs +
-						((size_t)(base + t0 + j) * H + (size_t)v * V::N) * es,
-					xv);
+				xr = src ? src[base + t0 + j] : base + t0 + j;
+				V::load((const char *)xs + ((size_t)xr * H + (size_t)v * V::N) * es, xv);
 #pragma unroll
 				for (int r = 0; r < RPW_GU; r++)
 #pragma unroll
@@ -261,25 +261,25 @@ template <int MT>
 static void launch_small(moe_cuda_stream s, int mdt, dim3 g1, dim3 g2, const void *const *Wt,
 			 const void *W0, const uint32_t *count, const uint32_t *off,
 			 const uint32_t *act, uint32_t n_experts, uint32_t fixed_n, const void *xs,
-			 uint32_t H, uint32_t I, void *h, float *y)
+			 const uint32_t *src, uint32_t H, uint32_t I, void *h, float *y)
 {
 	/* a launch error stays pending for the cudaGetLastError() after both */
 	switch (mdt) {
 	case MOE_DT_BF16_:
 		gate_up_small<MOE_DT_BF16_, MT><<<g1, WARPS * 32, 0, s>>>(
-			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, src, H, I, h);
 		down_small<MOE_DT_BF16_, MT><<<g2, WARPS * 32, 0, s>>>(
 			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
 		break;
 	case MOE_DT_F16_:
 		gate_up_small<MOE_DT_F16_, MT><<<g1, WARPS * 32, 0, s>>>(
-			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, src, H, I, h);
 		down_small<MOE_DT_F16_, MT><<<g2, WARPS * 32, 0, s>>>(
 			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
 		break;
 	default:
 		gate_up_small<MOE_DT_F32_, MT><<<g1, WARPS * 32, 0, s>>>(
-			Wt, W0, count, off, act, n_experts, fixed_n, xs, H, I, h);
+			Wt, W0, count, off, act, n_experts, fixed_n, xs, src, H, I, h);
 		down_small<MOE_DT_F32_, MT><<<g2, WARPS * 32, 0, s>>>(
 			Wt, W0, count, off, act, n_experts, fixed_n, h, H, I, y);
 	}
@@ -289,7 +289,7 @@ extern "C" int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *co
 				      const void *W0, const uint32_t *count, const uint32_t *off,
 				      const uint32_t *act, uint32_t n_experts, uint32_t max_active,
 				      uint32_t max_tokens, uint32_t fixed_n, const void *xs,
-				      uint32_t H, uint32_t I, void *h, float *y)
+				      const uint32_t *src, uint32_t H, uint32_t I, void *h, float *y)
 {
 	uint32_t ny = !Wt ? 1 : max_active < n_experts ? max_active : n_experts;
 	dim3 g1((I + WARPS * RPW_GU - 1) / (WARPS * RPW_GU), ny ? ny : 1);
@@ -300,15 +300,19 @@ extern "C" int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *co
 		return (int)cudaErrorInvalidValue;
 	if (!Wt && !fixed_n)
 		return 0;
-	/* no expert gets more rows than the batch has tokens */
+	/* No expert gets more rows than the batch has tokens. Past one token,
+	 * 4 per pass while the experts average at most 4 rows: an expert with
+	 * more takes another pass over weights it has just read (from L2),
+	 * while the 16-token kernel (125 registers on sm_90, a quarter of the
+	 * warps) would keep too few loads in flight for every expert. */
 	if (maxt <= 1)
-		launch_small<1>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs, H,
-				I, h, y);
-	else if (maxt <= 4)
-		launch_small<4>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs, H,
-				I, h, y);
+		launch_small<1>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs,
+				   src, H, I, h, y);
+	else if (maxt <= 4 || (Wt && max_active <= 4 * (uint64_t)n_experts))
+		launch_small<4>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs,
+				   src, H, I, h, y);
 	else
 		launch_small<MAXT>(s, mdt, g1, g2, Wt, W0, count, off, act, n_experts, fixed_n, xs,
-				   H, I, h, y);
+				   src, H, I, h, y);
 	return (int)cudaGetLastError();
 }

@@ -82,6 +82,19 @@ int moe_cuda_gather(moe_cuda_stream s, const void *x, const uint32_t *src, uint3
 int moe_cuda_swiglu(moe_cuda_stream s, const void *gu, int gdt, uint32_t rows, uint32_t I,
 		    int mdt, void *h);
 
+/* The front of a decode-sized batch (kernels/cuda/front_small.cu): convert
+ * + router logits in one kernel (router [ld, H] in mdt, logits [n, ld]),
+ * then permute in one block; the expert kernels read x through src (no
+ * gather). _ok: whether H and E fit (H * 4 bytes of shared memory, E <=
+ * 256); permute_small also needs n * K <= 1024. */
+int moe_cuda_front_small_ok(uint32_t H, uint32_t E);
+int moe_cuda_front_small(moe_cuda_stream s, const void *raw, const struct moe_cuda_seg *segs,
+			 uint32_t n_segs, uint32_t n, uint32_t H, int mdt, const void *router,
+			 uint32_t ld, void *x, float *logits);
+int moe_cuda_permute_small(moe_cuda_stream s, const uint32_t *ids, uint32_t n, uint32_t K,
+			   uint32_t E, uint32_t *count, uint32_t *off, uint32_t *pos,
+			   uint32_t *src, uint32_t *act);
+
 /* Small batches (kernels/cuda/experts_small.cu): both expert GEMMs with
  * SwiGLU fused, reading count/off on the device (no host sync). Wt: device
  * array [n_experts] of slot pointers (gate over up, then down); or Wt NULL
@@ -89,13 +102,14 @@ int moe_cuda_swiglu(moe_cuda_stream s, const void *gu, int gdt, uint32_t rows, u
  * act: from moe_cuda_permute (the experts with rows); max_active bounds
  * act[E] (min(E, n*K)): blocks go to active experts only. max_tokens (the
  * batch's n) bounds any expert's rows: it picks the tokens per pass.
+ * Row r's input is xs[src[r]] (src from the permute; NULL: xs[r]).
  * h: [rows, I] model dtype scratch, y: [rows, H] fp32. */
 int moe_cuda_small_ok(int mdt, uint32_t H, uint32_t I);
 int moe_cuda_experts_small(moe_cuda_stream s, int mdt, const void *const *Wt, const void *W0,
 			   const uint32_t *count, const uint32_t *off, const uint32_t *act,
 			   uint32_t n_experts, uint32_t max_active, uint32_t max_tokens,
-			   uint32_t fixed_n, const void *xs, uint32_t H, uint32_t I, void *h,
-			   float *y);
+			   uint32_t fixed_n, const void *xs, const uint32_t *src, uint32_t H,
+			   uint32_t I, void *h, float *y);
 
 /* out rows in each segment's dtype into raw (same layout as convert_in).
  * shy/gsc: shared expert output [n, H] and its gate [n] (NULL: none/1). */
