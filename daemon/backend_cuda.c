@@ -80,7 +80,7 @@ struct cuda_rank {
 	cudaEvent_t ev0, ev1, evk0, evk1; /* end to end; the layer's kernels */
 	uint32_t max_tokens;
 	bool graphs; /* small batches replayed from CUDA graphs (MOE_CUDA_GRAPHS) */
-	bool fused;  /* small batches' front in three kernels (MOE_CUDA_FUSED) */
+	bool fused;  /* small batches' front in three kernels (MOE_CUDA_FUSED=1) */
 	bool lost;
 	char lost_msg[256];
 	unsigned long fault_at, calls; /* MOED_TEST_CUDA_FAULT */
@@ -391,10 +391,14 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 		c->graphs = !g || strcmp(g, "0");
 		if (!c->graphs)
 			moe_log(LOG_NOTICE, "MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel");
+		/* Opt-in: measured slower on an H200 at 1-4 tokens (bench/
+		 * RESULTS.md: its few blocks wait on DRAM where cuBLAS spreads
+		 * the router over the GPU), kept for measurement. */
 		g = getenv("MOE_CUDA_FUSED");
-		c->fused = (!g || strcmp(g, "0")) && moe_cuda_front_small_ok(m->hidden, m->n_experts);
-		if (g && !strcmp(g, "0"))
-			moe_log(LOG_NOTICE, "MOE_CUDA_FUSED=0: small batches use the general front");
+		c->fused = g && !strcmp(g, "1") && moe_cuda_front_small_ok(m->hidden, m->n_experts);
+		if (g && !strcmp(g, "1"))
+			moe_log(LOG_NOTICE, "MOE_CUDA_FUSED=1: small batches %s", c->fused
+				? "use the fused front" : "cannot use the fused front (hidden or experts too large)");
 	}
 	r->kernels = c->small_ok ? (c->graphs ? "cublas+small (graphs)" : "cublas+small")
 				 : "cublas";
@@ -642,9 +646,10 @@ static int back(struct cuda_rank *c, const struct moe_model *m, const struct moe
 }
 
 /* A small batch's kernels, input rows to output rows, with no host sync:
- * what a graph captures. Fused (the default where the shapes allow): the
- * front in three kernels (convert + router logits, top-k, permute) and the
- * experts reading x through src; else the general front and a gather. */
+ * what a graph captures. The general front (convert, cuBLAS router GEMM,
+ * top-k, permute, gather); or, with MOE_CUDA_FUSED=1 where the shapes
+ * allow, a fused one in three kernels (convert + router logits, top-k,
+ * one-block permute) with the experts reading x through src. */
 static int small_body(struct cuda_rank *c, const struct moe_model *m,
 		      const struct moe_layer_state *ls, uint32_t n, uint32_t n_segs, char *err)
 {

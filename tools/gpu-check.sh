@@ -15,11 +15,11 @@
 #         test    the GPU tests (ctest -L gpu), graphs on (the default)
 #         bench   moe-bench --device cuda, Mixtral- and OLMoE-shaped layers:
 #                 auto, then each expert path (MOE_CUDA_GEMM), then small
-#                 batches without graphs (MOE_CUDA_GRAPHS=0) and without the
-#                 fused front (MOE_CUDA_FUSED=0)
+#                 batches without graphs (MOE_CUDA_GRAPHS=0) and with the
+#                 fused front (MOE_CUDA_FUSED=1)
 #         torch   bench/compare_torch.py --device cuda on the same layers
 #                 (transformers' block, torch._grouped_mm)
-#         nograph the GPU tests again with MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0
+#         nograph the GPU tests again with MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=1
 #         ncu     per-kernel device times (Nsight Compute) of the OLMoE-shaped
 #                 layer at 1, 16 and 4096 tokens, where ncu can read counters
 #       default: build,test,nograph,bench,torch,ncu. Each stage runs under its
@@ -149,7 +149,7 @@ gpu_tests() { # tag env...
 	tail -3 "$out/tests.log" | tee -a "$log"
 }
 has test && gpu_tests "defaults: graphs, fused front"
-has nograph && gpu_tests "MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0" MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=0
+has nograph && gpu_tests "MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=1" MOE_CUDA_GRAPHS=0 MOE_CUDA_FUSED=1
 
 bench() { # tag tokens env... : both shapes
 	local tag=$1 tokens=$2
@@ -171,7 +171,7 @@ if has bench; then
 	bench "grouped" $all MOE_CUDA_GEMM=grouped
 	bench "small" $all MOE_CUDA_GEMM=small
 	bench "small, no graphs" 1,4,16,64 MOE_CUDA_GEMM=small MOE_CUDA_GRAPHS=0
-	bench "small, graphs, general front" 1,4,16,64 MOE_CUDA_GEMM=small MOE_CUDA_FUSED=0
+	bench "small, graphs, fused front" 1,4,16,64 MOE_CUDA_GEMM=small MOE_CUDA_FUSED=1
 fi
 
 if has torch; then
@@ -187,7 +187,7 @@ fi
 if has ncu; then
 	ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 	if [ -n "$ncu" ]; then
-		for nt in 1 16 4096; do
+		for nt in ${MOE_NCU_TOKENS:-1 16 4096}; do
 			say "ncu: OLMoE-shaped layer, $nt tokens, auto (per-kernel device time)"
 			timeout 60 "$ncu" --clock-control none --metrics gpu__time_duration.sum \
 				--launch-skip 150 --launch-count 40 --print-summary per-kernel \
