@@ -55,14 +55,6 @@ prepare() {
 	echo "prepared $(du -sh "$deps" | cut -f1) in $deps; carry it: [\".gpu-deps\"]"
 }
 
-tree_hash() { # the sources' content, whatever .git says
-	find CMakeLists.txt bench client daemon formats ipc kernels tests tools -type f \
-		! -path 'tests/fuzz/corpus*' -print0 | sort -z | xargs -0 sha1sum | sha1sum | cut -c1-12
-}
-if [ "${1:-}" = "--tree-hash" ]; then
-	tree_hash
-	exit 0
-fi
 if [ "${1:-}" = "--prepare" ]; then
 	prepare
 	exit 0
@@ -94,12 +86,10 @@ gpu=1
 status=0
 
 {
-	# the device's copy of the tree may carry an older .git: name the
-	# sources by content too (tools/gpu-check.sh --tree-hash here gives the
-	# same for a commit)
+	# (the device tool's copy of the tree carries the session's first
+	# .git: its commit is the base, and what was sent shows as changes)
 	echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-		"$(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')" \
-		"source tree $(tree_hash)"
+		"$(git status --porcelain 2>/dev/null | grep -q . && echo '(+ uncommitted changes)')"
 	nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
 		--format=csv,noheader || echo "nvidia-smi: no GPU visible"
 	nvcc --version | tail -1
