@@ -28,7 +28,7 @@
  * cuBLAS there by skipping the host sync, and lose beyond since they run
  * on CUDA cores, not tensor cores); past that, grouped for models of more
  * than GROUPED_EXPERTS experts (per-expert cuBLAS calls cost a launch
- * each: 128 for an OLMoE layer, 4-8x the grouped call's time at 16-1024
+ * each: 128 for an OLMoE layer, 2-4.5x the grouped call's time at 16-1024
  * tokens), else cublas (8 experts: per-expert GEMMs are as fast at 16-64
  * tokens and 2x faster from 1024 on). MOE_CUDA_GEMM=cublas|small|grouped|
  * auto forces one, for measurement (moe-bench, tools/gpu-check.sh).
