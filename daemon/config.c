@@ -136,6 +136,8 @@ static const struct cfg_key cfg_keys[] = {
     {"server.max_clients", UINT(server.max_clients, 1, 65536), .supported = true},
     {"server.max_client_shm_bytes", SIZE(server.max_client_shm_bytes, 1LL << 20, 1LL << 40),
      .supported = true},
+    {"server.max_total_shm_bytes", SIZE(server.max_total_shm_bytes, 1LL << 20, 1LL << 44),
+     .supported = true},
     {"server.max_inflight_requests", UINT(server.max_inflight_requests, 1, 65536),
      .supported = true},
     {"server.max_inflight_tokens", UINT(server.max_inflight_tokens, 1, 100000000),

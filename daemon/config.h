@@ -109,6 +109,9 @@ struct moe_config {
 		char *admin_group;                  /* "" = root only */
 		unsigned int max_clients;           /* 1..65536, default 64 */
 		uint64_t max_client_shm_bytes;      /* 1 MiB..1 TiB, default 1 GiB */
+		uint64_t max_total_shm_bytes;       /* all clients' regions: 1 MiB..16 TiB;
+						     * 0 (the default): a quarter of the
+						     * host's memory (moe_cfg_total_shm) */
 		unsigned int max_inflight_requests; /* per client, default 256 */
 		unsigned int max_inflight_tokens;   /* per client, default 65536 */
 		unsigned int handshake_timeout_ms;  /* connect to HELLO, default 5000 */

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "daemon/config.h"
 #include "daemon/engine.h"
@@ -141,6 +142,18 @@ static int load_progress(void *arg, uint32_t done, uint32_t total)
 	return sigismember(&pend, SIGTERM) || sigismember(&pend, SIGINT);
 }
 
+/* server.max_total_shm_bytes, or by default a quarter of the host's memory
+ * (at least 64 MiB): what the clients' regions may make moed hold. */
+static uint64_t total_shm(const struct moe_config *c)
+{
+	long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+	uint64_t q = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 4 : 1ULL << 30;
+
+	if (c->server.max_total_shm_bytes)
+		return c->server.max_total_shm_bytes;
+	return q > (64ULL << 20) ? q : 64ULL << 20;
+}
+
 static int group_id(const char *name, const char *key, gid_t *gid)
 {
 	struct group *g;
@@ -233,6 +246,7 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 #undef NEEDS_RESTART
 	o->max_clients = nc.server.max_clients;
 	o->max_client_shm_bytes = nc.server.max_client_shm_bytes;
+	o->max_total_shm_bytes = total_shm(&nc);
 	o->max_inflight_requests = nc.server.max_inflight_requests;
 	o->max_inflight_tokens = nc.server.max_inflight_tokens;
 	o->max_queue_requests = nc.scheduler.max_queue_requests;
@@ -244,6 +258,7 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 	/* keep the live config's strings for the keys that did not apply */
 	c->server.max_clients = nc.server.max_clients;
 	c->server.max_client_shm_bytes = nc.server.max_client_shm_bytes;
+	c->server.max_total_shm_bytes = nc.server.max_total_shm_bytes;
 	c->server.max_inflight_requests = nc.server.max_inflight_requests;
 	c->server.max_inflight_tokens = nc.server.max_inflight_tokens;
 	c->scheduler.max_queue_requests = nc.scheduler.max_queue_requests;
@@ -314,6 +329,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 			.listen_fd = lfd,
 			.max_clients = c->server.max_clients,
 			.max_client_shm_bytes = c->server.max_client_shm_bytes,
+			.max_total_shm_bytes = total_shm(c),
 			.max_inflight_requests = c->server.max_inflight_requests,
 			.max_inflight_tokens = c->server.max_inflight_tokens,
 			.max_queue_requests = c->scheduler.max_queue_requests,

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <sys/un.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -33,6 +34,7 @@
 #define TICK_NS	      (10 * 1000000ull) /* deadline resolution */
 #define MIN_REGION    (64 * 1024)
 #define SEALS_NEEDED  (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+#define SHMEM_MAGIC   0x01021994u /* TMPFS_MAGIC: memfd_create's own filesystem */
 
 struct request {
 	struct client *c;
@@ -98,6 +100,7 @@ struct server {
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
 	uint64_t reloads, reloads_refused;
 	uint32_t unpinned; /* clients now connected whose region is not pinned */
+	uint64_t shm_bytes; /* the attached clients' regions, in all */
 };
 
 /* sd_notify when built with libsystemd and run under systemd (it does
@@ -539,8 +542,10 @@ static void drop_client(struct server *s, struct client *c)
 		moe_engine_host_unregister(s->e, c->region);
 	if (c->pin_failed)
 		s->unpinned--;
-	if (c->region)
+	if (c->region) {
 		munmap(c->region, c->region_bytes);
+		s->shm_bytes -= c->region_bytes;
+	}
 	moe_log(LOG_INFO, "client %u (pid %d, %s) disconnected after %llu requests", c->id,
 		(int)c->pid, c->name[0] ? c->name : "-", (unsigned long long)c->requests);
 	free(c->overflow);
@@ -620,12 +625,27 @@ static int hello_reply(struct server *s, struct client *c, int status)
 }
 
 /* The memfd is the client's: check its type, seals and size before mapping,
- * then copy the header once and check it against the HELLO. */
+ * then copy the header once and check it against the HELLO.
+ *
+ * What could make a read or write of the mapped region fault (SIGBUS kills
+ * moed, and every client with it) is closed here, not caught later:
+ *  - a file that shrinks under the mapping: F_SEAL_SHRINK, and the size
+ *    must be the HELLO's;
+ *  - pages that cannot be provided on a fault: only shmem (a plain memfd,
+ *    fstatfs TMPFS_MAGIC) is accepted. A hugetlbfs memfd (MFD_HUGETLB) can be
+ *    sized and sealed with no huge page reserved, and its owner can punch
+ *    its pages out and exhaust the pool: moed's next touch is SIGBUS.
+ *    Holes punched in a shmem file read as zeros and are allocated again on
+ *    write (charged to moed: server.max_total_shm_bytes bounds that);
+ *  - a mapping that later turns read-only: F_SEAL_SEAL forbids adding
+ *    F_SEAL_WRITE or F_SEAL_FUTURE_WRITE after the check, and a region
+ *    sealed against writes already cannot be mapped writable. */
 static int attach(struct server *s, struct client *c, const struct moe_msg_hello *h, int fd,
 		  const char **why)
 {
 	struct moe_shm_layout lay;
 	struct moe_shm_hdr hdr;
+	struct statfs sf;
 	struct stat st;
 	int seals;
 	void *p;
@@ -634,6 +654,10 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 		return *why = "HELLO without a memfd", MOE_EPROTO;
 	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
 		return *why = "the passed fd is not a regular file (memfd)", MOE_EINVAL;
+	if (fstatfs(fd, &sf) < 0 || (uint32_t)sf.f_type != SHMEM_MAGIC)
+		return *why = "the memfd is not a plain shmem memfd (hugetlbfs and other "
+			      "filesystems can fault moed's reads)",
+		       MOE_EINVAL;
 	seals = fcntl(fd, F_GET_SEALS);
 	if (seals < 0 || (seals & SEALS_NEEDED) != SEALS_NEEDED)
 		return *why = "the memfd is not sealed against shrink, grow and further sealing",
@@ -642,6 +666,11 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 		return *why = "the memfd's size differs from the HELLO's", MOE_EINVAL;
 	if (h->region_bytes > s->o.max_client_shm_bytes || h->region_bytes < MIN_REGION)
 		return *why = "region size outside [64 KiB, server.max_client_shm_bytes]",
+		       MOE_ELIMIT;
+	if (s->o.max_total_shm_bytes &&
+	    h->region_bytes > s->o.max_total_shm_bytes - s->shm_bytes)
+		return *why = "server.max_total_shm_bytes: the clients' regions already take "
+			      "what moed allows in all",
 		       MOE_ELIMIT;
 	if (moe_shm_layout(h->sq_entries, h->cq_entries, h->region_bytes, &lay))
 		return *why = "ring sizes do not fit the region", MOE_EINVAL;
@@ -657,6 +686,7 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 	}
 	c->region = p;
 	c->region_bytes = h->region_bytes;
+	s->shm_bytes += c->region_bytes;
 	c->hdr = p;
 	c->sq = (struct moe_sqe *)((char *)p + lay.sq_off);
 	c->cq = (struct moe_cqe *)((char *)p + lay.cq_off);
@@ -908,16 +938,25 @@ static void read_client(struct server *s, struct client *c)
 
 		if (n < 0 && (errno == EAGAIN || errno == EINTR))
 			return;
-		if (n <= 0) {
+		if (n < 0) {
 			c->dead = true;
 			return;
 		}
+		/* The fds first, whatever the datagram: a zero-length one can
+		 * carry fds too (SOCK_SEQPACKET cannot tell it from EOF), and
+		 * every fd received is closed on every path below. */
 		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
 			if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
 				continue;
 			for (size_t k = 0; k < (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfds < 8;
 			     k++)
 				memcpy(&fds[nfds++], CMSG_DATA(cm) + k * sizeof(int), sizeof(int));
+		}
+		if (n == 0) { /* EOF, or an empty datagram: no message of ours is empty */
+			for (int k = 0; k < nfds; k++)
+				close(fds[k]);
+			c->dead = true;
+			return;
 		}
 		if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) {
 			for (int k = 0; k < nfds; k++)

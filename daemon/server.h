@@ -32,6 +32,7 @@ struct moe_server_opts {
 	int listen_fd; /* >= 0: an already bound, listening socket (activation) */
 	uint32_t max_clients;
 	uint64_t max_client_shm_bytes;
+	uint64_t max_total_shm_bytes;	/* all clients' regions together */
 	uint32_t max_inflight_requests; /* per client */
 	uint32_t max_inflight_tokens;	/* per client */
 	uint32_t max_queue_requests;	/* all clients */
