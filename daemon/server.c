@@ -75,6 +75,7 @@ struct client {
 	uint64_t requests, errors;
 	struct moe_peer peer;
 	uint64_t accepted_ns;
+	uint32_t ctrl_loop, ctrl_used; /* control messages in this loop iteration */
 	bool drain_waiter; /* answer its DRAIN once nothing is queued */
 	uint32_t drain_seq;
 	struct client *next;
@@ -101,6 +102,22 @@ struct server {
 	uint64_t reloads, reloads_refused;
 	uint32_t unpinned; /* clients now connected whose region is not pinned */
 	uint64_t shm_bytes; /* the attached clients' regions, in all */
+	/* fair admission: a client may hold at most `share` of the queue while
+	 * others have work too (poll_rings); rings are polled from a rotating
+	 * start */
+	uint32_t share, poll_rr;
+	/* the status JSON, built at most once per loop iteration and passed to
+	 * every client that asks in that iteration (one sealed memfd) */
+	uint64_t loops, status_loop;
+	int status_fd;
+	uint64_t status_len, status_builds, status_served, status_deferred;
+	/* log lines about refused peers, per uid (log_refusal) */
+	struct log_slot {
+		uid_t uid;
+		uint64_t since_ns;
+		uint32_t lines, suppressed;
+	} log_slots[16];
+	uint64_t log_suppressed;
 };
 
 /* sd_notify when built with libsystemd and run under systemd (it does
@@ -173,6 +190,78 @@ static void send_error(struct client *c, int status, const char *msg)
 
 	snprintf(e.message, sizeof(e.message), "%s", msg);
 	send_msg(c->fd, MOE_MSG_ERROR, &e, sizeof(e), -1);
+}
+
+/* ---- refusals in the log ------------------------------------------------ */
+
+#define LOG_WINDOW_NS (10 * 1000000000ull)
+#define LOG_PER_WINDOW 5
+
+/* Lines about refused peers (HELLO or admin refused, handshake timeouts)
+ * are what an unauthorized process can make moed write at will: at most
+ * LOG_PER_WINDOW per uid per 10 s, then one "N similar messages suppressed"
+ * line when the window ends (the next line for that uid, or the tick). */
+static void log_summary(struct log_slot *l)
+{
+	if (l->suppressed)
+		moe_log(LOG_WARNING, "uid %d: %u similar messages suppressed in the last %llu s",
+			(int)l->uid, l->suppressed, LOG_WINDOW_NS / 1000000000ull);
+	l->suppressed = 0;
+}
+
+static void log_refusal(struct server *s, uid_t uid, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void log_refusal(struct server *s, uid_t uid, const char *fmt, ...)
+{
+	uint64_t now = now_ns();
+	struct log_slot *l = NULL, *oldest = &s->log_slots[0];
+	char line[512];
+	va_list ap;
+
+	for (size_t i = 0; i < sizeof(s->log_slots) / sizeof(s->log_slots[0]); i++) {
+		struct log_slot *x = &s->log_slots[i];
+
+		if (x->since_ns && x->uid == uid) {
+			l = x;
+			break;
+		}
+		if (x->since_ns < oldest->since_ns)
+			oldest = x;
+	}
+	if (!l) { /* a new peer takes the slot idle longest */
+		l = oldest;
+		log_summary(l);
+		*l = (struct log_slot){.uid = uid, .since_ns = now};
+	}
+	if (now - l->since_ns >= LOG_WINDOW_NS) {
+		log_summary(l);
+		l->since_ns = now;
+		l->lines = 0;
+	}
+	if (l->lines >= LOG_PER_WINDOW) {
+		l->suppressed++;
+		s->log_suppressed++;
+		return;
+	}
+	l->lines++;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	moe_log(LOG_WARNING, "%s", line);
+}
+
+/* Summaries of windows that ended with no new line for their uid. */
+static void log_flush(struct server *s, uint64_t now)
+{
+	for (size_t i = 0; i < sizeof(s->log_slots) / sizeof(s->log_slots[0]); i++) {
+		struct log_slot *l = &s->log_slots[i];
+
+		if (l->since_ns && l->suppressed && now - l->since_ns >= LOG_WINDOW_NS) {
+			log_summary(l);
+			l->since_ns = now;
+			l->lines = 0;
+		}
+	}
 }
 
 /* ---- completions -------------------------------------------------------- */
@@ -311,12 +400,14 @@ static void poll_sq(struct server *s, struct client *c)
 		uint64_t timeout;
 		int st;
 
-		/* backpressure: leave entries in the ring past the limits, and
+		/* backpressure: leave entries in the ring past the limits,
+		 * past the client's fair share of the queue (poll_rings), and
 		 * while the client leaves completions uncollected (else a
 		 * client that never reads its completion ring grows
 		 * c->overflow without bound) */
 		if (c->inflight >= s->o.max_inflight_requests ||
-		    s->pending >= s->o.max_queue_requests || c->n_overflow)
+		    s->pending >= s->o.max_queue_requests || c->inflight >= s->share ||
+		    c->n_overflow)
 			break;
 		/* copy once, then validate the copy; never re-read the ring */
 		memcpy(&q, &c->sq[c->sq_head & (c->sq_entries - 1)], sizeof(q));
@@ -348,6 +439,44 @@ static void poll_sq(struct server *s, struct client *c)
 		if (timeout)
 			r->deadline_ns = r->queued_ns + timeout * 1000000ull;
 		enqueue(s, c, r);
+	}
+}
+
+static bool has_work(const struct client *c)
+{
+	return c->attached && !c->dead &&
+	       (c->queue ||
+		atomic_load_explicit(&c->hdr->sq_tail, memory_order_relaxed) != c->sq_head);
+}
+
+/* Takes what every client's ring holds, within the limits. Fairness of
+ * admission: while k clients have work, none may hold more than
+ * max_queue_requests / k of the queue, so a newcomer (or an old client
+ * behind newer ones in the list) always finds room as the others' requests
+ * finish; and the rings are polled from a rotating start, so no position
+ * in the list goes first every time. (form_batch is fair between what is
+ * queued.) */
+static void poll_rings(struct server *s)
+{
+	uint32_t busy = 0, k, i = 0;
+	struct client *c;
+
+	for (c = s->clients; c; c = c->next)
+		busy += has_work(c);
+	s->share = s->o.max_queue_requests / (busy ? busy : 1);
+	if (!s->share)
+		s->share = 1;
+	k = s->n_clients ? s->poll_rr++ % s->n_clients : 0;
+	for (c = s->clients; c; c = c->next, i++) {
+		if (i < k)
+			continue;
+		flush_cq(c);
+		poll_sq(s, c);
+	}
+	i = 0;
+	for (c = s->clients; c && i < k; c = c->next, i++) {
+		flush_cq(c);
+		poll_sq(s, c);
 	}
 }
 
@@ -546,8 +675,10 @@ static void drop_client(struct server *s, struct client *c)
 		munmap(c->region, c->region_bytes);
 		s->shm_bytes -= c->region_bytes;
 	}
-	moe_log(LOG_INFO, "client %u (pid %d, %s) disconnected after %llu requests", c->id,
-		(int)c->pid, c->name[0] ? c->name : "-", (unsigned long long)c->requests);
+	/* (one that never attached was logged when refused, if at all) */
+	moe_log(c->attached ? LOG_INFO : LOG_DEBUG, "client %u (pid %d, %s) disconnected after "
+		"%llu requests", c->id, (int)c->pid, c->name[0] ? c->name : "-",
+		(unsigned long long)c->requests);
 	free(c->overflow);
 	free(c);
 	s->n_clients--;
@@ -769,10 +900,10 @@ static void admin(struct server *s, struct client *c, const struct moe_msg_admin
 
 	if (!moe_auth_allowed(&s->o.auth, &c->peer, MOE_AUTH_ADMIN)) {
 		s->refused_auth++;
-		moe_log(LOG_WARNING, "client %u (pid %d, uid %d): admin command %u refused: not root"
-			" or in the admin group%s%s", c->id, (int)c->pid, (int)c->uid, a->op,
-			s->o.admin_group && *s->o.admin_group ? " " : "",
-			s->o.admin_group ? s->o.admin_group : "");
+		log_refusal(s, c->peer.uid, "client %u (pid %d, uid %d): admin command %u refused: "
+			    "not root or in the admin group%s%s", c->id, (int)c->pid, (int)c->uid,
+			    a->op, s->o.admin_group && *s->o.admin_group ? " " : "",
+			    s->o.admin_group ? s->o.admin_group : "");
 		admin_reply(c, seq, MOE_EPERM, "not allowed: root or server.admin_group only");
 		return;
 	}
@@ -834,12 +965,13 @@ static void tick(struct server *s)
 	for (struct client *c = s->clients; c; c = c->next) {
 		if (!c->attached && s->o.handshake_timeout_ms &&
 		    now - c->accepted_ns > s->o.handshake_timeout_ms * 1000000ull) {
-			moe_log(LOG_WARNING, "client %u (pid %d): no HELLO within %u ms; dropped",
-				c->id, (int)c->pid, s->o.handshake_timeout_ms);
+			log_refusal(s, c->peer.uid, "client %u (pid %d): no HELLO within %u ms; "
+				    "dropped", c->id, (int)c->pid, s->o.handshake_timeout_ms);
 			send_error(c, MOE_EPROTO, "handshake timeout");
 			c->dead = true;
 		}
 	}
+	log_flush(s, now);
 	if (s->watchdog_ns && now - s->last_ping_ns >= s->watchdog_ns / 2) {
 		notify("WATCHDOG=1");
 		s->last_ping_ns = now;
@@ -876,8 +1008,8 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 		if (!st)
 			st = attach(s, c, &h, passed, &why);
 		if (st) {
-			moe_log(LOG_WARNING, "client %u (pid %d): refused: %s", c->id, (int)c->pid,
-				why);
+			log_refusal(s, c->peer.uid, "client %u (pid %d, uid %d): refused: %s", c->id,
+				    (int)c->pid, (int)c->peer.uid, why);
 			hello_reply(s, c, st);
 			keep = false;
 		} else if (hello_reply(s, c, 0)) {
@@ -922,9 +1054,20 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 	return keep;
 }
 
+/* Messages read from one client per loop iteration, of any kind: what is
+ * left stays in its socket until the next iteration (epoll is level-
+ * triggered), after the batch in between. A client that floods the socket
+ * (STATUS, CANCEL, doorbells) then costs each iteration at most this many
+ * cheap messages, and never delays the data path by more. */
+#define MSGS_PER_LOOP 8
+
 static void read_client(struct server *s, struct client *c)
 {
-	for (int i = 0; i < 64 && !c->dead; i++) {
+	if (c->ctrl_loop != s->loops) {
+		c->ctrl_loop = s->loops;
+		c->ctrl_used = 0;
+	}
+	for (; c->ctrl_used < MSGS_PER_LOOP && !c->dead; c->ctrl_used++) {
 		char buf[MOE_MSG_MAX];
 		union {
 			char b[CMSG_SPACE(sizeof(int) * 8)];
@@ -1029,6 +1172,15 @@ static char *status_json(struct server *s)
 	cJSON_AddNumberToObject(o, "refused_unauthorized", (double)s->refused_auth);
 	cJSON_AddNumberToObject(o, "config_reloads", (double)s->reloads);
 	cJSON_AddNumberToObject(o, "config_reloads_refused", (double)s->reloads_refused);
+	o = cJSON_AddObjectToObject(j, "control");
+	cJSON_AddNumberToObject(o, "loops", (double)s->loops);
+	/* this reply's own build and send are not counted yet */
+	cJSON_AddNumberToObject(o, "status_builds", (double)s->status_builds);
+	cJSON_AddNumberToObject(o, "status_served", (double)s->status_served);
+	cJSON_AddNumberToObject(o, "log_lines_suppressed", (double)s->log_suppressed);
+	cJSON_AddNumberToObject(o, "shm_bytes", (double)s->shm_bytes);
+	cJSON_AddNumberToObject(o, "max_total_shm_bytes", (double)s->o.max_total_shm_bytes);
+	cJSON_AddNumberToObject(o, "queue_share", s->share);
 	a = cJSON_AddArrayToObject(j, "layers");
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		cJSON *x = cJSON_CreateObject(), *t;
@@ -1046,29 +1198,51 @@ static char *status_json(struct server *s)
 }
 
 /* The JSON goes in a sealed memfd: no datagram size limit, and the client
- * cannot change it under us (nor we under it). */
+ * cannot change it under us (nor we under it). It is built at most once per
+ * loop iteration (nothing it reports changes within one), and every client
+ * asking in that iteration gets the same memfd (they share its file offset:
+ * libmoeclient reads it with pread). A STATUS flood thus costs one build
+ * per iteration and a send per message, within each client's
+ * MSGS_PER_LOOP. */
+static int status_snapshot(struct server *s)
+{
+	char *json;
+	int fd;
+
+	if (s->status_fd >= 0 && s->status_loop == s->loops)
+		return s->status_fd;
+	if (s->status_fd >= 0)
+		close(s->status_fd);
+	s->status_fd = -1;
+	json = status_json(s);
+	if (!json)
+		return -1;
+	s->status_len = strlen(json);
+	fd = memfd_create("moed-status", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd >= 0 && (write(fd, json, s->status_len) != (ssize_t)s->status_len ||
+			fcntl(fd, F_ADD_SEALS,
+			      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
+		close(fd);
+		fd = -1;
+	}
+	free(json);
+	s->status_fd = fd;
+	s->status_loop = s->loops;
+	s->status_builds++;
+	return fd;
+}
+
 static void status_reply(struct server *s, struct client *c, uint32_t seq)
 {
 	struct moe_msg_status_reply r = {0};
-	char *json = status_json(s);
-	int fd = -1;
+	int fd = status_snapshot(s);
 
-	if (!json) {
+	if (fd < 0)
 		r.status = MOE_ENOMEM;
-		send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), -1);
-		return;
-	}
-	r.json_bytes = strlen(json);
-	fd = memfd_create("moed-status", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	if (fd < 0 || write(fd, json, r.json_bytes) != (ssize_t)r.json_bytes ||
-	    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
-		r.status = MOE_ENOMEM;
-		r.json_bytes = 0;
-	}
-	send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), r.status ? -1 : fd);
-	if (fd >= 0)
-		close(fd);
-	free(json);
+	else
+		r.json_bytes = s->status_len;
+	if (!send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), fd))
+		s->status_served++;
 }
 
 /* ---- setup -------------------------------------------------------------- */
@@ -1224,7 +1398,8 @@ static void shutdown_clients(struct server *s)
 int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 {
 	struct server s = {.e = e, .m = moe_engine_model(e), .o = *o, .epfd = -1, .lfd = -1,
-			   .sfd = -1, .tfd = -1};
+			   .sfd = -1, .tfd = -1, .status_fd = -1,
+			   .share = o->max_queue_requests ? o->max_queue_requests : 1};
 	struct epoll_event evs[64];
 	int code = 0;
 
@@ -1244,6 +1419,7 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 	while (!s.stopping) {
 		int n = epoll_wait(s.epfd, evs, 64, s.pending ? 0 : -1);
 
+		s.loops++;
 		for (int i = 0; i < n; i++) {
 			void *p = evs[i].data.ptr;
 			uint64_t ticks;
@@ -1265,10 +1441,7 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			}
 		}
 		reap_dead(&s);
-		for (struct client *c = s.clients; c; c = c->next) {
-			flush_cq(c);
-			poll_sq(&s, c);
-		}
+		poll_rings(&s);
 		if (s.pending && !s.stopping) {
 			/* a request whose deadline passed before it starts is
 			 * answered, not run */
@@ -1278,6 +1451,10 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		answer_drain_waiters(&s);
 		notify_clients(&s);
 		reap_dead(&s);
+		if (s.status_fd >= 0) { /* valid for this iteration only */
+			close(s.status_fd);
+			s.status_fd = -1;
+		}
 	}
 	notify("STOPPING=1");
 	shutdown_clients(&s);
@@ -1299,6 +1476,8 @@ out:
 		close(s.sfd);
 	if (s.tfd >= 0)
 		close(s.tfd);
+	if (s.status_fd >= 0)
+		close(s.status_fd);
 	free(s.segs);
 	free(s.batch);
 	free(s.is_moe);
