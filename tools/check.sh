@@ -6,7 +6,7 @@
 #  2. ASan + UBSan build with -DMOE_CUDA=OFF, full ctest.
 #  3. Fuzzing: the committed corpora replayed under libFuzzer, then
 #     MOE_FUZZ_SECONDS (default 12) seconds of fresh fuzzing per target
-#     (5 targets: the 60-second budget).
+#     (6 targets: 72 seconds).
 #
 # Installs the Debian packages it needs (tools/deps.sh) or says which.
 set -euo pipefail
@@ -45,7 +45,7 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
 	run_suite "asan+ubsan" build-ci/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMOE_SANITIZE=ON \
 	-DMOE_CUDA=OFF
 
-echo "== fuzzing (${MOE_FUZZ_SECONDS:-12}s per target, 5 targets: 60 s in all)"
+echo "== fuzzing (${MOE_FUZZ_SECONDS:-12}s per target, 6 targets: 72 s in all)"
 tools/fuzz.sh "${MOE_FUZZ_SECONDS:-12}"
 
 echo

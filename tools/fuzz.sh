@@ -27,9 +27,11 @@ build model_config "${model[@]}" -lcjson -lm
 build config daemon/config.c -lyaml
 build proto ipc/moe_proto.c
 build sqe ipc/moe_proto.c
+build session tests/fuzz/session_engine.c daemon/server.c daemon/auth.c daemon/log.c \
+	ipc/moe_proto.c kernels/cpu/convert.c -lcjson -lpthread
 
 status=0
-for t in safetensors model_config config proto sqe; do
+for t in safetensors model_config config proto sqe session; do
 	corpus=tests/fuzz/corpus/$t
 	fresh=$out/corpus-$t
 	mkdir -p "$fresh"

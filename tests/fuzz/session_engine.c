@@ -1,0 +1,136 @@
+/* tests/fuzz/session_engine.c — a stand-in for the engine under daemon/
+ * server.c, for fuzz_session: a small OLMoE-shaped model (hidden 64, three
+ * decoder layers, 0 and 2 MoE) whose forward reads every input element and
+ * writes every output element of every segment (out = 2 * in), so that a
+ * segment the server let point outside a region faults, and nothing else.
+ * Only the functions server.c calls are here. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/engine.h"
+#include "daemon/model.h"
+#include "kernels/cpu/convert.h"
+
+#define FZ_HIDDEN 64
+
+static struct moe_layer_desc g_layers[2] = {{.index = 0}, {.index = 2}};
+static struct moe_model g_model = {
+	.family = MOE_FAM_OLMOE,
+	.dtype = MOE_DT_BF16,
+	.hidden = FZ_HIDDEN,
+	.inter = 32,
+	.n_experts = 4,
+	.top_k = 2,
+	.n_layers = 3,
+	.n_moe_layers = 2,
+	.layers = g_layers,
+};
+static int g_epoch;
+
+const char *moe_family_name(enum moe_family f)
+{
+	return f == MOE_FAM_OLMOE ? "olmoe" : "?";
+}
+
+const struct moe_model *moe_engine_model(const struct moe_engine *e)
+{
+	(void)e;
+	return &g_model;
+}
+
+uint32_t moe_engine_max_tokens(const struct moe_engine *e)
+{
+	(void)e;
+	return 64;
+}
+
+uint32_t moe_engine_threads(const struct moe_engine *e)
+{
+	(void)e;
+	return 1;
+}
+
+const char *moe_engine_backend(const struct moe_engine *e)
+{
+	(void)e;
+	return "fuzz";
+}
+
+const char *moe_engine_kernels(const struct moe_engine *e)
+{
+	(void)e;
+	return "none";
+}
+
+const char *moe_engine_device(const struct moe_engine *e)
+{
+	(void)e;
+	return "none";
+}
+
+float moe_engine_last_device_ms(const struct moe_engine *e)
+{
+	(void)e;
+	return -1.0f;
+}
+
+bool moe_engine_lost(const struct moe_engine *e)
+{
+	(void)e;
+	return false;
+}
+
+uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x)
+{
+	(void)e, (void)pos, (void)x;
+	return 0;
+}
+
+int moe_engine_host_register(struct moe_engine *e, void *p, size_t len, char *err)
+{
+	(void)e, (void)p, (void)len, (void)err;
+	return -ENOTSUP;
+}
+
+void moe_engine_host_unregister(struct moe_engine *e, void *p)
+{
+	(void)e, (void)p;
+}
+
+struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
+{
+	(void)e;
+	return (struct moe_epoch *)&g_epoch;
+}
+
+void moe_epoch_release(struct moe_epoch *ep)
+{
+	(void)ep;
+}
+
+int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct moe_batch *b,
+		       char *err)
+{
+	float row[FZ_HIDDEN];
+	uint32_t total = 0;
+
+	(void)e, (void)ep, (void)err;
+	for (uint32_t s = 0; s < b->n_segs; s++) {
+		const struct moe_seg *g = &b->segs[s];
+		size_t es = moe_dtype_size(g->dtype);
+
+		for (uint32_t t = 0; t < g->n_tokens; t++) {
+			moe_cpu_to_f32(g->dtype, (const char *)g->in + (size_t)t * FZ_HIDDEN * es, row,
+				       FZ_HIDDEN);
+			for (int j = 0; j < FZ_HIDDEN; j++)
+				row[j] *= 2.0f;
+			moe_cpu_from_f32(g->dtype, row, (char *)g->out + (size_t)t * FZ_HIDDEN * es,
+					 FZ_HIDDEN);
+		}
+		total += g->n_tokens;
+	}
+	if (total != b->n_tokens || total > 64)
+		abort(); /* the server formed a batch it must not */
+	return 0;
+}
