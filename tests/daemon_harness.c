@@ -612,3 +612,20 @@ bool dh_raw_hangup(int fd, int ms, int *status)
 		}
 	}
 }
+
+long dh_rss_kib(pid_t pid)
+{
+	char path[64], line[256];
+	long kib = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	f = fopen(path, "r");
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f))
+		if (!strncmp(line, "VmRSS:", 6))
+			kib = strtol(line + 6, NULL, 10);
+	fclose(f);
+	assert_true(kib > 0);
+	return kib;
+}

@@ -111,6 +111,8 @@ void dh_daemon_free(struct daemon *d);
 
 /* Entries in /proc/PID/fd. */
 int dh_count_fds(pid_t pid);
+/* VmRSS of a process, in KiB. */
+long dh_rss_kib(pid_t pid);
 
 /* ---- per-test setup / teardown ------------------------------------------ */
 

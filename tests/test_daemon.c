@@ -1266,24 +1266,6 @@ static void test_hostile_dying(void **state)
 	g_passed = true;
 }
 
-/* VmRSS of a process, in KiB. */
-static long rss_kib(pid_t pid)
-{
-	char path[64], line[256];
-	long kib = -1;
-	FILE *f;
-
-	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
-	f = fopen(path, "r");
-	assert_non_null(f);
-	while (fgets(line, sizeof(line), f))
-		if (!strncmp(line, "VmRSS:", 6))
-			kib = strtol(line + 6, NULL, 10);
-	fclose(f);
-	assert_true(kib > 0);
-	return kib;
-}
-
 /* A client flooding doorbells with blocking sends, never reading. */
 struct flood {
 	int sock;
@@ -1364,7 +1346,7 @@ static void test_hostile_more(void **state)
 	 * before anything is mapped or touched */
 	{
 		uint64_t big = 2ull << 40;
-		long rss0 = rss_kib(d->pid), rss1;
+		long rss0 = dh_rss_kib(d->pid), rss1;
 		int st, fd = make_memfd(big, SEALS, 16);
 
 		st = hello_refused(d, fd, 16, big, "a sparse 2 TiB memfd");
@@ -1372,7 +1354,7 @@ static void test_hostile_more(void **state)
 		/* and one whose HELLO claims a small size */
 		hello_refused(d, make_memfd(big, SEALS, 16), 16, MB, "2 TiB claimed as 1 MiB");
 		good_still_works(d, good, "a 2 TiB memfd");
-		rss1 = rss_kib(d->pid);
+		rss1 = dh_rss_kib(d->pid);
 		printf("2 TiB memfd: refused (%s); moed RSS %ld -> %ld KiB\n", moe_strerror(st),
 		       rss0, rss1);
 		if (rss1 > rss0 + 64 * 1024)
