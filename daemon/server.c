@@ -798,8 +798,9 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 	if (h->region_bytes > s->o.max_client_shm_bytes || h->region_bytes < MIN_REGION)
 		return *why = "region size outside [64 KiB, server.max_client_shm_bytes]",
 		       MOE_ELIMIT;
-	if (s->o.max_total_shm_bytes &&
-	    h->region_bytes > s->o.max_total_shm_bytes - s->shm_bytes)
+	if (s->o.max_total_shm_bytes && /* (a reload may have lowered it below what is held) */
+	    (s->shm_bytes > s->o.max_total_shm_bytes ||
+	     h->region_bytes > s->o.max_total_shm_bytes - s->shm_bytes))
 		return *why = "server.max_total_shm_bytes: the clients' regions already take "
 			      "what moed allows in all",
 		       MOE_ELIMIT;
