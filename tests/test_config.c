@@ -88,6 +88,7 @@ static void test_defaults(void **state)
 	assert_string_equal(c.server.admin_group, "");
 	assert_int_equal(c.server.max_clients, 64);
 	assert_true(c.server.max_client_shm_bytes == 1ULL << 30);
+	assert_true(c.server.max_total_shm_bytes == 0); /* a quarter of the host, in main.c */
 	assert_int_equal(c.server.max_inflight_requests, 256);
 	assert_int_equal(c.server.max_inflight_tokens, 65536);
 	assert_string_equal(c.metrics.listen, "");
@@ -673,6 +674,7 @@ static void test_server_keys(void **state)
 	    {"server", "socket_mode", "0600", "0800", "expected an octal mode like 0660"},
 	    {"server", "max_clients", "65536", "65537", "expected an integer between 1 and 65536"},
 	    {"server", "max_client_shm_bytes", "2G", "2GB", "expected a size between 1M and 1T"},
+	    {"server", "max_total_shm_bytes", "16T", "17T", "expected a size between 1M and 16T"},
 	    {"server", "max_inflight_requests", "1", "1.5",
 	     "expected an integer between 1 and 65536, got a float (1.5)"},
 	    {"server", "max_inflight_tokens", "100000000", "100000001",
@@ -698,6 +700,7 @@ static void test_server_keys(void **state)
 	}
 	LOAD_OK("model: {path: /m}\nserver:\n  socket: /tmp/x.sock\n  socket_mode: 0600\n"
 		"  max_clients: 7\n  max_client_shm_bytes: 2G\n  max_inflight_requests: 9\n"
+		"  max_total_shm_bytes: 3G\n"
 		"  max_inflight_tokens: 1000\nscheduler:\n  request_timeout_ms: 250\n"
 		"  max_queue_requests: 33\n",
 		&c);
@@ -705,6 +708,7 @@ static void test_server_keys(void **state)
 	assert_int_equal(c.server.socket_mode, 0600);
 	assert_int_equal(c.server.max_clients, 7);
 	assert_int_equal(c.server.max_client_shm_bytes, 2ull << 30);
+	assert_int_equal(c.server.max_total_shm_bytes, 3ull << 30);
 	assert_int_equal(c.server.max_inflight_requests, 9);
 	assert_int_equal(c.server.max_inflight_tokens, 1000);
 	assert_int_equal(c.scheduler.request_timeout_ms, 250);
