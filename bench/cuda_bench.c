@@ -24,8 +24,8 @@
 #include <sys/stat.h>
 
 #include "bench/cuda_limits.h"
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "kernels/cuda/device.h"
 #include "tools/synth.h"
 

@@ -5,7 +5,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "daemon/threadpool.h"
+#include "daemon/engine/threadpool.h"
 #include "kernels/cpu/isa.h"
 
 double moe_bench_now(void)

@@ -16,9 +16,9 @@
 #include <sys/stat.h>
 
 #include "bench/hwlimits.h"
-#include "daemon/engine.h"
-#include "daemon/model.h"
-#include "daemon/threadpool.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
+#include "daemon/engine/threadpool.h"
 #include "kernels/cpu/isa.h"
 #include "tools/synth.h"
 

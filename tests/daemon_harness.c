@@ -16,8 +16,8 @@
 
 #include "tests/daemon_harness.h"
 
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "ipc/moe_proto.h"
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"
@@ -44,7 +44,7 @@ size_t dh_dt_size(int dt)
 }
 
 /* ------------------------------------------------------------------------ */
-/* The in-process reference: the same fixture through daemon/engine.h       */
+/* The in-process reference: the same fixture through daemon/engine/engine.h       */
 
 struct moe_model *g_model;
 struct moe_engine *g_eng;

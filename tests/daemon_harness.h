@@ -9,7 +9,7 @@
  * close what a failing test left behind.
  *
  * The in-process reference (g_model, g_eng, g_H) is the same fixture through
- * daemon/engine.h, built by dh_group_setup().
+ * daemon/engine/engine.h, built by dh_group_setup().
  *
  * Every wait is bounded; a bound that passes is a failure, never a hang.
  */

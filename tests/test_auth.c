@@ -1,4 +1,4 @@
-/* tests/test_auth.c — who may do what (daemon/auth.h).
+/* tests/test_auth.c — who may do what (daemon/server/auth.h).
  *
  * moe_auth_allowed on crafted credentials (no process needs to hold them),
  * and moe_auth_peer on a real socketpair: the kernel's view of ourselves.
@@ -15,7 +15,7 @@
 
 #include "tests/testutil.h"
 
-#include "daemon/auth.h"
+#include "daemon/server/auth.h"
 
 #define DAEMON_UID 990
 #define SOCK_GID   991

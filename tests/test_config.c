@@ -17,7 +17,7 @@
 
 #include <cmocka.h>
 
-#include "daemon/config.h"
+#include "daemon/server/config.h"
 
 #define EXAMPLE MOE_FIXTURES_DIR "/../../moe.yaml.example"
 

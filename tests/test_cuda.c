@@ -40,8 +40,8 @@
 
 #include "tests/daemon_harness.h"
 
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "formats/safetensors.h"
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"

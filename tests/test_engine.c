@@ -28,10 +28,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "daemon/engine.h"
+#include "daemon/engine/engine.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/isa.h"
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 #include "tests/testutil.h"
 #include "tools/synth.h"
 

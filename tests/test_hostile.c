@@ -50,7 +50,7 @@
 #include "tests/wire.h"
 
 #include "client/include/moeclient.h"
-#include "daemon/engine.h"
+#include "daemon/engine/engine.h"
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"
 

@@ -16,7 +16,7 @@
 
 #include <cjson/cJSON.h>
 
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 #include "tests/testutil.h"
 #include "tools/synth.h"
 

@@ -43,8 +43,8 @@
 #include "tests/testutil.h"
 
 #include "client/include/moeclient.h"
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "ipc/moe_proto.h"
 #include "ipc/moe_ring.h"
 #include "kernels/cpu/convert.h"

@@ -2,7 +2,7 @@
 #include <errno.h>
 #include <stdlib.h>
 
-#include "daemon/placement.h"
+#include "daemon/engine/placement.h"
 #include "tests/testutil.h"
 
 static void test_initial(void **state)

@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "kernels/cpu/convert.h"
 #include "tools/synth.h"
 

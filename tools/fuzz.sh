@@ -15,7 +15,7 @@ fi
 cflags=(-g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 	-D_GNU_SOURCE -std=c11 -I.)
 formats=(formats/safetensors.c formats/errbuf.c)
-model=(daemon/model.c daemon/checkpoint.c kernels/cpu/convert.c "${formats[@]}")
+model=(daemon/engine/model.c daemon/engine/checkpoint.c kernels/cpu/convert.c "${formats[@]}")
 
 build() { # name sources... -- libs...
 	local name=$1
@@ -24,10 +24,10 @@ build() { # name sources... -- libs...
 }
 build safetensors "${formats[@]}" -lcjson -lm
 build model_config "${model[@]}" -lcjson -lm
-build config daemon/config.c -lyaml
+build config daemon/server/config.c -lyaml
 build proto ipc/moe_proto.c
 build sqe ipc/moe_proto.c
-build session tests/fuzz/session_engine.c daemon/server.c daemon/auth.c daemon/log.c \
+build session tests/fuzz/session_engine.c daemon/server/server.c daemon/server/auth.c daemon/engine/log.c \
 	ipc/moe_proto.c kernels/cpu/convert.c -lcjson -lpthread
 
 status=0

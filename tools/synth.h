@@ -18,7 +18,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 
 struct moe_synth_opts {
 	enum moe_family family;

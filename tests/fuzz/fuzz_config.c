@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "daemon/config.h"
+#include "daemon/server/config.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -14,7 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -31,8 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "daemon/log.h"
-#include "daemon/server.h"
+#include "daemon/engine/log.h"
+#include "daemon/server/server.h"
 #include "ipc/moe_proto.h"
 #include "ipc/moe_ring.h"
 

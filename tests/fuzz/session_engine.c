@@ -8,8 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/engine.h"
-#include "daemon/model.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
 #include "kernels/cpu/convert.h"
 
 #define FZ_HIDDEN 64

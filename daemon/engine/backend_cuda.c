@@ -1,4 +1,4 @@
-/* daemon/backend_cuda.c — the CUDA backend: one rank per GPU, a whole batch
+/* daemon/engine/backend_cuda.c — the CUDA backend: one rank per GPU, a whole batch
  * on the device (kernels/cuda/moe_cuda.h has the data path), expert GEMMs
  * with cuBLAS.
  *
@@ -50,8 +50,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/backend.h"
-#include "daemon/log.h"
+#include "daemon/engine/backend.h"
+#include "daemon/engine/log.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cuda/moe_cuda.h"
 

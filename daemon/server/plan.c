@@ -1,9 +1,9 @@
-#include "daemon/plan.h"
+#include "daemon/server/plan.h"
 
 #include <inttypes.h>
 #include <string.h>
 
-#include "daemon/engine.h"
+#include "daemon/engine/engine.h"
 #include "kernels/cpu/isa.h"
 #ifdef MOE_HAVE_CUDA
 #include "kernels/cuda/device.h"
@@ -25,7 +25,7 @@ static uint64_t mem_available(void)
 	return kb * 1024;
 }
 
-/* Device memory of the CUDA backend's workspaces (daemon/backend_cuda.c
+/* Device memory of the CUDA backend's workspaces (daemon/engine/backend_cuda.c
  * allocates the same list). */
 static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint64_t T)
 {

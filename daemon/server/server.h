@@ -1,4 +1,4 @@
-/* daemon/server.h — moed's serving loop: the control socket, client
+/* daemon/server/server.h — moed's serving loop: the control socket, client
  * sessions and their shared regions, the scheduler, completions.
  *
  * One thread runs an epoll loop (listening socket, client sockets, a
@@ -15,8 +15,8 @@
 
 #include <stdint.h>
 
-#include "daemon/auth.h"
-#include "daemon/engine.h"
+#include "daemon/server/auth.h"
+#include "daemon/engine/engine.h"
 
 struct moe_server_opts;
 

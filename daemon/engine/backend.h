@@ -1,4 +1,4 @@
-/* daemon/backend.h — what a kind of device provides to the engine.
+/* daemon/engine/backend.h — what a kind of device provides to the engine.
  *
  * Two shapes of backend share the seam:
  *  - step backends (cpu) provide route + experts; the engine does the
@@ -15,7 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 
 struct moe_pool;
 

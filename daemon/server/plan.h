@@ -1,4 +1,4 @@
-/* daemon/plan.h — `moed -t`: what the daemon would do with a configuration
+/* daemon/server/plan.h — `moed -t`: what the daemon would do with a configuration
  * and a checkpoint, and whether it fits, without loading any weights. */
 #ifndef MOE_PLAN_H
 #define MOE_PLAN_H
@@ -6,8 +6,8 @@
 #include <stdbool.h>
 #include <stdio.h>
 
-#include "daemon/config.h"
-#include "daemon/model.h"
+#include "daemon/server/config.h"
+#include "daemon/engine/model.h"
 
 struct moe_plan {
 	uint32_t n_ranks, slots_per_rank;

@@ -1,4 +1,4 @@
-#include "daemon/placement.h"
+#include "daemon/engine/placement.h"
 
 #include <errno.h>
 #include <stdlib.h>

@@ -1,4 +1,4 @@
-/* daemon/engine.c — a batch of one layer, end to end on the ranks:
+/* daemon/engine/engine.c — a batch of one layer, end to end on the ranks:
  *
  *   convert   request dtype -> fp32, rounded to the model dtype
  *   route     router GEMM, family scoring, top-k (backend)
@@ -20,7 +20,7 @@
  * device does (-ENOTRECOVERABLE), on any backend, so that the daemon's
  * crash-only path is tested without a GPU.
  */
-#include "daemon/engine.h"
+#include "daemon/engine/engine.h"
 
 #include <errno.h>
 #include <math.h>
@@ -29,8 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/log.h"
-#include "daemon/threadpool.h"
+#include "daemon/engine/log.h"
+#include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
 

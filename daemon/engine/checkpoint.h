@@ -1,4 +1,4 @@
-/* daemon/checkpoint.h — a Hugging Face checkpoint directory's tensors.
+/* daemon/engine/checkpoint.h — a Hugging Face checkpoint directory's tensors.
  *
  * Opens `model.safetensors`, or every shard named by
  * `model.safetensors.index.json`, validates each file fully, and resolves

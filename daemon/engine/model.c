@@ -1,4 +1,4 @@
-#include "daemon/model.h"
+#include "daemon/engine/model.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

@@ -1,4 +1,4 @@
-/* daemon/threadpool.h — a persistent pool of worker threads.
+/* daemon/engine/threadpool.h — a persistent pool of worker threads.
  *
  * moe_pool_run() hands out task indices 0..n-1 to the workers and the calling
  * thread (worker 0) through an atomic counter, so uneven tasks (skewed

@@ -1,4 +1,4 @@
-/* daemon/placement.h — where each expert's weights live: per layer,
+/* daemon/engine/placement.h — where each expert's weights live: per layer,
  * expert -> replicas (rank, slot). Pure functions; a placement is immutable
  * once published (a change builds a new one and publishes it in a new epoch).
  *

@@ -1,4 +1,4 @@
-/* daemon/backend_cpu.c — the CPU backend: slots in host memory holding each
+/* daemon/engine/backend_cpu.c — the CPU backend: slots in host memory holding each
  * expert packed into panels (kernels/cpu/panel.h), the runtime-chosen
  * kernels (scalar, AVX2, AVX-512) spread over the rank's thread pool.
  *
@@ -15,8 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/backend.h"
-#include "daemon/threadpool.h"
+#include "daemon/engine/backend.h"
+#include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/panel.h"
 #include "kernels/cpu/route.h"

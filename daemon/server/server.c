@@ -1,5 +1,5 @@
-/* daemon/server.c — see server.h. */
-#include "daemon/server.h"
+/* daemon/server/server.c — see server.h. */
+#include "daemon/server/server.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -21,8 +21,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "daemon/auth.h"
-#include "daemon/log.h"
+#include "daemon/server/auth.h"
+#include "daemon/engine/log.h"
 #include "ipc/moe_proto.h"
 #include "ipc/moe_ring.h"
 #include "kernels/cpu/convert.h"

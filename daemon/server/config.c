@@ -9,7 +9,7 @@
  * aliases and tags where they appear and stop at the first error, without
  * ever building or walking a tree that hostile input could make deep.
  */
-#include "daemon/config.h"
+#include "daemon/server/config.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-/* daemon/auth.h — who may do what.
+/* daemon/server/auth.h — who may do what.
  *
  * The peer's credentials come from the kernel (SO_PEERCRED for uid/gid/pid,
  * SO_PEERGROUPS for the supplementary groups), never from the client.

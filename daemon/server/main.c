@@ -19,12 +19,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "daemon/config.h"
-#include "daemon/engine.h"
-#include "daemon/log.h"
-#include "daemon/model.h"
-#include "daemon/plan.h"
-#include "daemon/server.h"
+#include "daemon/server/config.h"
+#include "daemon/engine/engine.h"
+#include "daemon/engine/log.h"
+#include "daemon/engine/model.h"
+#include "daemon/server/plan.h"
+#include "daemon/server/server.h"
 
 #ifdef MOE_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>

@@ -1,4 +1,4 @@
-/* daemon/engine.h — runs the MoE block of one layer for a batch of tokens.
+/* daemon/engine/engine.h — runs the MoE block of one layer for a batch of tokens.
  *
  * The only calls the scheduler makes: acquire an epoch, forward batches on
  * it, release it. An epoch pins one version of (placement, weights) from the
@@ -21,9 +21,9 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 
-#include "daemon/backend.h"
-#include "daemon/model.h"
-#include "daemon/placement.h"
+#include "daemon/engine/backend.h"
+#include "daemon/engine/model.h"
+#include "daemon/engine/placement.h"
 
 struct moe_engine;
 

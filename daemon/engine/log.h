@@ -1,4 +1,4 @@
-/* daemon/log.h — logging to stderr with syslog priority prefixes ("<3>..."),
+/* daemon/engine/log.h — logging to stderr with syslog priority prefixes ("<3>..."),
  * which journald turns into priorities. */
 #ifndef MOE_LOG_H
 #define MOE_LOG_H

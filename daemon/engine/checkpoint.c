@@ -1,5 +1,5 @@
-#include "daemon/checkpoint.h"
-#include "daemon/model.h"
+#include "daemon/engine/checkpoint.h"
+#include "daemon/engine/model.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>

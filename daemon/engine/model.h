@@ -1,4 +1,4 @@
-/* daemon/model.h — what a checkpoint says about its MoE layers.
+/* daemon/engine/model.h — what a checkpoint says about its MoE layers.
  *
  * Reads config.json, decides the family (model_type, or an override), which
  * decoder layers are MoE, the routing parameters, and where each tensor of
@@ -16,7 +16,7 @@
 
 #include <stdbool.h>
 
-#include "daemon/checkpoint.h"
+#include "daemon/engine/checkpoint.h"
 #include "kernels/cpu/route.h"
 #include "kernels/dtype.h"
 

@@ -1,4 +1,4 @@
-#include "daemon/auth.h"
+#include "daemon/server/auth.h"
 
 #include <errno.h>
 #include <stdlib.h>

@@ -1,4 +1,4 @@
-#include "daemon/threadpool.h"
+#include "daemon/engine/threadpool.h"
 
 #include <errno.h>
 #include <pthread.h>
