@@ -150,7 +150,7 @@ static void victim_progress(const char *during, unsigned long n)
 /* ---- moed's resources --------------------------------------------------- */
 
 struct watch {
-	int fds;
+	int fds, fds_ns; /* moed_fds(); fds that are not sockets */
 	long rss;
 };
 
@@ -212,7 +212,7 @@ static int moed_fds(void)
 static struct watch watch_start(void)
 {
 	alive("at the case's start");
-	return (struct watch){moed_fds(), dh_rss_kib(g_d->pid)};
+	return (struct watch){moed_fds(), fds_not_sockets(), dh_rss_kib(g_d->pid)};
 }
 
 /* moed's fds come back to where they were once the attackers are gone
@@ -225,7 +225,8 @@ static void watch_end(const struct watch *w, const char *what)
 	long rss;
 
 	victim_progress(what, 20);
-	while ((fds = moed_fds()) > w->fds && dh_now_ms() < until)
+	while (((fds = moed_fds()) > w->fds || fds_not_sockets() > w->fds_ns) &&
+	       dh_now_ms() < until)
 		dh_nap_ms(10);
 	rss = dh_rss_kib(g_d->pid);
 	printf("%-13s moed fds (less one per client) %d -> %d, RSS %ld -> %ld KiB; victim %lu "
@@ -233,6 +234,9 @@ static void watch_end(const struct watch *w, const char *what)
 	       what, w->fds, fds, w->rss, rss, atomic_load(&g_v.done));
 	if (fds > w->fds)
 		fail_msg("%s: moed holds %d fds, %d before", what, fds, w->fds);
+	if (fds_not_sockets() > w->fds_ns)
+		fail_msg("%s: moed holds %d fds that are not sockets, %d before", what,
+			 fds_not_sockets(), w->fds_ns);
 	if (rss > w->rss + RSS_SLACK_KIB)
 		fail_msg("%s: moed's RSS grew from %ld to %ld KiB", what, w->rss, rss);
 	alive(what);
@@ -307,9 +311,14 @@ static int suite_teardown(void **state)
 	return dh_group_teardown(state);
 }
 
+static void flood_stop(void);
+static void spam_stop(void);
+
 static int case_teardown(void **state)
 {
 	(void)state;
+	flood_stop(); /* a failed flood case's threads, before their clients go */
+	spam_stop();
 	wire_close_all();
 	return 0;
 }
@@ -323,6 +332,17 @@ static void test_empty_fds(void **state)
 
 	(void)state;
 	w = watch_start();
+	/* 41 connections with one each (moed drops each after it), then one
+	 * connection with 41 */
+	for (int i = 0; i < 41; i++) {
+		int fd = make_memfd(1 << 20, 0, 0);
+
+		s = raw_connect(g_d);
+		raw_sendmsg(s, "", 0, &fd, 1);
+		close(fd);
+		assert_true(dh_raw_hangup(s, DH_EXIT_MS, NULL));
+		close(s);
+	}
 	s = raw_connect(g_d);
 	for (int i = 0; i < 41; i++) {
 		int fd = make_memfd(1 << 20, 0, 0);
@@ -425,18 +445,37 @@ static void *flood_main(void *arg)
 	return NULL;
 }
 
+/* The flood cases' threads, global so that a failing case's teardown
+ * stops them before their raw clients are closed. */
+#define NF_STARVE 16
+static struct flooder g_flood[NF_STARVE];
+static bool g_flood_on;
+
+static void flood_stop(void)
+{
+	if (!g_flood_on)
+		return;
+	for (int i = 0; i < NF_STARVE; i++)
+		atomic_store(&g_flood[i].stop, true);
+	for (int i = 0; i < NF_STARVE; i++)
+		if (g_flood[i].th)
+			pthread_join(g_flood[i].th, NULL);
+	g_flood_on = false;
+}
+
 static void test_starvation(void **state)
 {
-	enum { NF = 16, N = 40 };
-	struct flooder f[NF];
+	enum { NF = NF_STARVE, N = 40 };
+	struct flooder *f = g_flood;
 	struct watch w = watch_start();
 	unsigned long flood = 0, v0;
 
 	(void)state;
 	/* the victim connected first: it is the oldest client, last in moed's
 	 * list; the flooders are newer and fill the queue (MAX_QUEUE) */
+	memset(g_flood, 0, sizeof(g_flood));
+	g_flood_on = true;
 	for (int i = 0; i < NF; i++) {
-		memset(&f[i], 0, sizeof(f[i]));
 		f[i].r = raw_attach(g_d, RAW_BYTES, 64);
 		f[i].layer = g_model->layers[i % g_model->n_moe_layers].index;
 		assert_int_equal(pthread_create(&f[i].th, NULL, flood_main, &f[i]), 0);
@@ -454,9 +493,8 @@ static void test_starvation(void **state)
 	}
 	v0 = atomic_load(&g_v.done);
 	victim_progress("16 clients flooding the queue", N);
+	flood_stop();
 	for (int i = 0; i < NF; i++) {
-		atomic_store(&f[i].stop, true);
-		pthread_join(f[i].th, NULL);
 		flood += atomic_load(&f[i].done);
 		raw_close(f[i].r);
 	}
@@ -491,37 +529,49 @@ static void *spam_main(void *arg)
 	return NULL;
 }
 
+static struct spam g_spam;
+static pthread_t g_spam_th;
+
+static void spam_stop(void)
+{
+	if (!g_spam_th)
+		return;
+	atomic_store(&g_spam.stop, true);
+	pthread_join(g_spam_th, NULL);
+	g_spam_th = 0;
+}
+
 static void test_status_flood(void **state)
 {
 	enum { NF = 56, N = 100 };
-	struct raw *f[NF];
-	struct spam sp = {.f = f, .n = NF};
+	static struct raw *f[NF];
+	struct spam *sp = &g_spam;
 	struct watch w = watch_start();
 	double loops, builds, served;
-	pthread_t th;
 	cJSON *j0, *j1;
 
 	(void)state;
 	for (int i = 0; i < NF; i++)
 		f[i] = raw_attach(g_d, RAW_BYTES, 4);
 	j0 = status_now();
-	assert_int_equal(pthread_create(&th, NULL, spam_main, &sp), 0);
-	for (uint64_t until = dh_now_ms() + DH_WAIT_MS; atomic_load(&sp.sent) < 8 * NF;) {
+	memset(sp, 0, sizeof(*sp));
+	sp->f = f, sp->n = NF;
+	assert_int_equal(pthread_create(&g_spam_th, NULL, spam_main, sp), 0);
+	for (uint64_t until = dh_now_ms() + DH_WAIT_MS; atomic_load(&sp->sent) < 8 * NF;) {
 		if (dh_now_ms() > until)
-			fail_msg("%lu STATUS sent in %d ms", atomic_load(&sp.sent), DH_WAIT_MS);
+			fail_msg("%lu STATUS sent in %d ms", atomic_load(&sp->sent), DH_WAIT_MS);
 		dh_nap_ms(1);
 	}
 	victim_progress("a STATUS flood", N);
 	j1 = status_now();
-	atomic_store(&sp.stop, true);
-	pthread_join(th, NULL);
+	spam_stop();
 	loops = control(j1, "loops") - control(j0, "loops");
 	builds = control(j1, "status_builds") - control(j0, "status_builds");
 	served = control(j1, "status_served") - control(j0, "status_served");
 	printf("status_flood: %lu STATUS sent by %d clients that never read; meanwhile the victim "
 	       "completed %d requests, moed ran %.0f loop iterations, built the JSON %.0f times "
 	       "and sent %.0f replies\n",
-	       atomic_load(&sp.sent), NF, N, loops, builds, served);
+	       atomic_load(&sp->sent), NF, N, loops, builds, served);
 	/* at most one snapshot per iteration, at most 8 messages per client
 	 * per iteration, whatever the flood (before: one JSON and one memfd per
 	 * STATUS, 64 per client per wake-up) */
