@@ -27,7 +27,8 @@ build model_config "${model[@]}" -lcjson -lm
 build config daemon/server/config.c -lyaml
 build proto ipc/moe_proto.c
 build sqe ipc/moe_proto.c
-build session tests/fuzz/session_engine.c daemon/server/server.c daemon/server/auth.c daemon/engine/log.c \
+build session tests/fuzz/session_engine.c daemon/server/{server,io,refusals,sched,session,admin,status,auth}.c \
+	daemon/engine/log.c \
 	ipc/moe_proto.c kernels/cpu/convert.c -lcjson -lpthread
 
 status=0

@@ -1,0 +1,84 @@
+/* daemon/server/io.c — sending to clients (never blocking), the clock, sd_notify
+ * (see internal.h). */
+#include "daemon/server/internal.h"
+
+/* sd_notify when built with libsystemd and run under systemd (it does
+ * nothing without $NOTIFY_SOCKET). */
+void srv_notify(const char *fmt, ...)
+{
+#ifdef MOE_HAVE_SYSTEMD
+	char buf[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	sd_notify(0, buf);
+#else
+	(void)fmt;
+#endif
+}
+
+uint64_t srv_now_ns(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* ---- sending ------------------------------------------------------------ */
+
+/* Never blocks: a client that does not read its socket loses doorbells
+ * (it still sees its completion ring) or, for replies, is dropped. */
+int srv_send_msg_seq(int fd, uint16_t type, uint32_t seq, const void *payload, uint32_t len,
+			int pass_fd)
+{
+	char buf[MOE_MSG_MAX];
+	size_t n = moe_msg_encode(buf, type, seq, payload, len);
+	struct iovec iov = {buf, n};
+	union {
+		char b[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+
+	if (pass_fd >= 0) {
+		struct cmsghdr *cm;
+
+		memset(&u, 0, sizeof(u));
+		mh.msg_control = u.b;
+		mh.msg_controllen = sizeof(u.b);
+		cm = CMSG_FIRSTHDR(&mh);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int));
+		memcpy(CMSG_DATA(cm), &pass_fd, sizeof(int));
+	}
+	if (sendmsg(fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL) < 0)
+		return -errno;
+	return 0;
+}
+
+int srv_send_msg(int fd, uint16_t type, const void *payload, uint32_t len, int pass_fd)
+{
+	return srv_send_msg_seq(fd, type, 0, payload, len, pass_fd);
+}
+
+void srv_send_error(struct client *c, int status, const char *msg)
+{
+	struct moe_msg_error e = {.status = status};
+
+	snprintf(e.message, sizeof(e.message), "%s", msg);
+	srv_send_msg(c->fd, MOE_MSG_ERROR, &e, sizeof(e), -1);
+}
+
+void srv_notify_clients(struct server *s)
+{
+	for (struct client *c = s->clients; c; c = c->next) {
+		if (c->notify && !c->dead) {
+			srv_send_msg(c->fd, MOE_MSG_DOORBELL, NULL, 0, -1); /* EAGAIN: ring has it */
+			c->notify = false;
+		}
+	}
+}

@@ -1,0 +1,377 @@
+/* daemon/server/sched.c — the submission rings, the queue (fair shares), batches, completions,
+ * deadlines, cancel
+ * (see internal.h). */
+#include "daemon/server/internal.h"
+
+/* ---- completions -------------------------------------------------------- */
+
+/* Moves queued completions into the client's ring while there is room. The
+ * head is the client's: a value that claims more than the ring holds means
+ * the region is corrupt, and the client is dropped. */
+void srv_flush_cq(struct client *c)
+{
+	uint32_t head, used, i = 0;
+
+	if (!c->attached || c->dead)
+		return;
+	head = atomic_load_explicit(&c->hdr->cq_head, memory_order_acquire);
+	used = c->cq_tail - head;
+	if (used > c->cq_entries) {
+		moe_log(LOG_WARNING, "client %u (pid %d): completion ring head is corrupt; "
+			"dropping it", c->id, (int)c->pid);
+		c->dead = true;
+		return;
+	}
+	while (i < c->n_overflow && used < c->cq_entries) {
+		c->cq[c->cq_tail & (c->cq_entries - 1)] = c->overflow[i++];
+		c->cq_tail++;
+		used++;
+	}
+	if (i) {
+		atomic_store_explicit(&c->hdr->cq_tail, c->cq_tail, memory_order_release);
+		memmove(c->overflow, c->overflow + i, (c->n_overflow - i) * sizeof(*c->overflow));
+		c->n_overflow -= i;
+		c->notify = true;
+	}
+}
+
+static void complete(struct server *s, struct client *c, uint64_t tag, int status)
+{
+	struct moe_cqe q = {tag, status, 1};
+
+	if (c->n_overflow == c->overflow_cap) {
+		uint32_t cap = c->overflow_cap ? 2 * c->overflow_cap : 64;
+		struct moe_cqe *v = realloc(c->overflow, cap * sizeof(*v));
+
+		if (!v) {
+			c->dead = true; /* cannot answer: drop rather than lose silently */
+			return;
+		}
+		c->overflow = v;
+		c->overflow_cap = cap;
+	}
+	c->overflow[c->n_overflow++] = q;
+	if (status) {
+		c->errors++;
+		s->errors++;
+	}
+	c->requests++;
+	srv_flush_cq(c);
+}
+
+void srv_finish(struct server *s, struct request *r, int status)
+{
+	struct client *c = r->c;
+
+	c->inflight--;
+	c->inflight_tokens -= r->n_tokens;
+	s->pending--;
+	s->pending_tokens -= r->n_tokens;
+	if (status == MOE_ETIMEDOUT)
+		s->timeouts++;
+	else if (status == MOE_ECANCELED)
+		s->cancelled++;
+	else if (status == 0)
+		s->completed++;
+	complete(s, c, r->tag, status);
+	free(r);
+}
+
+/* ---- the client's submission ring --------------------------------------- */
+
+static void enqueue(struct server *s, struct client *c, struct request *r)
+{
+	r->next = NULL;
+	if (c->queue_tail)
+		c->queue_tail->next = r;
+	else
+		c->queue = r;
+	c->queue_tail = r;
+	c->inflight++;
+	c->inflight_tokens += r->n_tokens;
+	s->pending++;
+	s->pending_tokens += r->n_tokens;
+}
+
+/* Validates a copied-out entry (ipc/moe_ring.h); 0 or the MOE_E* code. */
+static int check_sqe(struct server *s, struct client *c, const struct moe_sqe *q)
+{
+	struct moe_sqe_limits l = {
+		.hidden = s->m->hidden,
+		.data_bytes = c->data_bytes,
+		.max_tokens = moe_engine_max_tokens(s->e),
+		.max_inflight_tokens = s->o.max_inflight_tokens,
+		.n_layers = s->m->n_layers,
+		.is_moe = s->is_moe,
+	};
+
+	return moe_sqe_validate(q, &l);
+}
+
+void srv_poll_sq(struct server *s, struct client *c)
+{
+	uint32_t tail, avail;
+
+	if (!c->attached || c->dead)
+		return;
+	tail = atomic_load_explicit(&c->hdr->sq_tail, memory_order_acquire);
+	avail = tail - c->sq_head;
+	if (avail > c->sq_entries) {
+		moe_log(LOG_WARNING, "client %u (pid %d): submission ring tail is corrupt; "
+			"dropping it", c->id, (int)c->pid);
+		srv_send_error(c, MOE_EPROTO, "submission ring tail is corrupt");
+		c->dead = true;
+		return;
+	}
+	while (avail--) {
+		struct moe_sqe q;
+		struct request *r;
+		uint64_t timeout;
+		int st;
+
+		/* backpressure: leave entries in the ring past the limits,
+		 * past the client's fair share of the queue (poll_rings), and
+		 * while the client leaves completions uncollected (else a
+		 * client that never reads its completion ring grows
+		 * c->overflow without bound) */
+		if (c->inflight >= s->o.max_inflight_requests ||
+		    s->pending >= s->o.max_queue_requests || c->inflight >= s->share ||
+		    c->n_overflow)
+			break;
+		/* copy once, then validate the copy; never re-read the ring */
+		memcpy(&q, &c->sq[c->sq_head & (c->sq_entries - 1)], sizeof(q));
+		st = check_sqe(s, c, &q);
+		/* over the token limit: leave it in the ring (head not yet
+		 * published) and take it again once others finish */
+		if (!st && !(q.flags & MOE_SQE_NOP) &&
+		    c->inflight_tokens + q.n_tokens > s->o.max_inflight_tokens && c->inflight)
+			break;
+		c->sq_head++;
+		atomic_store_explicit(&c->hdr->sq_head, c->sq_head, memory_order_release);
+		if (st || (q.flags & MOE_SQE_NOP) || s->stopping || s->draining) {
+			bool refuse = !(q.flags & MOE_SQE_NOP) && (s->stopping || s->draining);
+
+			complete(s, c, q.tag,
+				 st	  ? st
+				 : refuse ? (s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN)
+					  : 0);
+			continue;
+		}
+		r = calloc(1, sizeof(*r));
+		if (!r) {
+			complete(s, c, q.tag, MOE_ENOMEM);
+			continue;
+		}
+		timeout = q.timeout_ms ? q.timeout_ms : s->o.request_timeout_ms;
+		*r = (struct request){c, q.tag, q.layer, q.n_tokens, (enum moe_dtype)q.dtype,
+				      q.in_off, q.out_off, 0, srv_now_ns(), NULL};
+		if (timeout)
+			r->deadline_ns = r->queued_ns + timeout * 1000000ull;
+		enqueue(s, c, r);
+	}
+}
+
+static bool has_work(const struct client *c)
+{
+	return c->attached && !c->dead &&
+	       (c->queue ||
+		atomic_load_explicit(&c->hdr->sq_tail, memory_order_relaxed) != c->sq_head);
+}
+
+/* Takes what every client's ring holds, within the limits. Fairness of
+ * admission: while k clients have work, none may hold more than
+ * max_queue_requests / k of the queue, so a newcomer (or an old client
+ * behind newer ones in the list) always finds room as the others' requests
+ * finish; and the rings are polled from a rotating start, so no position
+ * in the list goes first every time. (form_batch is fair between what is
+ * queued.) */
+void srv_poll_rings(struct server *s)
+{
+	uint32_t busy = 0, k, i = 0;
+	struct client *c;
+
+	for (c = s->clients; c; c = c->next)
+		busy += has_work(c);
+	s->share = s->o.max_queue_requests / (busy ? busy : 1);
+	if (!s->share)
+		s->share = 1;
+	k = s->n_clients ? s->poll_rr++ % s->n_clients : 0;
+	for (c = s->clients; c; c = c->next, i++) {
+		if (i < k)
+			continue;
+		srv_flush_cq(c);
+		srv_poll_sq(s, c);
+	}
+	i = 0;
+	for (c = s->clients; c && i < k; c = c->next, i++) {
+		srv_flush_cq(c);
+		srv_poll_sq(s, c);
+	}
+}
+
+/* Unlinks r from its client's FIFO. */
+void srv_unqueue(struct client *c, struct request *r)
+{
+	struct request **pp = &c->queue, *prev = NULL;
+
+	while (*pp && *pp != r)
+		prev = *pp, pp = &(*pp)->next;
+	if (!*pp)
+		return;
+	*pp = r->next;
+	if (c->queue_tail == r)
+		c->queue_tail = prev;
+}
+
+/* ---- scheduling --------------------------------------------------------- */
+
+/* The layer of the next batch: that of the oldest request of the next
+ * client in round-robin order that has work, so that a client flooding one
+ * layer cannot make another client's request on another layer wait for all
+ * of its queue (at most one batch per other client goes first). */
+static int64_t next_layer(struct server *s)
+{
+	uint32_t nc = s->n_clients, i = 0;
+	struct client *c = s->clients;
+
+	if (!nc)
+		return -1;
+	/* from the rr-th client round the list once, wrapping to the head */
+	for (; c && i < s->rr % nc; c = c->next)
+		i++;
+	for (uint32_t k = 0; k < nc; k++) {
+		if (!c)
+			c = s->clients;
+		if (c->queue)
+			return c->queue->layer;
+		c = c->next;
+	}
+	return -1;
+}
+
+/* Round robin over the clients, one request of `layer` from each per round,
+ * until max_batch_tokens: every client with work in this layer gets into the
+ * batch before any client gets a second request in. */
+static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
+{
+	uint32_t n = 0, t = 0, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
+	struct client **order;
+	bool took = true;
+	uint32_t i = 0;
+
+	order = calloc(nc ? nc : 1, sizeof(*order));
+	if (!order)
+		return 0;
+	for (struct client *c = s->clients; c; c = c->next)
+		order[i++] = c;
+	while (took) {
+		took = false;
+		for (uint32_t k = 0; k < nc; k++) {
+			struct client *c = order[(s->rr + k) % nc];
+			struct request *r;
+
+			if (c->dead) /* its requests go with it (reap_dead) */
+				continue;
+			for (r = c->queue; r && r->layer != layer; r = r->next)
+				;
+			if (!r || t + r->n_tokens > maxt)
+				continue;
+			srv_unqueue(c, r);
+			s->batch[n++] = r;
+			t += r->n_tokens;
+			took = true;
+		}
+	}
+	s->rr = nc ? (s->rr + 1) % nc : 0;
+	free(order);
+	*tokens = t;
+	return n;
+}
+
+/* Each request is one segment of the batch: the engine reads its input
+ * from the client's region and writes its output there, in the request's
+ * dtype (on a GPU, DMA from and to the pinned region). The engine reads
+ * every input before it writes any output. On the CPU backend a token's
+ * result is the same bits whichever batch it lands in.
+ *
+ * A lost device (-ENOTRECOVERABLE) is not survived in place: the batch and
+ * everything queued are answered MOE_EDEVICE, and moed stops with exit
+ * status MOE_EXIT_DEVICE_LOST so that systemd restarts it (crash-only). */
+void srv_run_batch(struct server *s)
+{
+	uint32_t tokens = 0, n;
+	int64_t layer = next_layer(s);
+	struct moe_epoch *ep;
+	char err[MOE_ERRLEN];
+	int ret, status;
+
+	if (layer < 0)
+		return;
+	n = form_batch(s, (uint32_t)layer, &tokens);
+	if (!n)
+		return;
+	if (s->stall_ms)
+		usleep(s->stall_ms * 1000u);
+	for (uint32_t i = 0; i < n; i++) {
+		struct request *r = s->batch[i];
+
+		s->segs[i] = (struct moe_seg){r->c->data + r->in_off, r->c->data + r->out_off,
+					      r->dtype, r->n_tokens};
+	}
+	ep = moe_epoch_acquire(s->e);
+	{
+		struct moe_batch b = {.layer = (uint32_t)layer, .n_tokens = tokens,
+				      .n_segs = n, .segs = s->segs};
+
+		ret = moe_engine_forward(s->e, ep, &b, err);
+	}
+	moe_epoch_release(ep);
+	status = !ret ? 0 : ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
+	if (ret == -ENOTRECOVERABLE) {
+		moe_log(LOG_CRIT, "device lost: %s; answering %u in-flight requests with an error "
+			"and exiting (status %d) to be restarted", err, s->pending,
+			MOE_EXIT_DEVICE_LOST);
+		srv_notify("STATUS=device lost: %s", err);
+		s->lost = true;
+		s->stopping = true;
+	} else if (ret) {
+		moe_log(LOG_ERR, "batch of %u tokens on layer %lld failed: %s", tokens,
+			(long long)layer, err);
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		struct request *r = s->batch[i];
+
+		s->tokens += r->n_tokens;
+		srv_finish(s, r, status);
+	}
+	s->batches++;
+}
+
+void srv_expire(struct server *s)
+{
+	uint64_t now = srv_now_ns();
+
+	for (struct client *c = s->clients; c; c = c->next) {
+		struct request *r = c->queue, *next;
+
+		for (; r; r = next) {
+			next = r->next;
+			if (r->deadline_ns && r->deadline_ns <= now) {
+				srv_unqueue(c, r);
+				srv_finish(s, r, MOE_ETIMEDOUT);
+			}
+		}
+	}
+}
+
+void srv_cancel(struct server *s, struct client *c, uint64_t tag)
+{
+	for (struct request *r = c->queue; r; r = r->next) {
+		if (r->tag == tag) {
+			srv_unqueue(c, r);
+			srv_finish(s, r, MOE_ECANCELED);
+			return;
+		}
+	}
+	/* not queued: already running or done, its completion comes anyway */
+}

@@ -1,0 +1,135 @@
+/* daemon/server/status.c — the status JSON, one snapshot per loop iteration (see internal.h). */
+#include "daemon/server/internal.h"
+
+/* ---- status ------------------------------------------------------------- */
+
+static char *status_json(struct server *s)
+{
+	const struct moe_model *m = s->m;
+	cJSON *j = cJSON_CreateObject(), *o, *a;
+	char *out;
+
+	cJSON_AddNumberToObject(j, "version", 1);
+	cJSON_AddNumberToObject(j, "uptime_s", (double)(srv_now_ns() - s->start_ns) / 1e9);
+	cJSON_AddStringToObject(j, "state", s->stopping   ? "stopping"
+					    : s->draining ? "draining"
+							  : "serving");
+	o = cJSON_AddObjectToObject(j, "model");
+	cJSON_AddStringToObject(o, "path", s->o.model_path ? s->o.model_path : "");
+	cJSON_AddStringToObject(o, "family", moe_family_name(m->family));
+	cJSON_AddStringToObject(o, "dtype", moe_dtype_name(m->dtype));
+	cJSON_AddNumberToObject(o, "hidden", m->hidden);
+	cJSON_AddNumberToObject(o, "experts", m->n_experts);
+	cJSON_AddNumberToObject(o, "top_k", m->top_k);
+	a = cJSON_AddArrayToObject(o, "moe_layers");
+	for (uint32_t i = 0; i < m->n_moe_layers; i++)
+		cJSON_AddItemToArray(a, cJSON_CreateNumber(m->layers[i].index));
+	o = cJSON_AddObjectToObject(j, "backend");
+	cJSON_AddStringToObject(o, "name", moe_engine_backend(s->e));
+	cJSON_AddStringToObject(o, "kernels", moe_engine_kernels(s->e));
+	cJSON_AddNumberToObject(o, "threads", moe_engine_threads(s->e));
+	cJSON_AddStringToObject(o, "device", moe_engine_device(s->e));
+	cJSON_AddStringToObject(o, "gpu", s->o.gpu ? s->o.gpu : "none");
+	cJSON_AddBoolToObject(o, "device_lost", moe_engine_lost(s->e));
+	if (moe_engine_last_device_ms(s->e) >= 0)
+		cJSON_AddNumberToObject(o, "last_batch_device_ms", moe_engine_last_device_ms(s->e));
+	cJSON_AddNumberToObject(o, "unpinned_clients", (double)s->unpinned);
+	a = cJSON_AddArrayToObject(j, "clients");
+	for (struct client *c = s->clients; c; c = c->next) {
+		cJSON *x = cJSON_CreateObject();
+
+		cJSON_AddNumberToObject(x, "id", c->id);
+		cJSON_AddNumberToObject(x, "pid", c->pid);
+		cJSON_AddNumberToObject(x, "uid", c->uid);
+		cJSON_AddStringToObject(x, "name", c->name);
+		cJSON_AddNumberToObject(x, "inflight", c->inflight);
+		cJSON_AddNumberToObject(x, "requests", (double)c->requests);
+		cJSON_AddNumberToObject(x, "errors", (double)c->errors);
+		cJSON_AddItemToArray(a, x);
+	}
+	o = cJSON_AddObjectToObject(j, "queue");
+	cJSON_AddNumberToObject(o, "pending_requests", s->pending);
+	cJSON_AddNumberToObject(o, "pending_tokens", s->pending_tokens);
+	o = cJSON_AddObjectToObject(j, "requests");
+	cJSON_AddNumberToObject(o, "completed", (double)s->completed);
+	cJSON_AddNumberToObject(o, "errors", (double)s->errors);
+	cJSON_AddNumberToObject(o, "timeouts", (double)s->timeouts);
+	cJSON_AddNumberToObject(o, "cancelled", (double)s->cancelled);
+	cJSON_AddNumberToObject(o, "tokens", (double)s->tokens);
+	cJSON_AddNumberToObject(o, "batches", (double)s->batches);
+	cJSON_AddNumberToObject(o, "refused_clients", (double)s->refused);
+	cJSON_AddNumberToObject(o, "refused_unauthorized", (double)s->refused_auth);
+	cJSON_AddNumberToObject(o, "config_reloads", (double)s->reloads);
+	cJSON_AddNumberToObject(o, "config_reloads_refused", (double)s->reloads_refused);
+	o = cJSON_AddObjectToObject(j, "control");
+	cJSON_AddNumberToObject(o, "loops", (double)s->loops);
+	/* this reply's own build and send are not counted yet */
+	cJSON_AddNumberToObject(o, "status_builds", (double)s->status_builds);
+	cJSON_AddNumberToObject(o, "status_served", (double)s->status_served);
+	cJSON_AddNumberToObject(o, "log_lines_suppressed", (double)s->log_suppressed);
+	cJSON_AddNumberToObject(o, "shm_bytes", (double)s->shm_bytes);
+	cJSON_AddNumberToObject(o, "max_total_shm_bytes", (double)s->o.max_total_shm_bytes);
+	cJSON_AddNumberToObject(o, "queue_share", s->share);
+	a = cJSON_AddArrayToObject(j, "layers");
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		cJSON *x = cJSON_CreateObject(), *t;
+
+		cJSON_AddNumberToObject(x, "layer", m->layers[l].index);
+		t = cJSON_AddArrayToObject(x, "expert_tokens");
+		for (uint32_t e = 0; e < m->n_experts; e++)
+			cJSON_AddItemToArray(t, cJSON_CreateNumber(
+							(double)moe_engine_expert_tokens(s->e, l, e)));
+		cJSON_AddItemToArray(a, x);
+	}
+	out = cJSON_PrintUnformatted(j);
+	cJSON_Delete(j);
+	return out;
+}
+
+/* The JSON goes in a sealed memfd: no datagram size limit, and the client
+ * cannot change it under us (nor we under it). It is built at most once per
+ * loop iteration (nothing it reports changes within one), and every client
+ * asking in that iteration gets the same memfd (they share its file offset:
+ * libmoeclient reads it with pread). A STATUS flood thus costs one build
+ * per iteration and a send per message, within each client's
+ * MSGS_PER_LOOP. */
+static int status_snapshot(struct server *s)
+{
+	char *json;
+	int fd;
+
+	if (s->status_fd >= 0 && s->status_loop == s->loops)
+		return s->status_fd;
+	if (s->status_fd >= 0)
+		close(s->status_fd);
+	s->status_fd = -1;
+	json = status_json(s);
+	if (!json)
+		return -1;
+	s->status_len = strlen(json);
+	fd = memfd_create("moed-status", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd >= 0 && (write(fd, json, s->status_len) != (ssize_t)s->status_len ||
+			fcntl(fd, F_ADD_SEALS,
+			      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
+		close(fd);
+		fd = -1;
+	}
+	free(json);
+	s->status_fd = fd;
+	s->status_loop = s->loops;
+	s->status_builds++;
+	return fd;
+}
+
+void srv_status_reply(struct server *s, struct client *c, uint32_t seq)
+{
+	struct moe_msg_status_reply r = {0};
+	int fd = status_snapshot(s);
+
+	if (fd < 0)
+		r.status = MOE_ENOMEM;
+	else
+		r.json_bytes = s->status_len;
+	if (!srv_send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), fd))
+		s->status_served++;
+}
