@@ -1012,7 +1012,6 @@ int main(int argc, char **argv)
 		signal(SIGPIPE, SIG_IGN);
 		return attack(argv);
 	}
-	(void)argc;
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_teardown(test_empty_fds, case_teardown),
 		cmocka_unit_test_teardown(test_hugetlb, case_teardown),

@@ -116,7 +116,7 @@ struct server {
 	uint32_t share, poll_rr;
 	/* the status JSON, built at most once per loop iteration and passed to
 	 * every client that asks in that iteration (one sealed memfd) */
-	uint64_t loops, status_loop;
+	uint64_t loops;
 	int status_fd;
 	uint64_t status_len, status_builds, status_served;
 	/* log lines about refused peers, per uid (log_refusal) */

@@ -98,11 +98,8 @@ static int status_snapshot(struct server *s)
 	char *json;
 	int fd;
 
-	if (s->status_fd >= 0 && s->status_loop == s->loops)
+	if (s->status_fd >= 0) /* built in this iteration (closed at its end) */
 		return s->status_fd;
-	if (s->status_fd >= 0)
-		close(s->status_fd);
-	s->status_fd = -1;
 	json = status_json(s);
 	if (!json)
 		return -1;
@@ -116,7 +113,6 @@ static int status_snapshot(struct server *s)
 	}
 	free(json);
 	s->status_fd = fd;
-	s->status_loop = s->loops;
 	s->status_builds++;
 	return fd;
 }
