@@ -24,7 +24,7 @@ build() { # name sources... -- libs...
 }
 build safetensors "${formats[@]}" -lcjson -lm
 build model_config "${model[@]}" -lcjson -lm
-build config daemon/server/config.c -lyaml
+build config daemon/server/config{,_keys,_values,_scalar,_messages}.c -lyaml
 build proto ipc/moe_proto.c
 build sqe ipc/moe_proto.c
 build session tests/fuzz/session_engine.c daemon/server/{server,io,refusals,sched,session,admin,status,auth}.c \

@@ -1,0 +1,169 @@
+// SPDX-License-Identifier: MIT
+/* daemon/server/config_keys.c — the table of every key, lookups in it, the names of enum values
+ * (see config_internal.h). */
+#include "daemon/server/config_internal.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+
+static const char *const cfg_families[] = {
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", NULL,
+};
+static const char *const cfg_isa_names[] = {"auto", "scalar", "avx2", "avx512", NULL};
+static const int cfg_isa_values[] = {
+    MOE_CFG_ISA_AUTO,
+    MOE_CFG_ISA_SCALAR,
+    MOE_CFG_ISA_AVX2,
+    MOE_CFG_ISA_AVX512,
+};
+static const char *const cfg_log_names[] = {"debug", "info", "notice", "warning", "err", NULL};
+static const int cfg_log_values[] = {
+    MOE_CFG_LOG_DEBUG, MOE_CFG_LOG_INFO, MOE_CFG_LOG_NOTICE, MOE_CFG_LOG_WARNING, MOE_CFG_LOG_ERR,
+};
+
+#define FIELD(f)                                                                                   \
+	.offset = offsetof(struct moe_config, f), .size = sizeof(((struct moe_config *)0)->f)
+#define UINT(f, lo, hi)   .parse = cfg_parse_uint, FIELD(f), .min = (lo), .max = (hi)
+#define SIZE(f, lo, hi)   .parse = cfg_parse_size, FIELD(f), .min = (lo), .max = (hi)
+#define MODE(f, hi)       .parse = cfg_parse_mode, FIELD(f), .min = 0, .max = (hi)
+#define BOOL(f)           .parse = cfg_parse_bool, FIELD(f)
+#define NUMBER(f, lo, hi) .parse = cfg_parse_number, FIELD(f), .fmin = (lo), .fmax = (hi)
+#define STR(f, lo, hi)    .parse = cfg_parse_string, FIELD(f), .min = (lo), .max = (hi)
+#define CHOICE(f, n)      .parse = cfg_parse_string, FIELD(f), .min = 1, .max = 64, .names = (n)
+#define ENUM(f, n, v)     .parse = cfg_parse_enum, FIELD(f), .names = (n), .values = (v)
+#define DEVICES(f)        .parse = cfg_parse_devices, FIELD(f)
+
+/*
+ * Every key moed knows, grouped by section (the unknown-key hint lists them
+ * in this order). When a feature lands, its keys' .supported turns true and
+ * nothing else needs to change: keys that are not supported yet are parsed,
+ * range-checked and stored first, then refused.
+ */
+const struct cfg_key cfg_keys[] = {
+    {"model.path", STR(model.path, 1, PATH_MAX - 1), .supported = true},
+    {"model.family", CHOICE(model.family, cfg_families), .supported = true},
+    {"devices", DEVICES(devices), .supported = true},
+    {"cpu.threads", UINT(cpu.threads, 0, 1024), .supported = true},
+    {"cpu.isa", ENUM(cpu.isa, cfg_isa_names, cfg_isa_values), .supported = true},
+    {"placement.spare_slots", UINT(placement.spare_slots, 0, 1024), .supported = false},
+    {"placement.auto_rebalance", BOOL(placement.auto_rebalance), .supported = false},
+    {"placement.rebalance_threshold", NUMBER(placement.rebalance_threshold, 1.0, 1000.0),
+     .supported = false},
+    {"placement.rebalance_interval_s", UINT(placement.rebalance_interval_s, 1, 86400),
+     .supported = false},
+    {"scheduler.max_batch_tokens", UINT(scheduler.max_batch_tokens, 1, 1048576), .supported = true},
+    {"scheduler.batch_window_us", UINT(scheduler.batch_window_us, 0, 1000000), .supported = false},
+    {"scheduler.max_queue_requests", UINT(scheduler.max_queue_requests, 1, 1000000),
+     .supported = true},
+    {"scheduler.request_timeout_ms", UINT(scheduler.request_timeout_ms, 0, 3600000),
+     .supported = true},
+    /* sun_path holds 108 bytes with the NUL. */
+    {"server.socket", STR(server.socket, 1, 107), .supported = true},
+    {"server.socket_mode", MODE(server.socket_mode, 0777), .supported = true},
+    {"server.group", STR(server.group, 0, 255), .supported = true},
+    {"server.admin_group", STR(server.admin_group, 0, 255), .supported = true},
+    {"server.handshake_timeout_ms", UINT(server.handshake_timeout_ms, 1, 600000),
+     .supported = true},
+    {"server.max_clients", UINT(server.max_clients, 1, 65536), .supported = true},
+    {"server.max_client_shm_bytes", SIZE(server.max_client_shm_bytes, 1LL << 20, 1LL << 40),
+     .supported = true},
+    {"server.max_total_shm_bytes", SIZE(server.max_total_shm_bytes, 1LL << 20, 1LL << 44),
+     .supported = true},
+    {"server.max_inflight_requests", UINT(server.max_inflight_requests, 1, 65536),
+     .supported = true},
+    {"server.max_inflight_tokens", UINT(server.max_inflight_tokens, 1, 100000000),
+     .supported = true},
+    {"metrics.listen", STR(metrics.listen, 0, 255), .supported = false},
+    {"log.level", ENUM(log.level, cfg_log_names, cfg_log_values), .supported = true},
+};
+
+_Static_assert(ARRAY_SIZE(cfg_keys) <= 32, "grow cfg_parser.seen_key");
+_Static_assert(sizeof(enum moe_cfg_isa) == sizeof(int), "enums are stored as int");
+_Static_assert(sizeof(enum moe_cfg_log_level) == sizeof(int), "enums are stored as int");
+
+/* Is table key @k called @key (@len bytes) in section @sec (NULL: top)? */
+static bool key_is(const struct cfg_key *k, const char *sec, const char *key, size_t len)
+{
+	const char *name = k->path;
+	size_t sl;
+
+	if (sec) {
+		sl = strlen(sec);
+		if (strncmp(name, sec, sl) || name[sl] != '.')
+			return false;
+		name += sl + 1;
+	} else if (strchr(name, '.')) {
+		return false;
+	}
+	return strlen(name) == len && !memcmp(name, key, len);
+}
+
+int cfg_find_key(const char *sec, const char *key, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_keys); i++)
+		if (key_is(&cfg_keys[i], sec, key, len))
+			return (int)i;
+	return -1;
+}
+
+/* The index of the first key of section @key, or -1. */
+int cfg_find_section(const char *key, size_t len)
+{
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_keys); i++)
+		if (strlen(cfg_keys[i].path) > len && !memcmp(cfg_keys[i].path, key, len) &&
+		    cfg_keys[i].path[len] == '.')
+			return (int)i;
+	return -1;
+}
+
+/* "model, devices, cpu, ..." or "path, family": the keys valid in @sec. */
+void cfg_list_keys(char *buf, size_t size, const char *sec)
+{
+	size_t i, n = 0, len, prev_len = 0;
+	const char *name, *prev = "";
+
+	buf[0] = '\0';
+	for (i = 0; i < ARRAY_SIZE(cfg_keys) && n + 1 < size; i++) {
+		name = cfg_keys[i].path;
+		if (sec) {
+			len = strlen(sec);
+			if (strncmp(name, sec, len) || name[len] != '.')
+				continue;
+			name += len + 1;
+			len = strlen(name);
+		} else {
+			len = strcspn(name, ".");
+			if (len == prev_len && !strncmp(name, prev, len))
+				continue;
+			prev = name;
+			prev_len = len;
+		}
+		snprintf(buf + n, size - n, "%s%.*s", n ? ", " : "", (int)len, name);
+		n += strlen(buf + n);
+	}
+}
+
+const char *moe_cfg_isa_name(enum moe_cfg_isa isa)
+{
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_isa_values); i++)
+		if (cfg_isa_values[i] == (int)isa)
+			return cfg_isa_names[i];
+	return "?";
+}
+
+const char *moe_cfg_log_level_name(enum moe_cfg_log_level level)
+{
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_log_values); i++)
+		if (cfg_log_values[i] == (int)level)
+			return cfg_log_names[i];
+	return "?";
+}
