@@ -77,6 +77,7 @@ static int bench_one(const char *model, const char *tokens, int device, double m
 	double copy_bw = 0, gemm = 0;
 	uint32_t layer;
 
+	moe_engine_opts_from_env(&eo); /* MOE_CUDA_GEMM etc.: the path measured */
 	if (moe_model_open(model, NULL, &m, err) || moe_engine_create(m, &eo, &e, err)) {
 		fprintf(stderr, "moe-bench: %s\n", err);
 		return 1;

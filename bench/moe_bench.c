@@ -141,7 +141,9 @@ int main(int argc, char **argv)
 	}
 	if (!model)
 		model = default_model(dirbuf, sizeof(dirbuf));
-	eo.isa = isa;
+	moe_engine_opts_from_env(&eo);
+	if (isa)
+		eo.tuning.isa = isa;
 	if (moe_model_open(model, NULL, &m, err) || moe_engine_create(m, &eo, &e, err)) {
 		fprintf(stderr, "moe-bench: %s\n", err);
 		return 1;
@@ -166,7 +168,7 @@ int main(int argc, char **argv)
 		enum moe_cpu_isa chosen;
 		double b = moe_bench_read_bw(pool, (size_t)1 << 30), f;
 
-		moe_cpu_isa_resolve(isa, &chosen, err, sizeof(err));
+		moe_cpu_isa_resolve(eo.tuning.isa, NULL, &chosen, err, sizeof(err));
 		f = moe_bench_fma_peak(pool, (int)chosen, &peak_what);
 		bw = b > bw ? b : bw;
 		peak = f > peak ? f : peak;

@@ -382,8 +382,7 @@ static void client_free(struct moe_client *c)
 		close(c->sock);
 	if (c->evfd >= 0)
 		close(c->evfd);
-	if (c->status_fd >= 0)
-		close(c->status_fd);
+	mc_calls_fail(c);
 	if (c->region)
 		munmap(c->region, c->region_bytes);
 	moe_shm_alloc_fini(&c->alloc);
@@ -423,7 +422,9 @@ MOE_API int moe_connect_opts(const char *socket_path, const moe_connect_options 
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return MOE_ENOMEM;
-	c->sock = c->evfd = c->status_fd = -1;
+	c->sock = c->evfd = -1;
+	for (int i = 0; i < MAX_CALLS; i++)
+		c->calls[i].fd = -1;
 	pthread_mutex_init(&c->mu, NULL);
 	pthread_condattr_init(&ca);
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

@@ -91,19 +91,78 @@ static int read_status_fd(int fd, uint64_t json_bytes, char **json, size_t *len)
 	return 0;
 }
 
-/* One control round trip (STATUS, ADMIN): waits for its turn (one request
- * of a kind at a time), sends, and waits for the reply that mc_drain() files
- * under *have. Called and returns with c->mu held. *owned tells whether
- * this call took the slot (then the caller reads the reply, clears *busy
- * and *have and wakes the others), whatever the result. */
-static int ctl_roundtrip(struct moe_client *c, int *busy, int *have, uint32_t *seq,
-			 uint16_t type, const void *p, uint32_t len, uint64_t deadline,
-			 int *owned)
+/* ---- the pending-call table ----------------------------------------------- */
+
+bool mc_file_reply(struct moe_client *c, int type, const struct moe_msg_hdr *h, const void *buf,
+		   size_t n, int *fds, int n_fds)
 {
+	for (int i = 0; i < MAX_CALLS; i++) {
+		struct call *k = &c->calls[i];
+
+		if (!k->want || k->seq != h->seq)
+			continue;
+		if (type == MOE_MSG_STATUS_REPLY && k->want == type && !k->have &&
+		    !moe_msg_decode_status_reply(buf, n, &k->status)) {
+			k->have = 1;
+			k->fd = n_fds ? fds[0] : -1;
+			close_fds(fds + 1, n_fds ? n_fds - 1 : 0);
+			return true;
+		}
+		if (type == MOE_MSG_ADMIN_REPLY && k->want == type && !k->have &&
+		    !moe_msg_decode_admin_reply(buf, n, &k->admin, k->data, sizeof(k->data),
+						&k->data_len)) {
+			k->have = 1;
+			/* no job started: nothing more will come */
+			if (k->admin.status || k->data_len != sizeof(struct moe_admin_job))
+				k->want_job = 0;
+			close_fds(fds, n_fds);
+			return true;
+		}
+		if (type == MOE_MSG_JOB_DONE && k->want_job && k->have && !k->have_job &&
+		    !moe_msg_decode_job_done(buf, n, &k->job)) {
+			k->have_job = 1;
+			close_fds(fds, n_fds);
+			return true;
+		}
+	}
+	return false; /* a reply for a call that gave up, or unexpected: dropped */
+}
+
+void mc_calls_fail(struct moe_client *c)
+{
+	for (int i = 0; i < MAX_CALLS; i++) {
+		if (c->calls[i].fd >= 0)
+			close(c->calls[i].fd);
+		c->calls[i].fd = -1;
+	}
+}
+
+static void call_free(struct moe_client *c, struct call *k)
+{
+	if (k->fd >= 0)
+		close(k->fd);
+	k->fd = -1;
+	k->want = 0;
+	mc_wake_all(c); /* a caller may wait for a free entry */
+}
+
+/* One control call: takes a free entry (waiting for one if every entry is
+ * in use), sends, and waits for the reply (and the job's end if
+ * `want_job`) that mc_drain() files under it. Called and returns with c->mu
+ * held; on success *out is the entry, which the caller reads and frees
+ * with call_free(). */
+static int call(struct moe_client *c, uint16_t type, const void *p, uint32_t len,
+		uint16_t reply, bool want_job, uint64_t deadline, struct call **out)
+{
+	struct call *k = NULL;
 	int r = mc_enter(c);
 
-	*owned = 0;
-	while (!r && *busy) {
+	while (!r && !k) {
+		for (int i = 0; i < MAX_CALLS && !k; i++)
+			if (!c->calls[i].want)
+				k = &c->calls[i];
+		if (k)
+			break;
 		if (now_ns() >= deadline)
 			r = MOE_ETIMEDOUT;
 		else
@@ -113,13 +172,11 @@ static int ctl_roundtrip(struct moe_client *c, int *busy, int *have, uint32_t *s
 	}
 	if (r)
 		return r;
-	*busy = 1;
-	*have = 0;
-	*owned = 1;
-	r = mc_send_ctl(c, type, p, len, seq);
-	while (!r && !*have) {
+	*k = (struct call){.want = reply, .want_job = want_job, .fd = -1};
+	r = mc_send_ctl(c, type, p, len, &k->seq); /* (the mutex is held: no reply yet) */
+	while (!r && !(k->have && (!k->want_job || k->have_job))) {
 		mc_drain(c);
-		if (*have)
+		if (k->have && (!k->want_job || k->have_job))
 			break;
 		if (c->dead)
 			r = MOE_EDAEMON;
@@ -128,38 +185,71 @@ static int ctl_roundtrip(struct moe_client *c, int *busy, int *have, uint32_t *s
 		else
 			mc_wait_step(c, deadline);
 	}
-	return r;
+	if (r) {
+		call_free(c, k); /* a late reply finds no call and is dropped */
+		return r;
+	}
+	*out = k;
+	return 0;
 }
 
 MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 {
 	uint64_t deadline = deadline_after(CONTROL_MS);
-	int r, owned;
+	struct call *k;
+	int r;
 
 	if (!c || !json)
 		return MOE_EINVAL;
 	*json = NULL;
 	pthread_mutex_lock(&c->mu);
-	r = ctl_roundtrip(c, &c->status_busy, &c->status_have, &c->status_seq, MOE_MSG_STATUS,
-			  NULL, 0, deadline, &owned);
-	if (!owned)
-		goto out_unlock;
+	r = call(c, MOE_MSG_STATUS, NULL, 0, MOE_MSG_STATUS_REPLY, false, deadline, &k);
 	if (!r) {
-		if (c->status_msg.status)
-			r = wire_status(c->status_msg.status);
-		else if (c->status_fd < 0)
+		if (k->status.status)
+			r = wire_status(k->status.status);
+		else if (k->fd < 0)
 			r = MOE_EPROTO;
 		else
-			r = read_status_fd(c->status_fd, c->status_msg.json_bytes, json, len);
+			r = read_status_fd(k->fd, k->status.json_bytes, json, len);
+		call_free(c, k);
 	}
-	if (c->status_fd >= 0) {
-		close(c->status_fd);
-		c->status_fd = -1;
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+MOE_API int moe_admin_call(moe_client *c, const moe_admin_req *req, moe_admin_res *res)
+{
+	struct {
+		struct moe_msg_admin a;
+		unsigned char p[MOE_ADMIN_DATA_MAX];
+	} m;
+	uint64_t deadline;
+	struct call *k;
+	int r;
+
+	if (!c || !req || !res || req->payload_len > sizeof(m.p) ||
+	    (req->payload_len && !req->payload))
+		return MOE_EINVAL;
+	memset(res, 0, sizeof(*res));
+	deadline = req->timeout_ms < 0 ? NO_DEADLINE : deadline_after(req->timeout_ms);
+	m.a = (struct moe_msg_admin){req->op, req->flags};
+	if (req->payload_len)
+		memcpy(m.p, req->payload, req->payload_len);
+	pthread_mutex_lock(&c->mu);
+	r = call(c, MOE_MSG_ADMIN, &m, (uint32_t)(sizeof(m.a) + req->payload_len),
+		 MOE_MSG_ADMIN_REPLY, req->wait_job != 0, deadline, &k);
+	if (!r) {
+		res->status = k->admin.status ? wire_status(k->admin.status) : 0;
+		snprintf(res->message, sizeof(res->message), "%s", k->admin.message);
+		res->result_len = k->data_len;
+		memcpy(res->result, k->data, k->data_len);
+		if (k->data_len == sizeof(struct moe_admin_job) && !k->admin.status)
+			memcpy(&res->job, k->data, sizeof(res->job));
+		if (k->have_job)
+			res->job = k->job;
+		call_free(c, k);
+		r = res->status;
 	}
-	c->status_busy = 0;
-	c->status_have = 0;
-	mc_wake_all(c);
-out_unlock:
 	pthread_mutex_unlock(&c->mu);
 	return r;
 }
@@ -167,28 +257,68 @@ out_unlock:
 MOE_API int moe_admin(moe_client *c, uint32_t op, uint32_t flags, int timeout_ms, char *msg,
 		      size_t msglen)
 {
-	uint64_t deadline = timeout_ms < 0 ? UINT64_MAX : deadline_after((uint32_t)timeout_ms);
-	struct moe_msg_admin a = {op, flags};
-	int r, owned;
+	moe_admin_req q = {.op = op, .flags = flags, .timeout_ms = timeout_ms};
+	moe_admin_res *res = malloc(sizeof(*res));
+	int r;
 
-	if (!c)
-		return MOE_EINVAL;
 	if (msg && msglen)
 		msg[0] = '\0';
-	pthread_mutex_lock(&c->mu);
-	r = ctl_roundtrip(c, &c->admin_busy, &c->admin_have, &c->admin_seq, MOE_MSG_ADMIN, &a,
-			  sizeof(a), deadline, &owned);
-	if (!owned)
-		goto out_unlock;
-	if (!r) {
-		if (msg && msglen)
-			snprintf(msg, msglen, "%s", c->admin_msg.message);
-		r = c->admin_msg.status ? wire_status(c->admin_msg.status) : 0;
-	}
-	c->admin_busy = 0;
-	c->admin_have = 0;
-	mc_wake_all(c);
-out_unlock:
-	pthread_mutex_unlock(&c->mu);
+	if (!res)
+		return MOE_ENOMEM;
+	r = moe_admin_call(c, &q, res);
+	if (msg && msglen)
+		snprintf(msg, msglen, "%s", res->message);
+	free(res);
 	return r;
 }
+
+MOE_API int moe_epoch_info(moe_client *c, uint32_t id, struct moe_admin_epoch_info *info,
+			   uint32_t *versions, uint32_t cap)
+{
+	struct moe_admin_epoch e = {id, 0};
+	moe_admin_req q = {.op = MOE_ADMIN_EPOCH_INFO, .payload = &e, .payload_len = sizeof(e),
+			   .timeout_ms = CONTROL_MS};
+	moe_admin_res *res = malloc(sizeof(*res));
+	int r;
+
+	if (!info || !res) {
+		free(res);
+		return !info ? MOE_EINVAL : MOE_ENOMEM;
+	}
+	r = moe_admin_call(c, &q, res);
+	if (!r && res->result_len < sizeof(*info))
+		r = MOE_EPROTO;
+	if (!r) {
+		memcpy(info, res->result, sizeof(*info));
+		if (res->result_len != sizeof(*info) + (size_t)info->n_layers * sizeof(uint32_t))
+			r = MOE_EPROTO;
+		else if (versions)
+			memcpy(versions, res->result + sizeof(*info),
+			       (size_t)(cap < info->n_layers ? cap : info->n_layers) *
+				       sizeof(uint32_t));
+	}
+	free(res);
+	return r;
+}
+
+MOE_API int moe_job(moe_client *c, uint32_t job, int cancel, struct moe_admin_job *out)
+{
+	struct moe_admin_job_ref j = {job, 0};
+	moe_admin_req q = {.op = cancel ? MOE_ADMIN_JOB_CANCEL : MOE_ADMIN_JOB_STATUS,
+			   .payload = &j, .payload_len = sizeof(j), .timeout_ms = CONTROL_MS};
+	moe_admin_res *res = malloc(sizeof(*res));
+	int r;
+
+	if (!res)
+		return MOE_ENOMEM;
+	r = moe_admin_call(c, &q, res);
+	if (!r && res->result_len != sizeof(*out))
+		r = MOE_EPROTO;
+	if (!r && out)
+		memcpy(out, res->result, sizeof(*out));
+	free(res);
+	return r;
+}
+
+_Static_assert(sizeof(((moe_admin_res *)0)->result) == MOE_ADMIN_DATA_MAX,
+	       "moe_admin_res.result holds any admin result");

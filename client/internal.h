@@ -27,6 +27,7 @@
 #include <stdarg.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +51,25 @@
 #define NO_DEADLINE     UINT64_MAX
 
 enum slot_state { SLOT_FREE, SLOT_PENDING, SLOT_DONE };
+
+/* A control call waiting for its reply, matched by seq (control.c): a
+ * STATUS_REPLY or an ADMIN_REPLY, and, for an op that started a job and a
+ * caller that waits for its end, the JOB_DONE with the same seq. One table
+ * for every kind, so that calls of any kind from any thread overlap. */
+#define MAX_CALLS 8
+struct call {
+	uint32_t seq;
+	uint16_t want;	   /* MOE_MSG_STATUS_REPLY or _ADMIN_REPLY; 0: a free entry */
+	uint8_t have;	   /* the reply is here */
+	uint8_t want_job;  /* then the job's JOB_DONE too */
+	uint8_t have_job;
+	int fd;		   /* STATUS_REPLY's memfd, or -1 */
+	struct moe_msg_status_reply status;
+	struct moe_msg_admin_reply admin;
+	uint32_t data_len; /* the admin op's result */
+	unsigned char data[MOE_ADMIN_DATA_MAX];
+	struct moe_admin_job job;
+};
 
 /* One request the client has submitted and not yet delivered. */
 struct slot {
@@ -96,14 +116,7 @@ struct moe_client {
 	uint32_t inflight_reqs, inflight_tokens;
 	uint32_t forwards; /* moe_forward calls holding bounce buffers */
 	uint32_t seq;
-
-	/* One STATUS request at a time. */
-	int status_busy, status_have, status_fd;
-	uint32_t status_seq;
-	struct moe_msg_status_reply status_msg;
-	int admin_busy, admin_have;
-	uint32_t admin_seq;
-	struct moe_msg_admin_reply admin_msg;
+	struct call calls[MAX_CALLS]; /* control calls waiting for replies */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -205,5 +218,10 @@ int mc_wait_room(struct moe_client *c, uint32_t n_tokens, uint64_t deadline);
 
 /* control.c */
 int mc_send_ctl(struct moe_client *c, uint16_t type, const void *p, uint32_t len, uint32_t *seq);
+/* Files a control reply under its call; false if no call waits for it. */
+bool mc_file_reply(struct moe_client *c, int type, const struct moe_msg_hdr *h, const void *buf,
+		   size_t n, int *fds, int n_fds);
+/* The connection died: every call ends (its fd closed). */
+void mc_calls_fail(struct moe_client *c);
 
 #endif /* MOE_CLIENT_INTERNAL_H */

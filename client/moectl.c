@@ -3,6 +3,10 @@
  *   moectl [-s SOCKET] status [--json]
  *   moectl [-s SOCKET] forward --layer L --input IN.safetensors --output OUT.safetensors
  *   moectl [-s SOCKET] ping [-c COUNT]
+ *   moectl [-s SOCKET] drain [--wait] | undrain | reload-config
+ *   moectl [-s SOCKET] epoch ID
+ *   moectl [-s SOCKET] job ID [--cancel]
+ *   moectl [-s SOCKET] epoch-cycle COUNT [--interval-us U] [--wait]
  *
  * Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable.
  */
@@ -33,6 +37,11 @@ static void usage(FILE *f)
 	           "       moectl [-s SOCKET] drain [--wait]     (root or server.admin_group)\n"
 	           "       moectl [-s SOCKET] undrain\n"
 	           "       moectl [-s SOCKET] reload-config [--wait]\n"
+	           "       moectl [-s SOCKET] epoch ID         what a completion's epoch id means\n"
+	           "       moectl [-s SOCKET] job ID [--cancel]\n"
+	           "       moectl [-s SOCKET] epoch-cycle COUNT [--interval-us U] [--wait]\n"
+	           "                          publish COUNT epochs with the same weights (a job;\n"
+	           "                          a self-test of the publish path while serving)\n"
 	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
 }
 
@@ -418,7 +427,7 @@ static int cmd_admin(int argc, char **argv, uint32_t op)
 	int ch, r, rc;
 
 	while ((ch = getopt_long(argc, argv, "wh", opts, NULL)) != -1) {
-		if (ch == 'w' && op != 2) {
+		if (ch == 'w' && op != MOE_ADMIN_UNDRAIN) {
 			flags |= 1;
 			continue;
 		}
@@ -432,7 +441,7 @@ static int cmd_admin(int argc, char **argv, uint32_t op)
 	rc = connect_or_complain(&c);
 	if (rc)
 		return rc;
-	r = moe_admin(c, op, op == 1 ? flags : 0, -1, msg, sizeof(msg));
+	r = moe_admin(c, op, op == MOE_ADMIN_DRAIN ? flags : 0, -1, msg, sizeof(msg));
 	if (r) {
 		fprintf(stderr, "moectl: %s: %s%s%s\n", argv[0], moe_strerror(r), msg[0] ? ": " : "",
 		        msg);
@@ -499,6 +508,143 @@ out:
 	return rc;
 }
 
+/* ------------------------------------------------------------------------ */
+/* epochs and jobs                                                          */
+
+static const char *job_state(uint32_t st)
+{
+	return st == MOE_JOB_RUNNING	 ? "running"
+	       : st == MOE_JOB_DONE	 ? "done"
+	       : st == MOE_JOB_CANCELLED ? "cancelled"
+	       : st == MOE_JOB_FAILED	 ? "failed"
+					 : "?";
+}
+
+static void print_job(const struct moe_admin_job *j)
+{
+	printf("job %u (%s): %s, %" PRIu64 " of %" PRIu64 "%s%s\n", j->job, moe_admin_op_name(j->op),
+	       job_state(j->state), j->done, j->total, j->state == MOE_JOB_RUNNING ? "" : ": ",
+	       j->state == MOE_JOB_RUNNING ? "" : j->message);
+}
+
+/* epoch ID: placement generation, state and per-layer weights versions. */
+static int cmd_epoch(int argc, char **argv)
+{
+	struct moe_admin_epoch_info info;
+	uint32_t id, v[512];
+	moe_client *c;
+	int r, rc;
+
+	if (argc != 2 || parse_u32(argv[1], &id)) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		return rc;
+	r = moe_epoch_info(c, id, &info, v, 512);
+	if (r) {
+		rc = fail(r, "epoch");
+	} else {
+		printf("epoch %u: %s, placement generation %" PRIu64 "\nweights versions:", info.id,
+		       info.flags & MOE_EPOCH_CURRENT ? "current"
+		       : info.flags & MOE_EPOCH_RETIRED ? "retired" : "live (pinned by a batch)",
+		       info.placement_gen);
+		for (uint32_t l = 0; l < info.n_layers && l < 512; l++)
+			printf(" %u", v[l]);
+		printf("\n");
+	}
+	moe_disconnect(c);
+	return rc;
+}
+
+/* job ID [--cancel] */
+static int cmd_job(int argc, char **argv)
+{
+	static const struct option opts[] = {{"cancel", no_argument, NULL, 'c'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	struct moe_admin_job j;
+	int ch, cancel = 0, r, rc;
+	uint32_t id;
+	moe_client *c;
+
+	while ((ch = getopt_long(argc, argv, "ch", opts, NULL)) != -1) {
+		if (ch == 'c') {
+			cancel = 1;
+			continue;
+		}
+		usage(ch == 'h' ? stdout : stderr);
+		return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+	}
+	if (optind != argc - 1 || parse_u32(argv[optind], &id)) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		return rc;
+	r = moe_job(c, id, cancel, &j);
+	if (r)
+		rc = fail(r, "job");
+	else
+		print_job(&j);
+	moe_disconnect(c);
+	return rc;
+}
+
+/* epoch-cycle COUNT [--interval-us U] [--wait] */
+static int cmd_epoch_cycle(int argc, char **argv)
+{
+	static const struct option opts[] = {{"interval-us", required_argument, NULL, 'i'},
+	                                     {"wait", no_argument, NULL, 'w'},
+	                                     {"help", no_argument, NULL, 'h'},
+	                                     {NULL, 0, NULL, 0}};
+	struct moe_admin_cycle cy = {0, 0};
+	moe_admin_req q = {.op = MOE_ADMIN_EPOCH_CYCLE, .payload = &cy, .payload_len = sizeof(cy),
+	                   .timeout_ms = -1};
+	moe_admin_res *res;
+	moe_client *c;
+	int ch, r, rc;
+
+	while ((ch = getopt_long(argc, argv, "i:wh", opts, NULL)) != -1) {
+		if (ch == 'i' && !parse_u32(optarg, &cy.interval_us) && cy.interval_us <= 1000000)
+			continue;
+		if (ch == 'w') {
+			q.wait_job = 1;
+			continue;
+		}
+		usage(ch == 'h' ? stdout : stderr);
+		return ch == 'h' ? EXIT_OK : EXIT_USAGE;
+	}
+	if (optind != argc - 1 || parse_u32(argv[optind], &cy.count) || !cy.count ||
+	    cy.count > 1000000) {
+		usage(stderr);
+		return EXIT_USAGE;
+	}
+	res = malloc(sizeof(*res));
+	if (!res)
+		return fail(MOE_ENOMEM, "epoch-cycle");
+	rc = connect_or_complain(&c);
+	if (rc) {
+		free(res);
+		return rc;
+	}
+	r = moe_admin_call(c, &q, res);
+	if (r) {
+		fprintf(stderr, "moectl: epoch-cycle: %s%s%s\n", moe_strerror(r),
+		        res->message[0] ? ": " : "", res->message);
+		rc = exit_for(r);
+	} else {
+		print_job(&res->job);
+		if (q.wait_job && res->job.result)
+			rc = EXIT_ERR;
+	}
+	moe_disconnect(c);
+	free(res);
+	return rc;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {{"socket", required_argument, NULL, 's'},
@@ -530,11 +676,17 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "ping"))
 		return cmd_ping(argc, argv);
 	if (!strcmp(cmd, "drain"))
-		return cmd_admin(argc, argv, 1);
+		return cmd_admin(argc, argv, MOE_ADMIN_DRAIN);
 	if (!strcmp(cmd, "undrain"))
-		return cmd_admin(argc, argv, 2);
+		return cmd_admin(argc, argv, MOE_ADMIN_UNDRAIN);
 	if (!strcmp(cmd, "reload-config"))
-		return cmd_admin(argc, argv, 3);
+		return cmd_admin(argc, argv, MOE_ADMIN_RELOAD_CONFIG);
+	if (!strcmp(cmd, "epoch"))
+		return cmd_epoch(argc, argv);
+	if (!strcmp(cmd, "job"))
+		return cmd_job(argc, argv);
+	if (!strcmp(cmd, "epoch-cycle"))
+		return cmd_epoch_cycle(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

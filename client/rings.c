@@ -112,10 +112,7 @@ void mc_mark_dead(struct moe_client *c)
 		if (c->slots[i].state == SLOT_PENDING)
 			finish(c, &c->slots[i], MOE_EDAEMON, 0);
 	c->inflight_reqs = c->inflight_tokens = 0;
-	if (c->status_fd >= 0) {
-		close(c->status_fd);
-		c->status_fd = -1;
-	}
+	mc_calls_fail(c);
 	/* A sleeping poller still polls the socket: it closes it on waking. */
 	if (!c->polling && c->sock >= 0) {
 		close(c->sock);

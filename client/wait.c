@@ -31,20 +31,7 @@ void mc_drain(struct moe_client *c)
 			return;
 		}
 		type = moe_msg_peek(buf.b, (size_t)n, &h);
-		if (type == MOE_MSG_STATUS_REPLY && c->status_busy && !c->status_have &&
-		    h.seq == c->status_seq &&
-		    !moe_msg_decode_status_reply(buf.b, (size_t)n, &c->status_msg)) {
-			c->status_have = 1;
-			c->status_fd = n_fds ? fds[0] : -1;
-			close_fds(fds + 1, n_fds ? n_fds - 1 : 0);
-			mc_wake_all(c);
-			continue;
-		}
-		if (type == MOE_MSG_ADMIN_REPLY && c->admin_busy && !c->admin_have &&
-		    h.seq == c->admin_seq &&
-		    !moe_msg_decode_admin_reply(buf.b, (size_t)n, &c->admin_msg)) {
-			c->admin_have = 1;
-			close_fds(fds, n_fds);
+		if (mc_file_reply(c, type, &h, buf.b, (size_t)n, fds, n_fds)) {
 			mc_wake_all(c);
 			continue;
 		}

@@ -35,7 +35,8 @@ install(TARGETS moed moectl moe-mkmodel moe-bench moe-load RUNTIME DESTINATION $
 install(TARGETS moeclient EXPORT moeclientTargets
 	LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
 	INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(FILES client/include/moeclient.h ipc/moe_errors.h DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(FILES client/include/moeclient.h ipc/moe_errors.h ipc/moe_admin.h
+	DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 
 install(EXPORT moeclientTargets NAMESPACE moeclient::
 	DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moeclient)

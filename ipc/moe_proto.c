@@ -122,21 +122,77 @@ int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out)
 	return r;
 }
 
-int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out)
+/* Header valid, type as expected, payload at least `len` bytes and at most
+ * `len + cap`: the fixed part goes to out, the rest to rest (*rlen). */
+static int decode_var(const void *buf, size_t n, uint16_t type, void *out, size_t len,
+		      void *rest, uint32_t cap, uint32_t *rlen)
 {
-	int r = decode(buf, n, MOE_MSG_ADMIN, out, sizeof(*out));
+	struct moe_msg_hdr h;
+	int t = moe_msg_peek(buf, n, &h);
+
+	if (t < 0)
+		return t;
+	if (t != type || h.len < len)
+		return MOE_EPROTO;
+	memcpy(out, (const char *)buf + sizeof(h), len);
+	*rlen = (uint32_t)(h.len - len);
+	if (*rlen > cap)
+		return MOE_EINVAL; /* (the fixed part and the length are filled in) */
+	if (*rlen)
+		memcpy(rest, (const char *)buf + sizeof(h) + len, *rlen);
+	return 0;
+}
+
+static const struct {
+	const char *name;
+	int payload;
+} admin_ops[MOE_ADMIN_OP_MAX + 1] = {
+	[MOE_ADMIN_DRAIN] = {"drain", 0},
+	[MOE_ADMIN_UNDRAIN] = {"undrain", 0},
+	[MOE_ADMIN_RELOAD_CONFIG] = {"reload-config", 0},
+	[MOE_ADMIN_EPOCH_INFO] = {"epoch-info", sizeof(struct moe_admin_epoch)},
+	[MOE_ADMIN_EPOCH_CYCLE] = {"epoch-cycle", sizeof(struct moe_admin_cycle)},
+	[MOE_ADMIN_JOB_STATUS] = {"job-status", sizeof(struct moe_admin_job_ref)},
+	[MOE_ADMIN_JOB_CANCEL] = {"job-cancel", sizeof(struct moe_admin_job_ref)},
+};
+
+int moe_admin_payload_size(uint32_t op)
+{
+	return op && op <= MOE_ADMIN_OP_MAX ? admin_ops[op].payload : -1;
+}
+
+const char *moe_admin_op_name(uint32_t op)
+{
+	return op && op <= MOE_ADMIN_OP_MAX ? admin_ops[op].name : "?";
+}
+
+int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, void *payload,
+			 uint32_t *plen)
+{
+	int r = decode_var(buf, n, MOE_MSG_ADMIN, out, sizeof(*out), payload,
+			   (uint32_t)MOE_ADMIN_DATA_MAX, plen);
 
 	if (r)
 		return r;
-	if (out->op < MOE_ADMIN_DRAIN || out->op > MOE_ADMIN_RELOAD_CONFIG ||
-	    out->flags & ~(uint32_t)MOE_ADMIN_WAIT)
+	if (moe_admin_payload_size(out->op) < 0 || out->flags & ~(uint32_t)MOE_ADMIN_WAIT ||
+	    *plen != (uint32_t)moe_admin_payload_size(out->op))
 		return MOE_EINVAL;
 	return 0;
 }
 
-int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out)
+int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out,
+			       void *result, uint32_t cap, uint32_t *rlen)
 {
-	int r = decode(buf, n, MOE_MSG_ADMIN_REPLY, out, sizeof(*out));
+	int r = decode_var(buf, n, MOE_MSG_ADMIN_REPLY, out, sizeof(*out), result, cap, rlen);
+
+	if (!r)
+		out->message[sizeof(out->message) - 1] = '\0';
+	return r;
+}
+
+int moe_msg_decode_job_done(const void *buf, size_t n, struct moe_admin_job *out)
+{
+	int r = decode(buf, n, MOE_MSG_JOB_DONE, out, sizeof(*out));
 
 	if (!r)
 		out->message[sizeof(out->message) - 1] = '\0';

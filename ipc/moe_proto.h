@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "ipc/moe_admin.h"
 #include "ipc/moe_errors.h"
 
 #define MOE_PROTO_MAGIC	  0x3145454du /* "MEE1" */
@@ -35,16 +36,10 @@ enum moe_msg_type {
 	MOE_MSG_STATUS = 5,	 /* c->d: ask for the status JSON */
 	MOE_MSG_STATUS_REPLY = 6, /* d->c: status + sealed memfd of JSON */
 	MOE_MSG_ERROR = 7,	 /* d->c: a protocol error, then the daemon hangs up */
-	MOE_MSG_ADMIN = 8,	 /* c->d: an operator command (root or admin group) */
-	MOE_MSG_ADMIN_REPLY = 9, /* d->c: its outcome */
+	MOE_MSG_ADMIN = 8,	 /* c->d: an operator command (ipc/moe_admin.h) */
+	MOE_MSG_ADMIN_REPLY = 9, /* d->c: its outcome (+ the op's result) */
+	MOE_MSG_JOB_DONE = 10,	 /* d->c: a job the session started is over */
 };
-
-enum moe_admin_op {
-	MOE_ADMIN_DRAIN = 1,	     /* refuse new requests, finish queued ones */
-	MOE_ADMIN_UNDRAIN = 2,	     /* accept requests again */
-	MOE_ADMIN_RELOAD_CONFIG = 3, /* re-read the configuration file */
-};
-#define MOE_ADMIN_WAIT 0x1 /* drain: reply only once nothing is queued */
 
 struct moe_msg_hdr {
 	uint32_t magic;
@@ -91,15 +86,22 @@ struct moe_msg_status_reply {
 	uint64_t json_bytes; /* length of the JSON in the attached memfd */
 };
 
+/* + the op's payload, exactly moe_admin_payload_size(op) bytes */
 struct moe_msg_admin {
 	uint32_t op;	/* enum moe_admin_op */
 	uint32_t flags; /* MOE_ADMIN_* */
 };
 
+/* + the op's result, if any (struct moe_admin_job for an op that started a
+ * job, struct moe_admin_epoch_info + versions for EPOCH_INFO) */
 struct moe_msg_admin_reply {
 	int32_t status; /* 0 or MOE_E* (MOE_EPERM: not an administrator) */
 	char message[244]; /* for humans: what was applied, what needs a restart */
 };
+
+/* The largest payload or result an admin message carries. */
+#define MOE_ADMIN_DATA_MAX                                                                 \
+	(MOE_MSG_MAX - sizeof(struct moe_msg_hdr) - sizeof(struct moe_msg_admin_reply))
 
 struct moe_msg_error {
 	int32_t status;
@@ -120,8 +122,15 @@ int moe_msg_decode_hello_reply(const void *buf, size_t n, struct moe_msg_hello_r
 int moe_msg_decode_cancel(const void *buf, size_t n, struct moe_msg_cancel *out);
 int moe_msg_decode_status_reply(const void *buf, size_t n, struct moe_msg_status_reply *out);
 int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out);
-int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out);
-int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out);
+/* ADMIN: a known op and flags, and exactly the op's payload (copied to
+ * `payload`, which has room for MOE_ADMIN_DATA_MAX bytes; *plen its size);
+ * MOE_EINVAL for an unknown op or flag or a payload of the wrong size. */
+int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, void *payload,
+			 uint32_t *plen);
+/* ADMIN_REPLY: the fixed part, then up to `cap` bytes of result (*rlen). */
+int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out,
+			       void *result, uint32_t cap, uint32_t *rlen);
+int moe_msg_decode_job_done(const void *buf, size_t n, struct moe_admin_job *out);
 /* DOORBELL and STATUS carry no payload. */
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type);
 

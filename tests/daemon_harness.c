@@ -56,6 +56,7 @@ int dh_group_setup(void **state)
 	char err[MOE_ERRLEN];
 
 	(void)state;
+	moe_engine_opts_from_env(&o); /* the same kernels as the daemon under test */
 	if (moe_model_open(DH_FIXTURE, NULL, &g_model, err)) {
 		fprintf(stderr, "%s\n", err);
 		return -1;

@@ -76,7 +76,7 @@ etcdir=$prefix/etc/moed
 
 missing=
 for f in bin/moed bin/moectl bin/moe-mkmodel bin/moe-load bin/moe-bench \
-	include/moeclient.h include/moe_errors.h \
+	include/moeclient.h include/moe_errors.h include/moe_admin.h \
 	lib/systemd/system/moed.service lib/systemd/system/moed.socket \
 	lib/sysusers.d/moed.conf lib/tmpfiles.d/moed.conf \
 	etc/moed/moe.yaml.example share/doc/moed/README.md; do

@@ -75,6 +75,7 @@ static struct moe_engine *open_on(const char *dir, const char *backend, uint32_t
 
 	if (moe_model_open(dir, NULL, mp, err))
 		fail_msg("%s", err);
+	moe_engine_opts_from_env(&o); /* the MOE_CUDA_* the test set, as moed reads them */
 	if (moe_engine_create(*mp, &o, &e, err))
 		fail_msg("%s engine on %s: %s", backend, dir, err);
 	return e;
@@ -125,6 +126,7 @@ static struct moe_engine *open_mode(const char *dir, const char *mode, uint32_t 
 	if (moe_model_open(dir, NULL, mp, err))
 		fail_msg("%s", err);
 	setenv("MOE_CUDA_GEMM", mode, 1);
+	moe_engine_opts_from_env(&o);
 	ret = moe_engine_create(*mp, &o, &e, err);
 	unsetenv("MOE_CUDA_GEMM");
 	if (ret && !strcmp(mode, "grouped") && strstr(err, "refuses")) {

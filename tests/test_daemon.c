@@ -493,7 +493,7 @@ static void test_deadline(void **state)
 		uint64_t tag;
 		void *in, *out;
 		int st;
-	} big[2], small[4];
+	} big[3], small[4];
 	int timeouts = 0;
 	cJSON *j;
 
@@ -511,17 +511,20 @@ static void test_deadline(void **state)
 	o.seed = 7;
 	if (moe_synth_write(dir, &o, err))
 		fail_msg("synth: %s", err);
-	d = daemon_run(dir, "scheduler:\n  request_timeout_ms: 1\n");
+	d = daemon_run(dir, "scheduler:\n  request_timeout_ms: 1\n  max_batch_tokens: 2048\n");
 	c = cl_open(d);
 	assert_int_equal(moe_get_model_info(c, &mi), 0);
 	assert_int_equal(mi.n_moe_layers, 2);
 	assert_int_equal(mi.hidden, 256);
 
-	/* Everything reaches the daemon at once: it takes all six entries,
-	 * starting their deadlines, runs the big batch of layer A, and only
-	 * then can look at layer B, whose deadlines are long gone. */
+	/* Everything reaches the daemon at once: it takes all seven entries,
+	 * starting their deadlines, and hands the engine worker two batches
+	 * of layer A (2048 tokens, then 1024: the one it runs and the one
+	 * waiting, which is all it holds); layer B's requests stay queued, and
+	 * once the first batch is back their deadlines are long gone. (A
+	 * request handed to the worker runs whatever its deadline.) */
 	dh_daemon_freeze(d);
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 3; i++) {
 		size_t bytes = (size_t)1024 * 256 * 4;
 
 		big[i].in = moe_buf_alloc(c, bytes);
@@ -552,7 +555,7 @@ static void test_deadline(void **state)
 			fail_msg("small request %d: %s", i, moe_strerror(small[i].st));
 		timeouts += small[i].st == MOE_ETIMEDOUT;
 	}
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 3; i++) {
 		assert_int_equal(moe_wait(c, big[i].tag, WAIT_MS, &big[i].st), 0);
 		if (big[i].st)
 			fail_msg("big request %d: %s", i, moe_strerror(big[i].st));
@@ -572,7 +575,7 @@ static void test_deadline(void **state)
 			 0);
 	assert_int_equal(moe_wait(c, small[0].tag, WAIT_MS, &small[0].st), 0);
 	assert_int_equal(small[0].st, 0);
-	for (int i = 0; i < 2; i++) {
+	for (int i = 0; i < 3; i++) {
 		moe_buf_free(c, big[i].in);
 		moe_buf_free(c, big[i].out);
 	}

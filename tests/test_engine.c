@@ -60,12 +60,14 @@ static double tol_rtol(enum moe_dtype dt)
 
 /* The CPU path under test: every supported one in turn (main()). */
 static const char *isa_under_test;
+/* test_device_fault: the batch that fails as a lost device would */
+static unsigned long fault_at;
 
 static struct moe_engine *open_engine(const char *dir, uint32_t threads, uint32_t max_tokens,
 				      struct moe_model **mp)
 {
 	struct moe_engine_opts o = {.threads = threads, .max_batch_tokens = max_tokens,
-				    .isa = isa_under_test};
+				    .tuning.isa = isa_under_test, .test_fault_at = fault_at};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 
@@ -598,10 +600,10 @@ static void test_lost_device(void **state)
 	struct moe_rng r = {5};
 
 	(void)state;
-	setenv("MOED_TEST_ENGINE_FAULT", "2", 1);
+	fault_at = 2;
 	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
 	e = open_engine(dir, 1, 4, &m);
-	unsetenv("MOED_TEST_ENGINE_FAULT");
+	fault_at = 0;
 	assert_true(m->hidden <= 128);
 	for (size_t i = 0; i < sizeof(x) / sizeof(x[0]); i++)
 		x[i] = (float)moe_rng_normal(&r);
@@ -791,7 +793,6 @@ int main(void)
 {
 	int failed = 0;
 
-	unsetenv("MOE_CPU_ISA");
 	for (int i = 0; i < MOE_ISA_COUNT; i++) {
 		const char *name = moe_cpu_isa_name((enum moe_cpu_isa)i);
 

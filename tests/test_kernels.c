@@ -364,23 +364,23 @@ static void test_panels(void **state)
 	assert_true(ran >= 1);
 }
 
-/* Forcing a path: by name, through MOE_CPU_ISA, and refusing what the CPU
- * lacks or does not exist with a message instead of a SIGILL. */
+/* Forcing a path: by name (from cpu.isa or MOE_CPU_ISA, as the message
+ * says), and refusing what the CPU lacks or does not exist with a message
+ * instead of a SIGILL. */
 static void test_isa_resolve(void **state)
 {
 	enum moe_cpu_isa isa;
 	char err[256];
 
-	unsetenv("MOE_CPU_ISA");
-	assert_int_equal(moe_cpu_isa_resolve(NULL, &isa, err, sizeof(err)), 0);
+	assert_int_equal(moe_cpu_isa_resolve(NULL, NULL, &isa, err, sizeof(err)), 0);
 	assert_int_equal(isa, moe_cpu_isa_best());
-	assert_int_equal(moe_cpu_isa_resolve("scalar", &isa, err, sizeof(err)), 0);
+	assert_int_equal(moe_cpu_isa_resolve("scalar", NULL, &isa, err, sizeof(err)), 0);
 	assert_int_equal(isa, MOE_ISA_SCALAR);
-	assert_int_equal(moe_cpu_isa_resolve("sse9", &isa, err, sizeof(err)), -EINVAL);
+	assert_int_equal(moe_cpu_isa_resolve("sse9", NULL, &isa, err, sizeof(err)), -EINVAL);
 	assert_non_null(strstr(err, "cpu.isa=sse9: unknown"));
 	for (int i = 0; i < MOE_ISA_COUNT; i++) {
-		int ret = moe_cpu_isa_resolve(moe_cpu_isa_name((enum moe_cpu_isa)i), &isa, err,
-					      sizeof(err));
+		int ret = moe_cpu_isa_resolve(moe_cpu_isa_name((enum moe_cpu_isa)i), NULL, &isa,
+					      err, sizeof(err));
 
 		if (moe_cpu_isa_supported((enum moe_cpu_isa)i)) {
 			assert_int_equal(ret, 0);
@@ -389,13 +389,9 @@ static void test_isa_resolve(void **state)
 			assert_non_null(strstr(err, "does not support"));
 		}
 	}
-	setenv("MOE_CPU_ISA", "scalar", 1);
-	assert_int_equal(moe_cpu_isa_resolve("avx2", &isa, err, sizeof(err)), 0);
-	assert_int_equal(isa, MOE_ISA_SCALAR);
-	setenv("MOE_CPU_ISA", "nope", 1);
-	assert_int_equal(moe_cpu_isa_resolve(NULL, &isa, err, sizeof(err)), -EINVAL);
+	assert_int_equal(moe_cpu_isa_resolve("nope", "MOE_CPU_ISA", &isa, err, sizeof(err)),
+			 -EINVAL);
 	assert_non_null(strstr(err, "MOE_CPU_ISA=nope"));
-	unsetenv("MOE_CPU_ISA");
 }
 
 int main(void)

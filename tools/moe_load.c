@@ -61,6 +61,8 @@ static void child(const struct opts *o, int id, struct result *res)
 	struct moe_model *m = NULL;
 	struct moe_engine *e = NULL;
 	struct moe_engine_opts eo = {.threads = 1, .max_batch_tokens = (uint32_t)o->max_tokens};
+
+	moe_engine_opts_from_env(&eo); /* MOE_CPU_ISA: the kernels moed runs too */
 	char err[MOE_ERRLEN];
 	moe_client *c;
 	size_t cap;

@@ -43,6 +43,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <moe_admin.h>
 #include <moe_errors.h>
 
 #ifdef __cplusplus
@@ -168,14 +169,44 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len);
  * connection is alive. */
 MOE_API int moe_reconnect(moe_client *c);
 
-/* Operator commands (moectl drain / undrain / reload-config). The caller must
- * be root or in the daemon's server.admin_group (else MOE_EPERM).
- * op: 1 drain (refuse new requests, finish queued ones), 2 undrain,
- * 3 reload the configuration file. flags: 1 = for drain, answer only once
- * nothing is queued. timeout_ms < 0 waits forever. msg (may be NULL) gets
- * the daemon's words: what was applied, what needs a restart, why refused. */
+/* Operator commands (moectl drain / undrain / reload-config, ...): the ops,
+ * their payloads and results are in moe_admin.h. Every op but
+ * MOE_ADMIN_EPOCH_INFO needs root or the daemon's server.admin_group (else
+ * MOE_EPERM). Calls of any kind (status, admin) from several threads
+ * overlap; each reply is matched to its call by sequence number. */
+typedef struct {
+	uint32_t op;	      /* enum moe_admin_op */
+	uint32_t flags;	      /* MOE_ADMIN_WAIT: for drain, answer once nothing is queued */
+	const void *payload;  /* exactly the op's payload (moe_admin_payload_size) */
+	uint32_t payload_len;
+	int timeout_ms;	      /* < 0: wait forever */
+	int wait_job;	      /* an op that starts a job: return once it is over */
+} moe_admin_req;
+
+typedef struct {
+	int status;	      /* 0 or MOE_E*, as returned */
+	char message[244];    /* the daemon's words: what was applied, why refused */
+	uint32_t result_len;  /* the op's result (moe_admin.h), raw */
+	unsigned char result[3832];
+	struct moe_admin_job job; /* a job: as started, or with wait_job as it ended */
+} moe_admin_res;
+
+MOE_API int moe_admin_call(moe_client *c, const moe_admin_req *req, moe_admin_res *res);
+
+/* The payload-less ops in one line: op MOE_ADMIN_DRAIN, _UNDRAIN,
+ * _RELOAD_CONFIG; msg (may be NULL) gets the daemon's words. */
 MOE_API int moe_admin(moe_client *c, uint32_t op, uint32_t flags, int timeout_ms, char *msg,
 		      size_t msglen);
+
+/* What epoch `id` (a completion's epoch) means: placement generation,
+ * current or retired, and up to `cap` per-MoE-layer weights versions. Any
+ * client may ask. MOE_ENOENT: unknown or older than the daemon remembers. */
+MOE_API int moe_epoch_info(moe_client *c, uint32_t id, struct moe_admin_epoch_info *info,
+			   uint32_t *versions, uint32_t cap);
+
+/* A job's progress (cancel = 0) or its cancellation (cancel = 1: it stops
+ * at its next step; its JOB_DONE goes to the session that started it). */
+MOE_API int moe_job(moe_client *c, uint32_t job, int cancel, struct moe_admin_job *out);
 
 /* moe_strerror(int) is declared in moe_errors.h. */
 

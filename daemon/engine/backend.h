@@ -82,6 +82,19 @@ struct moe_fwd {
 				 * measured) */
 };
 
+/* How a rank's backend is tuned: options the caller resolved (from the
+ * configuration or, in the mains, the environment: moe_engine_opts_from_env).
+ * NULL/0 fields: the defaults. */
+struct moe_backend_tuning {
+	const char *isa;	/* CPU kernels: "auto", "scalar", "avx2", "avx512" */
+	const char *isa_from;	/* what named it, for messages ("cpu.isa", "MOE_CPU_ISA") */
+	const char *cuda_gemm;	/* "auto", "cublas", "small", "grouped" (MOE_CUDA_GEMM) */
+	bool cuda_no_graphs;	/* MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel */
+	bool cuda_fused;	/* MOE_CUDA_FUSED=1: the fused small front */
+	unsigned long cuda_fault_at; /* test hook MOED_TEST_CUDA_FAULT: the N-th GPU batch
+					performs an illegal access */
+};
+
 struct moe_rank {
 	uint32_t id;
 	int device; /* GPU index for device backends */
@@ -94,9 +107,8 @@ struct moe_rank {
 
 struct moe_backend_ops {
 	const char *name;
-	/* isa: the CPU kernels to use ("auto", "scalar", "avx2", "avx512"). */
 	int (*rank_init)(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
-			 const char *isa, char *err);
+			 const struct moe_backend_tuning *t, char *err);
 	void (*rank_fini)(struct moe_rank *r);
 	/* Makes ls->router_dev from ls->router; layer_fini frees it. */
 	int (*layer_init)(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls);

@@ -42,7 +42,7 @@ struct tile {
 };
 
 static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
-			 const char *isa, char *err)
+			 const struct moe_backend_tuning *t, char *err)
 {
 	struct cpu_rank *c = calloc(1, sizeof(*c));
 	enum moe_cpu_isa chosen;
@@ -51,7 +51,7 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	if (!c)
 		return moe_err(err, -ENOMEM, "cpu rank: out of memory");
 	r->priv = c;
-	ret = moe_cpu_isa_resolve(isa, &chosen, err, MOE_ERRLEN);
+	ret = moe_cpu_isa_resolve(t->isa, t->isa_from, &chosen, err, MOE_ERRLEN);
 	if (ret) {
 		r->ops->rank_fini(r);
 		return ret;

@@ -297,15 +297,13 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m);
 
 static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
-			  const char *isa, char *err)
+			  const struct moe_backend_tuning *t, char *err)
 {
 	struct cuda_rank *c = calloc(1, sizeof(*c));
 	struct cudaDeviceProp p;
-	const char *fault = getenv("MOED_TEST_CUDA_FAULT");
 	cudaError_t e;
 	int n = 0, ret;
 
-	(void)isa;
 	if (!c)
 		return moe_err(err, -ENOMEM, "cuda rank: out of memory");
 	r->priv = c;
@@ -350,13 +348,12 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 			      c->dev);
 		goto fail;
 	}
-	if (fault)
-		c->fault_at = strtoul(fault, NULL, 10);
+	c->fault_at = t->cuda_fault_at;
 	c->small_ok = moe_cuda_small_ok(m->dtype, m->hidden, m->inter);
 	c->small_shared_ok = m->shared_inter && moe_cuda_small_ok(m->dtype, m->hidden,
 								   m->shared_inter);
 	{
-		const char *g = getenv("MOE_CUDA_GEMM");
+		const char *g = t->cuda_gemm;
 
 		c->gemm = !g || !strcmp(g, "auto") ? GEMM_AUTO
 			  : !strcmp(g, "cublas")   ? GEMM_CUBLAS
@@ -386,17 +383,14 @@ static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_
 			moe_log(LOG_NOTICE, "MOE_CUDA_GEMM=%s: expert GEMMs forced", g);
 	}
 	{
-		const char *g = getenv("MOE_CUDA_GRAPHS");
-
-		c->graphs = !g || strcmp(g, "0");
+		c->graphs = !t->cuda_no_graphs;
 		if (!c->graphs)
 			moe_log(LOG_NOTICE, "MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel");
 		/* Opt-in: measured slower on an H200 at 1-4 tokens (bench/
 		 * RESULTS.md: its few blocks wait on DRAM where cuBLAS spreads
 		 * the router over the GPU), kept for measurement. */
-		g = getenv("MOE_CUDA_FUSED");
-		c->fused = g && !strcmp(g, "1") && moe_cuda_front_small_ok(m->hidden, m->n_experts);
-		if (g && !strcmp(g, "1"))
+		c->fused = t->cuda_fused && moe_cuda_front_small_ok(m->hidden, m->n_experts);
+		if (t->cuda_fused)
 			moe_log(LOG_NOTICE, "MOE_CUDA_FUSED=1: small batches %s", c->fused
 				? "use the fused front" : "cannot use the fused front (hidden or experts too large)");
 	}

@@ -45,12 +45,12 @@ struct moe_engine {
 	struct moe_rank *ranks;
 	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
 	struct moe_layer_state *ls; /* [n_moe_layers] */
-	struct moe_placement *placement;
+	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
+	uint32_t slots_per_rank;
+	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
 	uint64_t weight_bytes;
 
-	pthread_mutex_t epoch_lock;
-	struct moe_epoch *current;
-	uint64_t next_epoch;
+	struct moe_epochs *epochs;
 
 	pthread_mutex_t fwd_lock;
 	float *x;	  /* [max_tokens, H] */
@@ -73,10 +73,14 @@ struct moe_engine {
 	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
 };
 
+static size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
+{
+	return ((size_t)rank * e->m->n_moe_layers + layer) * e->slots_per_rank + s;
+}
+
 static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
 {
-	return &e->slots[((size_t)rank * e->m->n_moe_layers + layer) * e->placement->slots_per_rank +
-			 s];
+	return &e->slots[slot_index(e, rank, layer, s)];
 }
 
 static int alloc_workspaces(struct moe_engine *e)
@@ -167,10 +171,12 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		char what[32];
 
 		snprintf(what, sizeof(what), "expert %u", x);
-		for (uint32_t i = 0; i < n && !ret; i++)
+		for (uint32_t i = 0; i < n && !ret; i++) {
 			ret = upload(e, &e->ranks[rep[i].rank],
 				     slot_at(e, rep[i].rank, l, rep[i].slot), &d->experts[x],
 				     d->index, what, err);
+			e->slot_expert[slot_index(e, rep[i].rank, l, rep[i].slot)] = (int32_t)x;
+		}
 	}
 	return ret;
 }
@@ -180,6 +186,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 {
 	struct moe_engine *e;
 	const struct moe_backend_ops *ops;
+	struct moe_backend_tuning tuning = {0};
 	uint32_t R = o && o->n_ranks ? o->n_ranks : 1;
 	int ret;
 
@@ -193,7 +200,6 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->chunk = e->max_tokens < CHUNK_TOKENS ? e->max_tokens : CHUNK_TOKENS;
 	e->n_ranks = R;
 	e->last_ms = e->last_kernel_ms = -1.0f;
-	pthread_mutex_init(&e->epoch_lock, NULL);
 	pthread_mutex_init(&e->fwd_lock, NULL);
 	ret = moe_pool_create(o ? o->threads : 0, &e->pool);
 	if (ret) {
@@ -219,26 +225,31 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		goto err_destroy;
 	}
 	e->device = ops->forward != NULL;
+	e->slots_per_rank = e->placement->slots_per_rank;
 	e->ranks = calloc(R, sizeof(*e->ranks));
-	e->slots = calloc((size_t)R * m->n_moe_layers * e->placement->slots_per_rank,
-			  sizeof(*e->slots));
+	e->slots = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank, sizeof(*e->slots));
+	e->slot_expert = malloc((size_t)R * m->n_moe_layers * e->slots_per_rank *
+				sizeof(*e->slot_expert));
 	e->ls = calloc(m->n_moe_layers, sizeof(*e->ls));
-	if (!e->ranks || !e->slots || !e->ls || alloc_workspaces(e)) {
+	if (!e->ranks || !e->slots || !e->slot_expert || !e->ls || alloc_workspaces(e)) {
 		ret = moe_err(err, -ENOMEM, "out of memory for the engine's workspaces (%u tokens)",
 			      e->max_tokens);
 		goto err_destroy;
 	}
+	for (size_t i = 0; i < (size_t)R * m->n_moe_layers * e->slots_per_rank; i++)
+		e->slot_expert[i] = -1;
+	if (o)
+		tuning = o->tuning;
 	for (uint32_t r = 0; r < R; r++) {
 		e->ranks[r] = (struct moe_rank){.id = r, .device = o ? o->device : 0, .ops = ops,
 						.pool = e->pool};
-		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, o ? o->isa : NULL, err);
+		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, &tuning, err);
 		if (ret) {
 			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
 		}
 	}
-	if (getenv("MOED_TEST_ENGINE_FAULT"))
-		e->fault_at = strtoul(getenv("MOED_TEST_ENGINE_FAULT"), NULL, 10);
+	e->fault_at = o ? o->test_fault_at : 0;
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		ret = load_layer(e, l, err);
 		if (ret)
@@ -252,15 +263,12 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	ret = moe_model_close_files(m, err);
 	if (ret)
 		goto err_destroy;
-	e->current = calloc(1, sizeof(*e->current));
-	if (!e->current) {
-		ret = moe_err(err, -ENOMEM, "out of memory");
+	ret = moe_epochs_create(e->placement, m->n_moe_layers, NULL, NULL, &e->epochs);
+	e->placement = NULL; /* epoch 1's now, whatever the outcome */
+	if (ret) {
+		ret = moe_err(err, ret, "out of memory");
 		goto err_destroy;
 	}
-	e->current->id = ++e->next_epoch;
-	e->current->engine = e;
-	e->current->placement = e->placement;
-	atomic_init(&e->current->refs, 1); /* the engine's own reference */
 	*out = e;
 	return 0;
 
@@ -273,8 +281,7 @@ void moe_engine_destroy(struct moe_engine *e)
 {
 	if (!e)
 		return;
-	if (e->current)
-		moe_epoch_release(e->current);
+	moe_epochs_destroy(e->epochs);
 	for (uint32_t l = 0; e->ls && l < e->m->n_moe_layers; l++) {
 		if (e->ls[l].router_dev)
 			e->ranks[0].ops->layer_fini(&e->ranks[0], &e->ls[l]);
@@ -284,10 +291,10 @@ void moe_engine_destroy(struct moe_engine *e)
 		if (e->ls[l].shared.mem)
 			e->ranks[0].ops->slot_free(&e->ranks[0], &e->ls[l].shared);
 	}
-	if (e->slots && e->placement)
+	if (e->slots)
 		for (uint32_t r = 0; r < e->n_ranks; r++)
 			for (uint32_t l = 0; l < e->m->n_moe_layers; l++)
-				for (uint32_t s = 0; s < e->placement->slots_per_rank; s++)
+				for (uint32_t s = 0; s < e->slots_per_rank; s++)
 					if (slot_at(e, r, l, s)->mem)
 						e->ranks[r].ops->slot_free(&e->ranks[r],
 									   slot_at(e, r, l, s));
@@ -298,6 +305,7 @@ void moe_engine_destroy(struct moe_engine *e)
 	moe_pool_destroy(e->pool);
 	free(e->ranks);
 	free(e->slots);
+	free(e->slot_expert);
 	free(e->ls);
 	free(e->x);
 	free(e->ids);
@@ -317,29 +325,53 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->expert_tokens);
 	free(e->slot_tab);
 	free(e->ecount);
-	pthread_mutex_destroy(&e->epoch_lock);
 	pthread_mutex_destroy(&e->fwd_lock);
 	free(e);
 }
 
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
 {
-	struct moe_epoch *ep;
-
-	/* Taking the reference under the lock that guards `current` closes
-	 * the window in which a publisher could free the epoch between our
-	 * load of the pointer and the increment. */
-	pthread_mutex_lock(&e->epoch_lock);
-	ep = e->current;
-	atomic_fetch_add_explicit(&ep->refs, 1, memory_order_relaxed);
-	pthread_mutex_unlock(&e->epoch_lock);
-	return ep;
+	return moe_epochs_acquire(e->epochs);
 }
 
-void moe_epoch_release(struct moe_epoch *ep)
+/* A placement may only point at slots that hold the expert it names: the
+ * weights are loaded into a slot before a placement using it is published
+ * (replication, rebalance), never after. */
+int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+		       uint32_t *id, char *err)
 {
-	if (atomic_fetch_sub_explicit(&ep->refs, 1, memory_order_acq_rel) == 1)
-		free(ep); /* the placement and slots it pinned are the engine's */
+	const struct moe_model *m = e->m;
+	int ret;
+
+	if (p && (p->n_layers != m->n_moe_layers || p->n_experts != m->n_experts ||
+		  p->n_ranks != e->n_ranks || p->slots_per_rank != e->slots_per_rank ||
+		  moe_place_validate(p))) {
+		moe_place_free(p);
+		return moe_err(err, -EINVAL, "the placement does not fit this engine's slots");
+	}
+	for (uint32_t l = 0; p && l < m->n_moe_layers; l++) {
+		for (uint32_t x = 0; x < m->n_experts; x++) {
+			uint32_t n;
+			const struct moe_replica *r = moe_place_get(p, l, x, &n);
+
+			for (uint32_t i = 0; i < n; i++) {
+				if (e->slot_expert[slot_index(e, r[i].rank, l, r[i].slot)] !=
+				    (int32_t)x) {
+					moe_place_free(p);
+					return moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
+						       "does not hold expert %u", l, r[i].rank,
+						       r[i].slot, x);
+				}
+			}
+		}
+	}
+	ret = moe_epochs_publish(e->epochs, p, versions, id);
+	return ret ? moe_err(err, ret, "out of memory") : 0;
+}
+
+struct moe_epochs *moe_engine_epochs(struct moe_engine *e)
+{
+	return e->epochs;
 }
 
 /* Sorts the chunk's (token, k) pairs by expert and builds one FFN group per

@@ -3,8 +3,8 @@
  * The only calls the scheduler makes: acquire an epoch, forward batches on
  * it, release it. An epoch pins one version of (placement, weights) from the
  * start of a batch to its end; a change (replication, rebalance, reload)
- * publishes a new epoch and the old one is freed when its last holder
- * releases it.
+ * publishes a new epoch and the old one is retired when its last holder
+ * releases it (daemon/engine/epoch.h).
  *
  * Forward semantics (DESIGN.md): input = hidden states entering the MoE block
  * [n_tokens, hidden] row-major, in f32/bf16/f16; they are first rounded to
@@ -22,6 +22,7 @@
 #include <stdbool.h>
 
 #include "daemon/engine/backend.h"
+#include "daemon/engine/epoch.h"
 #include "daemon/engine/model.h"
 #include "daemon/engine/placement.h"
 
@@ -32,8 +33,6 @@ struct moe_engine_opts {
 	uint32_t max_batch_tokens; /* workspaces are sized for this; 0: 4096 */
 	uint32_t n_ranks;	  /* 1 for now */
 	uint32_t spare_slots;	  /* per rank per layer */
-	const char *isa;	  /* CPU kernels: NULL/"auto", "scalar", "avx2", "avx512"
-				     (MOE_CPU_ISA in the environment overrides) */
 	const char *backend;	  /* NULL/"cpu", or "cuda" (built with CUDA) */
 	int device;		  /* GPU index for "cuda" */
 	/* Called after each layer is loaded (a large checkpoint takes a while:
@@ -42,14 +41,20 @@ struct moe_engine_opts {
 	 * (moe_engine_create fails with -ECANCELED). */
 	int (*progress)(void *arg, uint32_t layers_done, uint32_t layers);
 	void *progress_arg;
+	/* Test hook (moed: MOED_TEST_ENGINE_FAULT): the N-th batch fails as a
+	 * lost device does, on any backend; 0: never. */
+	unsigned long test_fault_at;
+	/* The backend's kernels and test hooks (isa: the CPU kernels) */
+	struct moe_backend_tuning tuning;
 };
 
-struct moe_epoch {
-	uint64_t id;
-	atomic_uint refs;
-	struct moe_engine *engine;
-	const struct moe_placement *placement;
-};
+/* The environment's overrides, for a program's main() only (the library
+ * itself never reads the environment): MOE_CPU_ISA, MOE_CUDA_GEMM,
+ * MOE_CUDA_GRAPHS=0, MOE_CUDA_FUSED=1, and the test hooks
+ * MOED_TEST_ENGINE_FAULT=N and MOED_TEST_CUDA_FAULT=N. Fields the
+ * environment does not name are left as they are. */
+void moe_engine_opts_from_env(struct moe_engine_opts *o);
+
 
 struct moe_batch {
 	uint32_t layer; /* decoder-layer index in the checkpoint */
@@ -73,8 +78,16 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		      struct moe_engine **out, char *err);
 void moe_engine_destroy(struct moe_engine *e);
 
+/* The current epoch, pinned until moe_epoch_release (epoch.h). */
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e);
-void moe_epoch_release(struct moe_epoch *ep);
+/* Publishes a new epoch: `p` (taken over; NULL: the current placement)
+ * must fit the engine's slots and name for each replica a slot that holds
+ * that expert; `versions` [n_moe_layers] (NULL: unchanged). 0 and the new
+ * id, or -EINVAL / -ENOMEM with err. Any thread. */
+int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+		       uint32_t *id, char *err);
+/* The epoch table, for moe_epochs_info / moe_epochs_counts. */
+struct moe_epochs *moe_engine_epochs(struct moe_engine *e);
 
 /* 0, or -EINVAL (layer is not MoE, bad dtype), -E2BIG (too many tokens),
  * -ENOTRECOVERABLE (the device is lost: every later call fails too, the

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 
 int moe_place_initial(uint32_t n_layers, uint32_t n_experts, uint32_t n_ranks, uint32_t spare,
 		      struct moe_placement **out)
@@ -49,6 +50,28 @@ void moe_place_free(struct moe_placement *p)
 	free(p->n_replicas);
 	free(p->rep);
 	free(p);
+}
+
+int moe_place_copy(const struct moe_placement *p, struct moe_placement **out)
+{
+	size_t n = (size_t)p->n_layers * p->n_experts;
+	struct moe_placement *q = calloc(1, sizeof(*q));
+
+	if (!q)
+		return -ENOMEM;
+	*q = *p;
+	q->n_replicas = malloc(n);
+	q->rep = malloc(n * MOE_MAX_REPLICAS * sizeof(*q->rep));
+	if (!q->n_replicas || !q->rep) {
+		free(q->rep);
+		free(q->n_replicas);
+		free(q);
+		return -ENOMEM;
+	}
+	memcpy(q->n_replicas, p->n_replicas, n);
+	memcpy(q->rep, p->rep, n * MOE_MAX_REPLICAS * sizeof(*q->rep));
+	*out = q;
+	return 0;
 }
 
 const struct moe_replica *moe_place_get(const struct moe_placement *p, uint32_t layer, uint32_t e,

@@ -27,6 +27,8 @@ struct moe_placement {
 int moe_place_initial(uint32_t n_layers, uint32_t n_experts, uint32_t n_ranks, uint32_t spare,
 		      struct moe_placement **out);
 void moe_place_free(struct moe_placement *p);
+/* A deep copy of p (a new table to edit and publish): 0 or -ENOMEM. */
+int moe_place_copy(const struct moe_placement *p, struct moe_placement **out);
 
 /* Replicas of expert e of layer position `layer`; *n gets their count. */
 const struct moe_replica *moe_place_get(const struct moe_placement *p, uint32_t layer, uint32_t e,

@@ -2,7 +2,19 @@
  * session, request and server state, and the functions one file calls in
  * another (prefixed srv_). Not installed, not for the engine side.
  *
- * Ownership: everything here belongs to the serving loop's one thread.
+ * Ownership: everything here belongs to the serving loop's one thread,
+ * except a work item while the engine worker holds it (worker.c) and the
+ * worker's own queue fields (under its mutex). The rules:
+ *  - the loop is the only consumer of submission rings and the only
+ *    producer of completion entries;
+ *  - a request is the loop's while queued (cancel and deadlines act on it),
+ *    the worker's from the moment its batch is posted until the batch comes
+ *    back (then nothing cancels it: it runs);
+ *  - a completion, of any status, is posted only once the daemon will never
+ *    touch that request's output span again;
+ *  - a client is freed, and its region released (on the worker), only when
+ *    its last reference goes: the session's own and one per request inside
+ *    a batch; a client dropped mid-batch is unlinked at once and freed after.
  */
 #ifndef MOE_SERVER_INTERNAL_H
 #define MOE_SERVER_INTERNAL_H
@@ -11,6 +23,8 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -62,6 +76,8 @@ struct client {
 	uid_t uid;
 	char name[32];
 	bool attached, dead;
+	bool gone;	  /* dropped: unlinked, waiting for its last reference */
+	uint32_t refs;	  /* the session's + one per request inside a batch */
 	bool pinned;	  /* region registered with the device backend */
 	bool pin_failed;  /* the backend wanted it pinned and could not */
 	/* the shared region, once attached */
@@ -89,6 +105,59 @@ struct client {
 	struct client *next;
 };
 
+/* Work for the engine worker (worker.c). */
+enum work_kind { WORK_BATCH, WORK_PIN, WORK_RELEASE };
+
+struct work {
+	enum work_kind kind;
+	struct work *next;
+	/* WORK_BATCH: one request per segment, all of one layer */
+	uint32_t layer, n, tokens;
+	struct request **reqs;
+	struct moe_seg *segs;
+	uint32_t epoch; /* out: the epoch it ran on */
+	float device_ms; /* out: the backend's device time, < 0 none */
+	/* WORK_PIN (c holds a reference until collected), WORK_RELEASE */
+	struct client *c;
+	void *region;
+	uint64_t bytes;
+	bool pinned;
+	int ret; /* out */
+	char err[MOE_ERRLEN];
+};
+
+struct worker {
+	struct moe_engine *e;
+	uint32_t stall_ms; /* test hook: sleep before each batch */
+	pthread_t thread;
+	bool started;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct work *todo, *todo_tail, *done, *done_tail;
+	bool stop;
+	int efd; /* eventfd: work done, collect it */
+	_Atomic uint64_t beat_ns; /* when the running item started; 0: idle */
+};
+
+/* An admin job (jobs.c): the loop owns the slot; the job's thread writes
+ * only the atomics, message, result and last_epoch, and state last. */
+#define MAX_JOBS 8
+struct job {
+	uint32_t id, op, seq, client_id;
+	pthread_t thread;
+	bool joined; /* the loop joined it and told its session */
+	_Atomic uint32_t state; /* enum moe_job_state */
+	_Atomic uint64_t done;
+	uint64_t total;
+	atomic_bool cancel;
+	int32_t result;
+	char message[128];
+	struct moe_engine *e;
+	int efd;
+	struct moe_admin_cycle cycle;
+	uint32_t last_epoch;
+};
+
 struct server {
 	struct moe_engine *e;
 	const struct moe_model *m;
@@ -99,15 +168,25 @@ struct server {
 	uint32_t pending, pending_tokens;
 	bool stopping, draining;
 	uint64_t watchdog_ns, last_ping_ns, last_status_ns;
-	uint32_t stall_ms; /* test hook: MOED_TEST_STALL_MS, every batch sleeps */
 	uint64_t start_ns;
-	struct request **batch;
-	struct moe_seg *segs; /* one per request of the batch */
+	/* the engine worker, and the two batches that alternate on it: while
+	 * it runs one, the loop gathers the next (double buffering) */
+	struct worker w;
+	struct work batch[2];
+	uint32_t batches_out;	/* posted and not yet collected, 0..2 */
+	uint32_t queued;	/* requests in the clients' queues (not in a batch) */
+	float last_device_ms;
 	bool lost;	      /* the device failed: answer everything, exit */
 	uint8_t *is_moe; /* [n_layers] */
 	/* counters */
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
 	uint64_t reloads, reloads_refused;
+	uint64_t admin_calls, admin_refused;
+	/* admin jobs (jobs.c) */
+	struct job *jobs[MAX_JOBS];
+	uint32_t next_job;
+	uint64_t jobs_started;
+	int jobs_efd;
 	uint32_t unpinned; /* clients now connected whose region is not pinned */
 	uint64_t shm_bytes; /* the attached clients' regions, in all */
 	/* fair admission: a client may hold at most `share` of the queue while
@@ -128,6 +207,15 @@ struct server {
 	uint64_t log_suppressed;
 };
 
+/* worker.c: the engine worker */
+int srv_worker_start(struct worker *w, struct moe_engine *e, uint32_t stall_ms);
+void srv_worker_post(struct worker *w, struct work *x);
+struct work *srv_worker_collect(struct worker *w);
+void srv_worker_stop(struct worker *w);
+uint32_t srv_worker_run_left(struct worker *w);
+void srv_worker_close(struct worker *w);
+bool srv_worker_wedged(struct worker *w, uint64_t now, uint64_t limit_ns);
+
 /* io.c: sending to clients (never blocking), the clock, sd_notify */
 void srv_notify(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 uint64_t srv_now_ns(void);
@@ -145,25 +233,37 @@ void srv_log_flush(struct server *s, uint64_t now);
 /* sched.c: the submission rings, the queue (fair shares), batches, completions,
  * deadlines, cancel */
 void srv_flush_cq(struct client *c);
-void srv_finish(struct server *s, struct request *r, int status);
+void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch);
 void srv_poll_sq(struct server *s, struct client *c);
 void srv_poll_rings(struct server *s);
-void srv_unqueue(struct client *c, struct request *r);
-void srv_run_batch(struct server *s);
+void srv_unqueue(struct server *s, struct client *c, struct request *r);
+void srv_submit_batch(struct server *s);
+void srv_collect(struct server *s);
 void srv_expire(struct server *s);
 void srv_cancel(struct server *s, struct client *c, uint64_t tag);
 
 /* session.c: accept, the handshake and the shared region, messages, hang-ups */
 void srv_drop_client(struct server *s, struct client *c);
+void srv_client_put(struct server *s, struct client *c);
+void srv_pin_done(struct server *s, struct work *x);
 void srv_accept_clients(struct server *s);
 void srv_read_client(struct server *s, struct client *c);
 
-/* admin.c: operator commands: drain, undrain, configuration reload */
+/* admin.c: operator commands, one table row per op of ipc/moe_admin.h */
 void srv_admin_reply(struct client *c, uint32_t seq, int status, const char *msg);
 void srv_status_line(struct server *s);
 int srv_reload_config(struct server *s, char *msg, size_t n);
-void srv_admin(struct server *s, struct client *c, const struct moe_msg_admin *a, uint32_t seq);
+void srv_admin(struct server *s, struct client *c, const void *buf, size_t n, uint32_t seq);
 void srv_answer_drain_waiters(struct server *s);
+
+/* jobs.c: asynchronous admin jobs, one thread each */
+int srv_jobs_init(struct server *s);
+int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
+		  const struct moe_admin_cycle *cycle, struct job **out, const char **why);
+struct job *srv_job_find(struct server *s, uint32_t id);
+void srv_job_describe(const struct job *j, struct moe_admin_job *d);
+void srv_jobs_collect(struct server *s);
+void srv_jobs_stop(struct server *s);
 
 /* status.c: the status JSON, one snapshot per loop iteration */
 void srv_status_reply(struct server *s, struct client *c, uint32_t seq);

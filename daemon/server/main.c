@@ -279,20 +279,24 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 }
 
 static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file,
-		      const struct overrides *ov, const struct moe_plan *plan)
+		      const struct overrides *ov, const struct moe_plan *plan,
+		      const struct moe_engine_opts *env, uint32_t stall_ms)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
-				     .isa = moe_cfg_isa_name(c->cpu.isa),
 				     .backend = plan->backend,
 				     .device = plan->device,
-				     .progress = load_progress};
+				     .progress = load_progress,
+				     .tuning = env->tuning,
+				     .test_fault_at = env->test_fault_at};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;
 	double s;
 	int ret;
 
+	if (!eo.tuning.isa)
+		eo.tuning.isa = moe_cfg_isa_name(c->cpu.isa);
 	if (strcmp(plan->backend, "cuda"))
 		moe_log(LOG_NOTICE, "serving on the CPU; GPU: %s", plan->device_note);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -344,6 +348,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 			.log_level = (int)c->log.level,
 			.reload = cfg_file ? reload : NULL,
 			.reload_arg = &rc,
+			.test_stall_ms = stall_ms,
 		};
 		int code = moe_server_run(e, &so);
 
@@ -377,6 +382,8 @@ int main(int argc, char **argv)
 	struct moe_model *m = NULL;
 	struct moe_model_opts mo = {0};
 	struct moe_plan plan;
+	struct moe_engine_opts env = {0};
+	uint32_t stall_ms = 0;
 	bool isa_ok;
 	char err[MOE_CFG_ERRLEN > MOE_ERRLEN ? MOE_CFG_ERRLEN : MOE_ERRLEN];
 	int test = 0, load = 0, c, ret;
@@ -425,6 +432,11 @@ int main(int argc, char **argv)
 	}
 	if (!test)
 		block_signals(&sigs);
+	/* The environment is read here and only here (the libraries never
+	 * read it): kernel choices and test hooks. */
+	moe_engine_opts_from_env(&env);
+	if (getenv("MOED_TEST_STALL_MS"))
+		stall_ms = (uint32_t)strtoul(getenv("MOED_TEST_STALL_MS"), NULL, 10);
 	ret = cfg_file ? moe_cfg_load_file(cfg_file, &cfg, err, sizeof(err)) : moe_cfg_defaults(&cfg);
 	if (ret) {
 		fprintf(stderr, "moed: %s\n", cfg_file ? err : strerror(-ret));
@@ -444,7 +456,7 @@ int main(int argc, char **argv)
 		moe_cfg_free(&cfg);
 		return 1;
 	}
-	moe_plan_compute(&cfg, m, &plan);
+	moe_plan_compute(&cfg, m, env.tuning.isa, &plan);
 	/* the CPU kernels matter only when the CPU serves */
 	isa_ok = plan.isa >= 0 || !strcmp(plan.backend, "cuda");
 	if (test) {
@@ -452,7 +464,7 @@ int main(int argc, char **argv)
 		ret = plan.fits && isa_ok && plan.device_ok ? 0 : 1;
 	} else {
 		ret = plan.fits && isa_ok && plan.device_ok
-			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan)
+			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan, &env, stall_ms)
 			      : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in %s memory (moed -t shows the plan)",

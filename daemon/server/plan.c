@@ -90,7 +90,8 @@ static void choose_device(const struct moe_config *c, struct moe_plan *p)
 #endif
 }
 
-void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p)
+void moe_plan_compute(const struct moe_config *c, const struct moe_model *m,
+		      const char *isa_request, struct moe_plan *p)
 {
 	struct moe_engine_opts o = {.threads = c->cpu.threads,
 				    .max_batch_tokens = c->scheduler.max_batch_tokens,
@@ -118,7 +119,8 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, str
 	{
 		enum moe_cpu_isa isa;
 
-		p->isa = moe_cpu_isa_resolve(moe_cfg_isa_name(c->cpu.isa), &isa, p->isa_err,
+		p->isa = moe_cpu_isa_resolve(isa_request ? isa_request : moe_cfg_isa_name(c->cpu.isa),
+					     isa_request ? "MOE_CPU_ISA" : NULL, &isa, p->isa_err,
 					     sizeof(p->isa_err))
 				 ? -1
 				 : (int)isa;

@@ -27,7 +27,10 @@ struct moe_plan {
 	uint64_t device_mem;	/* GPU memory (cuda), 0 otherwise */
 };
 
-void moe_plan_compute(const struct moe_config *c, const struct moe_model *m, struct moe_plan *p);
+/* isa_request: MOE_CPU_ISA from the environment (main reads it), or NULL
+ * for the configuration's cpu.isa. */
+void moe_plan_compute(const struct moe_config *c, const struct moe_model *m,
+		      const char *isa_request, struct moe_plan *p);
 void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model *m,
 		    const struct moe_plan *p);
 

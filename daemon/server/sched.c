@@ -35,9 +35,10 @@ void srv_flush_cq(struct client *c)
 	}
 }
 
-static void complete(struct server *s, struct client *c, uint64_t tag, int status)
+/* epoch: the id of the epoch the request ran on, 0 if it did not run. */
+static void complete(struct server *s, struct client *c, uint64_t tag, int status, uint32_t epoch)
 {
-	struct moe_cqe q = {tag, status, 1};
+	struct moe_cqe q = {tag, status, epoch};
 
 	if (c->n_overflow == c->overflow_cap) {
 		uint32_t cap = c->overflow_cap ? 2 * c->overflow_cap : 64;
@@ -59,7 +60,10 @@ static void complete(struct server *s, struct client *c, uint64_t tag, int statu
 	srv_flush_cq(c);
 }
 
-void srv_finish(struct server *s, struct request *r, int status)
+/* Answers a request that is no longer queued (cancelled, expired, or back
+ * from the worker). A client dropped meanwhile gets no completion: its
+ * region may already be gone. */
+void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch)
 {
 	struct client *c = r->c;
 
@@ -73,7 +77,8 @@ void srv_finish(struct server *s, struct request *r, int status)
 		s->cancelled++;
 	else if (status == 0)
 		s->completed++;
-	complete(s, c, r->tag, status);
+	if (!c->gone)
+		complete(s, c, r->tag, status, epoch);
 	free(r);
 }
 
@@ -89,6 +94,7 @@ static void enqueue(struct server *s, struct client *c, struct request *r)
 	c->queue_tail = r;
 	c->inflight++;
 	c->inflight_tokens += r->n_tokens;
+	s->queued++;
 	s->pending++;
 	s->pending_tokens += r->n_tokens;
 }
@@ -154,12 +160,12 @@ void srv_poll_sq(struct server *s, struct client *c)
 			complete(s, c, q.tag,
 				 st	  ? st
 				 : refuse ? (s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN)
-					  : 0);
+					  : 0, 0);
 			continue;
 		}
 		r = calloc(1, sizeof(*r));
 		if (!r) {
-			complete(s, c, q.tag, MOE_ENOMEM);
+			complete(s, c, q.tag, MOE_ENOMEM, 0);
 			continue;
 		}
 		timeout = q.timeout_ms ? q.timeout_ms : s->o.request_timeout_ms;
@@ -210,7 +216,7 @@ void srv_poll_rings(struct server *s)
 }
 
 /* Unlinks r from its client's FIFO. */
-void srv_unqueue(struct client *c, struct request *r)
+void srv_unqueue(struct server *s, struct client *c, struct request *r)
 {
 	struct request **pp = &c->queue, *prev = NULL;
 
@@ -221,6 +227,7 @@ void srv_unqueue(struct client *c, struct request *r)
 	*pp = r->next;
 	if (c->queue_tail == r)
 		c->queue_tail = prev;
+	s->queued--;
 }
 
 /* ---- scheduling --------------------------------------------------------- */
@@ -252,7 +259,8 @@ static int64_t next_layer(struct server *s)
 /* Round robin over the clients, one request of `layer` from each per round,
  * until max_batch_tokens: every client with work in this layer gets into the
  * batch before any client gets a second request in. */
-static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
+static uint32_t form_batch(struct server *s, uint32_t layer, struct request **batch,
+			   uint32_t *tokens)
 {
 	uint32_t n = 0, t = 0, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
 	struct client **order;
@@ -276,8 +284,8 @@ static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
 				;
 			if (!r || t + r->n_tokens > maxt)
 				continue;
-			srv_unqueue(c, r);
-			s->batch[n++] = r;
+			srv_unqueue(s, c, r);
+			batch[n++] = r;
 			t += r->n_tokens;
 			took = true;
 		}
@@ -288,63 +296,98 @@ static uint32_t form_batch(struct server *s, uint32_t layer, uint32_t *tokens)
 	return n;
 }
 
-/* Each request is one segment of the batch: the engine reads its input
+/* Hands the engine worker the next batch, if it has room for one: it holds
+ * at most two, the one it runs and the one the loop gathered meanwhile.
+ * Each request is one segment of the batch: the engine reads its input
  * from the client's region and writes its output there, in the request's
  * dtype (on a GPU, DMA from and to the pinned region). The engine reads
  * every input before it writes any output. On the CPU backend a token's
- * result is the same bits whichever batch it lands in.
+ * result is the same bits whichever batch it lands in. From here on the
+ * requests are the worker's: cancel and deadlines no longer act on them,
+ * and each holds a reference on its client (its region stays mapped). */
+void srv_submit_batch(struct server *s)
+{
+	struct work *b = !s->batch[0].n ? &s->batch[0] : !s->batch[1].n ? &s->batch[1] : NULL;
+	uint32_t tokens = 0, n;
+	int64_t layer;
+
+	if (!b || !s->queued || s->stopping)
+		return;
+	layer = next_layer(s);
+	if (layer < 0)
+		return;
+	n = form_batch(s, (uint32_t)layer, b->reqs, &tokens);
+	if (!n)
+		return;
+	for (uint32_t i = 0; i < n; i++) {
+		struct request *r = b->reqs[i];
+
+		r->c->refs++;
+		b->segs[i] = (struct moe_seg){r->c->data + r->in_off, r->c->data + r->out_off,
+					      r->dtype, r->n_tokens};
+	}
+	b->kind = WORK_BATCH;
+	b->layer = (uint32_t)layer;
+	b->n = n;
+	b->tokens = tokens;
+	srv_worker_post(&s->w, b);
+	s->batches_out++;
+}
+
+/* A batch back from the worker: answer its requests, release their clients.
  *
  * A lost device (-ENOTRECOVERABLE) is not survived in place: the batch and
  * everything queued are answered MOE_EDEVICE, and moed stops with exit
  * status MOE_EXIT_DEVICE_LOST so that systemd restarts it (crash-only). */
-void srv_run_batch(struct server *s)
+static void batch_done(struct server *s, struct work *b)
 {
-	uint32_t tokens = 0, n;
-	int64_t layer = next_layer(s);
-	struct moe_epoch *ep;
-	char err[MOE_ERRLEN];
-	int ret, status;
+	int status = !b->ret ? 0 : b->ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
 
-	if (layer < 0)
-		return;
-	n = form_batch(s, (uint32_t)layer, &tokens);
-	if (!n)
-		return;
-	if (s->stall_ms)
-		usleep(s->stall_ms * 1000u);
-	for (uint32_t i = 0; i < n; i++) {
-		struct request *r = s->batch[i];
-
-		s->segs[i] = (struct moe_seg){r->c->data + r->in_off, r->c->data + r->out_off,
-					      r->dtype, r->n_tokens};
-	}
-	ep = moe_epoch_acquire(s->e);
-	{
-		struct moe_batch b = {.layer = (uint32_t)layer, .n_tokens = tokens,
-				      .n_segs = n, .segs = s->segs};
-
-		ret = moe_engine_forward(s->e, ep, &b, err);
-	}
-	moe_epoch_release(ep);
-	status = !ret ? 0 : ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
-	if (ret == -ENOTRECOVERABLE) {
+	if (b->ret == -ENOTRECOVERABLE && !s->lost) {
 		moe_log(LOG_CRIT, "device lost: %s; answering %u in-flight requests with an error "
-			"and exiting (status %d) to be restarted", err, s->pending,
+			"and exiting (status %d) to be restarted", b->err, s->pending,
 			MOE_EXIT_DEVICE_LOST);
-		srv_notify("STATUS=device lost: %s", err);
+		srv_notify("STATUS=device lost: %s", b->err);
 		s->lost = true;
 		s->stopping = true;
-	} else if (ret) {
-		moe_log(LOG_ERR, "batch of %u tokens on layer %lld failed: %s", tokens,
-			(long long)layer, err);
+	} else if (b->ret && b->ret != -ENOTRECOVERABLE) {
+		moe_log(LOG_ERR, "batch of %u tokens on layer %u failed: %s", b->tokens, b->layer,
+			b->err);
 	}
-	for (uint32_t i = 0; i < n; i++) {
-		struct request *r = s->batch[i];
+	if (b->device_ms >= 0)
+		s->last_device_ms = b->device_ms;
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct request *r = b->reqs[i];
+		struct client *c = r->c;
 
 		s->tokens += r->n_tokens;
-		srv_finish(s, r, status);
+		srv_finish(s, r, status, b->epoch);
+		srv_client_put(s, c);
 	}
+	b->n = 0;
+	s->batches_out--;
 	s->batches++;
+}
+
+/* Everything the worker has finished since the last call. */
+void srv_collect(struct server *s)
+{
+	struct work *x = srv_worker_collect(&s->w), *next;
+
+	for (; x; x = next) {
+		next = x->next;
+		switch (x->kind) {
+		case WORK_BATCH:
+			batch_done(s, x);
+			break;
+		case WORK_PIN:
+			srv_pin_done(s, x);
+			break;
+		case WORK_RELEASE:
+			free(x);
+			break;
+		}
+	}
 }
 
 void srv_expire(struct server *s)
@@ -357,8 +400,8 @@ void srv_expire(struct server *s)
 		for (; r; r = next) {
 			next = r->next;
 			if (r->deadline_ns && r->deadline_ns <= now) {
-				srv_unqueue(c, r);
-				srv_finish(s, r, MOE_ETIMEDOUT);
+				srv_unqueue(s, c, r);
+				srv_finish(s, r, MOE_ETIMEDOUT, 0);
 			}
 		}
 	}
@@ -368,10 +411,11 @@ void srv_cancel(struct server *s, struct client *c, uint64_t tag)
 {
 	for (struct request *r = c->queue; r; r = r->next) {
 		if (r->tag == tag) {
-			srv_unqueue(c, r);
-			srv_finish(s, r, MOE_ECANCELED);
+			srv_unqueue(s, c, r);
+			srv_finish(s, r, MOE_ECANCELED, 0);
 			return;
 		}
 	}
-	/* not queued: already running or done, its completion comes anyway */
+	/* not queued: inside a batch (it runs) or done; its completion comes
+	 * anyway */
 }

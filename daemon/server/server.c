@@ -3,8 +3,10 @@
 #include "daemon/server/internal.h"
 
 /* Every timer tick: deadlines, connections that never said HELLO, the
- * watchdog, and the status line. The tick runs between batches, so a
- * batch that hangs stops the watchdog pings and systemd restarts us. */
+ * watchdog, and the status line. The watchdog is fed while both the loop
+ * ticks and the worker's current item (if any) started less than half a
+ * watchdog period ago: a batch that wedges stops the pings, and systemd
+ * restarts us. */
 static void tick(struct server *s)
 {
 	uint64_t now = srv_now_ns();
@@ -20,7 +22,8 @@ static void tick(struct server *s)
 		}
 	}
 	srv_log_flush(s, now);
-	if (s->watchdog_ns && now - s->last_ping_ns >= s->watchdog_ns / 2) {
+	if (s->watchdog_ns && now - s->last_ping_ns >= s->watchdog_ns / 2 &&
+	    !srv_worker_wedged(&s->w, now, s->watchdog_ns / 2)) {
 		srv_notify("WATCHDOG=1");
 		s->last_ping_ns = now;
 	}
@@ -107,15 +110,9 @@ static int setup(struct server *s)
 			s->watchdog_ns = usec * 1000;
 	}
 #endif
-	{
-		const char *stall = getenv("MOED_TEST_STALL_MS");
-
-		if (stall && *stall) {
-			s->stall_ms = (uint32_t)strtoul(stall, NULL, 10);
-			moe_log(LOG_WARNING, "test hook MOED_TEST_STALL_MS: every batch sleeps %u ms",
-				s->stall_ms);
-		}
-	}
+	if (s->o.test_stall_ms)
+		moe_log(LOG_WARNING, "test hook MOED_TEST_STALL_MS: every batch sleeps %u ms",
+			s->o.test_stall_ms);
 	timerfd_settime(s->tfd, 0, &its, NULL);
 	ev.data.ptr = &s->lfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->lfd, &ev);
@@ -124,11 +121,21 @@ static int setup(struct server *s)
 	ev.data.ptr = &s->tfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->tfd, &ev);
 	/* a request has at least one token: max_tokens bounds a batch's requests */
-	s->batch = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->batch));
-	s->segs = malloc((size_t)moe_engine_max_tokens(s->e) * sizeof(*s->segs));
+	for (int i = 0; i < 2; i++) {
+		s->batch[i].reqs = malloc((size_t)moe_engine_max_tokens(s->e) *
+					  sizeof(*s->batch[i].reqs));
+		s->batch[i].segs = malloc((size_t)moe_engine_max_tokens(s->e) *
+					  sizeof(*s->batch[i].segs));
+		if (!s->batch[i].reqs || !s->batch[i].segs)
+			return -1;
+	}
 	s->is_moe = calloc(s->m->n_layers, 1);
-	if (!s->segs || !s->batch || !s->is_moe)
+	if (!s->is_moe)
 		return -1;
+	if (srv_worker_start(&s->w, s->e, s->o.test_stall_ms) < 0 || srv_jobs_init(s) < 0)
+		return -1;
+	ev.data.ptr = &s->w.efd;
+	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->w.efd, &ev);
 	for (uint32_t i = 0; i < s->m->n_moe_layers; i++)
 		s->is_moe[s->m->layers[i].index] = 1;
 	return 0;
@@ -169,8 +176,8 @@ static void shutdown_clients(struct server *s)
 		while (c->queue) {
 			struct request *r = c->queue;
 
-			srv_unqueue(c, r);
-			srv_finish(s, r, s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN);
+			srv_unqueue(s, c, r);
+			srv_finish(s, r, s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN, 0);
 		}
 		for (int i = 0; i < 4 && !c->dead; i++) {
 			srv_flush_cq(c);
@@ -183,8 +190,9 @@ static void shutdown_clients(struct server *s)
 int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 {
 	struct server s = {.e = e, .m = moe_engine_model(e), .o = *o, .epfd = -1, .lfd = -1,
-			   .sfd = -1, .tfd = -1, .status_fd = -1,
-			   .share = o->max_queue_requests ? o->max_queue_requests : 1};
+			   .sfd = -1, .tfd = -1, .status_fd = -1, .w.efd = -1, .jobs_efd = -1,
+			   .share = o->max_queue_requests ? o->max_queue_requests : 1,
+			   .last_device_ms = -1.0f};
 	struct epoll_event evs[64];
 	int code = 0;
 
@@ -201,8 +209,12 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 	s.last_ping_ns = s.last_status_ns = srv_now_ns();
 	srv_notify("READY=1");
 	srv_status_line(&s);
-	while (!s.stopping) {
-		int n = epoll_wait(s.epfd, evs, 64, s.pending ? 0 : -1);
+	/* Stopping waits for the batches the worker holds: their requests are
+	 * answered as they come back, never abandoned mid-write. */
+	while (!s.stopping || s.batches_out) {
+		/* don't block while a batch could be handed to an idle slot */
+		bool ready = s.queued && s.batches_out < 2 && !s.stopping;
+		int n = epoll_wait(s.epfd, evs, 64, ready ? 0 : -1);
 
 		s.loops++;
 		for (int i = 0; i < n; i++) {
@@ -216,6 +228,10 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			} else if (p == &s.tfd) {
 				if (read(s.tfd, &ticks, sizeof(ticks)) > 0)
 					tick(&s);
+			} else if (p == &s.w.efd) {
+				srv_collect(&s);
+			} else if (p == &s.jobs_efd) {
+				srv_jobs_collect(&s);
 			} else {
 				struct client *c = p;
 
@@ -227,11 +243,11 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		}
 		reap_dead(&s);
 		srv_poll_rings(&s);
-		if (s.pending && !s.stopping) {
-			/* a request whose deadline passed before it starts is
-			 * answered, not run */
+		if (s.queued && s.batches_out < 2 && !s.stopping) {
+			/* a request whose deadline passed before it is handed
+			 * to the worker is answered, not run */
 			srv_expire(&s);
-			srv_run_batch(&s);
+			srv_submit_batch(&s);
 		}
 		srv_answer_drain_waiters(&s);
 		srv_notify_clients(&s);
@@ -249,8 +265,17 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		(unsigned long long)s.completed, (unsigned long long)s.errors,
 		(unsigned long long)s.batches);
 out:
+	srv_jobs_stop(&s); /* (they publish epochs: before the engine goes) */
 	while (s.clients)
 		srv_drop_client(&s, s.clients);
+	/* The regions' releases are on the worker's queue: it runs them,
+	 * then ends; a pin it answered meanwhile frees its client, whose
+	 * release then runs here (no other thread is left). */
+	srv_worker_stop(&s.w);
+	do
+		srv_collect(&s);
+	while (srv_worker_run_left(&s.w));
+	srv_worker_close(&s.w);
 	if (s.lfd >= 0 && o->listen_fd < 0) {
 		close(s.lfd);
 		unlink(o->socket_path);
@@ -263,8 +288,10 @@ out:
 		close(s.tfd);
 	if (s.status_fd >= 0)
 		close(s.status_fd);
-	free(s.segs);
-	free(s.batch);
+	for (int i = 0; i < 2; i++) {
+		free(s.batch[i].reqs);
+		free(s.batch[i].segs);
+	}
 	free(s.is_moe);
 	return code;
 }

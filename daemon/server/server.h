@@ -45,6 +45,9 @@ struct moe_server_opts {
 	int log_level;
 	moe_server_reload_fn reload;
 	void *reload_arg;
+	/* test hook (moed: MOED_TEST_STALL_MS): the worker sleeps this long
+	 * before every batch, so that tests can act while a batch runs */
+	uint32_t test_stall_ms;
 };
 
 /* moed's exit status when a device was lost (a sticky CUDA error): the

@@ -5,6 +5,9 @@
 
 /* ---- sessions ----------------------------------------------------------- */
 
+/* Drops a session: unlinks it, answers nothing more, frees what it had
+ * queued and closes its socket. Requests of it inside a batch keep it (and
+ * its region) alive until they come back: srv_client_put frees it then. */
 void srv_drop_client(struct server *s, struct client *c)
 {
 	struct client **pp = &s->clients;
@@ -17,27 +20,72 @@ void srv_drop_client(struct server *s, struct client *c)
 		struct request *r = c->queue;
 
 		c->queue = r->next;
+		s->queued--;
 		s->pending--;
 		s->pending_tokens -= r->n_tokens;
+		c->inflight--;
+		c->inflight_tokens -= r->n_tokens;
 		free(r);
 	}
+	c->queue_tail = NULL;
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	close(c->fd);
-	if (c->pinned)
-		moe_engine_host_unregister(s->e, c->region);
+	c->fd = -1;
+	c->gone = true;
+	c->dead = true;
 	if (c->pin_failed)
 		s->unpinned--;
-	if (c->region) {
-		munmap(c->region, c->region_bytes);
+	/* Counted out of server.max_total_shm_bytes now, so that a client
+	 * replacing it finds room at once; the mapping itself goes once the
+	 * worker has let go of it (at most two batches later). */
+	if (c->region)
 		s->shm_bytes -= c->region_bytes;
-	}
 	/* (one that never attached was logged when refused, if at all) */
 	moe_log(c->attached ? LOG_INFO : LOG_DEBUG, "client %u (pid %d, %s) disconnected after "
-		"%llu requests", c->id, (int)c->pid, c->name[0] ? c->name : "-",
-		(unsigned long long)c->requests);
+		"%llu requests%s", c->id, (int)c->pid, c->name[0] ? c->name : "-",
+		(unsigned long long)c->requests,
+		c->refs > 1 ? "; its region is released once the engine worker lets go of it"
+			    : "");
+	s->n_clients--;
+	srv_client_put(s, c);
+}
+
+/* Drops one reference; the last one frees the client and hands its region
+ * to the worker to unpin and unmap (after every batch posted before). */
+void srv_client_put(struct server *s, struct client *c)
+{
+	if (--c->refs)
+		return;
+	if (c->region) {
+		struct work *x = calloc(1, sizeof(*x));
+
+		if (x) {
+			*x = (struct work){.kind = WORK_RELEASE, .region = c->region,
+					   .bytes = c->region_bytes, .pinned = c->pinned};
+			srv_worker_post(&s->w, x);
+		} else if (!c->pinned) {
+			munmap(c->region, c->region_bytes);
+		} /* else: leaked rather than unpinned off the worker */
+	}
 	free(c->overflow);
 	free(c);
-	s->n_clients--;
+}
+
+/* The worker's answer to a region's pinning (attach). */
+void srv_pin_done(struct server *s, struct work *x)
+{
+	struct client *c = x->c;
+
+	c->pinned = x->ret == 0;
+	if (x->ret && x->ret != -ENOTSUP && !c->gone) {
+		/* correct but slower: the driver stages the copies */
+		c->pin_failed = true;
+		s->unpinned++;
+		moe_log(LOG_WARNING, "client %u: cannot pin its %llu-byte region (%s); its "
+			"copies to the GPU are staged", c->id, (unsigned long long)x->bytes, x->err);
+	}
+	free(x);
+	srv_client_put(s, c);
 }
 
 void srv_accept_clients(struct server *s)
@@ -64,6 +112,7 @@ void srv_accept_clients(struct server *s)
 			continue;
 		}
 		c->fd = fd;
+		c->refs = 1; /* the session's */
 		c->id = ++s->next_id;
 		c->accepted_ns = srv_now_ns();
 		if (moe_auth_peer(fd, &c->peer) == 0) {
@@ -187,18 +236,16 @@ static int attach(struct server *s, struct client *c, const struct moe_msg_hello
 	c->cq_tail = atomic_load_explicit(&c->hdr->cq_tail, memory_order_relaxed);
 	memcpy(c->name, h->client_name, sizeof(c->name));
 	c->attached = true;
+	/* Pinning is a device call: the worker does it, before any batch of
+	 * this client (FIFO); the client holds a reference until it is done. */
 	{
-		char err[MOE_ERRLEN];
-		int ret = moe_engine_host_register(s->e, p, h->region_bytes, err);
+		struct work *x = calloc(1, sizeof(*x));
 
-		c->pinned = ret == 0;
-		if (ret && ret != -ENOTSUP) {
-			/* correct but slower: the driver stages the copies */
-			c->pin_failed = true;
-			s->unpinned++;
-			moe_log(LOG_WARNING, "client %u: cannot pin its %llu-byte region (%s); its "
-				"copies to the GPU are staged", c->id,
-				(unsigned long long)h->region_bytes, err);
+		if (x) {
+			*x = (struct work){.kind = WORK_PIN, .c = c, .region = p,
+					   .bytes = h->region_bytes};
+			c->refs++;
+			srv_worker_post(&s->w, x);
 		}
 	}
 	return 0;
@@ -259,12 +306,7 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 	} else if (type == MOE_MSG_STATUS && !moe_msg_decode_empty(buf, n, MOE_MSG_STATUS)) {
 		srv_status_reply(s, c, hdr.seq);
 	} else if (type == MOE_MSG_ADMIN) {
-		struct moe_msg_admin a;
-
-		if (moe_msg_decode_admin(buf, n, &a))
-			srv_admin_reply(c, hdr.seq, MOE_EINVAL, "malformed or unknown admin command");
-		else
-			srv_admin(s, c, &a, hdr.seq);
+		srv_admin(s, c, buf, n, hdr.seq); /* a bad one is answered, not dropped */
 	} else {
 		srv_send_error(c, MOE_EPROTO, "malformed or unexpected message");
 		keep = false;

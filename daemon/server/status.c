@@ -31,9 +31,45 @@ static char *status_json(struct server *s)
 	cJSON_AddStringToObject(o, "device", moe_engine_device(s->e));
 	cJSON_AddStringToObject(o, "gpu", s->o.gpu ? s->o.gpu : "none");
 	cJSON_AddBoolToObject(o, "device_lost", moe_engine_lost(s->e));
-	if (moe_engine_last_device_ms(s->e) >= 0)
-		cJSON_AddNumberToObject(o, "last_batch_device_ms", moe_engine_last_device_ms(s->e));
+	if (s->last_device_ms >= 0)
+		cJSON_AddNumberToObject(o, "last_batch_device_ms", s->last_device_ms);
 	cJSON_AddNumberToObject(o, "unpinned_clients", (double)s->unpinned);
+	{
+		uint64_t published, retired;
+		uint32_t current;
+
+		moe_epochs_counts(moe_engine_epochs(s->e), &published, &retired, &current);
+		o = cJSON_AddObjectToObject(j, "epochs");
+		cJSON_AddNumberToObject(o, "current", current);
+		cJSON_AddNumberToObject(o, "published", (double)published);
+		cJSON_AddNumberToObject(o, "retired", (double)retired);
+	}
+	o = cJSON_AddObjectToObject(j, "worker");
+	cJSON_AddNumberToObject(o, "batches_held", s->batches_out);
+	cJSON_AddNumberToObject(o, "busy_ms",
+				atomic_load(&s->w.beat_ns)
+					? (double)(srv_now_ns() - atomic_load(&s->w.beat_ns)) / 1e6
+					: 0.0);
+	a = cJSON_AddArrayToObject(j, "jobs");
+	for (int i = 0; i < MAX_JOBS; i++) {
+		struct moe_admin_job d;
+		cJSON *x;
+
+		if (!s->jobs[i])
+			continue;
+		srv_job_describe(s->jobs[i], &d);
+		x = cJSON_CreateObject();
+		cJSON_AddNumberToObject(x, "id", d.job);
+		cJSON_AddStringToObject(x, "op", moe_admin_op_name(d.op));
+		cJSON_AddStringToObject(x, "state", d.state == MOE_JOB_RUNNING	 ? "running"
+						    : d.state == MOE_JOB_DONE	 ? "done"
+						    : d.state == MOE_JOB_CANCELLED ? "cancelled"
+										 : "failed");
+		cJSON_AddNumberToObject(x, "done", (double)d.done);
+		cJSON_AddNumberToObject(x, "total", (double)d.total);
+		cJSON_AddStringToObject(x, "message", d.message);
+		cJSON_AddItemToArray(a, x);
+	}
 	a = cJSON_AddArrayToObject(j, "clients");
 	for (struct client *c = s->clients; c; c = c->next) {
 		cJSON *x = cJSON_CreateObject();
@@ -61,6 +97,8 @@ static char *status_json(struct server *s)
 	cJSON_AddNumberToObject(o, "refused_unauthorized", (double)s->refused_auth);
 	cJSON_AddNumberToObject(o, "config_reloads", (double)s->reloads);
 	cJSON_AddNumberToObject(o, "config_reloads_refused", (double)s->reloads_refused);
+	cJSON_AddNumberToObject(o, "admin_calls", (double)s->admin_calls);
+	cJSON_AddNumberToObject(o, "admin_refused", (double)s->admin_refused);
 	o = cJSON_AddObjectToObject(j, "control");
 	cJSON_AddNumberToObject(o, "loops", (double)s->loops);
 	/* this reply's own build and send are not counted yet */

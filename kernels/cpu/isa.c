@@ -83,11 +83,13 @@ enum moe_cpu_isa moe_cpu_isa_best(void)
 	return MOE_ISA_SCALAR;
 }
 
-int moe_cpu_isa_resolve(const char *request, enum moe_cpu_isa *out, char *err, size_t errlen)
+int moe_cpu_isa_resolve(const char *request, const char *what, enum moe_cpu_isa *out, char *err,
+			size_t errlen)
 {
-	const char *env = getenv("MOE_CPU_ISA");
-	const char *what = env && *env ? "MOE_CPU_ISA" : "cpu.isa";
-	const char *s = env && *env ? env : request;
+	const char *s = request;
+
+	if (!what)
+		what = "cpu.isa";
 
 	if (!s || strcmp(s, "auto") == 0) {
 		*out = moe_cpu_isa_best();

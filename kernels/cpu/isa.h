@@ -3,7 +3,7 @@
  * Paths: scalar (portable C), avx2 (AVX2 + FMA + F16C), avx512 (AVX-512 F/BW/VL
  * + F16C). Detection uses cpuid and xgetbv (the OS must save the registers).
  * The choice is `auto` (the best the CPU has) unless a request (cpu.isa in
- * the config) or the MOE_CPU_ISA environment variable names one; naming a
+ * the config) or the MOE_CPU_ISA environment variable (read by the mains) names one; naming a
  * path the CPU lacks is an error with a message, never a SIGILL.
  */
 #ifndef MOE_CPU_ISA_H
@@ -21,8 +21,9 @@ bool moe_cpu_has_avx512_bf16(void);
 enum moe_cpu_isa moe_cpu_isa_best(void);
 
 /* Resolves a request ("auto", "scalar", "avx2", "avx512" or NULL = auto);
- * MOE_CPU_ISA in the environment, when set, overrides the request.
+ * `what` names where it came from in messages (NULL: "cpu.isa").
  * 0 and *out, or -EINVAL / -ENOTSUP with a message in err. */
-int moe_cpu_isa_resolve(const char *request, enum moe_cpu_isa *out, char *err, size_t errlen);
+int moe_cpu_isa_resolve(const char *request, const char *what, enum moe_cpu_isa *out, char *err,
+			size_t errlen);
 
 #endif

@@ -49,12 +49,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	{
 		struct moe_msg_admin ad;
 		struct moe_msg_admin_reply ar;
+		struct moe_admin_job jd;
+		char res[MOE_ADMIN_DATA_MAX];
+		uint32_t len = 0;
 
-		if (moe_msg_decode_admin(copy, size, &ad) == 0 &&
-		    (ad.op < MOE_ADMIN_DRAIN || ad.op > MOE_ADMIN_RELOAD_CONFIG))
+		if (moe_msg_decode_admin(copy, size, &ad, res, &len) == 0 &&
+		    (moe_admin_payload_size(ad.op) < 0 ||
+		     len != (uint32_t)moe_admin_payload_size(ad.op)))
 			abort();
-		if (moe_msg_decode_admin_reply(copy, size, &ar) == 0 &&
-		    memchr(ar.message, 0, sizeof(ar.message)) == NULL)
+		if (moe_msg_decode_admin_reply(copy, size, &ar, res, sizeof(res), &len) == 0 &&
+		    (memchr(ar.message, 0, sizeof(ar.message)) == NULL || len > sizeof(res)))
+			abort();
+		if (moe_msg_decode_job_done(copy, size, &jd) == 0 &&
+		    memchr(jd.message, 0, sizeof(jd.message)) == NULL)
 			abort();
 	}
 	moe_msg_decode_empty(copy, size, MOE_MSG_DOORBELL);

@@ -26,7 +26,7 @@ static struct moe_model g_model = {
 	.n_moe_layers = 2,
 	.layers = g_layers,
 };
-static int g_epoch;
+static struct moe_epoch g_epoch = {.id = 1};
 
 const char *moe_family_name(enum moe_family f)
 {
@@ -101,12 +101,42 @@ void moe_engine_host_unregister(struct moe_engine *e, void *p)
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
 {
 	(void)e;
-	return (struct moe_epoch *)&g_epoch;
+	return &g_epoch;
 }
 
 void moe_epoch_release(struct moe_epoch *ep)
 {
 	(void)ep;
+}
+
+int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+		       uint32_t *id, char *err)
+{
+	(void)e, (void)p, (void)versions, (void)err;
+	*id = ++g_epoch.id;
+	return 0;
+}
+
+struct moe_epochs *moe_engine_epochs(struct moe_engine *e)
+{
+	(void)e;
+	return NULL;
+}
+
+int moe_epochs_info(struct moe_epochs *t, uint32_t id, struct moe_epoch_info *info,
+		    uint32_t *versions, uint32_t cap)
+{
+	(void)t, (void)id, (void)info, (void)versions, (void)cap;
+	return -ENOENT;
+}
+
+void moe_epochs_counts(struct moe_epochs *t, uint64_t *published, uint64_t *retired,
+		       uint32_t *current_id)
+{
+	(void)t;
+	*published = g_epoch.id;
+	*retired = g_epoch.id - 1;
+	*current_id = g_epoch.id;
 }
 
 int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct moe_batch *b,

@@ -1,0 +1,197 @@
+/* daemon/server/worker.c — the engine worker: the one thread that makes device calls.
+ *
+ * The serving loop hands it work (a batch to run, a client region to pin
+ * or to release) through a FIFO under a mutex; the worker runs each item
+ * in order and hands it back on a second FIFO, then writes the eventfd the
+ * loop polls. FIFO order is what makes a region's release safe: it is
+ * posted once no batch holds the client (internal.h), and even a pin still
+ * queued for that region runs before it.
+ *
+ * Ownership (see also docs/ARCHITECTURE.md):
+ *  - A work item belongs to the loop until srv_worker_post, to the worker
+ *    until it is on the done list, to the loop again after srv_worker_collect.
+ *  - While a batch is the worker's, the loop does not read or write its
+ *    requests, their clients' output spans, or the batch arrays; the
+ *    requests' clients hold a reference each, so their regions stay mapped.
+ *  - Every device call runs here: moe_engine_forward, host register and
+ *    unregister (CUDA's pinning), and the epoch a batch pins.
+ *
+ * The worker's heartbeat (beat_ns: when its current item started, 0 when
+ * idle) tells the loop's watchdog whether a batch has wedged.
+ */
+#include "daemon/server/internal.h"
+
+#include <sys/eventfd.h>
+
+static void run_batch(struct worker *w, struct work *b)
+{
+	struct moe_batch mb = {.layer = b->layer, .n_tokens = b->tokens, .n_segs = b->n,
+			       .segs = b->segs};
+	struct moe_epoch *ep;
+
+	if (w->stall_ms)
+		usleep(w->stall_ms * 1000u);
+	/* the whole batch, and so each request in it, runs under one epoch */
+	ep = moe_epoch_acquire(w->e);
+	b->epoch = ep->id;
+	b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
+	moe_epoch_release(ep);
+	b->device_ms = moe_engine_last_device_ms(w->e);
+}
+
+static void run(struct worker *w, struct work *x)
+{
+	switch (x->kind) {
+	case WORK_BATCH:
+		run_batch(w, x);
+		break;
+	case WORK_PIN:
+		x->ret = moe_engine_host_register(w->e, x->region, x->bytes, x->err);
+		break;
+	case WORK_RELEASE:
+		if (x->pinned)
+			moe_engine_host_unregister(w->e, x->region);
+		munmap(x->region, x->bytes);
+		break;
+	}
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	sigset_t all;
+
+	sigfillset(&all); /* signals are the loop's (signalfd) */
+	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	pthread_mutex_lock(&w->lock);
+	for (;;) {
+		struct work *x;
+		uint64_t one = 1;
+
+		while (!w->todo && !w->stop)
+			pthread_cond_wait(&w->cond, &w->lock);
+		if (!w->todo)
+			break; /* stopping, and nothing left to run */
+		x = w->todo;
+		w->todo = x->next;
+		if (!w->todo)
+			w->todo_tail = NULL;
+		pthread_mutex_unlock(&w->lock);
+
+		atomic_store(&w->beat_ns, srv_now_ns());
+		run(w, x);
+		atomic_store(&w->beat_ns, 0);
+
+		pthread_mutex_lock(&w->lock);
+		x->next = NULL;
+		if (w->done_tail)
+			w->done_tail->next = x;
+		else
+			w->done = x;
+		w->done_tail = x;
+		if (write(w->efd, &one, sizeof(one)) < 0) {
+			/* cannot fail: the counter is read before it nears 2^64 */
+		}
+	}
+	pthread_mutex_unlock(&w->lock);
+	return NULL;
+}
+
+int srv_worker_start(struct worker *w, struct moe_engine *e, uint32_t stall_ms)
+{
+	*w = (struct worker){.e = e, .stall_ms = stall_ms, .efd = -1};
+	atomic_init(&w->beat_ns, 0);
+	w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (w->efd < 0)
+		return -errno;
+	pthread_mutex_init(&w->lock, NULL);
+	pthread_cond_init(&w->cond, NULL);
+	if (pthread_create(&w->thread, NULL, worker_main, w)) {
+		close(w->efd);
+		w->efd = -1;
+		return -EAGAIN;
+	}
+	w->started = true;
+	return 0;
+}
+
+void srv_worker_post(struct worker *w, struct work *x)
+{
+	x->next = NULL;
+	pthread_mutex_lock(&w->lock);
+	if (w->todo_tail)
+		w->todo_tail->next = x;
+	else
+		w->todo = x;
+	w->todo_tail = x;
+	pthread_cond_signal(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+}
+
+struct work *srv_worker_collect(struct worker *w)
+{
+	struct work *x;
+	uint64_t n;
+
+	if (read(w->efd, &n, sizeof(n)) < 0) {
+		/* EAGAIN: nothing signalled since the last collect */
+	}
+	pthread_mutex_lock(&w->lock);
+	x = w->done;
+	w->done = w->done_tail = NULL;
+	pthread_mutex_unlock(&w->lock);
+	return x;
+}
+
+/* Lets the worker run what is queued (region releases at shutdown), then
+ * joins it. */
+void srv_worker_stop(struct worker *w)
+{
+	if (!w->started)
+		return;
+	pthread_mutex_lock(&w->lock);
+	w->stop = true;
+	pthread_cond_signal(&w->cond);
+	pthread_mutex_unlock(&w->lock);
+	pthread_join(w->thread, NULL);
+	w->started = false;
+}
+
+/* After srv_worker_stop: runs what was posted since, on the caller's
+ * thread (the only one left); returns how many items it ran. */
+uint32_t srv_worker_run_left(struct worker *w)
+{
+	uint32_t n = 0;
+
+	while (w->todo) {
+		struct work *x = w->todo;
+
+		w->todo = x->next;
+		run(w, x);
+		x->next = w->done;
+		w->done = x;
+		n++;
+	}
+	w->todo_tail = NULL;
+	w->done_tail = NULL;
+	for (struct work *x = w->done; x; x = x->next)
+		w->done_tail = x;
+	return n;
+}
+
+void srv_worker_close(struct worker *w)
+{
+	if (w->efd >= 0) {
+		pthread_mutex_destroy(&w->lock);
+		pthread_cond_destroy(&w->cond);
+		close(w->efd);
+	}
+	w->efd = -1;
+}
+
+bool srv_worker_wedged(struct worker *w, uint64_t now, uint64_t limit_ns)
+{
+	uint64_t beat = atomic_load(&w->beat_ns);
+
+	return beat && now - beat > limit_ns;
+}

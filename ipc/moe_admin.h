@@ -1,0 +1,95 @@
+/* moe_admin.h — moed's operator commands on the wire: op codes, payloads,
+ * replies, jobs. Installed with moeclient.h; libc only.
+ *
+ * An ADMIN message is struct moe_msg_admin followed by exactly the op's
+ * payload (moe_admin_payload_size: 0 for ops without one); anything shorter
+ * or longer, an unknown op or an unknown flag is refused with MOE_EINVAL and
+ * the session goes on. Its ADMIN_REPLY (same seq) is struct
+ * moe_msg_admin_reply followed by the op's result, if it has one.
+ *
+ * Jobs: an op that starts long work (MOE_ADMIN_EPOCH_CYCLE today; weight
+ * copies and reloads next) replies at once with the job's id, runs on a
+ * job thread of the daemon, and ends with a JOB_DONE message (struct
+ * moe_admin_job) to the session that started it, with the seq of the ADMIN
+ * that started it. Meanwhile MOE_ADMIN_JOB_STATUS reads its progress and
+ * MOE_ADMIN_JOB_CANCEL stops it at its next step.
+ *
+ * Privileges: MOE_ADMIN_EPOCH_INFO is for any client that may forward;
+ * every other op is for root or server.admin_group (else MOE_EPERM).
+ */
+#ifndef MOE_ADMIN_H
+#define MOE_ADMIN_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum moe_admin_op {
+	MOE_ADMIN_DRAIN = 1,	     /* refuse new requests, finish queued ones */
+	MOE_ADMIN_UNDRAIN = 2,	     /* accept requests again */
+	MOE_ADMIN_RELOAD_CONFIG = 3, /* re-read the configuration file */
+	MOE_ADMIN_EPOCH_INFO = 4,    /* what an epoch id means: moe_admin_epoch -> _epoch_info */
+	MOE_ADMIN_EPOCH_CYCLE = 5,   /* job: publish `count` epochs, same placement and
+					weights (a self-test of the publish path) */
+	MOE_ADMIN_JOB_STATUS = 6,    /* moe_admin_job_ref -> moe_admin_job */
+	MOE_ADMIN_JOB_CANCEL = 7,    /* moe_admin_job_ref -> moe_admin_job */
+	MOE_ADMIN_OP_MAX = 7
+};
+
+/* flags */
+#define MOE_ADMIN_WAIT 0x1 /* drain: reply only once nothing is queued */
+
+/* payloads */
+struct moe_admin_epoch {
+	uint32_t id;
+	uint32_t reserved; /* 0 */
+};
+
+struct moe_admin_cycle {
+	uint32_t count;	      /* epochs to publish, 1..1000000 */
+	uint32_t interval_us; /* pause between two, 0..1000000 */
+};
+
+struct moe_admin_job_ref {
+	uint32_t job;
+	uint32_t reserved; /* 0 */
+};
+
+/* results */
+#define MOE_EPOCH_CURRENT 0x1
+#define MOE_EPOCH_RETIRED 0x2
+
+struct moe_admin_epoch_info {
+	uint32_t id;
+	uint32_t flags; /* MOE_EPOCH_* */
+	uint64_t placement_gen;
+	uint32_t n_layers; /* MoE layers: weights_version[n_layers] follows */
+	uint32_t reserved;
+	/* uint32_t weights_version[n_layers]; */
+};
+
+enum moe_job_state { MOE_JOB_RUNNING = 1, MOE_JOB_DONE = 2, MOE_JOB_CANCELLED = 3,
+		     MOE_JOB_FAILED = 4 };
+
+struct moe_admin_job {
+	uint32_t job;
+	uint32_t op;
+	uint32_t state; /* enum moe_job_state */
+	int32_t result; /* 0 or MOE_E* once over */
+	uint64_t done, total; /* progress, in the op's steps */
+	char message[128];
+};
+
+/* The exact payload size of `op`, or -1 for an unknown op. Both exported
+ * from libmoeclient (built with hidden visibility). */
+__attribute__((visibility("default"))) int moe_admin_payload_size(uint32_t op);
+/* The op's name ("drain", "epoch-info", ...) or "?". */
+__attribute__((visibility("default"))) const char *moe_admin_op_name(uint32_t op);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
