@@ -111,6 +111,8 @@ enum work_kind { WORK_BATCH, WORK_PIN, WORK_RELEASE };
 struct work {
 	enum work_kind kind;
 	struct work *next;
+	bool started; /* the worker took it (set under the worker's lock): a
+			 posted batch takes more requests until then */
 	/* WORK_BATCH: one request per segment, all of one layer */
 	uint32_t layer, n, tokens;
 	struct request **reqs;

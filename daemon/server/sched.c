@@ -259,10 +259,14 @@ static int64_t next_layer(struct server *s)
 /* Round robin over the clients, one request of `layer` from each per round,
  * until max_batch_tokens: every client with work in this layer gets into the
  * batch before any client gets a second request in. */
-static uint32_t form_batch(struct server *s, uint32_t layer, struct request **batch,
-			   uint32_t *tokens)
+/* Round robin over the clients, one request of b's layer from each per
+ * round, appended to b until max_batch_tokens: every client with work in
+ * this layer gets into the batch before any client gets a second request
+ * in. Each request taken holds a reference on its client (its region stays
+ * mapped) and becomes one segment. Returns how many it took. */
+static uint32_t fill_batch(struct server *s, struct work *b)
 {
-	uint32_t n = 0, t = 0, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
+	uint32_t n0 = b->n, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
 	struct client **order;
 	bool took = true;
 	uint32_t i = 0;
@@ -280,56 +284,67 @@ static uint32_t form_batch(struct server *s, uint32_t layer, struct request **ba
 
 			if (c->dead) /* its requests go with it (reap_dead) */
 				continue;
-			for (r = c->queue; r && r->layer != layer; r = r->next)
+			for (r = c->queue; r && r->layer != b->layer; r = r->next)
 				;
-			if (!r || t + r->n_tokens > maxt)
+			if (!r || b->tokens + r->n_tokens > maxt)
 				continue;
 			srv_unqueue(s, c, r);
-			batch[n++] = r;
-			t += r->n_tokens;
+			c->refs++;
+			b->segs[b->n] = (struct moe_seg){c->data + r->in_off, c->data + r->out_off,
+							 r->dtype, r->n_tokens};
+			b->reqs[b->n++] = r;
+			b->tokens += r->n_tokens;
 			took = true;
 		}
 	}
 	s->rr = nc ? (s->rr + 1) % nc : 0;
 	free(order);
-	*tokens = t;
-	return n;
+	return b->n - n0;
 }
 
-/* Hands the engine worker the next batch, if it has room for one: it holds
- * at most two, the one it runs and the one the loop gathered meanwhile.
+/* Hands the engine worker work. It holds at most two batches: the one it
+ * runs, and the next, which the loop keeps filling with what arrives
+ * (same layer, up to max_batch_tokens) until the worker starts it — so
+ * batches stay as large as when the loop ran them itself, and the worker
+ * goes from one batch to the next without waiting for the loop.
+ *
  * Each request is one segment of the batch: the engine reads its input
  * from the client's region and writes its output there, in the request's
  * dtype (on a GPU, DMA from and to the pinned region). The engine reads
  * every input before it writes any output. On the CPU backend a token's
- * result is the same bits whichever batch it lands in. From here on the
- * requests are the worker's: cancel and deadlines no longer act on them,
- * and each holds a reference on its client (its region stays mapped). */
+ * result is the same bits whichever batch it lands in. From the moment a
+ * request is in a posted batch it is the worker's: cancel and deadlines no
+ * longer act on it. */
 void srv_submit_batch(struct server *s)
 {
-	struct work *b = !s->batch[0].n ? &s->batch[0] : !s->batch[1].n ? &s->batch[1] : NULL;
-	uint32_t tokens = 0, n;
+	struct work *b = NULL;
 	int64_t layer;
 
-	if (!b || !s->queued || s->stopping)
+	if (!s->queued || s->stopping)
+		return;
+	for (int i = 0; i < 2; i++) {
+		struct work *x = &s->batch[i];
+
+		if (!x->n)
+			continue;
+		/* posted: top it up while the worker has not started it */
+		pthread_mutex_lock(&s->w.lock);
+		if (!x->started)
+			fill_batch(s, x);
+		pthread_mutex_unlock(&s->w.lock);
+		if (!x->started)
+			return; /* the one waiting: nothing else goes before it starts */
+	}
+	b = !s->batch[0].n ? &s->batch[0] : !s->batch[1].n ? &s->batch[1] : NULL;
+	if (!b)
 		return;
 	layer = next_layer(s);
 	if (layer < 0)
 		return;
-	n = form_batch(s, (uint32_t)layer, b->reqs, &tokens);
-	if (!n)
+	*b = (struct work){.kind = WORK_BATCH, .layer = (uint32_t)layer, .reqs = b->reqs,
+			   .segs = b->segs};
+	if (!fill_batch(s, b))
 		return;
-	for (uint32_t i = 0; i < n; i++) {
-		struct request *r = b->reqs[i];
-
-		r->c->refs++;
-		b->segs[i] = (struct moe_seg){r->c->data + r->in_off, r->c->data + r->out_off,
-					      r->dtype, r->n_tokens};
-	}
-	b->kind = WORK_BATCH;
-	b->layer = (uint32_t)layer;
-	b->n = n;
-	b->tokens = tokens;
 	srv_worker_post(&s->w, b);
 	s->batches_out++;
 }

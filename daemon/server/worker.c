@@ -9,7 +9,9 @@
  *
  * Ownership (see also docs/ARCHITECTURE.md):
  *  - A work item belongs to the loop until srv_worker_post, to the worker
- *    until it is on the done list, to the loop again after srv_worker_collect.
+ *    until it is on the done list, to the loop again after srv_worker_collect;
+ *    except that a posted batch the worker has not started (x->started,
+ *    read and written under the lock) may still take requests from the loop.
  *  - While a batch is the worker's, the loop does not read or write its
  *    requests, their clients' output spans, or the batch arrays; the
  *    requests' clients hold a reference each, so their regions stay mapped.
@@ -73,6 +75,7 @@ static void *worker_main(void *arg)
 		if (!w->todo)
 			break; /* stopping, and nothing left to run */
 		x = w->todo;
+		x->started = true;
 		w->todo = x->next;
 		if (!w->todo)
 			w->todo_tail = NULL;
