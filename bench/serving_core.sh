@@ -32,7 +32,7 @@ trap 'pkill -P $$ 2>/dev/null; rm -rf "$tmp"' EXIT
 	{ echo "cannot write the synthetic model"; exit 1; }
 
 echo "# $(date -u +%FT%TZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) CPUs"
-echo "# before: $before ($(git -C "$here" rev-parse --short HEAD 2>/dev/null) tree: after)"
+echo "# before: $before; after: $after (source tree at $(git -C "$here" rev-parse --short HEAD 2>/dev/null))"
 
 # moe-load against a fresh moed of build $1 on model $2 with $3 clients
 # and $4 requests each; prints "requests/s p50 p99".
