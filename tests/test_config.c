@@ -929,6 +929,39 @@ static void test_two_configs(void **state)
 	moe_cfg_free(&b);
 }
 
+/* A reload: the keys marked .reload take the new value, the others keep
+ * the live one and are named; strings stay owned by their config. */
+static void test_reload_flags(void **state)
+{
+	struct moe_config live, next;
+	char err[MOE_CFG_ERRLEN], restart[200];
+
+	(void)state;
+	assert_int_equal(load("model: {path: /m}\ncpu: {threads: 2}\n"
+			      "server: {max_clients: 5, admin_group: ops, socket: /a.sock}\n"
+			      "log: {level: info}\n", &live, err), 0);
+	assert_int_equal(load("model: {path: /other}\ncpu: {threads: 4}\n"
+			      "server: {max_clients: 9, admin_group: wheel, socket: /a.sock}\n"
+			      "devices: cpu\nlog: {level: debug}\n", &next, err), 0);
+	assert_int_equal(moe_cfg_reload(&live, &next, restart, sizeof(restart)), 3);
+	assert_string_equal(restart, "model.path, cpu.threads");
+	assert_int_equal(live.server.max_clients, 9);
+	assert_string_equal(live.server.admin_group, "wheel");
+	assert_int_equal(live.log.level, MOE_CFG_LOG_DEBUG);
+	assert_string_equal(live.model.path, "/m"); /* needs a restart: unchanged */
+	assert_int_equal(live.cpu.threads, 2);
+	assert_string_equal(next.server.admin_group, "ops"); /* swapped, freed with next */
+	moe_cfg_free(&next);
+	/* the same file again: nothing changes, nothing to restart */
+	assert_int_equal(load("model: {path: /m}\ncpu: {threads: 2}\n"
+			      "server: {max_clients: 9, admin_group: wheel, socket: /a.sock}\n"
+			      "log: {level: debug}\n", &next, err), 0);
+	assert_int_equal(moe_cfg_reload(&live, &next, restart, sizeof(restart)), 0);
+	assert_string_equal(restart, "");
+	moe_cfg_free(&next);
+	moe_cfg_free(&live);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -965,6 +998,7 @@ int main(void)
 	    cmocka_unit_test(test_small_error_buffer),
 	    cmocka_unit_test(test_length_bounded),
 	    cmocka_unit_test(test_two_configs),
+	    cmocka_unit_test(test_reload_flags),
 	};
 
 	return cmocka_run_group_tests_name("config", tests, NULL, NULL);

@@ -153,6 +153,15 @@ int moe_cfg_load_string(const char *name, const char *yaml, size_t len, struct m
 void moe_cfg_free(struct moe_config *c);
 
 /* The name of a cpu.isa / log.level value as written in the file. */
+/*
+ * A configuration reload: every key whose change applies while serving
+ * (its table row says so) takes @next's value in @live; the others keep
+ * @live's, and those that differ are listed in @restart ("cpu.threads,
+ * devices"), to be reported as needing a restart. Returns how many keys
+ * changed in @live. Both configs stay owned by their callers.
+ */
+int moe_cfg_reload(struct moe_config *live, struct moe_config *next, char *restart, size_t n);
+
 const char *moe_cfg_isa_name(enum moe_cfg_isa isa);
 const char *moe_cfg_log_level_name(enum moe_cfg_log_level level);
 

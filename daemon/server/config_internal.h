@@ -33,6 +33,8 @@ struct cfg_key {
 	const char *const *names; /* enums, and strings that must be one of */
 	const int *values;        /* enum value of each name */
 	bool supported;           /* false: refused with "not supported yet" */
+	bool reload;              /* applies on a configuration reload; false:
+	                             a change needs a restart */
 };
 
 struct cfg_parser {

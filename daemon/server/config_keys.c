@@ -38,7 +38,9 @@ static const int cfg_log_values[] = {
  * Every key moed knows, grouped by section (the unknown-key hint lists them
  * in this order). When a feature lands, its keys' .supported turns true and
  * nothing else needs to change: keys that are not supported yet are parsed,
- * range-checked and stored first, then refused.
+ * range-checked and stored first, then refused. .reload: the key applies on
+ * a configuration reload (moe_cfg_reload); every other key's change is
+ * reported as needing a restart.
  */
 const struct cfg_key cfg_keys[] = {
     {"model.path", STR(model.path, 1, PATH_MAX - 1), .supported = true},
@@ -55,27 +57,27 @@ const struct cfg_key cfg_keys[] = {
     {"scheduler.max_batch_tokens", UINT(scheduler.max_batch_tokens, 1, 1048576), .supported = true},
     {"scheduler.batch_window_us", UINT(scheduler.batch_window_us, 0, 1000000), .supported = false},
     {"scheduler.max_queue_requests", UINT(scheduler.max_queue_requests, 1, 1000000),
-     .supported = true},
+     .supported = true, .reload = true},
     {"scheduler.request_timeout_ms", UINT(scheduler.request_timeout_ms, 0, 3600000),
-     .supported = true},
+     .supported = true, .reload = true},
     /* sun_path holds 108 bytes with the NUL. */
     {"server.socket", STR(server.socket, 1, 107), .supported = true},
     {"server.socket_mode", MODE(server.socket_mode, 0777), .supported = true},
     {"server.group", STR(server.group, 0, 255), .supported = true},
-    {"server.admin_group", STR(server.admin_group, 0, 255), .supported = true},
+    {"server.admin_group", STR(server.admin_group, 0, 255), .supported = true, .reload = true},
     {"server.handshake_timeout_ms", UINT(server.handshake_timeout_ms, 1, 600000),
-     .supported = true},
-    {"server.max_clients", UINT(server.max_clients, 1, 65536), .supported = true},
+     .supported = true, .reload = true},
+    {"server.max_clients", UINT(server.max_clients, 1, 65536), .supported = true, .reload = true},
     {"server.max_client_shm_bytes", SIZE(server.max_client_shm_bytes, 1LL << 20, 1LL << 40),
-     .supported = true},
+     .supported = true, .reload = true},
     {"server.max_total_shm_bytes", SIZE(server.max_total_shm_bytes, 1LL << 20, 1LL << 44),
-     .supported = true},
+     .supported = true, .reload = true},
     {"server.max_inflight_requests", UINT(server.max_inflight_requests, 1, 65536),
-     .supported = true},
+     .supported = true, .reload = true},
     {"server.max_inflight_tokens", UINT(server.max_inflight_tokens, 1, 100000000),
-     .supported = true},
+     .supported = true, .reload = true},
     {"metrics.listen", STR(metrics.listen, 0, 255), .supported = false},
-    {"log.level", ENUM(log.level, cfg_log_names, cfg_log_values), .supported = true},
+    {"log.level", ENUM(log.level, cfg_log_names, cfg_log_values), .supported = true, .reload = true},
 };
 
 _Static_assert(ARRAY_SIZE(cfg_keys) <= 32, "grow cfg_parser.seen_key");
@@ -166,4 +168,56 @@ const char *moe_cfg_log_level_name(enum moe_cfg_log_level level)
 		if (cfg_log_values[i] == (int)level)
 			return cfg_log_names[i];
 	return "?";
+}
+
+/* Same value of key @k in @a and @b? */
+static bool same(const struct cfg_key *k, const struct moe_config *a, const struct moe_config *b)
+{
+	const char *fa = (const char *)a + k->offset, *fb = (const char *)b + k->offset;
+
+	if (k->parse == cfg_parse_string) {
+		const char *sa = *(char *const *)(const void *)fa, *sb = *(char *const *)(const void *)fb;
+
+		return !strcmp(sa ? sa : "", sb ? sb : "");
+	}
+	if (k->parse == cfg_parse_devices) /* (a struct: compare its fields, not its padding) */
+		return a->devices.kind == b->devices.kind &&
+		       a->devices.n_ranks == b->devices.n_ranks &&
+		       a->devices.all_gpus == b->devices.all_gpus &&
+		       !memcmp(a->devices.gpu_ids, b->devices.gpu_ids, sizeof(a->devices.gpu_ids));
+	return !memcmp(fa, fb, k->size); /* integers, enums, sizes, modes, bools, doubles */
+}
+
+int moe_cfg_reload(struct moe_config *live, struct moe_config *next, char *restart, size_t n)
+{
+	size_t len = 0;
+	int changed = 0;
+
+	if (n)
+		restart[0] = '\0';
+	for (size_t i = 0; i < ARRAY_SIZE(cfg_keys); i++) {
+		const struct cfg_key *k = &cfg_keys[i];
+		char *fl = (char *)live + k->offset, *fn = (char *)next + k->offset;
+
+		if (same(k, live, next))
+			continue;
+		if (!k->reload || k->size > sizeof(((struct moe_config *)0)->devices)) {
+			if (len + 1 < n)
+				len += (size_t)snprintf(restart + len, n - len, "%s%s",
+							 len ? ", " : "", k->path);
+			if (len >= n)
+				len = n - 1;
+			continue;
+		}
+		/* swap, so that each config still owns (and frees) its strings */
+		{
+			char tmp[sizeof(((struct moe_config *)0)->devices)];
+
+			memcpy(tmp, fl, k->size);
+			memcpy(fl, fn, k->size);
+			memcpy(fn, tmp, k->size);
+		}
+		changed++;
+	}
+	return changed;
 }

@@ -198,13 +198,33 @@ struct reload_ctx {
 	const struct overrides *ov; /* the command line wins over the file, then too */
 };
 
-#define SAME_STR(a, b) (strcmp((a) ? (a) : "", (b) ? (b) : "") == 0)
+/* Everything the configuration sets in the server's options, at start and
+ * at each reload: the one place the mapping lives. What the server learns
+ * itself (the socket's group, the listening fd, the GPU's name, the reload
+ * hook, test hooks) is left as it is. */
+static void server_opts(const struct moe_config *c, struct moe_server_opts *o)
+{
+	o->socket_path = c->server.socket;
+	o->socket_mode = c->server.socket_mode;
+	o->max_clients = c->server.max_clients;
+	o->max_client_shm_bytes = c->server.max_client_shm_bytes;
+	o->max_total_shm_bytes = total_shm(c);
+	o->max_inflight_requests = c->server.max_inflight_requests;
+	o->max_inflight_tokens = c->server.max_inflight_tokens;
+	o->max_queue_requests = c->scheduler.max_queue_requests;
+	o->request_timeout_ms = c->scheduler.request_timeout_ms;
+	o->handshake_timeout_ms = c->server.handshake_timeout_ms;
+	o->model_path = c->model.path;
+	o->admin_group = c->server.admin_group;
+	o->log_level = (int)c->log.level;
+}
 
-/* Applies what can change while serving; lists what needs a restart. */
+/* Applies what can change while serving (the keys the configuration table
+ * marks .reload); names what needs a restart. */
 static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 {
 	struct reload_ctx *r = arg;
-	struct moe_config nc, *c = r->live;
+	struct moe_config nc;
 	char err[MOE_CFG_ERRLEN], restart[200] = "";
 	gid_t admin = 0;
 	int ret, has_admin;
@@ -225,53 +245,10 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 		moe_cfg_free(&nc);
 		return -EINVAL;
 	}
-#define NEEDS_RESTART(cond, key)                                                           \
-	if (cond)                                                                          \
-		snprintf(restart + strlen(restart), sizeof(restart) - strlen(restart), "%s%s", \
-			 restart[0] ? ", " : "", key)
-	NEEDS_RESTART(!SAME_STR(nc.model.path, c->model.path), "model.path");
-	NEEDS_RESTART(!SAME_STR(nc.model.family, c->model.family), "model.family");
-	NEEDS_RESTART(nc.cpu.threads != c->cpu.threads, "cpu.threads");
-	NEEDS_RESTART(nc.cpu.isa != c->cpu.isa, "cpu.isa");
-	NEEDS_RESTART(nc.devices.kind != c->devices.kind || nc.devices.n_ranks != c->devices.n_ranks ||
-			      nc.devices.all_gpus != c->devices.all_gpus ||
-			      memcmp(nc.devices.gpu_ids, c->devices.gpu_ids,
-				     sizeof(nc.devices.gpu_ids)),
-		      "devices");
-	NEEDS_RESTART(nc.scheduler.max_batch_tokens != c->scheduler.max_batch_tokens,
-		      "scheduler.max_batch_tokens");
-	NEEDS_RESTART(!SAME_STR(nc.server.socket, c->server.socket), "server.socket");
-	NEEDS_RESTART(nc.server.socket_mode != c->server.socket_mode, "server.socket_mode");
-	NEEDS_RESTART(!SAME_STR(nc.server.group, c->server.group), "server.group");
-#undef NEEDS_RESTART
-	o->max_clients = nc.server.max_clients;
-	o->max_client_shm_bytes = nc.server.max_client_shm_bytes;
-	o->max_total_shm_bytes = total_shm(&nc);
-	o->max_inflight_requests = nc.server.max_inflight_requests;
-	o->max_inflight_tokens = nc.server.max_inflight_tokens;
-	o->max_queue_requests = nc.scheduler.max_queue_requests;
-	o->request_timeout_ms = nc.scheduler.request_timeout_ms;
-	o->handshake_timeout_ms = nc.server.handshake_timeout_ms;
-	o->log_level = (int)nc.log.level;
+	moe_cfg_reload(r->live, &nc, restart, sizeof(restart));
+	server_opts(r->live, o);
 	o->auth.has_admin_gid = has_admin > 0;
 	o->auth.admin_gid = admin;
-	/* keep the live config's strings for the keys that did not apply */
-	c->server.max_clients = nc.server.max_clients;
-	c->server.max_client_shm_bytes = nc.server.max_client_shm_bytes;
-	c->server.max_total_shm_bytes = nc.server.max_total_shm_bytes;
-	c->server.max_inflight_requests = nc.server.max_inflight_requests;
-	c->server.max_inflight_tokens = nc.server.max_inflight_tokens;
-	c->scheduler.max_queue_requests = nc.scheduler.max_queue_requests;
-	c->scheduler.request_timeout_ms = nc.scheduler.request_timeout_ms;
-	c->server.handshake_timeout_ms = nc.server.handshake_timeout_ms;
-	c->log.level = nc.log.level;
-	{
-		char *t = c->server.admin_group;
-
-		c->server.admin_group = nc.server.admin_group;
-		nc.server.admin_group = t;
-		o->admin_group = c->server.admin_group;
-	}
 	snprintf(msg, n, "limits, scheduler, admin group and log level applied%s%s%s",
 		 restart[0] ? "; needs a restart: " : "", restart, restart[0] ? " (unchanged)" : "");
 	moe_cfg_free(&nc);
@@ -328,29 +305,19 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 			return 1;
 		}
 		struct moe_server_opts so = {
-			.socket_path = c->server.socket,
-			.socket_mode = c->server.socket_mode,
 			.listen_fd = lfd,
-			.max_clients = c->server.max_clients,
-			.max_client_shm_bytes = c->server.max_client_shm_bytes,
-			.max_total_shm_bytes = total_shm(c),
-			.max_inflight_requests = c->server.max_inflight_requests,
-			.max_inflight_tokens = c->server.max_inflight_tokens,
-			.max_queue_requests = c->scheduler.max_queue_requests,
-			.request_timeout_ms = c->scheduler.request_timeout_ms,
-			.handshake_timeout_ms = c->server.handshake_timeout_ms,
-			.model_path = c->model.path,
 			.gpu = strcmp(plan->backend, "cuda") ? plan->device_note
 							     : moe_engine_device(e),
 			.auth = {.has_socket_gid = has_sock > 0, .socket_gid = sock_gid,
 				 .has_admin_gid = has_admin > 0, .admin_gid = admin_gid},
-			.admin_group = c->server.admin_group,
-			.log_level = (int)c->log.level,
 			.reload = cfg_file ? reload : NULL,
 			.reload_arg = &rc,
 			.test_stall_ms = stall_ms,
 		};
-		int code = moe_server_run(e, &so);
+		int code;
+
+		server_opts(c, &so);
+		code = moe_server_run(e, &so);
 
 		moe_engine_destroy(e);
 		return code;
