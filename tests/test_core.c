@@ -117,14 +117,16 @@ struct reply {
 	uint32_t len;
 };
 
+static uint32_t g_seq = 100; /* the seq of the last ADMIN sent */
+
 static int admin(struct raw *r, uint32_t op, uint32_t flags, const void *payload, uint32_t len,
 		 struct reply *out)
 {
-	static uint32_t seq = 100;
+	uint32_t seq = ++g_seq;
 	char buf[MOE_MSG_MAX];
 	ssize_t n;
 
-	admin_send(r, ++seq, op, flags, payload, len);
+	admin_send(r, seq, op, flags, payload, len);
 	n = recv_msg_of(r, MOE_MSG_ADMIN_REPLY, seq, buf);
 	assert_int_equal(moe_msg_decode_admin_reply(buf, (size_t)n, &out->r, out->data,
 						    sizeof(out->data), &out->len),
@@ -143,6 +145,22 @@ static void expect_refusal(struct raw *r, uint32_t op, uint32_t flags, const voi
 	assert_int_equal(st, want);
 	if (!strstr(rep.r.message, says))
 		fail_msg("refusal \"%s\" does not say \"%s\"", rep.r.message, says);
+}
+
+/* The next JOB_DONE (doorbells skipped); returns its seq. */
+static uint32_t recv_job_done(struct raw *r, struct moe_admin_job *jd)
+{
+	char buf[MOE_MSG_MAX];
+	struct moe_msg_hdr h;
+	ssize_t n;
+
+	do {
+		n = dh_raw_recv(r->sock, buf, sizeof(buf), DH_WAIT_MS);
+		if (n <= 0)
+			fail_msg("no JOB_DONE from moed (%zd)", n);
+	} while (moe_msg_peek(buf, (size_t)n, &h) == MOE_MSG_DOORBELL);
+	assert_int_equal(moe_msg_decode_job_done(buf, (size_t)n, jd), 0);
+	return h.seq;
 }
 
 static struct moe_admin_job job_of(const struct reply *rep)
@@ -382,7 +400,7 @@ static void test_epochs_under_load(void **state)
 	atomic_bool stop = false;
 	struct moe_admin_job jd;
 	struct reply rep;
-	char buf[MOE_MSG_MAX];
+	uint32_t start_seq;
 	struct raw *r;
 	uint64_t total = 0, seen = 0;
 	moe_client *c;
@@ -399,17 +417,8 @@ static void test_epochs_under_load(void **state)
 	jd = job_of(&rep);
 	printf("epoch-cycle: %s (job %u)\n", rep.r.message, jd.job);
 	/* JOB_DONE comes with the seq of the ADMIN that started it */
-	{
-		struct moe_msg_hdr h;
-		ssize_t n;
-
-		do {
-			n = dh_raw_recv(r->sock, buf, sizeof(buf), DH_WAIT_MS);
-			if (n <= 0)
-				fail_msg("no JOB_DONE");
-		} while (moe_msg_peek(buf, (size_t)n, &h) == MOE_MSG_DOORBELL);
-		assert_int_equal(moe_msg_decode_job_done(buf, (size_t)n, &jd), 0);
-	}
+	start_seq = g_seq;
+	assert_int_equal(recv_job_done(r, &jd), start_seq);
 	printf("JOB_DONE: job %u state %u, %llu of %llu: %s\n", jd.job, jd.state,
 	       (unsigned long long)jd.done, (unsigned long long)jd.total, jd.message);
 	assert_int_equal(jd.state, MOE_JOB_DONE);
@@ -486,7 +495,7 @@ static void test_admin_table(void **state)
 	struct moe_admin_job_ref ref = {0, 0};
 	struct moe_admin_job jd;
 	uint32_t start_seq;
-	char junk[64] = {0}, buf[MOE_MSG_MAX];
+	char junk[64] = {0};
 	struct reply rep;
 	moe_client *c;
 	cJSON *j;
@@ -520,9 +529,10 @@ static void test_admin_table(void **state)
 	assert_int_equal(admin(r, MOE_ADMIN_EPOCH_INFO, 0, &ep, sizeof(ep), &rep), 0);
 	printf("epoch 1: %s\n", rep.r.message);
 
-	/* a job: started, read, cancelled, then its JOB_DONE */
-	start_seq = 0;
+	/* a job: started, read, cancelled, then its JOB_DONE (with the seq of
+	 * the ADMIN that started it) */
 	assert_int_equal(admin(r, MOE_ADMIN_EPOCH_CYCLE, 0, &cy, sizeof(cy), &rep), 0);
+	start_seq = g_seq;
 	jd = job_of(&rep);
 	assert_int_equal(jd.state, MOE_JOB_RUNNING);
 	assert_int_equal(jd.total, cy.count);
@@ -532,18 +542,7 @@ static void test_admin_table(void **state)
 	printf("job %u: %s\n", jd.job, rep.r.message);
 	assert_int_equal(admin(r, MOE_ADMIN_JOB_CANCEL, 0, &ref, sizeof(ref), &rep), 0);
 	printf("cancel: %s\n", rep.r.message);
-	{
-		struct moe_msg_hdr h;
-		ssize_t n;
-
-		do {
-			n = dh_raw_recv(r->sock, buf, sizeof(buf), DH_WAIT_MS);
-			if (n <= 0)
-				fail_msg("no JOB_DONE after the cancel");
-		} while (moe_msg_peek(buf, (size_t)n, &h) == MOE_MSG_DOORBELL);
-		start_seq = h.seq;
-		assert_int_equal(moe_msg_decode_job_done(buf, (size_t)n, &jd), 0);
-	}
+	assert_int_equal(recv_job_done(r, &jd), start_seq);
 	printf("JOB_DONE (seq %u): job %u state %u result %s, %llu of %llu: %s\n", start_seq,
 	       jd.job, jd.state, moe_strerror(jd.result), (unsigned long long)jd.done,
 	       (unsigned long long)jd.total, jd.message);
