@@ -590,6 +590,44 @@ static void test_segments(void **state)
 
 /* A lost device (here the engine's test hook, as a sticky CUDA error would
  * be) fails that batch and every later one with -ENOTRECOVERABLE. */
+/* What moed -t prints for the workspaces is what an engine allocates: for
+ * several token budgets and thread counts, with and without shared experts
+ * (the sizing and the allocation walk one list). */
+static void test_workspace_sizing(void **state)
+{
+	static const char *const fx[] = {"qwen2_moe_bf16", "mixtral_f32_fused"};
+	static const uint32_t tokens[] = {1, 64, 300, 4096}, threads[] = {1, 3};
+
+	(void)state;
+	for (size_t f = 0; f < 2; f++) {
+		for (size_t t = 0; t < 4; t++) {
+			for (size_t k = 0; k < 2; k++) {
+				struct moe_engine_opts o = {.threads = threads[k],
+							    .max_batch_tokens = tokens[t],
+							    .tuning.isa = isa_under_test};
+				struct moe_model *m;
+				struct moe_engine *e;
+				char dir[512], err[MOE_ERRLEN];
+				uint64_t want, got;
+
+				snprintf(dir, sizeof(dir), "%s/%s", MOE_FIXTURES_DIR, fx[f]);
+				if (moe_model_open(dir, NULL, &m, err))
+					fail_msg("%s", err);
+				if (moe_engine_create(m, &o, &e, err))
+					fail_msg("%s", err);
+				want = moe_engine_workspace_bytes(m, &o);
+				got = moe_engine_allocated_workspace_bytes(e);
+				if (want != got || !want)
+					fail_msg("%s, %u tokens, %u threads: planned %llu bytes, "
+						 "allocated %llu", fx[f], tokens[t], threads[k],
+						 (unsigned long long)want, (unsigned long long)got);
+				moe_engine_destroy(e);
+				moe_model_free(m);
+			}
+		}
+	}
+}
+
 static void test_lost_device(void **state)
 {
 	char dir[1024], err[MOE_ERRLEN];
@@ -780,6 +818,7 @@ static int run_all(const char *isa)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_forward_errors);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_segments);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_lost_device);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_workspace_sizing);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_backend_choice);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_modified_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_truncated_during_load);

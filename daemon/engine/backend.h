@@ -109,6 +109,11 @@ struct moe_backend_ops {
 	const char *name;
 	int (*rank_init)(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
 			 const struct moe_backend_tuning *t, char *err);
+	/* Bytes of workspaces rank_init allocates for these arguments (host
+	 * memory for the CPU, device memory for a device backend), from the
+	 * same list rank_init allocates: moed -t prints what is allocated. */
+	uint64_t (*workspace_bytes)(const struct moe_model *m, uint32_t max_tokens,
+				    uint32_t threads);
 	void (*rank_fini)(struct moe_rank *r);
 	/* Makes ls->router_dev from ls->router; layer_fini frees it. */
 	int (*layer_init)(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls);

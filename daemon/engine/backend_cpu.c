@@ -41,6 +41,43 @@ struct tile {
 	uint32_t group, t0, p0;
 };
 
+/* The CPU rank's workspaces: logits [max_tokens, E], route scratch per
+ * worker, and the most tiles a chunk can make, so that `experts` never
+ * allocates (and never fails halfway through a batch whose outputs are
+ * being written): per group ceil(rows / TOK_BLOCK) token blocks, rows
+ * summing to chunk * K routed + chunk shared. */
+struct cpu_sizes {
+	size_t logits, scratch, tiles; /* bytes */
+	uint32_t tiles_cap;
+};
+
+static struct cpu_sizes cpu_sizes(const struct moe_model *m, uint32_t max_tokens,
+				  uint32_t n_workers)
+{
+	uint64_t ck = max_tokens < MOE_CHUNK_TOKENS ? max_tokens : MOE_CHUNK_TOKENS;
+	uint64_t imax = m->inter > m->shared_inter ? m->inter : m->shared_inter;
+	uint64_t pb_gu = ((imax + 7) / 8 + PANELS_PER_TILE - 1) / PANELS_PER_TILE;
+	uint64_t pb_d = ((m->hidden + MOE_PANEL - 1) / MOE_PANEL + PANELS_PER_TILE - 1) /
+			PANELS_PER_TILE;
+	uint64_t blocks = (ck * m->top_k + TOK_BLOCK - 1) / TOK_BLOCK + m->n_experts +
+			  (ck + TOK_BLOCK - 1) / TOK_BLOCK + 1;
+	struct cpu_sizes z;
+
+	z.tiles_cap = (uint32_t)(blocks * (pb_gu > pb_d ? pb_gu : pb_d));
+	z.logits = (size_t)max_tokens * m->n_experts * sizeof(float);
+	z.scratch = (size_t)n_workers * MOE_ROUTE_SCRATCH(m->n_experts) * sizeof(float);
+	z.tiles = (size_t)z.tiles_cap * sizeof(struct tile);
+	return z;
+}
+
+static uint64_t cpu_workspace_bytes(const struct moe_model *m, uint32_t max_tokens,
+				    uint32_t threads)
+{
+	struct cpu_sizes z = cpu_sizes(m, max_tokens, threads);
+
+	return z.logits + z.scratch + z.tiles;
+}
+
 static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
 			 const struct moe_backend_tuning *t, char *err)
 {
@@ -61,23 +98,13 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels", r->kernels);
 	c->n_workers = moe_pool_threads(r->pool);
 	c->max_tokens = max_tokens;
-	c->logits = malloc((size_t)max_tokens * m->n_experts * sizeof(float));
-	c->route_scratch = malloc(c->n_workers * MOE_ROUTE_SCRATCH(m->n_experts) * sizeof(float));
 	{
-		/* The most tiles a chunk can make, so that `experts` never
-		 * allocates (and never fails halfway through a batch whose
-		 * outputs are being written): per group ceil(rows / TOK_BLOCK)
-		 * token blocks, rows summing to chunk * K routed + chunk shared. */
-		uint64_t ck = max_tokens < MOE_CHUNK_TOKENS ? max_tokens : MOE_CHUNK_TOKENS;
-		uint64_t imax = m->inter > m->shared_inter ? m->inter : m->shared_inter;
-		uint64_t pb_gu = ((imax + 7) / 8 + PANELS_PER_TILE - 1) / PANELS_PER_TILE;
-		uint64_t pb_d = ((m->hidden + MOE_PANEL - 1) / MOE_PANEL + PANELS_PER_TILE - 1) /
-				PANELS_PER_TILE;
-		uint64_t blocks = (ck * m->top_k + TOK_BLOCK - 1) / TOK_BLOCK + m->n_experts +
-				  (ck + TOK_BLOCK - 1) / TOK_BLOCK + 1;
+		struct cpu_sizes z = cpu_sizes(m, max_tokens, c->n_workers);
 
-		c->tiles_cap = (uint32_t)(blocks * (pb_gu > pb_d ? pb_gu : pb_d));
-		c->tiles = malloc((size_t)c->tiles_cap * sizeof(*c->tiles));
+		c->logits = malloc(z.logits);
+		c->route_scratch = malloc(z.scratch);
+		c->tiles_cap = z.tiles_cap;
+		c->tiles = malloc(z.tiles);
 	}
 	if (!c->logits || !c->route_scratch || !c->tiles) {
 		r->ops->rank_fini(r);
@@ -303,6 +330,7 @@ const struct moe_backend_ops moe_backend_cpu = {
 	.name = "cpu",
 	.rank_init = cpu_rank_init,
 	.rank_fini = cpu_rank_fini,
+	.workspace_bytes = cpu_workspace_bytes,
 	.layer_init = cpu_layer_init,
 	.layer_fini = cpu_layer_fini,
 	.slot_alloc = cpu_slot_alloc,

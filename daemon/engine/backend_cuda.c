@@ -88,6 +88,7 @@ struct cuda_rank {
 	bool small_ok, small_shared_ok, grouped_ok;
 	struct grouped_args ga;
 	size_t dev_bytes;	       /* workspaces */
+	bool sizing;		       /* count what alloc_workspaces would take, allocate nothing */
 
 	/* device */
 	void *blas_ws;
@@ -171,6 +172,11 @@ static int dalloc(struct cuda_rank *c, void *pp, size_t bytes, const char *what,
 {
 	void **p = pp;
 
+	if (c->sizing) {
+		*p = NULL;
+		c->dev_bytes += bytes;
+		return 0;
+	}
 	if (cudaMalloc(p, bytes ? bytes : 1) != cudaSuccess) {
 		*p = NULL;
 		return cuda_oom(c, what, bytes, err);
@@ -183,6 +189,10 @@ static int halloc(struct cuda_rank *c, void *pp, size_t bytes, char *err)
 {
 	void **p = pp;
 
+	if (c->sizing) {
+		*p = NULL;
+		return 0;
+	}
 	if (cudaMallocHost(p, bytes ? bytes : 1) != cudaSuccess) {
 		*p = NULL;
 		cudaGetLastError();
@@ -274,7 +284,7 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 	ret = ret ? ret : halloc(c, &c->w_h, TK * 4, err);
 	ret = ret ? ret : halloc(c, &c->stage, c->stage_bytes, err);
 	ret = ret ? ret : halloc(c, &c->wptr_h, 6 * E * sizeof(void *), err);
-	if (!ret) {
+	if (!ret && !c->sizing) {
 		struct grouped_args *g = &c->ga;
 
 		g->ta = calloc(E, sizeof(*g->ta)), g->tb = calloc(E, sizeof(*g->tb));
@@ -295,6 +305,18 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 }
 
 static bool probe_grouped(struct cuda_rank *c, const struct moe_model *m);
+
+/* Device memory alloc_workspaces takes: the same list, counted. */
+static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint32_t max_tokens,
+				     uint32_t threads)
+{
+	struct cuda_rank c = {.sizing = true, .max_tokens = max_tokens};
+	char err[MOE_ERRLEN];
+
+	(void)threads;
+	alloc_workspaces(&c, m, err);
+	return c.dev_bytes;
+}
 
 static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
 			  const struct moe_backend_tuning *t, char *err)
@@ -918,6 +940,7 @@ const struct moe_backend_ops moe_backend_cuda = {
 	.name = "cuda",
 	.rank_init = cuda_rank_init,
 	.rank_fini = cuda_rank_fini,
+	.workspace_bytes = cuda_workspace_bytes,
 	.layer_init = cuda_layer_init,
 	.layer_fini = cuda_layer_fini,
 	.slot_alloc = cuda_slot_alloc,

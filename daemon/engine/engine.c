@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "daemon/engine/log.h"
 #include "daemon/engine/threadpool.h"
@@ -66,6 +67,8 @@ struct moe_engine {
 	_Atomic uint64_t *expert_tokens; /* [n_moe_layers * E] */
 
 	bool device;	  /* the backend runs whole batches (ops->forward) */
+	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
+	uint64_t ws_bytes; /* host workspaces, the engine's and rank 0's */
 	const struct moe_slot **slot_tab; /* [E]: device backends */
 	uint32_t *ecount; /* [E]: device backends */
 	float last_ms, last_kernel_ms;
@@ -83,38 +86,51 @@ static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t la
 	return &e->slots[slot_index(e, rank, layer, s)];
 }
 
+/* One workspace of the engine: allocated (zeroed or not), or with
+ * e->sizing only counted. alloc_workspaces is the one list: what moed -t
+ * prints (moe_engine_workspace_bytes) is what it allocates. */
+static void *ws(struct moe_engine *e, size_t bytes, bool zero)
+{
+	e->ws_bytes += bytes;
+	if (e->sizing)
+		return NULL;
+	return zero ? calloc(1, bytes ? bytes : 1) : malloc(bytes ? bytes : 1);
+}
+
 static int alloc_workspaces(struct moe_engine *e)
 {
 	const struct moe_model *m = e->m;
 	size_t H = m->hidden, K = m->top_k, E = m->n_experts, ck = (size_t)e->chunk * K;
+	size_t T = e->max_tokens, C = e->chunk;
 
-	e->expert_tokens = calloc((size_t)m->n_moe_layers * E, sizeof(*e->expert_tokens));
+	e->expert_tokens = ws(e, (size_t)m->n_moe_layers * E * sizeof(*e->expert_tokens), true);
 	if (e->device) {
-		e->slot_tab = calloc(E, sizeof(*e->slot_tab));
-		e->ecount = calloc(E, sizeof(*e->ecount));
-		return e->expert_tokens && e->slot_tab && e->ecount ? 0 : -ENOMEM;
+		e->slot_tab = ws(e, E * sizeof(*e->slot_tab), true);
+		e->ecount = ws(e, E * sizeof(*e->ecount), true);
+		return e->sizing || (e->expert_tokens && e->slot_tab && e->ecount) ? 0 : -ENOMEM;
 	}
-	e->x = malloc((size_t)e->max_tokens * H * sizeof(float));
-	e->ids = malloc((size_t)e->max_tokens * K * sizeof(uint32_t));
-	e->w = malloc((size_t)e->max_tokens * K * sizeof(float));
-	e->count = calloc(E, sizeof(uint32_t));
-	e->off = calloc(E + 1, sizeof(uint32_t));
-	e->pos = malloc(ck * sizeof(uint32_t));
-	e->xs = malloc(ck * H * sizeof(float));
-	e->hs = malloc(ck * m->inter * sizeof(float));
-	e->ys = malloc(ck * H * sizeof(float));
-	e->sc = malloc(ck * sizeof(float));
-	e->acc = malloc(H * sizeof(float));
-	e->groups = calloc(E + 1, sizeof(*e->groups));
+	e->x = ws(e, T * H * sizeof(float), false);
+	e->ids = ws(e, T * K * sizeof(uint32_t), false);
+	e->w = ws(e, T * K * sizeof(float), false);
+	e->count = ws(e, E * sizeof(uint32_t), true);
+	e->off = ws(e, (E + 1) * sizeof(uint32_t), true);
+	e->pos = ws(e, ck * sizeof(uint32_t), false);
+	e->xs = ws(e, ck * H * sizeof(float), false);
+	e->hs = ws(e, ck * m->inter * sizeof(float), false);
+	e->ys = ws(e, ck * H * sizeof(float), false);
+	e->sc = ws(e, ck * sizeof(float), false);
+	e->acc = ws(e, H * sizeof(float), false);
+	e->groups = ws(e, (E + 1) * sizeof(*e->groups), true);
 	if (m->shared_inter) {
-		e->sh_h = malloc((size_t)e->chunk * m->shared_inter * sizeof(float));
-		e->sh_y = malloc((size_t)e->chunk * H * sizeof(float));
-		e->sh_sc = malloc((size_t)e->chunk * sizeof(float));
-		if (!e->sh_h || !e->sh_y || !e->sh_sc)
+		e->sh_h = ws(e, C * m->shared_inter * sizeof(float), false);
+		e->sh_y = ws(e, C * H * sizeof(float), false);
+		e->sh_sc = ws(e, C * sizeof(float), false);
+		if (!e->sizing && (!e->sh_h || !e->sh_y || !e->sh_sc))
 			return -ENOMEM;
 	}
-	if (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos || !e->xs || !e->hs ||
-	    !e->ys || !e->sc || !e->acc || !e->groups || !e->expert_tokens)
+	if (!e->sizing && (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos ||
+			   !e->xs || !e->hs || !e->ys || !e->sc || !e->acc || !e->groups ||
+			   !e->expert_tokens))
 		return -ENOMEM;
 	return 0;
 }
@@ -181,6 +197,21 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 	return ret;
 }
 
+static int backend_ops(const char *name, const struct moe_backend_ops **ops, char *err)
+{
+	*ops = &moe_backend_cpu;
+	if (name && !strcmp(name, "cuda")) {
+#ifdef MOE_HAVE_CUDA
+		*ops = &moe_backend_cuda;
+#else
+		return moe_err(err, -ENOTSUP, "this moed was built without CUDA (MOE_CUDA=OFF)");
+#endif
+	} else if (name && strcmp(name, "cpu")) {
+		return moe_err(err, -EINVAL, "unknown backend \"%s\"", name);
+	}
+	return 0;
+}
+
 int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		      struct moe_engine **out, char *err)
 {
@@ -212,18 +243,9 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		ret = moe_err(err, ret, "cannot build the initial placement");
 		goto err_destroy;
 	}
-	ops = &moe_backend_cpu;
-	if (o && o->backend && !strcmp(o->backend, "cuda")) {
-#ifdef MOE_HAVE_CUDA
-		ops = &moe_backend_cuda;
-#else
-		ret = moe_err(err, -ENOTSUP, "this moed was built without CUDA (MOE_CUDA=OFF)");
+	ret = backend_ops(o ? o->backend : NULL, &ops, err);
+	if (ret)
 		goto err_destroy;
-#endif
-	} else if (o && o->backend && strcmp(o->backend, "cpu")) {
-		ret = moe_err(err, -EINVAL, "unknown backend \"%s\"", o->backend);
-		goto err_destroy;
-	}
 	e->device = ops->forward != NULL;
 	e->slots_per_rank = e->placement->slots_per_rank;
 	e->ranks = calloc(R, sizeof(*e->ranks));
@@ -244,6 +266,9 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		e->ranks[r] = (struct moe_rank){.id = r, .device = o ? o->device : 0, .ops = ops,
 						.pool = e->pool};
 		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, &tuning, err);
+		if (!ret && !e->device && ops->workspace_bytes)
+			e->ws_bytes += ops->workspace_bytes(m, e->max_tokens,
+							    moe_pool_threads(e->pool));
 		if (ret) {
 			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
@@ -591,22 +616,46 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 	return ret;
 }
 
+static uint32_t opts_threads(const struct moe_engine_opts *o)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	return o && o->threads ? o->threads : n > 0 ? (uint32_t)n : 1;
+}
+
 uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_engine_opts *o)
 {
-	uint64_t T = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
-	uint64_t C = T < CHUNK_TOKENS ? T : CHUNK_TOKENS, H = m->hidden, K = m->top_k;
-	uint64_t E = m->n_experts, kmax = H;
+	const struct moe_backend_ops *ops;
+	char err[MOE_ERRLEN];
+	struct moe_engine e = {.m = (struct moe_model *)m, .sizing = true};
 
-	if (m->inter > kmax)
-		kmax = m->inter;
-	if (m->shared_inter > kmax)
-		kmax = m->shared_inter;
-	/* x, ids, w, logits; sorted xs, hs, ys, sc, pos; shared; per-thread scratch */
-	return 4 * (T * H + 2 * T * K + T * E) +
-	       4 * (C * K * (2 * H + m->inter + 2)) +
-	       4 * (C * (m->shared_inter + H + 1)) +
-	       4 * 64 * (4 * kmax + 16 * 64 + 2 * E + 64) +
-	       (uint64_t)m->n_moe_layers * E * 8;
+	if (backend_ops(o ? o->backend : NULL, &ops, err))
+		return 0;
+	e.max_tokens = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
+	e.chunk = e.max_tokens < CHUNK_TOKENS ? e.max_tokens : CHUNK_TOKENS;
+	e.device = ops->forward != NULL;
+	alloc_workspaces(&e);
+	if (!e.device && ops->workspace_bytes)
+		e.ws_bytes += ops->workspace_bytes(m, e.max_tokens, opts_threads(o));
+	return e.ws_bytes;
+}
+
+uint64_t moe_engine_device_workspace_bytes(const struct moe_model *m,
+					   const struct moe_engine_opts *o)
+{
+	const struct moe_backend_ops *ops;
+	char err[MOE_ERRLEN];
+	uint32_t T = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
+
+	if (backend_ops(o ? o->backend : NULL, &ops, err) || !ops->forward ||
+	    !ops->workspace_bytes)
+		return 0;
+	return ops->workspace_bytes(m, T, opts_threads(o));
+}
+
+uint64_t moe_engine_allocated_workspace_bytes(const struct moe_engine *e)
+{
+	return e->ws_bytes;
 }
 
 const struct moe_model *moe_engine_model(const struct moe_engine *e)

@@ -96,8 +96,16 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 		       char *err);
 
 /* Bytes of host memory the engine's workspaces take for these options
- * (weights not included). */
+ * (weights not included): the engine's and, for a host backend, its
+ * rank's, counted from the same lists the engine allocates from (so what
+ * moed -t prints is what is allocated). */
 uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_engine_opts *o);
+/* The same for a device backend's device memory (0 for the CPU). */
+uint64_t moe_engine_device_workspace_bytes(const struct moe_model *m,
+					   const struct moe_engine_opts *o);
+/* What this engine allocated for its host workspaces (the engine's and
+ * rank 0's): moe_engine_workspace_bytes of its options. */
+uint64_t moe_engine_allocated_workspace_bytes(const struct moe_engine *e);
 
 const struct moe_model *moe_engine_model(const struct moe_engine *e);
 uint32_t moe_engine_threads(const struct moe_engine *e);

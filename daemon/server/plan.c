@@ -25,18 +25,6 @@ static uint64_t mem_available(void)
 	return kb * 1024;
 }
 
-/* Device memory of the CUDA backend's workspaces (daemon/engine/backend_cuda.c
- * allocates the same list). */
-static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint64_t T)
-{
-	uint64_t H = m->hidden, K = m->top_k, E = m->n_experts, I = m->inter;
-	uint64_t Is = m->shared_inter, ds = moe_dtype_size(m->dtype);
-
-	return T * (8 * H + 32 + H * ds + 4 * (E + 1) + 4 + 16) +
-	       T * K * (16 + H * ds + 8 * I + I * ds + 4 * H) +
-	       T * (8 * Is + Is * ds + 4 * H) * (Is > 0) + 8 * E + (32u << 20);
-}
-
 static void choose_device(const struct moe_config *c, struct moe_plan *p)
 {
 	p->backend = "cpu";
@@ -111,8 +99,8 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m,
 	choose_device(c, p);
 	if (!strcmp(p->backend, "cuda")) {
 		/* the weights go to the GPU; the host keeps a copy of the routers */
-		p->workspace_bytes = cuda_workspace_bytes(m, o.max_batch_tokens ? o.max_batch_tokens
-										: 4096);
+		o.backend = "cuda";
+		p->workspace_bytes = moe_engine_device_workspace_bytes(m, &o);
 		p->fits = !p->device_mem ||
 			  p->weight_bytes_per_rank + p->workspace_bytes <= p->device_mem;
 	}
