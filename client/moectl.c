@@ -511,19 +511,10 @@ out:
 /* ------------------------------------------------------------------------ */
 /* epochs and jobs                                                          */
 
-static const char *job_state(uint32_t st)
-{
-	return st == MOE_JOB_RUNNING	 ? "running"
-	       : st == MOE_JOB_DONE	 ? "done"
-	       : st == MOE_JOB_CANCELLED ? "cancelled"
-	       : st == MOE_JOB_FAILED	 ? "failed"
-					 : "?";
-}
-
 static void print_job(const struct moe_admin_job *j)
 {
 	printf("job %u (%s): %s, %" PRIu64 " of %" PRIu64 "%s%s\n", j->job, moe_admin_op_name(j->op),
-	       job_state(j->state), j->done, j->total, j->state == MOE_JOB_RUNNING ? "" : ": ",
+	       moe_job_state_name(j->state), j->done, j->total, j->state == MOE_JOB_RUNNING ? "" : ": ",
 	       j->state == MOE_JOB_RUNNING ? "" : j->message);
 }
 

@@ -87,6 +87,8 @@ struct moe_admin_job {
 __attribute__((visibility("default"))) int moe_admin_payload_size(uint32_t op);
 /* The op's name ("drain", "epoch-info", ...) or "?". */
 __attribute__((visibility("default"))) const char *moe_admin_op_name(uint32_t op);
+/* A job state's name ("running", "done", "cancelled", "failed") or "?". */
+__attribute__((visibility("default"))) const char *moe_job_state_name(uint32_t state);
 
 #ifdef __cplusplus
 }

@@ -166,6 +166,15 @@ const char *moe_admin_op_name(uint32_t op)
 	return op && op <= MOE_ADMIN_OP_MAX ? admin_ops[op].name : "?";
 }
 
+const char *moe_job_state_name(uint32_t state)
+{
+	static const char *const names[] = {
+		[MOE_JOB_RUNNING] = "running", [MOE_JOB_DONE] = "done",
+		[MOE_JOB_CANCELLED] = "cancelled", [MOE_JOB_FAILED] = "failed"};
+
+	return state < sizeof(names) / sizeof(names[0]) && names[state] ? names[state] : "?";
+}
+
 int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, void *payload,
 			 uint32_t *plen)
 {

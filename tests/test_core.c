@@ -588,64 +588,22 @@ static void privilege_child(const char *sock, uid_t uid, gid_t gid)
 		{MOE_ADMIN_JOB_CANCEL, sizeof(struct moe_admin_job_ref), MOE_EPERM},
 		{MOE_ADMIN_DRAIN, 0, MOE_EPERM},
 	};
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct moe_msg_hello h;
-	char buf[MOE_MSG_MAX];
-	int s, fd;
-	ssize_t k;
+	int s, st;
 
 	if (setgroups(0, NULL) || setgid(gid) || setuid(uid))
 		_exit(10);
-	s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	fd = memfd_create("core-child", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
-	if (s < 0 || fd < 0 || connect(s, (struct sockaddr *)&sa, sizeof(sa)) ||
-	    ftruncate(fd, 1 << 20))
-		_exit(11);
-	{
-		struct moe_shm_hdr hd = {.magic = MOE_SHM_MAGIC, .version = MOE_SHM_VERSION,
-					 .sq_entries = 4, .cq_entries = 4, .region_bytes = 1 << 20};
-
-		if (pwrite(fd, &hd, offsetof(struct moe_shm_hdr, sq_head), 0) < 0 ||
-		    fcntl(fd, F_ADD_SEALS, SEALS))
-			_exit(12);
-	}
-	fill_hello(&h, 4, 1 << 20);
-	if (raw_send(s, MOE_MSG_HELLO, &h, sizeof(h), &fd, 1))
-		_exit(13);
-	close(fd);
-	k = recv(s, buf, sizeof(buf), 0);
-	{
-		struct moe_msg_hello_reply rep;
-
-		if (k <= 0 || moe_msg_decode_hello_reply(buf, (size_t)k, &rep) || rep.status)
-			_exit(14);
-	}
+	s = child_hello(sock, 1 << 20, &st);
+	if (s < 0)
+		_exit(-s);
+	if (st)
+		_exit(14);
 	for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
-		struct {
-			struct moe_msg_admin a;
-			char p[16];
-		} m = {{steps[i].op, 0}, {0}};
-		struct moe_msg_admin_reply ar;
-		struct moe_msg_hdr mh;
-		char res[MOE_ADMIN_DATA_MAX];
-		uint32_t rlen;
-		size_t n;
+		uint32_t p[4] = {1, 0, 0, 0}; /* epoch 1 / one epoch / job 1 */
+		int r = child_admin(s, 50 + (uint32_t)i, steps[i].op, p, steps[i].len, &st);
 
-		if (steps[i].op == MOE_ADMIN_EPOCH_INFO)
-			m.p[0] = 1; /* epoch 1 */
-		if (steps[i].op == MOE_ADMIN_EPOCH_CYCLE)
-			m.p[0] = 1; /* one epoch */
-		n = moe_msg_encode(buf, MOE_MSG_ADMIN, 50 + (uint32_t)i, &m,
-				   (uint32_t)(sizeof(m.a) + steps[i].len));
-		if (raw_sendmsg(s, buf, n, NULL, 0))
-			_exit(15);
-		do
-			k = recv(s, buf, sizeof(buf), 0);
-		while (k > 0 && moe_msg_peek(buf, (size_t)k, &mh) == MOE_MSG_DOORBELL);
-		if (k <= 0 || moe_msg_decode_admin_reply(buf, (size_t)k, &ar, res, sizeof(res), &rlen))
-			_exit(16);
-		if (ar.status != steps[i].want)
+		if (r)
+			_exit(-r);
+		if (st != steps[i].want)
 			_exit(20 + (int)i);
 	}
 	close(s);

@@ -650,48 +650,18 @@ static void child_as(uid_t uid, gid_t gid, const char *sock, int n, int want, in
 	if (setgroups(0, NULL) || setgid(gid) || setuid(uid))
 		_exit(10);
 	for (int i = 0; i < n; i++) {
-		struct sockaddr_un sa = {.sun_family = AF_UNIX};
-		struct moe_msg_hello h;
-		struct moe_msg_hello_reply rep;
-		char buf[MOE_MSG_MAX];
-		int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-		int fd = memfd_create("hostile-child", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		ssize_t k;
+		int st, s = child_hello(sock, RAW_BYTES, &st);
 
-		snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
-		if (s < 0 || fd < 0 || connect(s, (struct sockaddr *)&sa, sizeof(sa)) ||
-		    ftruncate(fd, RAW_BYTES))
-			_exit(11);
-		{
-			struct moe_shm_hdr hd = {.magic = MOE_SHM_MAGIC, .version = MOE_SHM_VERSION,
-						 .sq_entries = 4, .cq_entries = 4,
-						 .region_bytes = RAW_BYTES};
-
-			if (pwrite(fd, &hd, offsetof(struct moe_shm_hdr, sq_head), 0) < 0 ||
-			    fcntl(fd, F_ADD_SEALS, SEALS))
-				_exit(12);
-		}
-		fill_hello(&h, 4, RAW_BYTES);
-		if (raw_send(s, MOE_MSG_HELLO, &h, sizeof(h), &fd, 1))
-			_exit(13);
-		close(fd);
-		k = recv(s, buf, sizeof(buf), 0);
-		if (k <= 0 || moe_msg_decode_hello_reply(buf, (size_t)k, &rep) || rep.status != want)
+		if (s < 0)
+			_exit(-s);
+		if (st != want)
 			_exit(14);
-		for (int a = 0; !rep.status && a < admin; a++) {
-			struct moe_msg_admin m = {.op = MOE_ADMIN_UNDRAIN};
-			struct moe_msg_admin_reply ar;
-			struct moe_msg_hdr mh;
-			char res[MOE_ADMIN_DATA_MAX];
-			uint32_t rlen;
+		for (int a = 0; !st && a < admin; a++) {
+			int ast, r = child_admin(s, 7, MOE_ADMIN_UNDRAIN, NULL, 0, &ast);
 
-			if (raw_send(s, MOE_MSG_ADMIN, &m, sizeof(m), NULL, 0))
-				_exit(15);
-			do /* skip doorbells */
-				k = recv(s, buf, sizeof(buf), 0);
-			while (k > 0 && moe_msg_peek(buf, (size_t)k, &mh) == MOE_MSG_DOORBELL);
-			if (k <= 0 || moe_msg_decode_admin_reply(buf, (size_t)k, &ar, res, sizeof(res), &rlen) ||
-			    ar.status != MOE_EPERM)
+			if (r)
+				_exit(-r);
+			if (ast != MOE_EPERM)
 				_exit(16);
 		}
 		close(s);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <setjmp.h>
@@ -315,6 +316,63 @@ struct moe_sqe sqe(uint64_t tag, uint32_t layer, uint32_t n, uint64_t in_off,
 }
 
 /* A real request through a raw client, its output checked. */
+int child_hello(const char *sock, uint64_t bytes, int *status)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct moe_shm_hdr hd = {.magic = MOE_SHM_MAGIC, .version = MOE_SHM_VERSION,
+				 .sq_entries = 4, .cq_entries = 4, .region_bytes = bytes};
+	struct moe_msg_hello h;
+	struct moe_msg_hello_reply rep;
+	char buf[MOE_MSG_MAX];
+	int s = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	int fd = memfd_create("wire-child", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	ssize_t k;
+
+	snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", sock);
+	if (s < 0 || fd < 0 || connect(s, (struct sockaddr *)&sa, sizeof(sa)) ||
+	    ftruncate(fd, (off_t)bytes))
+		return -11;
+	if (pwrite(fd, &hd, offsetof(struct moe_shm_hdr, sq_head), 0) < 0 ||
+	    fcntl(fd, F_ADD_SEALS, SEALS))
+		return -12;
+	fill_hello(&h, 4, bytes);
+	if (raw_send(s, MOE_MSG_HELLO, &h, sizeof(h), &fd, 1))
+		return -13;
+	close(fd);
+	k = recv(s, buf, sizeof(buf), 0);
+	if (k <= 0 || moe_msg_decode_hello_reply(buf, (size_t)k, &rep))
+		return -14;
+	*status = rep.status;
+	return s;
+}
+
+int child_admin(int s, uint32_t seq, uint32_t op, const void *payload, uint32_t len, int *status)
+{
+	struct {
+		struct moe_msg_admin a;
+		char p[MOE_ADMIN_DATA_MAX];
+	} m = {{op, 0}, {0}};
+	struct moe_msg_admin_reply ar;
+	struct moe_msg_hdr mh;
+	char buf[MOE_MSG_MAX], res[MOE_ADMIN_DATA_MAX];
+	uint32_t rlen;
+	ssize_t k;
+	size_t n;
+
+	if (len)
+		memcpy(m.p, payload, len);
+	n = moe_msg_encode(buf, MOE_MSG_ADMIN, seq, &m, (uint32_t)(sizeof(m.a) + len));
+	if (raw_sendmsg(s, buf, n, NULL, 0))
+		return -15;
+	do /* skip doorbells */
+		k = recv(s, buf, sizeof(buf), 0);
+	while (k > 0 && moe_msg_peek(buf, (size_t)k, &mh) == MOE_MSG_DOORBELL);
+	if (k <= 0 || moe_msg_decode_admin_reply(buf, (size_t)k, &ar, res, sizeof(res), &rlen))
+		return -16;
+	*status = ar.status;
+	return 0;
+}
+
 void raw_forward_ok(struct raw *r, uint32_t layer, int dt, uint32_t n, uint64_t seed)
 {
 	size_t bytes = (size_t)n * g_H * dh_dt_size(dt);

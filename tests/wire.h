@@ -72,6 +72,16 @@ bool raw_drain(struct raw *r);
 void raw_wait(struct raw *r, struct moe_cqe *out, uint32_t n, bool deaf);
 struct moe_sqe sqe(uint64_t tag, uint32_t layer, uint32_t n, uint64_t in_off, uint64_t out_off,
 		   uint16_t dtype);
+/* For forked children acting as another uid (no cmocka there: they report
+ * by exit status). child_hello: a connection to `sock` with a HELLO for a
+ * sealed region of `bytes` (4 ring entries); the socket, with *status the
+ * HELLO_REPLY's status, or -11 (connect, memfd), -12 (header, seals), -13
+ * (send), -14 (no or a malformed reply). child_admin: one ADMIN (`op`,
+ * exactly `len` payload bytes) and its reply's status in *status (doorbells
+ * skipped); 0, or -15 (send), -16 (no or a malformed reply). */
+int child_hello(const char *sock, uint64_t bytes, int *status);
+int child_admin(int s, uint32_t seq, uint32_t op, const void *payload, uint32_t len, int *status);
+
 /* A real request through a raw client, its output checked. */
 void raw_forward_ok(struct raw *r, uint32_t layer, int dt, uint32_t n, uint64_t seed);
 

@@ -177,6 +177,8 @@ struct server {
 	struct work batch[2];
 	uint32_t batches_out;	/* posted and not yet collected, 0..2 */
 	uint32_t queued;	/* requests in the clients' queues (not in a batch) */
+	struct client **order;	/* fill_batch's round-robin order, order_cap long */
+	uint32_t order_cap;
 	float last_device_ms;
 	bool lost;	      /* the device failed: answer everything, exit */
 	uint8_t *is_moe; /* [n_layers] */

@@ -271,9 +271,16 @@ static uint32_t fill_batch(struct server *s, struct work *b)
 	bool took = true;
 	uint32_t i = 0;
 
-	order = calloc(nc ? nc : 1, sizeof(*order));
-	if (!order)
-		return 0;
+	/* (kept between calls: the loop tops up a waiting batch on every
+	 * iteration, and this is its hot path) */
+	if (nc > s->order_cap) {
+		order = realloc(s->order, nc * sizeof(*order));
+		if (!order)
+			return 0;
+		s->order = order;
+		s->order_cap = nc;
+	}
+	order = s->order;
 	for (struct client *c = s->clients; c; c = c->next)
 		order[i++] = c;
 	while (took) {
@@ -298,7 +305,6 @@ static uint32_t fill_batch(struct server *s, struct work *b)
 		}
 	}
 	s->rr = nc ? (s->rr + 1) % nc : 0;
-	free(order);
 	return b->n - n0;
 }
 

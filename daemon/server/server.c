@@ -293,5 +293,6 @@ out:
 		free(s.batch[i].segs);
 	}
 	free(s.is_moe);
+	free(s.order);
 	return code;
 }

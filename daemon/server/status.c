@@ -61,10 +61,7 @@ static char *status_json(struct server *s)
 		x = cJSON_CreateObject();
 		cJSON_AddNumberToObject(x, "id", d.job);
 		cJSON_AddStringToObject(x, "op", moe_admin_op_name(d.op));
-		cJSON_AddStringToObject(x, "state", d.state == MOE_JOB_RUNNING	 ? "running"
-						    : d.state == MOE_JOB_DONE	 ? "done"
-						    : d.state == MOE_JOB_CANCELLED ? "cancelled"
-										 : "failed");
+		cJSON_AddStringToObject(x, "state", moe_job_state_name(d.state));
 		cJSON_AddNumberToObject(x, "done", (double)d.done);
 		cJSON_AddNumberToObject(x, "total", (double)d.total);
 		cJSON_AddStringToObject(x, "message", d.message);
