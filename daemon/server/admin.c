@@ -80,7 +80,9 @@ static void op_drain(const struct admin_call *a)
 	struct server *s = a->s;
 	char msg[240];
 
-	/* what clients submitted before the drain is queued, not refused */
+	/* what clients submitted before the drain is queued, not refused;
+	 * what they have seen complete is counted as done */
+	srv_settle(s);
 	for (struct client *x = s->clients; x; x = x->next)
 		srv_poll_sq(s, x);
 	if (!s->draining)

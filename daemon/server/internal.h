@@ -5,8 +5,15 @@
  * Ownership: everything here belongs to the serving loop's one thread,
  * except a work item while the engine worker holds it (worker.c) and the
  * worker's own queue fields (under its mutex). The rules:
- *  - the loop is the only consumer of submission rings and the only
- *    producer of completion entries;
+ *  - the loop is the only consumer of submission rings; completion
+ *    entries have two producers, the loop (refusals, no-ops, cancels,
+ *    deadlines) and the worker (a batch's requests, posted the moment the
+ *    batch ends, so that a result reaches its client without waiting for
+ *    the loop to wake): both hold the client's cq_lock, which guards the
+ *    ring's tail, the overflow list, `notify`, and `gone` with the socket
+ *    (the worker rings a doorbell only while the session is not gone);
+ *    the loop keeps every count (inflight, errors, ...) and does them when
+ *    the batch comes back;
  *  - a request is the loop's while queued (cancel and deadlines act on it),
  *    the worker's from the moment its batch is posted until the batch comes
  *    back (then nothing cancels it: it runs);
@@ -66,6 +73,8 @@ struct request {
 	uint64_t in_off, out_off;
 	uint64_t deadline_ns; /* 0: none */
 	uint64_t queued_ns;
+	bool posted; /* its completion is in the client's ring or overflow
+			(the worker's early post): the loop only counts it */
 	struct request *next; /* the client's FIFO */
 };
 
@@ -76,7 +85,9 @@ struct client {
 	uid_t uid;
 	char name[32];
 	bool attached, dead;
-	bool gone;	  /* dropped: unlinked, waiting for its last reference */
+	bool gone;	  /* dropped: unlinked, waiting for its last reference
+			     (written under cq_lock: the worker reads it) */
+	pthread_mutex_t cq_lock; /* the completion side, see the top */
 	uint32_t refs;	  /* the session's + one per request inside a batch */
 	bool pinned;	  /* region registered with the device backend */
 	bool pin_failed;  /* the backend wanted it pinned and could not */
@@ -92,10 +103,10 @@ struct client {
 	/* requests taken from the ring and not yet answered */
 	struct request *queue, *queue_tail;
 	uint32_t inflight, inflight_tokens;
-	/* completions that did not fit the completion ring yet */
+	/* completions that did not fit the completion ring yet (cq_lock) */
 	struct moe_cqe *overflow;
 	uint32_t n_overflow, overflow_cap;
-	bool notify; /* completions posted since the last doorbell */
+	bool notify; /* completions posted since the last doorbell (cq_lock) */
 	uint64_t requests, errors;
 	struct moe_peer peer;
 	uint64_t accepted_ns;
@@ -137,8 +148,15 @@ struct worker {
 	pthread_cond_t cond;
 	struct work *todo, *todo_tail, *done, *done_tail;
 	bool stop;
-	int efd; /* eventfd: work done, collect it */
+	/* the loop has requests that wait for the posted batch to start (a
+	 * third batch may not be formed before): the worker writes efd when
+	 * it starts one (under lock) */
+	bool want_start;
+	int efd; /* eventfd: work done (or want_start), collect it */
 	_Atomic uint64_t beat_ns; /* when the running item started; 0: idle */
+	/* from posting a batch's completions until the batch is on `done`:
+	 * a client may have seen a result the loop has not counted yet */
+	atomic_bool handing_back;
 };
 
 /* An admin job (jobs.c): the loop owns the slot; the job's thread writes
@@ -237,12 +255,15 @@ void srv_log_flush(struct server *s, uint64_t now);
 /* sched.c: the submission rings, the queue (fair shares), batches, completions,
  * deadlines, cancel */
 void srv_flush_cq(struct client *c);
+void srv_post_batch(struct work *b, int status, uint32_t epoch);
+int srv_batch_status(int ret);
 void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch);
 void srv_poll_sq(struct server *s, struct client *c);
 void srv_poll_rings(struct server *s);
 void srv_unqueue(struct server *s, struct client *c, struct request *r);
 void srv_submit_batch(struct server *s);
 void srv_collect(struct server *s);
+bool srv_settle(struct server *s);
 void srv_expire(struct server *s);
 void srv_cancel(struct server *s, struct client *c, uint64_t tag);
 

@@ -76,9 +76,13 @@ void srv_send_error(struct client *c, int status, const char *msg)
 void srv_notify_clients(struct server *s)
 {
 	for (struct client *c = s->clients; c; c = c->next) {
-		if (c->notify && !c->dead) {
+		if (c->dead)
+			continue;
+		pthread_mutex_lock(&c->cq_lock); /* notify is the worker's too */
+		if (c->notify) {
 			srv_send_msg(c->fd, MOE_MSG_DOORBELL, NULL, 0, -1); /* EAGAIN: ring has it */
 			c->notify = false;
 		}
+		pthread_mutex_unlock(&c->cq_lock);
 	}
 }

@@ -3,25 +3,24 @@
  * (see internal.h). */
 #include "daemon/server/internal.h"
 
+#include <sched.h>
+
 /* ---- completions -------------------------------------------------------- */
 
-/* Moves queued completions into the client's ring while there is room. The
- * head is the client's: a value that claims more than the ring holds means
- * the region is corrupt, and the client is dropped. */
-void srv_flush_cq(struct client *c)
+/* Both producers of completions (the loop, the worker) hold c->cq_lock
+ * around what follows (internal.h). */
+
+/* Moves queued completions into the client's ring while there is room;
+ * false if the head the client wrote claims more than the ring holds (a
+ * corrupt region: the loop drops the client, the worker leaves it be). */
+static bool flush_locked(struct client *c)
 {
 	uint32_t head, used, i = 0;
 
-	if (!c->attached || c->dead)
-		return;
 	head = atomic_load_explicit(&c->hdr->cq_head, memory_order_acquire);
 	used = c->cq_tail - head;
-	if (used > c->cq_entries) {
-		moe_log(LOG_WARNING, "client %u (pid %d): completion ring head is corrupt; "
-			"dropping it", c->id, (int)c->pid);
-		c->dead = true;
-		return;
-	}
+	if (used > c->cq_entries)
+		return false;
 	while (i < c->n_overflow && used < c->cq_entries) {
 		c->cq[c->cq_tail & (c->cq_entries - 1)] = c->overflow[i++];
 		c->cq_tail++;
@@ -33,25 +32,94 @@ void srv_flush_cq(struct client *c)
 		c->n_overflow -= i;
 		c->notify = true;
 	}
+	return true;
 }
 
-/* epoch: the id of the epoch the request ran on, 0 if it did not run. */
-static void complete(struct server *s, struct client *c, uint64_t tag, int status, uint32_t epoch)
+/* Queues one completion and flushes; false if out of memory. */
+static bool post_locked(struct client *c, uint64_t tag, int status, uint32_t epoch)
 {
-	struct moe_cqe q = {tag, status, epoch};
-
 	if (c->n_overflow == c->overflow_cap) {
 		uint32_t cap = c->overflow_cap ? 2 * c->overflow_cap : 64;
 		struct moe_cqe *v = realloc(c->overflow, cap * sizeof(*v));
 
-		if (!v) {
-			c->dead = true; /* cannot answer: drop rather than lose silently */
-			return;
-		}
+		if (!v)
+			return false;
 		c->overflow = v;
 		c->overflow_cap = cap;
 	}
-	c->overflow[c->n_overflow++] = q;
+	c->overflow[c->n_overflow++] = (struct moe_cqe){tag, status, epoch};
+	flush_locked(c);
+	return true;
+}
+
+void srv_flush_cq(struct client *c)
+{
+	bool ok;
+
+	if (!c->attached || c->dead)
+		return;
+	pthread_mutex_lock(&c->cq_lock);
+	ok = flush_locked(c);
+	pthread_mutex_unlock(&c->cq_lock);
+	if (!ok) {
+		moe_log(LOG_WARNING, "client %u (pid %d): completion ring head is corrupt; "
+			"dropping it", c->id, (int)c->pid);
+		c->dead = true;
+	}
+}
+
+/* The status every request of a batch gets from the engine's return. */
+int srv_batch_status(int ret)
+{
+	return !ret ? 0 : ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
+}
+
+/* On the worker, as soon as a batch ends: each request's completion goes
+ * into its client's ring, and each client that got one a doorbell, now
+ * rather than once the loop has woken and collected the batch. Counts and
+ * references stay the loop's (batch_done). A session dropped meanwhile
+ * (gone) gets nothing; a request whose completion cannot be queued (no
+ * memory) is left to the loop, which drops that client. */
+void srv_post_batch(struct work *b, int status, uint32_t epoch)
+{
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct request *r = b->reqs[i];
+		struct client *c = r->c;
+
+		pthread_mutex_lock(&c->cq_lock);
+		if (!c->gone)
+			r->posted = post_locked(c, r->tag, status, epoch);
+		pthread_mutex_unlock(&c->cq_lock);
+	}
+	for (uint32_t i = 0; i < b->n; i++) {
+		struct client *c = b->reqs[i]->c;
+
+		pthread_mutex_lock(&c->cq_lock);
+		if (c->notify && !c->gone) {
+			/* never blocks; EAGAIN: a doorbell is pending anyway */
+			srv_send_msg(c->fd, MOE_MSG_DOORBELL, NULL, 0, -1);
+			c->notify = false;
+		}
+		pthread_mutex_unlock(&c->cq_lock);
+	}
+}
+
+/* epoch: the id of the epoch the request ran on, 0 if it did not run.
+ * posted: the worker queued its completion already; only count it. */
+static void complete(struct server *s, struct client *c, uint64_t tag, int status, uint32_t epoch,
+		     bool posted)
+{
+	bool ok = true;
+
+	if (!posted) {
+		pthread_mutex_lock(&c->cq_lock);
+		ok = post_locked(c, tag, status, epoch);
+		pthread_mutex_unlock(&c->cq_lock);
+	}
+	if (!ok) {
+		c->dead = true; /* cannot answer: drop rather than lose silently */
+		return;
+	}
 	if (status) {
 		c->errors++;
 		s->errors++;
@@ -78,7 +146,7 @@ void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch)
 	else if (status == 0)
 		s->completed++;
 	if (!c->gone)
-		complete(s, c, r->tag, status, epoch);
+		complete(s, c, r->tag, status, epoch, r->posted);
 	free(r);
 }
 
@@ -160,17 +228,19 @@ void srv_poll_sq(struct server *s, struct client *c)
 			complete(s, c, q.tag,
 				 st	  ? st
 				 : refuse ? (s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN)
-					  : 0, 0);
+					  : 0, 0, false);
 			continue;
 		}
 		r = calloc(1, sizeof(*r));
 		if (!r) {
-			complete(s, c, q.tag, MOE_ENOMEM, 0);
+			complete(s, c, q.tag, MOE_ENOMEM, 0, false);
 			continue;
 		}
 		timeout = q.timeout_ms ? q.timeout_ms : s->o.request_timeout_ms;
-		*r = (struct request){c, q.tag, q.layer, q.n_tokens, (enum moe_dtype)q.dtype,
-				      q.in_off, q.out_off, 0, srv_now_ns(), NULL};
+		*r = (struct request){.c = c, .tag = q.tag, .layer = q.layer,
+				      .n_tokens = q.n_tokens, .dtype = (enum moe_dtype)q.dtype,
+				      .in_off = q.in_off, .out_off = q.out_off,
+				      .queued_ns = srv_now_ns()};
 		if (timeout)
 			r->deadline_ns = r->queued_ns + timeout * 1000000ull;
 		enqueue(s, c, r);
@@ -330,15 +400,21 @@ void srv_submit_batch(struct server *s)
 		return;
 	for (int i = 0; i < 2; i++) {
 		struct work *x = &s->batch[i];
+		bool waiting;
 
 		if (!x->n)
 			continue;
 		/* posted: top it up while the worker has not started it */
 		pthread_mutex_lock(&s->w.lock);
-		if (!x->started)
+		waiting = !x->started;
+		if (waiting) {
 			fill_batch(s, x);
+			/* what did not fit goes in the next batch, formed
+			 * when the worker starts this one: it says when */
+			s->w.want_start = s->queued != 0;
+		}
 		pthread_mutex_unlock(&s->w.lock);
-		if (!x->started)
+		if (waiting)
 			return; /* the one waiting: nothing else goes before it starts */
 	}
 	b = !s->batch[0].n ? &s->batch[0] : !s->batch[1].n ? &s->batch[1] : NULL;
@@ -362,7 +438,7 @@ void srv_submit_batch(struct server *s)
  * status MOE_EXIT_DEVICE_LOST so that systemd restarts it (crash-only). */
 static void batch_done(struct server *s, struct work *b)
 {
-	int status = !b->ret ? 0 : b->ret == -ENOTRECOVERABLE ? MOE_EDEVICE : MOE_EINTERNAL;
+	int status = srv_batch_status(b->ret);
 
 	if (b->ret == -ENOTRECOVERABLE && !s->lost) {
 		moe_log(LOG_CRIT, "device lost: %s; answering %u in-flight requests with an error "
@@ -409,6 +485,28 @@ void srv_collect(struct server *s)
 			break;
 		}
 	}
+}
+
+/* Brings the loop's counts up to every completion a client can have seen:
+ * the worker posts a batch's completions before it hands the batch back,
+ * so a client can see its result, then ask for status (or drain) before
+ * the loop has counted that batch. Waits out a hand-back in progress (a
+ * few instructions: the worker computes nothing between the two) and
+ * collects. True if a batch was collected. */
+bool srv_settle(struct server *s)
+{
+	bool any;
+
+	if (!s->w.started)
+		return false;
+	while (atomic_load(&s->w.handing_back))
+		sched_yield();
+	pthread_mutex_lock(&s->w.lock);
+	any = s->w.done != NULL;
+	pthread_mutex_unlock(&s->w.lock);
+	if (any)
+		srv_collect(s);
+	return any;
 }
 
 void srv_expire(struct server *s)

@@ -212,24 +212,32 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 	/* Stopping waits for the batches the worker holds: their requests are
 	 * answered as they come back, never abandoned mid-write. */
 	while (!s.stopping || s.batches_out) {
-		/* don't block while a batch could be handed to an idle slot */
-		bool ready = s.queued && s.batches_out < 2 && !s.stopping;
-		int n = epoll_wait(s.epfd, evs, 64, ready ? 0 : -1);
+		/* Blocks whatever is queued: a batch slot frees when the
+		 * worker hands a batch back, and the waiting batch starts when
+		 * the worker says so (want_start), both through the eventfd. */
+		int n = epoll_wait(s.epfd, evs, 64, -1);
 
 		s.loops++;
+		/* Finished batches first: their completions are already in the
+		 * clients' rings (the worker posts them), so a message a client
+		 * sends after seeing one (status, drain) must find the loop's
+		 * counts already past that batch. */
+		for (int i = 0; i < n; i++)
+			if (evs[i].data.ptr == &s.w.efd)
+				srv_collect(&s);
 		for (int i = 0; i < n; i++) {
 			void *p = evs[i].data.ptr;
 			uint64_t ticks;
 
-			if (p == &s.lfd) {
+			if (p == &s.w.efd) {
+				/* (collected above) */
+			} else if (p == &s.lfd) {
 				srv_accept_clients(&s);
 			} else if (p == &s.sfd) {
 				on_signal(&s);
 			} else if (p == &s.tfd) {
 				if (read(s.tfd, &ticks, sizeof(ticks)) > 0)
 					tick(&s);
-			} else if (p == &s.w.efd) {
-				srv_collect(&s);
 			} else if (p == &s.jobs_efd) {
 				srv_jobs_collect(&s);
 			} else {
@@ -243,9 +251,10 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		}
 		reap_dead(&s);
 		srv_poll_rings(&s);
-		if (s.queued && s.batches_out < 2 && !s.stopping) {
+		if (s.queued && !s.stopping) {
 			/* a request whose deadline passed before it is handed
-			 * to the worker is answered, not run */
+			 * to the worker is answered, not run; with both batch
+			 * slots taken this tops up the one not yet started */
 			srv_expire(&s);
 			srv_submit_batch(&s);
 		}

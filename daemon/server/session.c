@@ -29,9 +29,13 @@ void srv_drop_client(struct server *s, struct client *c)
 	}
 	c->queue_tail = NULL;
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	/* the worker may be ringing its doorbell: gone and the socket change
+	 * together under cq_lock */
+	pthread_mutex_lock(&c->cq_lock);
 	close(c->fd);
 	c->fd = -1;
 	c->gone = true;
+	pthread_mutex_unlock(&c->cq_lock);
 	c->dead = true;
 	if (c->pin_failed)
 		s->unpinned--;
@@ -68,6 +72,7 @@ void srv_client_put(struct server *s, struct client *c)
 		} /* else: leaked rather than unpinned off the worker */
 	}
 	free(c->overflow);
+	pthread_mutex_destroy(&c->cq_lock);
 	free(c);
 }
 
@@ -112,6 +117,7 @@ void srv_accept_clients(struct server *s)
 			continue;
 		}
 		c->fd = fd;
+		pthread_mutex_init(&c->cq_lock, NULL);
 		c->refs = 1; /* the session's */
 		c->id = ++s->next_id;
 		c->accepted_ns = srv_now_ns();
@@ -125,6 +131,7 @@ void srv_accept_clients(struct server *s)
 		ev.data.ptr = c;
 		if (epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
 			close(fd);
+			pthread_mutex_destroy(&c->cq_lock);
 			free(c);
 			continue;
 		}

@@ -133,6 +133,11 @@ static int status_snapshot(struct server *s)
 	char *json;
 	int fd;
 
+	/* counts past every completion the asking client can have seen */
+	if (srv_settle(s) && s->status_fd >= 0) {
+		close(s->status_fd);
+		s->status_fd = -1;
+	}
 	if (s->status_fd >= 0) /* built in this iteration (closed at its end) */
 		return s->status_fd;
 	json = status_json(s);

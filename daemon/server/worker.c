@@ -3,7 +3,10 @@
  * The serving loop hands it work (a batch to run, a client region to pin
  * or to release) through a FIFO under a mutex; the worker runs each item
  * in order and hands it back on a second FIFO, then writes the eventfd the
- * loop polls. FIFO order is what makes a region's release safe: it is
+ * loop polls. A batch's completions do not wait for that: the worker puts
+ * them in the clients' rings and rings their doorbells as soon as the
+ * batch ends (srv_post_batch, under each client's cq_lock); the loop only
+ * counts them and drops the references when it collects the batch. FIFO order is what makes a region's release safe: it is
  * posted once no batch holds the client (internal.h), and even a pin still
  * queued for that region runs before it.
  *
@@ -39,6 +42,9 @@ static void run_batch(struct worker *w, struct work *b)
 	b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
 	moe_epoch_release(ep);
 	b->device_ms = moe_engine_last_device_ms(w->e);
+	/* the results are in the clients' regions: tell them now */
+	atomic_store(&w->handing_back, true);
+	srv_post_batch(b, srv_batch_status(b->ret), b->epoch);
 }
 
 static void run(struct worker *w, struct work *x)
@@ -76,6 +82,12 @@ static void *worker_main(void *arg)
 			break; /* stopping, and nothing left to run */
 		x = w->todo;
 		x->started = true;
+		if (w->want_start && x->kind == WORK_BATCH) {
+			w->want_start = false;
+			if (write(w->efd, &one, sizeof(one)) < 0) {
+				/* cannot fail, see below */
+			}
+		}
 		w->todo = x->next;
 		if (!w->todo)
 			w->todo_tail = NULL;
@@ -92,6 +104,7 @@ static void *worker_main(void *arg)
 		else
 			w->done = x;
 		w->done_tail = x;
+		atomic_store(&w->handing_back, false);
 		if (write(w->efd, &one, sizeof(one)) < 0) {
 			/* cannot fail: the counter is read before it nears 2^64 */
 		}
@@ -104,6 +117,7 @@ int srv_worker_start(struct worker *w, struct moe_engine *e, uint32_t stall_ms)
 {
 	*w = (struct worker){.e = e, .stall_ms = stall_ms, .efd = -1};
 	atomic_init(&w->beat_ns, 0);
+	atomic_init(&w->handing_back, false);
 	w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (w->efd < 0)
 		return -errno;
