@@ -6,9 +6,14 @@
  * loop polls. A batch's completions do not wait for that: the worker puts
  * them in the clients' rings and rings their doorbells as soon as the
  * batch ends (srv_post_batch, under each client's cq_lock); the loop only
- * counts them and drops the references when it collects the batch. FIFO order is what makes a region's release safe: it is
- * posted once no batch holds the client (internal.h), and even a pin still
- * queued for that region runs before it.
+ * counts them and drops the references when it collects the batch. The
+ * worker also writes the eventfd when it starts a batch the loop asked
+ * about (want_start: requests are left that only a later batch can take),
+ * so that the loop can block in epoll whatever is queued.
+ *
+ * FIFO order is what makes a region's release safe: it is posted once no
+ * batch holds the client (internal.h), and even a pin still queued for
+ * that region runs before it.
  *
  * Ownership (see also docs/ARCHITECTURE.md):
  *  - A work item belongs to the loop until srv_worker_post, to the worker
