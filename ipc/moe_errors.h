@@ -12,7 +12,7 @@ enum moe_error {
 	MOE_OK = 0,
 	MOE_EINVAL = -1,     /* invalid argument or field */
 	MOE_ENOLAYER = -2,   /* the layer is not an MoE layer of the model */
-	MOE_E2BIG = -3,	     /* more tokens than max_batch_tokens */
+	MOE_E2BIG = -3,	     /* more tokens than a request may have */
 	MOE_ERANGE = -4,     /* buffer outside the shared data area */
 	MOE_ETIMEDOUT = -5,  /* the request's deadline passed before it ran */
 	MOE_ECANCELED = -6,  /* cancelled before it ran */

@@ -7,7 +7,7 @@ static const char *const messages[] = {
 	[0] = "success",
 	[1] = "invalid argument",
 	[2] = "not an MoE layer of this model",
-	[3] = "more tokens than max_batch_tokens",
+	[3] = "more tokens than a request may have (the client's max_inflight_tokens)",
 	[4] = "buffer outside the shared data area",
 	[5] = "deadline passed before the request ran",
 	[6] = "request cancelled",
@@ -236,7 +236,7 @@ int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l)
 {
 	uint64_t bytes;
 
-	if (q->flags & ~MOE_SQE_FLAGS || q->reserved)
+	if (q->flags & ~MOE_SQE_FLAGS || (!(q->flags & MOE_SQE_ROUTING) && q->route_off))
 		return MOE_EINVAL;
 	if (q->flags & MOE_SQE_NOP)
 		return 0;
@@ -258,7 +258,15 @@ int moe_sqe_validate(const struct moe_sqe *q, const struct moe_sqe_limits *l)
 	 * the element size would be a misaligned access */
 	if ((q->in_off | q->out_off) & (q->dtype == MOE_WIRE_F32 ? 3u : 1u))
 		return MOE_EINVAL;
-	if (q->n_tokens > l->max_inflight_tokens)
-		return MOE_EBUSY;
+	if (q->flags & MOE_SQE_ROUTING) {
+		/* < 2^32 * 2^32 * 8 would not fit: bound top_k first */
+		if (l->top_k > 1024)
+			return MOE_EINVAL;
+		bytes = (uint64_t)q->n_tokens * l->top_k * 8u;
+		if (!moe_span_ok(q->route_off, bytes, l->data_bytes))
+			return MOE_ERANGE;
+		if (q->route_off & 3u)
+			return MOE_EINVAL;
+	}
 	return 0;
 }

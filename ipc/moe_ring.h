@@ -31,7 +31,10 @@
 
 /* sqe.flags */
 #define MOE_SQE_NOP	0x1 /* no work: completes at once (ping) */
-#define MOE_SQE_FLAGS	0x1 /* every known flag */
+#define MOE_SQE_ROUTING 0x2 /* also write each token's routing at route_off:
+			       u32 expert ids [n_tokens, top_k] (best first),
+			       then f32 weights [n_tokens, top_k] */
+#define MOE_SQE_FLAGS	0x3 /* every known flag */
 
 struct moe_sqe {
 	uint64_t tag;	   /* the client's, echoed in the cqe */
@@ -42,7 +45,8 @@ struct moe_sqe {
 	uint16_t dtype;	   /* enum moe_wire_dtype of in and out */
 	uint16_t flags;
 	uint32_t timeout_ms; /* 0: the daemon's default deadline */
-	uint64_t reserved;
+	uint64_t route_off; /* with MOE_SQE_ROUTING: 4-aligned offset into the
+			       data area (8 * n_tokens * top_k bytes); else 0 */
 };
 
 struct moe_cqe {
@@ -76,7 +80,8 @@ int moe_shm_layout(uint32_t sq_entries, uint32_t cq_entries, uint64_t region_byt
 struct moe_sqe_limits {
 	uint32_t hidden;	     /* elements per token */
 	uint64_t data_bytes;	     /* size of the client's data area */
-	uint32_t max_tokens;	     /* per request */
+	uint32_t max_tokens;	     /* per request (larger than a batch: split) */
+	uint32_t top_k;		     /* routing entries per token */
 	uint32_t max_inflight_tokens; /* per client */
 	uint32_t n_layers;	     /* decoder layers */
 	const uint8_t *is_moe;	     /* [n_layers]: 1 for an MoE layer */

@@ -356,7 +356,7 @@ static void graphs_on(enum moe_family fam, const char *gemm, const char *graphs,
 				in[nseg] = malloc(cnt * 4), out[nseg] = malloc(cnt * 4);
 				moe_cpu_from_f32(dt, x + (size_t)t0 * H, in[nseg], cnt);
 				moe_cpu_to_f32(dt, in[nseg], x + (size_t)t0 * H, cnt);
-				segs[nseg] = (struct moe_seg){in[nseg], out[nseg], dt, len};
+				segs[nseg] = (struct moe_seg){in[nseg], out[nseg], dt, len, NULL, NULL};
 				t0 += len, nseg++;
 			}
 			fwd_ok(ec, L, MOE_DT_F32, x, yc, n, NULL, NULL);
@@ -434,7 +434,7 @@ static void segments_on(const char *dir)
 		in[i] = malloc(cnt * sz), out[i] = malloc(cnt * sz), ref[i] = malloc(cnt * sz);
 		moe_cpu_from_f32(dts[i], v, in[i], cnt);
 		free(v);
-		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i]};
+		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i], NULL, NULL};
 		n += lens[i];
 		fwd_ok(e, m->layers[0].index, dts[i], in[i], ref[i], lens[i], NULL, NULL);
 	}

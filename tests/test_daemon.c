@@ -398,8 +398,8 @@ static void test_errors(void **state)
 		struct moe_sqe q;
 		int want;
 		const char *what;
-	} cases[16];
-	struct moe_cqe cq[16];
+	} cases[24];
+	struct moe_cqe cq[24];
 	int n = 0;
 
 	(void)state;
@@ -408,7 +408,7 @@ static void test_errors(void **state)
 	assert_int_equal(moe_forward(c, 1, MOE_DTYPE_F32, in, out, 1), MOE_ENOLAYER);
 	assert_int_equal(moe_forward(c, 3, MOE_DTYPE_F32, in, out, 1), MOE_ENOLAYER);
 	assert_int_equal(moe_forward(c, 0, (moe_dtype)7, in, out, 1), MOE_EDTYPE);
-	assert_int_equal(moe_forward(c, 0, MOE_DTYPE_F32, in, out, 4097), MOE_E2BIG);
+	assert_int_equal(moe_forward(c, 0, MOE_DTYPE_F32, in, out, 65537), MOE_E2BIG);
 	assert_int_equal(moe_forward(c, 0, MOE_DTYPE_F32, in, out, 0), 0);
 	buf = moe_buf_alloc(c, 88 * 4);
 	assert_non_null(buf);
@@ -430,12 +430,12 @@ static void test_errors(void **state)
 	moe_buf_free(c, buf);
 
 	/* the daemon's checks, through a raw client (the library would refuse) */
-	r = raw_attach(d, 1 << 20, 16);
+	r = raw_attach(d, 1 << 20, 32);
 #define CASE(tag_, layer_, n_, in_, out_, dt_, flags_, res_, want_, what_)                       \
 	do {                                                                                     \
 		cases[n].q = sqe(tag_, layer_, n_, in_, out_, dt_);                              \
 		cases[n].q.flags = flags_;                                                       \
-		cases[n].q.reserved = res_;                                                      \
+		cases[n].q.route_off = res_;                                                      \
 		cases[n].want = want_;                                                           \
 		cases[n].what = what_;                                                           \
 		n++;                                                                             \
@@ -443,7 +443,7 @@ static void test_errors(void **state)
 	CASE(100, 1, 1, 0, 4096, 0, 0, 0, MOE_ENOLAYER, "dense layer 1");
 	CASE(101, 3, 1, 0, 4096, 0, 0, 0, MOE_ENOLAYER, "layer 3 (past the model)");
 	CASE(102, 0xffffffffu, 1, 0, 4096, 0, 0, 0, MOE_ENOLAYER, "layer 2^32-1");
-	CASE(103, 0, 4097, 0, 0, 0, 0, 0, MOE_E2BIG, "4097 tokens");
+	CASE(103, 0, 65537, 0, 0, 0, 0, 0, MOE_E2BIG, "65537 tokens (max_inflight_tokens 65536)");
 	CASE(104, 0, 0xffffffffu, 0, 0, 0, 0, 0, MOE_E2BIG, "2^32-1 tokens");
 	CASE(105, 0, 0, 0, 4096, 0, 0, 0, MOE_EINVAL, "0 tokens");
 	CASE(106, 0, 1, r->data_bytes - 64, 0, 0, 0, 0, MOE_ERANGE, "input past the area");
@@ -452,8 +452,13 @@ static void test_errors(void **state)
 	CASE(109, 0, 4000, 0, 0, 0, 0, 0, MOE_ERANGE, "4000 tokens: more than the area");
 	CASE(110, 0, 1, 0, 4096, 3, 0, 0, MOE_EDTYPE, "dtype 3");
 	CASE(111, 0, 1, 0, 4096, 0xffff, 0, 0, MOE_EDTYPE, "dtype 0xffff");
-	CASE(112, 0, 1, 0, 4096, 0, 0x2, 0, MOE_EINVAL, "unknown flag");
-	CASE(113, 0, 1, 0, 4096, 0, 0, 1, MOE_EINVAL, "nonzero reserved");
+	CASE(112, 0, 1, 0, 4096, 0, 0x4, 0, MOE_EINVAL, "unknown flag");
+	CASE(113, 0, 1, 0, 4096, 0, 0, 1, MOE_EINVAL, "route_off without MOE_SQE_ROUTING");
+	CASE(116, 0, 1, 0, 4096, 0, MOE_SQE_ROUTING, r->data_bytes - 8, MOE_ERANGE,
+	     "routing span past the area");
+	CASE(117, 0, 1, 0, 4096, 0, MOE_SQE_ROUTING, UINT64_MAX - 4, MOE_ERANGE,
+	     "routing offset that overflows");
+	CASE(118, 0, 1, 0, 4096, 0, MOE_SQE_ROUTING, 8194, MOE_EINVAL, "misaligned routing span");
 	CASE(114, 0, 1, 0, 4096, 0, MOE_SQE_NOP | 0x8000, 0, MOE_EINVAL, "NOP + unknown flag");
 	CASE(115, 12345, 0, 0, 0, 77, MOE_SQE_NOP, 0, 0, "NOP (other fields ignored)");
 #undef CASE
@@ -1683,7 +1688,8 @@ static void test_limits(void **state)
 	}
 	/* a raw client ignoring max_inflight_requests and max_inflight_tokens:
 	 * the daemon takes 2 x 40 tokens at a time, the rest wait in the ring;
-	 * all complete, correctly; one over the token limit is refused */
+	 * all complete, correctly; one larger than the whole token limit is
+	 * refused MOE_E2BIG (it could never run) */
 	{
 		size_t bytes = (size_t)40 * g_H * 4;
 		struct moe_cqe cq[13];
@@ -1706,7 +1712,7 @@ static void test_limits(void **state)
 			int k = (int)(cq[i].tag - 200);
 
 			if (cq[i].tag == 199) {
-				assert_int_equal(cq[i].status, MOE_EBUSY);
+				assert_int_equal(cq[i].status, MOE_E2BIG);
 				continue;
 			}
 			assert_true(k >= 0 && k < 12);

@@ -510,10 +510,10 @@ static void test_forward_errors(void **state)
 	struct moe_batch big = {0, 5, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
 	struct moe_batch none = {99, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
 	struct moe_batch bad = {0, 1, (enum moe_dtype)7, x, y, NULL, NULL, 0, NULL};
-	struct moe_seg segs[2] = {{x, y, MOE_DT_F32, 2}, {x, y, MOE_DT_F32, 0}};
+	struct moe_seg segs[2] = {{x, y, MOE_DT_F32, 2, NULL, NULL}, {x, y, MOE_DT_F32, 0, NULL, NULL}};
 	struct moe_batch sum = {.layer = 0, .n_tokens = 3, .n_segs = 1, .segs = segs};
 	struct moe_batch empty = {.layer = 0, .n_tokens = 2, .n_segs = 2, .segs = segs};
-	struct moe_seg bad_dt = {x, y, (enum moe_dtype)9, 1};
+	struct moe_seg bad_dt = {x, y, (enum moe_dtype)9, 1, NULL, NULL};
 	struct moe_batch bad_seg = {.layer = 0, .n_tokens = 1, .n_segs = 1, .segs = &bad_dt};
 
 	assert_int_equal(moe_engine_forward(e, ep, &dense, err), -EINVAL);
@@ -566,7 +566,7 @@ static void test_segments(void **state)
 		moe_cpu_from_f32(dts[i], v, in[i], cnt);
 		free(v);
 		memset(out[i], 0xa5, cnt * sz);
-		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i]};
+		segs[i] = (struct moe_seg){in[i], out[i], dts[i], lens[i], NULL, NULL};
 		n += lens[i];
 		forward(e, 0, dts[i], in[i], ref[i], lens[i], NULL, NULL);
 	}

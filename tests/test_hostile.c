@@ -765,7 +765,7 @@ static void test_bad_entries(void **state)
 
 	(void)state;
 	q[11].flags = 0x80;
-	q[12].reserved = 1;
+	q[12].route_off = 1; /* without MOE_SQE_ROUTING */
 	for (size_t i = 0; i < sizeof(q) / sizeof(q[0]); i++)
 		raw_push(r, &q[i]);
 	raw_doorbell(r);

@@ -64,6 +64,10 @@ struct moe_seg {
 	void *out;	/* [n_tokens, H] */
 	enum moe_dtype dtype;
 	uint32_t n_tokens;
+	/* optional [n_tokens, K] each: the experts each token was routed to,
+	 * best first, and their routing weights (written by the engine) */
+	uint32_t *topk_ids;
+	float *topk_weights;
 };
 
 /* One batch of one layer for a device backend. */

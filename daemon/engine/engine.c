@@ -97,6 +97,22 @@ static void *ws(struct moe_engine *e, size_t bytes, bool zero)
 	return zero ? calloc(1, bytes ? bytes : 1) : malloc(bytes ? bytes : 1);
 }
 
+/* Whether every value of x survives a round trip through dtype. */
+static bool representable(enum moe_dtype dtype, const float *x, size_t n)
+{
+	float tmp[256];
+
+	for (size_t i = 0; i < n; i += 256) {
+		size_t k = n - i < 256 ? n - i : 256;
+
+		memcpy(tmp, x + i, k * sizeof(float));
+		moe_cpu_round(dtype, tmp, k);
+		if (memcmp(tmp, x + i, k * sizeof(float)))
+			return false;
+	}
+	return true;
+}
+
 static int alloc_workspaces(struct moe_engine *e)
 {
 	const struct moe_model *m = e->m;
@@ -104,14 +120,16 @@ static int alloc_workspaces(struct moe_engine *e)
 	size_t T = e->max_tokens, C = e->chunk;
 
 	e->expert_tokens = ws(e, (size_t)m->n_moe_layers * E * sizeof(*e->expert_tokens), true);
+	/* the batch's routing: the CPU's own, a device's copy when asked */
+	e->ids = ws(e, T * K * sizeof(uint32_t), false);
+	e->w = ws(e, T * K * sizeof(float), false);
 	if (e->device) {
 		e->slot_tab = ws(e, E * sizeof(*e->slot_tab), true);
 		e->ecount = ws(e, E * sizeof(*e->ecount), true);
-		return e->sizing || (e->expert_tokens && e->slot_tab && e->ecount) ? 0 : -ENOMEM;
+		return e->sizing || (e->expert_tokens && e->slot_tab && e->ecount && e->ids &&
+				     e->w) ? 0 : -ENOMEM;
 	}
 	e->x = ws(e, T * H * sizeof(float), false);
-	e->ids = ws(e, T * K * sizeof(uint32_t), false);
-	e->w = ws(e, T * K * sizeof(float), false);
 	e->count = ws(e, E * sizeof(uint32_t), true);
 	e->off = ws(e, (E + 1) * sizeof(uint32_t), true);
 	e->pos = ws(e, ck * sizeof(uint32_t), false);
@@ -163,6 +181,21 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
 	e->weight_bytes += (size_t)m->n_experts * m->hidden * sizeof(float);
 	ret = moe_model_read_f32(m, &d->router, ls->router, err);
+	/* Outside DeepSeek the router is an nn.Linear of the model's dtype:
+	 * transformers casts a router stored in another dtype to it on load.
+	 * DeepSeek's stays as stored (F32 or bf16), its logits computed in
+	 * F32. */
+	if (!ret && !m->router_fp32)
+		moe_cpu_round(m->dtype, ls->router, (size_t)m->n_experts * m->hidden);
+	if (!ret && e->device && m->router_fp32 && d->router.dtype != m->dtype &&
+	    !representable(m->dtype, ls->router, (size_t)m->n_experts * m->hidden))
+		ret = moe_err(err, -ENOTSUP,
+			      "layer %u: the router '%s' holds %s values that %s cannot "
+			      "represent, and the GPU backend computes the router in the "
+			      "model's dtype (an F32 router GEMM is not written yet); serve "
+			      "this checkpoint with devices: cpu",
+			      d->index, d->router.at.t->name, moe_dtype_name(d->router.dtype),
+			      moe_dtype_name(m->dtype));
 	if (!ret && d->has_bias) {
 		ls->bias = malloc(m->n_experts * sizeof(float));
 		ret = ls->bias ? moe_model_read_f32(m, &d->bias, ls->bias, err)
@@ -489,6 +522,36 @@ static void combine(struct moe_engine *e, const struct moe_seg *segs, uint32_t c
 	}
 }
 
+static bool wants_routing(const struct moe_seg *segs, uint32_t n_segs)
+{
+	for (uint32_t i = 0; i < n_segs; i++)
+		if (segs[i].topk_ids || segs[i].topk_weights)
+			return true;
+	return false;
+}
+
+/* The batch's routing (e->ids, e->w) to the segments that asked for it,
+ * and to the batch's own buffers if it has them. */
+static void scatter_routing(struct moe_engine *e, const struct moe_batch *b,
+			    const struct moe_seg *segs, uint32_t n_segs)
+{
+	size_t K = e->m->top_k, t0 = 0;
+
+	for (uint32_t i = 0; i < n_segs; i++) {
+		size_t n = (size_t)segs[i].n_tokens * K;
+
+		if (segs[i].topk_ids)
+			memcpy(segs[i].topk_ids, e->ids + t0 * K, n * sizeof(uint32_t));
+		if (segs[i].topk_weights)
+			memcpy(segs[i].topk_weights, e->w + t0 * K, n * sizeof(float));
+		t0 += segs[i].n_tokens;
+	}
+	if (b->topk_ids)
+		memcpy(b->topk_ids, e->ids, t0 * K * sizeof(uint32_t));
+	if (b->topk_weights)
+		memcpy(b->topk_weights, e->w, t0 * K * sizeof(float));
+}
+
 /* The whole batch on a device backend. */
 static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			  const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
@@ -496,8 +559,10 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 {
 	const struct moe_model *m = e->m;
 	struct moe_rank *r = &e->ranks[0];
-	struct moe_fwd f = {b->n_tokens, n_segs, segs, e->slot_tab, b->topk_ids, b->topk_weights,
-			    e->ecount, -1.0f, -1.0f};
+	bool seg_routing = wants_routing(segs, n_segs);
+	struct moe_fwd f = {b->n_tokens, n_segs, segs, e->slot_tab,
+			    seg_routing ? e->ids : b->topk_ids,
+			    seg_routing ? e->w : b->topk_weights, e->ecount, -1.0f, -1.0f};
 	int ret;
 
 	for (uint32_t x = 0; x < m->n_experts; x++) {
@@ -509,6 +574,8 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	ret = r->ops->forward(r, m, &e->ls[l], &f, err);
 	if (ret)
 		return ret;
+	if (seg_routing)
+		scatter_routing(e, b, segs, n_segs);
 	e->last_ms = f.device_ms;
 	e->last_kernel_ms = f.kernel_ms;
 	for (uint32_t x = 0; x < m->n_experts; x++)
@@ -547,10 +614,8 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	for (size_t i = 0; i < (size_t)n * K; i++)
 		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + e->ids[i]],
 					  1, memory_order_relaxed);
-	if (b->topk_ids)
-		memcpy(b->topk_ids, e->ids, (size_t)n * K * sizeof(uint32_t));
-	if (b->topk_weights)
-		memcpy(b->topk_weights, e->w, (size_t)n * K * sizeof(float));
+	if (b->topk_ids || b->topk_weights || wants_routing(segs, n_segs))
+		scatter_routing(e, b, segs, n_segs);
 
 	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
 		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
@@ -581,7 +646,7 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 		       char *err)
 {
 	int l = moe_model_layer_pos(e->m, b->layer);
-	struct moe_seg one = {b->in, b->out, b->dtype, b->n_tokens};
+	struct moe_seg one = {b->in, b->out, b->dtype, b->n_tokens, NULL, NULL};
 	const struct moe_seg *segs = b->n_segs ? b->segs : &one;
 	uint32_t n_segs = b->n_segs ? b->n_segs : 1;
 	uint64_t sum = 0;

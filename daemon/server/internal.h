@@ -71,6 +71,8 @@ struct request {
 	uint32_t layer, n_tokens;
 	enum moe_dtype dtype;
 	uint64_t in_off, out_off;
+	bool routing;	    /* MOE_SQE_ROUTING: also write its routing at route_off */
+	uint64_t route_off;
 	uint64_t deadline_ns; /* 0: none */
 	uint64_t queued_ns;
 	bool posted; /* its completion is in the client's ring or overflow

@@ -173,7 +173,10 @@ static int check_sqe(struct server *s, struct client *c, const struct moe_sqe *q
 	struct moe_sqe_limits l = {
 		.hidden = s->m->hidden,
 		.data_bytes = c->data_bytes,
-		.max_tokens = moe_engine_max_tokens(s->e),
+		/* a request larger than a batch is split (the worker);
+		 * one larger than the client's whole budget never fits */
+		.max_tokens = s->o.max_inflight_tokens,
+		.top_k = s->m->top_k,
 		.max_inflight_tokens = s->o.max_inflight_tokens,
 		.n_layers = s->m->n_layers,
 		.is_moe = s->is_moe,
@@ -240,7 +243,8 @@ void srv_poll_sq(struct server *s, struct client *c)
 		*r = (struct request){.c = c, .tag = q.tag, .layer = q.layer,
 				      .n_tokens = q.n_tokens, .dtype = (enum moe_dtype)q.dtype,
 				      .in_off = q.in_off, .out_off = q.out_off,
-				      .queued_ns = srv_now_ns()};
+				      .routing = (q.flags & MOE_SQE_ROUTING) != 0,
+				      .route_off = q.route_off, .queued_ns = srv_now_ns()};
 		if (timeout)
 			r->deadline_ns = r->queued_ns + timeout * 1000000ull;
 		enqueue(s, c, r);
@@ -363,12 +367,18 @@ static uint32_t fill_batch(struct server *s, struct work *b)
 				continue;
 			for (r = c->queue; r && r->layer != b->layer; r = r->next)
 				;
-			if (!r || b->tokens + r->n_tokens > maxt)
+			/* a request larger than a batch goes alone (the
+			 * worker runs it in pieces, under one epoch) */
+			if (!r || (b->tokens + r->n_tokens > maxt && (b->n || r->n_tokens <= maxt)))
 				continue;
 			srv_unqueue(s, c, r);
 			c->refs++;
-			b->segs[b->n] = (struct moe_seg){c->data + r->in_off, c->data + r->out_off,
-							 r->dtype, r->n_tokens};
+			b->segs[b->n] = (struct moe_seg){
+				c->data + r->in_off, c->data + r->out_off, r->dtype, r->n_tokens,
+				r->routing ? (uint32_t *)(void *)(c->data + r->route_off) : NULL,
+				r->routing ? (float *)(void *)(c->data + r->route_off +
+							       (uint64_t)r->n_tokens * s->m->top_k * 4)
+					   : NULL};
 			b->reqs[b->n++] = r;
 			b->tokens += r->n_tokens;
 			took = true;

@@ -36,17 +36,29 @@ static void tick(struct server *s)
 /* ---- setup -------------------------------------------------------------- */
 
 /* Binds the socket; a stale socket file (nobody listening) is replaced, a
- * live one is an error: two daemons must not share a path. */
+ * live one is an error: two daemons must not share a path.
+ *
+ * The path appears only once the socket listens: it is bound under a
+ * temporary name in the same directory, given its group and mode, put in
+ * the listening state, and renamed over the path (rename is atomic), so a
+ * client that waits for the file and then connects is never refused. */
 static int listen_on(const char *path, unsigned mode, const struct moe_auth_policy *auth)
 {
-	struct sockaddr_un a = {.sun_family = AF_UNIX};
-	int fd, probe;
+	struct sockaddr_un a = {.sun_family = AF_UNIX}, tmp = {.sun_family = AF_UNIX};
+	int fd, probe, n;
 
 	if (strlen(path) >= sizeof(a.sun_path)) {
 		moe_log(LOG_ERR, "%s: socket path too long", path);
 		return -1;
 	}
 	strcpy(a.sun_path, path);
+	n = snprintf(tmp.sun_path, sizeof(tmp.sun_path), "%s.%d~", path, (int)getpid());
+	if (n < 0 || (size_t)n >= sizeof(tmp.sun_path)) {
+		moe_log(LOG_ERR, "%s: socket path too long (moed binds \"PATH.PID~\" first, "
+			"then renames it: at most %zu characters)", path,
+			sizeof(tmp.sun_path) - 10);
+		return -1;
+	}
 	probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof(a)) == 0) {
 		close(probe);
@@ -55,14 +67,16 @@ static int listen_on(const char *path, unsigned mode, const struct moe_auth_poli
 	}
 	if (probe >= 0)
 		close(probe);
-	unlink(path);
+	unlink(tmp.sun_path);
 	fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) < 0 ||
-	    (auth->has_socket_gid && chown(path, (uid_t)-1, auth->socket_gid) < 0) ||
-	    chmod(path, mode) < 0 || listen(fd, 128) < 0) {
+	if (fd < 0 || bind(fd, (struct sockaddr *)&tmp, sizeof(tmp)) < 0 ||
+	    (auth->has_socket_gid && chown(tmp.sun_path, (uid_t)-1, auth->socket_gid) < 0) ||
+	    chmod(tmp.sun_path, mode) < 0 || listen(fd, 128) < 0 ||
+	    rename(tmp.sun_path, path) < 0) {
 		moe_log(LOG_ERR, "%s: %s", path, strerror(errno));
 		if (fd >= 0)
 			close(fd);
+		unlink(tmp.sun_path);
 		return -1;
 	}
 	return fd;
@@ -94,9 +108,14 @@ static int setup(struct server *s)
 		socklen_t alen = sizeof(a);
 		struct stat st;
 
-		if (getsockname(s->lfd, (struct sockaddr *)&a, &alen) == 0 &&
-		    alen > offsetof(struct sockaddr_un, sun_path) && a.sun_path[0] &&
-		    stat(a.sun_path, &st) == 0) {
+		/* (ours is bound under a temporary name, then renamed:
+		 * getsockname would name the temporary) */
+		const char *path = s->o.listen_fd < 0 ? s->o.socket_path : NULL;
+
+		if (!path && getsockname(s->lfd, (struct sockaddr *)&a, &alen) == 0 &&
+		    alen > offsetof(struct sockaddr_un, sun_path) && a.sun_path[0])
+			path = a.sun_path;
+		if (path && stat(path, &st) == 0) {
 			s->o.auth.socket_gid = st.st_gid;
 			s->o.auth.has_socket_gid = true;
 		}

@@ -33,6 +33,36 @@
 
 #include <sys/eventfd.h>
 
+#include "daemon/engine/model.h"
+#include "kernels/dtype.h"
+
+/* A request larger than max_batch_tokens, alone in its batch: run in
+ * pieces of max_batch_tokens rows, one after the other, all under the
+ * epoch the caller pinned. Rows are independent (and the CPU engine is
+ * batch-invariant), so the result is the unsplit run's; each piece reads
+ * its rows before it writes them, so in == out stays allowed. */
+static int run_pieces(struct worker *w, struct moe_epoch *ep, struct work *b)
+{
+	const struct moe_model *m = moe_engine_model(w->e);
+	const struct moe_seg *s = &b->segs[0];
+	uint32_t maxt = moe_engine_max_tokens(w->e), K = m->top_k;
+	size_t row = (size_t)m->hidden * moe_dtype_size(s->dtype);
+	int ret = 0;
+
+	for (uint32_t t0 = 0; t0 < s->n_tokens && !ret; t0 += maxt) {
+		uint32_t n = s->n_tokens - t0 < maxt ? s->n_tokens - t0 : maxt;
+		struct moe_seg part = {
+			(const char *)s->in + t0 * row, (char *)s->out + t0 * row, s->dtype, n,
+			s->topk_ids ? s->topk_ids + (size_t)t0 * K : NULL,
+			s->topk_weights ? s->topk_weights + (size_t)t0 * K : NULL};
+		struct moe_batch mb = {.layer = b->layer, .n_tokens = n, .n_segs = 1,
+				       .segs = &part};
+
+		ret = moe_engine_forward(w->e, ep, &mb, b->err);
+	}
+	return ret;
+}
+
 static void run_batch(struct worker *w, struct work *b)
 {
 	struct moe_batch mb = {.layer = b->layer, .n_tokens = b->tokens, .n_segs = b->n,
@@ -44,7 +74,10 @@ static void run_batch(struct worker *w, struct work *b)
 	/* the whole batch, and so each request in it, runs under one epoch */
 	ep = moe_epoch_acquire(w->e);
 	b->epoch = ep->id;
-	b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
+	if (b->n == 1 && b->tokens > moe_engine_max_tokens(w->e))
+		b->ret = run_pieces(w, ep, b);
+	else
+		b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
 	moe_epoch_release(ep);
 	b->device_ms = moe_engine_last_device_ms(w->e);
 	/* the results are in the clients' regions: tell them now */
