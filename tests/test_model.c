@@ -1167,11 +1167,42 @@ static void test_mixed_dtypes(void **state)
 	st_retype(dir, name, MOE_ST_F16);
 	expect_fail(dir, NULL, -EINVAL, NEEDLES(name, "mixed dtypes"));
 	free(dir);
-	/* the second layer's router in another dtype than the first's */
+	/* a router in another dtype than the experts' is read as it is (the
+	 * model's dtype is the experts'): transformers >= 5.25 writes
+	 * DeepSeek's router F32 in a bf16 model; any family may have one */
 	dir = make_tiny(MOE_FAM_OLMOE, MOE_LAYOUT_PER_EXPERT);
 	tname(MOE_FAM_OLMOE, MOE_LAYOUT_PER_EXPERT, 1, MOE_T_ROUTER, 0, name);
 	st_retype(dir, name, MOE_ST_F32);
-	expect_fail(dir, NULL, -EINVAL, NEEDLES(name, "mixed dtypes"));
+	m = open_ok(dir, NULL);
+	assert_int_equal(m->dtype, MOE_DT_BF16);
+	assert_int_equal(m->layers[1].router.dtype, MOE_DT_F32);
+	assert_int_equal(m->layers[0].router.dtype, MOE_DT_BF16);
+	moe_model_free(m);
+	free(dir);
+	for (int f = 0; f < 2; f++) {
+		enum moe_family fam = f ? MOE_FAM_DEEPSEEK_V3 : MOE_FAM_DEEPSEEK_V2;
+
+		uint32_t first;
+
+		dir = make_tiny(fam, MOE_LAYOUT_PER_EXPERT);
+		m = open_ok(dir, NULL);
+		first = m->layers[0].index;
+		moe_model_free(m);
+		tname(fam, MOE_LAYOUT_PER_EXPERT, first, MOE_T_ROUTER, 0, name);
+		st_retype(dir, name, MOE_ST_F32);
+		m = open_ok(dir, NULL);
+		assert_int_equal(m->dtype, MOE_DT_BF16);
+		assert_int_equal(m->layers[0].router.dtype, MOE_DT_F32);
+		moe_model_free(m);
+		free(dir);
+	}
+	/* the first expert tensor sets the model's dtype; a later one that
+	 * differs is named */
+	dir = make_tiny(MOE_FAM_MIXTRAL, MOE_LAYOUT_PER_EXPERT);
+	tname(MOE_FAM_MIXTRAL, MOE_LAYOUT_PER_EXPERT, 0, MOE_T_GATE, 0, name);
+	st_retype(dir, name, MOE_ST_F32);
+	tname(MOE_FAM_MIXTRAL, MOE_LAYOUT_PER_EXPERT, 0, MOE_T_UP, 0, name);
+	expect_fail(dir, NULL, -EINVAL, NEEDLES(name, "bf16", "f32", "mixed dtypes"));
 	free(dir);
 	/* the V3 bias is kept in fp32 whatever the weights are */
 	dir = make_tiny(MOE_FAM_DEEPSEEK_V3, MOE_LAYOUT_PER_EXPERT);

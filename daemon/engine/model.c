@@ -628,7 +628,25 @@ static int load_layer(struct moe_model *m, uint32_t layer, struct moe_layer_desc
 			       "'%s' and its fused form)",
 			       m->dir, layer, name);
 	}
-	/* The router's dtype is the model's dtype. */
+	/* The model's dtype is its experts' (the first expert tensor of the
+	 * first MoE layer; every other expert and shared-expert tensor must
+	 * match it). The router may hold another: transformers keeps
+	 * DeepSeek's in F32 (_keep_in_fp32_modules_strict) in a bf16 model,
+	 * and save_pretrained writes it so since 5.25; older versions, and
+	 * model.to(bfloat16), write it in bf16. Both are read as they are. */
+	if (m->n_moe_layers == 0) {
+		struct moe_ckpt_tensor at;
+
+		name_with(m->family, block, d->layout, layer,
+			  d->layout == MOE_LAYOUT_FUSED ? MOE_T_FUSED_GATE_UP : MOE_T_GATE, 0, name,
+			  sizeof(name));
+		if (moe_ckpt_find(m->ckpt, name, &at))
+			return moe_err(err, -ENOENT, "%s: tensor '%s' not found", m->dir, name);
+		if (st_to_dtype(at.t->dtype, &m->dtype))
+			return moe_err(err, -EINVAL, "%s: expert tensor '%s' has dtype %s (bf16, "
+				       "f16 or f32 supported)",
+				       m->dir, name, moe_st_dtype_name(at.t->dtype));
+	}
 	name_with(m->family, block, d->layout, layer, MOE_T_ROUTER, 0, name, sizeof(name));
 	{
 		uint64_t want[2] = {E, H};
@@ -637,11 +655,7 @@ static int load_layer(struct moe_model *m, uint32_t layer, struct moe_layer_desc
 		ret = locate(m, name, 2, want, &at, err);
 		if (ret)
 			return ret;
-		if (m->n_moe_layers == 0 && st_to_dtype(at.t->dtype, &m->dtype))
-			return moe_err(err, -EINVAL, "%s: tensor '%s' has dtype %s (bf16, f16 or "
-				       "f32 supported)",
-				       m->dir, name, moe_st_dtype_name(at.t->dtype));
-		ret = mat_at(m, &at, 0, E, H, true, &d->router, err);
+		ret = mat_at(m, &at, 0, E, H, false, &d->router, err);
 		if (ret)
 			return ret;
 	}
