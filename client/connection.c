@@ -184,18 +184,31 @@ static int open_conn(const struct moe_client *c, struct conn *k, char *err, size
 		return MOE_EINVAL;
 	}
 	strcpy(sa.sun_path, c->path);
-	k->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	if (k->sock < 0) {
+	/* A daemon that is starting has no socket file yet (ENOENT) or a
+	 * full backlog (EAGAIN); one that restarts refuses for a moment
+	 * (ECONNREFUSED): within connect_timeout_ms, try again. */
+	for (uint64_t t_end = now_ns() + (uint64_t)c->connect_timeout_ms * 1000000u;;) {
+		struct timespec nap = {0, 10 * 1000000};
+
+		k->sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+		if (k->sock < 0) {
+			e = errno;
+			set_err(err, errlen, "socket: %s", strerror(e));
+			r = MOE_EDAEMON;
+			goto err_errno;
+		}
+		if (connect(k->sock, (struct sockaddr *)&sa, sizeof(sa)) == 0)
+			break;
 		e = errno;
-		set_err(err, errlen, "socket: %s", strerror(e));
-		r = MOE_EDAEMON;
-		goto err_errno;
-	}
-	if (connect(k->sock, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
-		e = errno;
-		set_err(err, errlen, "%s: connect: %s", c->path, strerror(e));
-		r = e == EACCES || e == EPERM ? MOE_EPERM : MOE_EDAEMON;
-		goto err_errno;
+		if ((e != ENOENT && e != ECONNREFUSED && e != EAGAIN) || now_ns() >= t_end) {
+			set_err(err, errlen, "%s: connect: %s%s", c->path, strerror(e),
+				c->connect_timeout_ms ? " (retried for connect_timeout_ms)" : "");
+			r = e == EACCES || e == EPERM ? MOE_EPERM : MOE_EDAEMON;
+			goto err_errno;
+		}
+		close(k->sock);
+		k->sock = -1;
+		nanosleep(&nap, NULL);
 	}
 
 	memfd = memfd_create(c->name[0] ? c->name : "moeclient", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -418,6 +431,12 @@ MOE_API int moe_connect_opts(const char *socket_path, const moe_connect_options 
 		set_err(o->errbuf, o->errbuf_len, "queue depth or region size out of range");
 		return MOE_EINVAL;
 	}
+	for (size_t i = 0; i < sizeof(o->reserved) / sizeof(o->reserved[0]); i++) {
+		if (o->reserved[i]) {
+			set_err(o->errbuf, o->errbuf_len, "reserved option words must be zero");
+			return MOE_EINVAL;
+		}
+	}
 
 	c = calloc(1, sizeof(*c));
 	if (!c)
@@ -434,7 +453,8 @@ MOE_API int moe_connect_opts(const char *socket_path, const moe_connect_options 
 	c->depth = pow2_at_least(o->queue_depth ? o->queue_depth : DEFAULT_DEPTH);
 	c->region_bytes = o->region_bytes ? o->region_bytes : DEFAULT_REGION;
 	c->region_bytes = (c->region_bytes + (uint64_t)page - 1) & ~((uint64_t)page - 1);
-	c->auto_reconnect = o->auto_reconnect;
+	c->auto_reconnect = o->auto_reconnect != 0;
+	c->connect_timeout_ms = o->connect_timeout_ms;
 	name = o->name && *o->name ? o->name : program_invocation_short_name;
 	snprintf(c->name, sizeof(c->name), "%s", name ? name : "");
 	c->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

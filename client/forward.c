@@ -35,28 +35,28 @@ MOE_API int moe_submit(moe_client *c, uint32_t layer, moe_dtype dtype, const voi
 	return r;
 }
 
-MOE_API int moe_forward(moe_client *c, uint32_t layer, moe_dtype dtype, const void *in, void *out,
-                        uint32_t n_tokens)
+/* moe_forward and moe_forward_ex: through buffers of the data area (one
+ * for the input and the output, one for the routing when asked). */
+static int forward(moe_client *c, const moe_forward_args *a)
 {
 	struct moe_sqe e = {0};
-	void *bin = NULL, *bout = NULL;
-	uint64_t bytes, need, tag;
+	unsigned char *bin = NULL, *bout = NULL, *broute = NULL;
+	uint64_t bytes, rbytes = 0, need, tag;
+	bool routing = a->flags & MOE_FWD_ROUTING;
+	uint32_t epoch = 0;
 	int r, status = 0;
 
-	if (!c)
-		return MOE_EINVAL;
-	if (!n_tokens)
-		return 0;
-	if (!in || !out)
-		return MOE_EINVAL;
 	pthread_mutex_lock(&c->mu);
 	r = mc_enter(c);
 	if (!r)
-		r = mc_check_request(c, layer, dtype, n_tokens, &bytes);
+		r = mc_check_request(c, a->layer, (moe_dtype)a->dtype, a->n_tokens, &bytes);
 	if (r)
 		goto out_unlock;
-	need = (bytes + MOE_SHM_ALIGN - 1) / MOE_SHM_ALIGN * MOE_SHM_ALIGN;
-	if (need > c->data_bytes / 2) {
+	if (routing)
+		rbytes = (uint64_t)a->n_tokens * c->info.top_k * 8u;
+	need = (bytes + MOE_SHM_ALIGN - 1) / MOE_SHM_ALIGN * MOE_SHM_ALIGN * 2 +
+	       (rbytes + MOE_SHM_ALIGN - 1) / MOE_SHM_ALIGN * MOE_SHM_ALIGN;
+	if (need > c->data_bytes) {
 		r = MOE_ENOMEM;
 		goto out_unlock;
 	}
@@ -66,10 +66,12 @@ MOE_API int moe_forward(moe_client *c, uint32_t layer, moe_dtype dtype, const vo
 	for (;;) {
 		bin = mc_buf_alloc_locked(c, bytes);
 		bout = bin ? mc_buf_alloc_locked(c, bytes) : NULL;
-		if (bout)
+		broute = bout && routing ? mc_buf_alloc_locked(c, rbytes) : NULL;
+		if (bout && (broute || !routing))
 			break;
 		mc_buf_free_locked(c, bin);
-		bin = NULL;
+		mc_buf_free_locked(c, bout);
+		bin = bout = NULL;
 		if (c->forwards == 1) {
 			r = MOE_ENOMEM;
 			goto out_forwards;
@@ -80,29 +82,77 @@ MOE_API int moe_forward(moe_client *c, uint32_t layer, moe_dtype dtype, const vo
 		}
 		mc_wait_step(c, NO_DEADLINE);
 	}
-	memcpy(bin, in, bytes);
-	r = mc_wait_room(c, n_tokens, NO_DEADLINE);
+	memcpy(bin, a->in, bytes);
+	r = mc_wait_room(c, a->n_tokens, NO_DEADLINE);
 	if (r)
 		goto out_free;
-	e.layer = layer;
-	e.n_tokens = n_tokens;
-	e.dtype = (uint16_t)dtype;
-	e.in_off = (uint64_t)((unsigned char *)bin - c->data);
-	e.out_off = (uint64_t)((unsigned char *)bout - c->data);
+	e.layer = a->layer;
+	e.n_tokens = a->n_tokens;
+	e.dtype = (uint16_t)a->dtype;
+	e.timeout_ms = a->timeout_ms;
+	e.in_off = (uint64_t)(bin - c->data);
+	e.out_off = (uint64_t)(bout - c->data);
+	if (routing) {
+		e.flags = MOE_SQE_ROUTING;
+		e.route_off = (uint64_t)(broute - c->data);
+	}
 	mc_push(c, &e, &tag);
-	r = mc_wait_tag(c, tag, NO_DEADLINE, &status, NULL);
+	r = mc_wait_tag(c, tag, NO_DEADLINE, &status, &epoch);
 	if (!r)
 		r = status;
-	if (!r)
-		memcpy(out, bout, bytes);
+	if (!r) {
+		memcpy(a->out, bout, bytes);
+		if (routing) {
+			memcpy(a->topk_ids, broute, rbytes / 2);
+			memcpy(a->topk_weights, broute + rbytes / 2, rbytes / 2);
+		}
+		if (a->epoch)
+			*a->epoch = epoch;
+	}
 out_free:
 	mc_buf_free_locked(c, bin);
 	mc_buf_free_locked(c, bout);
+	mc_buf_free_locked(c, broute);
 out_forwards:
 	c->forwards--;
 out_unlock:
 	pthread_mutex_unlock(&c->mu);
 	return r;
+}
+
+MOE_API int moe_forward(moe_client *c, uint32_t layer, moe_dtype dtype, const void *in, void *out,
+                        uint32_t n_tokens)
+{
+	moe_forward_args a = {.size = sizeof(a), .layer = layer, .dtype = (uint32_t)dtype,
+	                      .in = in, .out = out, .n_tokens = n_tokens};
+
+	return moe_forward_ex(c, &a);
+}
+
+MOE_API int moe_forward_ex(moe_client *c, const moe_forward_args *args)
+{
+	moe_forward_args a = {0};
+
+	/* the first version's size is the smallest we know; a caller built
+	 * against a newer header than ours passes more, which we cannot honour
+	 * unless it is all zero */
+	if (!c || !args || args->size < offsetof(moe_forward_args, epoch) + sizeof(a.epoch))
+		return MOE_EINVAL;
+	if (args->size > sizeof(a)) {
+		for (size_t i = sizeof(a); i < args->size; i++)
+			if (((const unsigned char *)args)[i])
+				return MOE_EINVAL;
+	}
+	memcpy(&a, args, args->size < sizeof(a) ? args->size : sizeof(a));
+	if (a.flags & ~(uint32_t)MOE_FWD_ROUTING)
+		return MOE_EINVAL;
+	if ((a.flags & MOE_FWD_ROUTING) && (!a.topk_ids || !a.topk_weights))
+		return MOE_EINVAL;
+	if (!a.n_tokens)
+		return 0;
+	if (!a.in || !a.out)
+		return MOE_EINVAL;
+	return forward(c, &a);
 }
 
 MOE_API int moe_poll(moe_client *c, moe_completion *out, int max)

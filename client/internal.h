@@ -92,6 +92,7 @@ struct moe_client {
 	uint64_t region_bytes;
 	uint32_t depth;
 	int auto_reconnect;
+	uint32_t connect_timeout_ms; /* connect (and reconnect) retries this long */
 
 	int sock; /* -1 once closed */
 	int dead; /* connection lost: every call fails or reconnects */

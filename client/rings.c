@@ -181,8 +181,7 @@ int mc_check_request(const struct moe_client *c, uint32_t layer, moe_dtype dtype
 			break;
 	if (i == c->info.n_moe_layers)
 		return MOE_ENOLAYER;
-	if (c->info.max_batch_tokens && n_tokens > c->info.max_batch_tokens)
-		return MOE_E2BIG;
+	/* (above max_batch_tokens the daemon splits it) */
 	if (c->info.max_inflight_tokens && n_tokens > c->info.max_inflight_tokens)
 		return MOE_E2BIG;
 	row = (uint64_t)c->info.hidden * dtype_size(dtype);

@@ -43,9 +43,9 @@ install(EXPORT moeclientTargets NAMESPACE moeclient::
 configure_package_config_file(cmake/moeclientConfig.cmake.in
 	${PROJECT_BINARY_DIR}/moeclientConfig.cmake
 	INSTALL_DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moeclient)
-# SOVERSION 0: every 0.x release keeps the ABI.
+# SOVERSION 1: every 1.x release keeps the ABI.
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/moeclientConfigVersion.cmake
-	VERSION ${PROJECT_VERSION} COMPATIBILITY SameMajorVersion)
+	VERSION ${MOECLIENT_VERSION} COMPATIBILITY SameMajorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/moeclientConfig.cmake
 	${PROJECT_BINARY_DIR}/moeclientConfigVersion.cmake
 	DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moeclient)

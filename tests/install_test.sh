@@ -10,7 +10,7 @@
 #     snippets applied to an empty root directory
 #   - a program built with pkg-config against the prefix runs
 #   - the same program built with find_package(moeclient) runs
-#   - libmoeclient's SONAME is libmoeclient.so.0 and it exports only moe_*
+#   - libmoeclient's SONAME is libmoeclient.so.1 and it exports only moe_*
 #
 # Prints "N passed, N failed"; exits 1 on any failure, 77 (skipped) when
 # systemd-analyze is missing and everything else passed, else 0.
@@ -69,7 +69,7 @@ if [ "$(cache MOE_SANITIZE)" = ON ]; then
 fi
 
 # libdir as configured (lib, or lib/<multiarch> for the prefix /usr)
-lib=$(dirname "$(find "$prefix" -name 'libmoeclient.so.0' -print -quit)")
+lib=$(dirname "$(find "$prefix" -name 'libmoeclient.so.1' -print -quit)")
 [ "$lib" != . ] || lib=$prefix/lib
 units=$prefix/lib/systemd/system
 etcdir=$prefix/etc/moed
@@ -82,7 +82,7 @@ for f in bin/moed bin/moectl bin/moe-mkmodel bin/moe-load bin/moe-bench \
 	etc/moed/moe.yaml.example share/doc/moed/README.md; do
 	[ -e "$prefix/$f" ] || missing="$missing $f"
 done
-for f in libmoeclient.so libmoeclient.so.0 pkgconfig/moeclient.pc \
+for f in libmoeclient.so libmoeclient.so.1 pkgconfig/moeclient.pc \
 	cmake/moeclient/moeclientConfig.cmake cmake/moeclient/moeclientConfigVersion.cmake \
 	cmake/moeclient/moeclientTargets.cmake; do
 	[ -e "$lib/$f" ] || missing="$missing ${lib#"$prefix"/}/$f"
@@ -192,14 +192,14 @@ fi
 
 # --- (d) the shared library ------------------------------------------------
 soname=$(readelf -d "$lib/libmoeclient.so" 2>/dev/null | sed -n 's/.*(SONAME).*\[\(.*\)\].*/\1/p')
-if [ "$soname" = libmoeclient.so.0 ]; then
+if [ "$soname" = libmoeclient.so.1 ]; then
 	pass "SONAME $soname"
 else
-	fail "SONAME '$soname', expected libmoeclient.so.0"
+	fail "SONAME '$soname', expected libmoeclient.so.1"
 fi
 if command -v nm >/dev/null 2>&1; then
-	other=$(nm -D --defined-only "$lib/libmoeclient.so.0" | awk '{print $NF}' | grep -v '^moe_' | tr '\n' ' ')
-	if [ -z "$other" ] && nm -D --defined-only "$lib/libmoeclient.so.0" | grep -q ' moe_connect$'; then
+	other=$(nm -D --defined-only "$lib/libmoeclient.so.1" | awk '{print $NF}' | grep -v '^moe_' | tr '\n' ' ')
+	if [ -z "$other" ] && nm -D --defined-only "$lib/libmoeclient.so.1" | grep -q ' moe_connect$'; then
 		pass "libmoeclient exports only moe_* symbols"
 	else
 		fail "libmoeclient exports symbols outside moe_*: $other"

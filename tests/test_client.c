@@ -114,7 +114,8 @@ static void *peer_main(void *arg)
 		struct moe_msg_hello_reply r = {.proto_version = MOE_PROTO_VERSION,
 		                                .hidden = 8,
 		                                .n_moe_layers = 1,
-		                                .max_batch_tokens = 4};
+		                                .max_batch_tokens = 4,
+		                                .max_inflight_tokens = 4};
 		struct moe_shm_layout lay;
 
 		moe_shm_layout(hello.sq_entries, hello.cq_entries, hello.region_bytes, &lay);

@@ -36,6 +36,12 @@
  * requests that failed with MOE_EDAEMON can still be collected.
  *
  * Not fork-safe: a child must connect its own client.
+ *
+ * ABI: libmoeclient.so.1. Every public struct has fixed-width fields only
+ * (no enum, int, long or size_t inside: their sizes are the compiler's,
+ * a hazard for every FFI); tests/test_abi.c pins their layouts. New
+ * fields go into a struct's reserved words (which must be zero) or, for
+ * moe_forward_args, after its size field's current value.
  */
 #ifndef MOECLIENT_H
 #define MOECLIENT_H
@@ -56,12 +62,13 @@ extern "C" {
 #define MOE_API
 #endif
 
-#define MOECLIENT_VERSION_MAJOR 0
-#define MOECLIENT_VERSION_MINOR 1
+#define MOECLIENT_VERSION_MAJOR 1
+#define MOECLIENT_VERSION_MINOR 0
 
 typedef struct moe_client moe_client;
 
-/* The element type of hidden states (the wire's enum moe_wire_dtype). */
+/* The element type of hidden states (the wire's enum moe_wire_dtype). The
+ * structs below hold it as a uint32_t. */
 typedef enum { MOE_DTYPE_F32 = 0, MOE_DTYPE_BF16 = 1, MOE_DTYPE_F16 = 2 } moe_dtype;
 
 typedef struct {
@@ -72,8 +79,9 @@ typedef struct {
 	uint32_t n_layers;              /* decoder layers, dense included */
 	uint32_t n_moe_layers;          /* valid entries of moe_layers */
 	uint16_t moe_layers[512];       /* the layer indices moe_forward accepts */
-	moe_dtype dtype;                /* of the model's weights */
-	uint32_t max_batch_tokens;      /* per request */
+	uint32_t dtype;                 /* moe_dtype of the experts' weights */
+	uint32_t max_batch_tokens;      /* per batch; a larger request is split
+	                                   by the daemon (same result) */
 	uint32_t max_inflight_requests; /* per client, 0: no limit */
 	uint32_t max_inflight_tokens;   /* per client, 0: no limit */
 	uint64_t data_bytes;            /* size of the shared data area */
@@ -81,20 +89,27 @@ typedef struct {
 
 /* Zero-initialize, then set what you need: a zero field takes its default. */
 typedef struct {
-	size_t region_bytes;  /* the shared region; default 64 MiB */
-	uint32_t queue_depth; /* ring entries (rounded up to a power of two,
-	                         at most 4096); default 256 */
-	const char *name;     /* shown in moectl status; default the program name */
-	int auto_reconnect;   /* nonzero: reconnect on the call after MOE_EDAEMON */
-	char *errbuf;         /* if not NULL: why a connect failed, for humans */
-	size_t errbuf_len;    /* e.g. "/run/moed/moed.sock: connect: No such file..." */
+	uint64_t region_bytes;  /* the shared region; default 64 MiB */
+	uint32_t queue_depth;   /* ring entries (rounded up to a power of two,
+	                           at most 4096); default 256 */
+	uint32_t auto_reconnect; /* nonzero: reconnect on the call after MOE_EDAEMON */
+	const char *name;       /* shown in moectl status; default the program name */
+	char *errbuf;           /* if not NULL: why a connect failed, for humans */
+	uint64_t errbuf_len;    /* e.g. "/run/moed/moed.sock: connect: No such file..." */
+	uint32_t connect_timeout_ms; /* while the socket is missing or refuses
+	                           (moed starting), retry this long; 0: once */
+	uint32_t reserved[7];   /* zero */
 } moe_connect_options;
 
 /* Connects to the daemon. socket_path NULL: $MOED_SOCKET, else
  * /run/moed/moed.sock. MOE_EDAEMON if the daemon cannot be reached (errno
- * then holds the system's reason, e.g. ENOENT or ECONNREFUSED), MOE_EPERM if
- * the socket refuses us, the daemon's status if it refuses the handshake
- * (e.g. MOE_ELIMIT), MOE_EPROTO on a protocol mismatch. Waits at most 10 s. */
+ * then holds the system's reason, e.g. ENOENT or ECONNREFUSED; with
+ * connect_timeout_ms, after retrying that long), MOE_EPERM if the socket
+ * refuses us, the daemon's status if it refuses the handshake (e.g.
+ * MOE_ELIMIT), MOE_EPROTO on a protocol mismatch, MOE_EINVAL for nonzero
+ * reserved option words. The handshake waits at most 10 s. moed creates
+ * its socket file only once it listens, so a client that waits for the
+ * file and then connects is not refused. */
 MOE_API int moe_connect(const char *socket_path, moe_client **out);
 MOE_API int moe_connect_opts(const char *socket_path, const moe_connect_options *o,
                              moe_client **out);
@@ -108,8 +123,10 @@ MOE_API int moe_get_model_info(moe_client *c, moe_model_info *info);
 
 /* Runs n_tokens x hidden elements of `in` through MoE layer `layer` into
  * `out` (same dtype and shape; in == out allowed), copying through the
- * shared area, and waits for the result. n_tokens 0 does nothing.
- * MOE_E2BIG if n_tokens > max_batch_tokens (the daemon is not asked),
+ * shared area, and waits for the result. n_tokens 0 does nothing. A request
+ * larger than max_batch_tokens is split by the daemon into batches that all
+ * run under one epoch; the result is the unsplit run's.
+ * MOE_E2BIG if n_tokens > max_inflight_tokens (the daemon is not asked),
  * MOE_ENOMEM if input and output cannot fit the data area at all,
  * MOE_ENOLAYER if layer is not an MoE layer, MOE_EDTYPE for a bad dtype, or
  * the request's status (MOE_ETIMEDOUT, MOE_ESHUTDOWN, MOE_EDAEMON, ...). */
@@ -134,11 +151,35 @@ MOE_API int moe_submit(moe_client *c, uint32_t layer, moe_dtype dtype, const voi
 
 typedef struct {
 	uint64_t tag;
-	int status;     /* 0: the output is in out_buf; else a MOE_E* code, and
+	int32_t status; /* 0: the output is in out_buf; else a MOE_E* code, and
 	                 * out_buf's contents are unspecified (MOE_EDEVICE: the
 	                 * GPU failed mid-batch; the daemon exits and restarts) */
 	uint32_t epoch; /* the weights version the request ran on */
 } moe_completion;
+
+/* moe_forward_ex: moe_forward with more in and more out. Set `size` to
+ * sizeof(moe_forward_args) (fields are only ever added at the end: an
+ * older caller's smaller size is understood), zero what you do not use. */
+#define MOE_FWD_ROUTING 0x1 /* fill topk_ids and topk_weights */
+typedef struct {
+	uint32_t size;          /* sizeof(moe_forward_args) */
+	uint32_t flags;         /* MOE_FWD_* */
+	uint32_t layer;
+	uint32_t dtype;         /* moe_dtype of in and out */
+	const void *in;         /* [n_tokens, hidden]; any memory */
+	void *out;              /* [n_tokens, hidden]; may be `in` */
+	uint32_t n_tokens;
+	uint32_t timeout_ms;    /* deadline for the request to start; 0: default */
+	uint32_t *topk_ids;     /* MOE_FWD_ROUTING: [n_tokens, top_k], the experts
+	                           each token was routed to, best first */
+	float *topk_weights;    /* MOE_FWD_ROUTING: [n_tokens, top_k], their weights
+	                           (after renormalisation and scaling) */
+	uint32_t *epoch;        /* if not NULL: the epoch the request ran on */
+} moe_forward_args;
+
+/* Returns what moe_forward does, and MOE_EINVAL for a bad size, unknown
+ * flags, or MOE_FWD_ROUTING without both buffers. */
+MOE_API int moe_forward_ex(moe_client *c, const moe_forward_args *args);
 
 /* Collects up to max finished requests that no thread is waiting for;
  * returns their count (>= 0) or MOE_EDAEMON-style errors. Never blocks. */
@@ -179,12 +220,12 @@ typedef struct {
 	uint32_t flags;	      /* MOE_ADMIN_WAIT: for drain, answer once nothing is queued */
 	const void *payload;  /* exactly the op's payload (moe_admin_payload_size) */
 	uint32_t payload_len;
-	int timeout_ms;	      /* < 0: wait forever */
-	int wait_job;	      /* an op that starts a job: return once it is over */
+	int32_t timeout_ms;   /* < 0: wait forever */
+	uint32_t wait_job;    /* an op that starts a job: return once it is over */
 } moe_admin_req;
 
 typedef struct {
-	int status;	      /* 0 or MOE_E*, as returned */
+	int32_t status;	      /* 0 or MOE_E*, as returned */
 	char message[244];    /* the daemon's words: what was applied, why refused */
 	uint32_t result_len;  /* the op's result (moe_admin.h), raw */
 	unsigned char result[3832];

@@ -8,8 +8,8 @@
 
 #include <stdio.h>
 
-#if !defined(MOECLIENT_VERSION_MAJOR) || MOECLIENT_VERSION_MAJOR != 0
-#error "moeclient.h: expected MOECLIENT_VERSION_MAJOR 0"
+#if !defined(MOECLIENT_VERSION_MAJOR) || MOECLIENT_VERSION_MAJOR != 1
+#error "moeclient.h: expected MOECLIENT_VERSION_MAJOR 1"
 #endif
 
 int main(int argc, char **argv)

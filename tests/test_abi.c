@@ -1,0 +1,102 @@
+/* tests/test_abi.c — the public structs of libmoeclient.so.1, pinned.
+ *
+ * Every field of a public struct is fixed-width (or a pointer), so its
+ * layout is the same for every compiler of an LP64 platform and for an FFI
+ * (Python's ctypes in client/python mirrors these numbers). This test
+ * fails if a field moves, changes size, or a struct grows: that is an ABI
+ * change, which needs a new SONAME (CMakeLists.txt) and a new entry in
+ * client/python/moeclient/_abi.py. */
+#include <stddef.h>
+
+#include "client/include/moeclient.h"
+#include "tests/testutil.h"
+
+#define FIELD(T, f, off, size)                                   \
+	do {                                                     \
+		assert_int_equal(offsetof(T, f), (off));         \
+		assert_int_equal(sizeof(((T *)0)->f), (size));   \
+	} while (0)
+
+static void test_model_info(void **state)
+{
+	(void)state;
+	FIELD(moe_model_info, family, 0, 16);
+	FIELD(moe_model_info, hidden, 16, 4);
+	FIELD(moe_model_info, n_experts, 20, 4);
+	FIELD(moe_model_info, top_k, 24, 4);
+	FIELD(moe_model_info, n_layers, 28, 4);
+	FIELD(moe_model_info, n_moe_layers, 32, 4);
+	FIELD(moe_model_info, moe_layers, 36, 1024);
+	FIELD(moe_model_info, dtype, 1060, 4);
+	FIELD(moe_model_info, max_batch_tokens, 1064, 4);
+	FIELD(moe_model_info, max_inflight_requests, 1068, 4);
+	FIELD(moe_model_info, max_inflight_tokens, 1072, 4);
+	FIELD(moe_model_info, data_bytes, 1080, 8);
+	assert_int_equal(sizeof(moe_model_info), 1088);
+}
+
+static void test_connect_options(void **state)
+{
+	(void)state;
+	FIELD(moe_connect_options, region_bytes, 0, 8);
+	FIELD(moe_connect_options, queue_depth, 8, 4);
+	FIELD(moe_connect_options, auto_reconnect, 12, 4);
+	FIELD(moe_connect_options, name, 16, 8);
+	FIELD(moe_connect_options, errbuf, 24, 8);
+	FIELD(moe_connect_options, errbuf_len, 32, 8);
+	FIELD(moe_connect_options, connect_timeout_ms, 40, 4);
+	FIELD(moe_connect_options, reserved, 44, 28);
+	assert_int_equal(sizeof(moe_connect_options), 72);
+}
+
+static void test_forward_args(void **state)
+{
+	(void)state;
+	FIELD(moe_forward_args, size, 0, 4);
+	FIELD(moe_forward_args, flags, 4, 4);
+	FIELD(moe_forward_args, layer, 8, 4);
+	FIELD(moe_forward_args, dtype, 12, 4);
+	FIELD(moe_forward_args, in, 16, 8);
+	FIELD(moe_forward_args, out, 24, 8);
+	FIELD(moe_forward_args, n_tokens, 32, 4);
+	FIELD(moe_forward_args, timeout_ms, 36, 4);
+	FIELD(moe_forward_args, topk_ids, 40, 8);
+	FIELD(moe_forward_args, topk_weights, 48, 8);
+	FIELD(moe_forward_args, epoch, 56, 8);
+	assert_int_equal(sizeof(moe_forward_args), 64);
+}
+
+static void test_completion_and_admin(void **state)
+{
+	(void)state;
+	FIELD(moe_completion, tag, 0, 8);
+	FIELD(moe_completion, status, 8, 4);
+	FIELD(moe_completion, epoch, 12, 4);
+	assert_int_equal(sizeof(moe_completion), 16);
+	FIELD(moe_admin_req, op, 0, 4);
+	FIELD(moe_admin_req, flags, 4, 4);
+	FIELD(moe_admin_req, payload, 8, 8);
+	FIELD(moe_admin_req, payload_len, 16, 4);
+	FIELD(moe_admin_req, timeout_ms, 20, 4);
+	FIELD(moe_admin_req, wait_job, 24, 4);
+	assert_int_equal(sizeof(moe_admin_req), 32);
+	FIELD(moe_admin_res, status, 0, 4);
+	FIELD(moe_admin_res, message, 4, 244);
+	FIELD(moe_admin_res, result_len, 248, 4);
+	FIELD(moe_admin_res, result, 252, 3832);
+	FIELD(moe_admin_res, job, 4088, sizeof(struct moe_admin_job));
+	assert_int_equal(sizeof(struct moe_admin_job), 160);
+	assert_int_equal(sizeof(struct moe_admin_epoch_info), 24);
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_model_info),
+		cmocka_unit_test(test_connect_options),
+		cmocka_unit_test(test_forward_args),
+		cmocka_unit_test(test_completion_and_admin),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
