@@ -1,0 +1,101 @@
+"""ctypes mirrors of libmoeclient.so.1's public structs (client/include/moeclient.h).
+
+tests/test_abi.c pins the C layouts; tests/test_binding.py checks these
+mirrors against the same numbers, so the two cannot drift apart silently.
+"""
+
+import ctypes as C
+
+SONAME = "libmoeclient.so.1"
+
+DTYPE_F32, DTYPE_BF16, DTYPE_F16 = 0, 1, 2
+FWD_ROUTING = 0x1
+
+
+class ModelInfo(C.Structure):
+    _fields_ = [
+        ("family", C.c_char * 16),
+        ("hidden", C.c_uint32),
+        ("n_experts", C.c_uint32),
+        ("top_k", C.c_uint32),
+        ("n_layers", C.c_uint32),
+        ("n_moe_layers", C.c_uint32),
+        ("moe_layers", C.c_uint16 * 512),
+        ("dtype", C.c_uint32),
+        ("max_batch_tokens", C.c_uint32),
+        ("max_inflight_requests", C.c_uint32),
+        ("max_inflight_tokens", C.c_uint32),
+        ("data_bytes", C.c_uint64),
+    ]
+
+
+class ConnectOptions(C.Structure):
+    _fields_ = [
+        ("region_bytes", C.c_uint64),
+        ("queue_depth", C.c_uint32),
+        ("auto_reconnect", C.c_uint32),
+        ("name", C.c_char_p),
+        ("errbuf", C.c_void_p),
+        ("errbuf_len", C.c_uint64),
+        ("connect_timeout_ms", C.c_uint32),
+        ("reserved", C.c_uint32 * 7),
+    ]
+
+
+class ForwardArgs(C.Structure):
+    _fields_ = [
+        ("size", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("layer", C.c_uint32),
+        ("dtype", C.c_uint32),
+        ("inp", C.c_void_p),
+        ("out", C.c_void_p),
+        ("n_tokens", C.c_uint32),
+        ("timeout_ms", C.c_uint32),
+        ("topk_ids", C.c_void_p),
+        ("topk_weights", C.c_void_p),
+        ("epoch", C.POINTER(C.c_uint32)),
+    ]
+
+
+class Completion(C.Structure):
+    _fields_ = [("tag", C.c_uint64), ("status", C.c_int32), ("epoch", C.c_uint32)]
+
+
+class AdminJob(C.Structure):
+    _fields_ = [
+        ("job", C.c_uint32),
+        ("op", C.c_uint32),
+        ("state", C.c_uint32),
+        ("result", C.c_int32),
+        ("done", C.c_uint64),
+        ("total", C.c_uint64),
+        ("message", C.c_char * 128),
+    ]
+
+
+class EpochInfo(C.Structure):
+    _fields_ = [
+        ("id", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("placement_gen", C.c_uint64),
+        ("n_layers", C.c_uint32),
+        ("reserved", C.c_uint32),
+    ]
+
+
+# (name, offset, size) per field, as tests/test_abi.c asserts them in C
+LAYOUT = {
+    ModelInfo: ([("family", 0, 16), ("hidden", 16, 4), ("moe_layers", 36, 1024),
+                 ("dtype", 1060, 4), ("max_batch_tokens", 1064, 4),
+                 ("max_inflight_tokens", 1072, 4), ("data_bytes", 1080, 8)], 1088),
+    ConnectOptions: ([("region_bytes", 0, 8), ("queue_depth", 8, 4), ("auto_reconnect", 12, 4),
+                      ("name", 16, 8), ("errbuf", 24, 8), ("errbuf_len", 32, 8),
+                      ("connect_timeout_ms", 40, 4), ("reserved", 44, 28)], 72),
+    ForwardArgs: ([("size", 0, 4), ("flags", 4, 4), ("layer", 8, 4), ("dtype", 12, 4),
+                   ("inp", 16, 8), ("out", 24, 8), ("n_tokens", 32, 4), ("timeout_ms", 36, 4),
+                   ("topk_ids", 40, 8), ("topk_weights", 48, 8), ("epoch", 56, 8)], 64),
+    Completion: ([("tag", 0, 8), ("status", 8, 4), ("epoch", 12, 4)], 16),
+    AdminJob: ([("job", 0, 4), ("result", 12, 4), ("done", 16, 8), ("message", 32, 128)], 160),
+    EpochInfo: ([("id", 0, 4), ("placement_gen", 8, 8), ("n_layers", 16, 4)], 24),
+}

@@ -1,0 +1,346 @@
+"""The Client class: one connection to moed (see the package docstring)."""
+
+import ctypes as C
+import json
+import threading
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import _abi
+from ._lib import lib
+
+DTYPE_F32, DTYPE_BF16, DTYPE_F16 = _abi.DTYPE_F32, _abi.DTYPE_BF16, _abi.DTYPE_F16
+
+_ERROR_NAMES = {
+    -1: "MOE_EINVAL", -2: "MOE_ENOLAYER", -3: "MOE_E2BIG", -4: "MOE_ERANGE",
+    -5: "MOE_ETIMEDOUT", -6: "MOE_ECANCELED", -7: "MOE_ESHUTDOWN", -8: "MOE_EDAEMON",
+    -9: "MOE_EPROTO", -10: "MOE_ENOMEM", -11: "MOE_EBUSY", -12: "MOE_EPERM",
+    -13: "MOE_EINTERNAL", -14: "MOE_EAGAIN", -15: "MOE_EDTYPE", -16: "MOE_ENOENT",
+    -17: "MOE_ELIMIT", -18: "MOE_EDEVICE",
+}
+_DTYPE_NAMES = {DTYPE_F32: "float32", DTYPE_BF16: "bfloat16", DTYPE_F16: "float16"}
+_DTYPE_SIZE = {DTYPE_F32: 4, DTYPE_BF16: 2, DTYPE_F16: 2}
+
+
+def error_name(code: int) -> str:
+    """The MOE_E* name of a (negative) code, e.g. error_name(-11) == "MOE_EBUSY"."""
+    return _ERROR_NAMES.get(code, f"MOE_E({code})")
+
+
+class MoeError(RuntimeError):
+    """A libmoeclient call failed: ``code`` is the MOE_E* code (negative), ``name``
+    its symbol, and the message the library's words (plus the daemon's, if any)."""
+
+    def __init__(self, code: int, what: str = "", detail: str = ""):
+        self.code = code
+        self.name = error_name(code)
+        text = lib().moe_strerror(code).decode(errors="replace")
+        msg = f"{what}: {self.name}: {text}" if what else f"{self.name}: {text}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+def _check(r: int, what: str, detail: str = "") -> int:
+    if r < 0:
+        raise MoeError(r, what, detail)
+    return r
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What moed serves (from the handshake)."""
+    family: str
+    hidden: int
+    n_experts: int
+    top_k: int
+    n_layers: int
+    moe_layers: Tuple[int, ...]
+    dtype: str  # "float32" | "bfloat16" | "float16": the experts' weights
+    max_batch_tokens: int  # per batch; larger requests are split by moed
+    max_inflight_requests: int
+    max_inflight_tokens: int  # per client; also the largest request
+    data_bytes: int
+
+
+class Routing(NamedTuple):
+    """Which experts each token went to (best first) and their weights."""
+    ids: np.ndarray  # uint32 [n_tokens, top_k]
+    weights: np.ndarray  # float32 [n_tokens, top_k]
+
+
+class Completion(NamedTuple):
+    tag: int
+    status: int  # 0 or a MOE_E* code
+    epoch: int
+
+
+def _torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def _describe(x):
+    """(pointer, dtype code, n_tokens, hidden, kind) of a C-contiguous 2-D array
+    or tensor on the CPU."""
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        if x.device.type != "cpu":
+            raise ValueError(f"tensor on {x.device}: moeclient takes CPU tensors "
+                             "(moed moves the data to its GPUs itself)")
+        dt = {torch.float32: DTYPE_F32, torch.bfloat16: DTYPE_BF16,
+              torch.float16: DTYPE_F16}.get(x.dtype)
+        if dt is None:
+            raise TypeError(f"dtype {x.dtype}: moed takes float32, bfloat16 or float16")
+        if x.dim() != 2 or not x.is_contiguous():
+            raise ValueError("a contiguous [n_tokens, hidden] tensor is expected")
+        return x.data_ptr(), dt, x.shape[0], x.shape[1], "torch"
+    if isinstance(x, np.ndarray):
+        dt = {np.dtype(np.float32): DTYPE_F32, np.dtype(np.float16): DTYPE_F16}.get(x.dtype)
+        if dt is None:
+            raise TypeError(f"numpy dtype {x.dtype}: moed takes float32 or float16 "
+                            "(bfloat16: pass a torch tensor)")
+        if x.ndim != 2 or not x.flags["C_CONTIGUOUS"]:
+            raise ValueError("a C-contiguous [n_tokens, hidden] array is expected")
+        return x.ctypes.data, dt, x.shape[0], x.shape[1], "numpy"
+    raise TypeError(f"{type(x).__name__}: a numpy array or a torch tensor is expected")
+
+
+class Client:
+    """A connection to moed.
+
+    Client(socket_path=None, *, name=None, region_bytes=0, queue_depth=0,
+    connect_timeout=0.0, auto_reconnect=False)
+
+    socket_path None: $MOED_SOCKET, else /run/moed/moed.sock. connect_timeout
+    (seconds): while the socket is missing or refuses (moed starting), keep
+    trying this long. Thread-safe: calls from several threads overlap as the
+    C library allows. Use as a context manager, or call close().
+    """
+
+    def __init__(self, socket_path: Optional[str] = None, *, name: Optional[str] = None,
+                 region_bytes: int = 0, queue_depth: int = 0, connect_timeout: float = 0.0,
+                 auto_reconnect: bool = False):
+        L = lib()
+        self._lib = L
+        self._h = C.c_void_p()
+        err = C.create_string_buffer(512)
+        self._name = name.encode() if name else None
+        o = _abi.ConnectOptions(region_bytes=region_bytes, queue_depth=queue_depth,
+                                auto_reconnect=1 if auto_reconnect else 0, name=self._name,
+                                errbuf=C.cast(err, C.c_void_p), errbuf_len=len(err),
+                                connect_timeout_ms=int(connect_timeout * 1000))
+        path = socket_path.encode() if socket_path else None
+        _check(L.moe_connect_opts(path, C.byref(o), C.byref(self._h)), "connect",
+               err.value.decode(errors="replace"))
+        self._local = threading.local()
+        self._info = self._read_info()
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Disconnects; buffers from empty() become invalid. Idempotent."""
+        if self._h:
+            self._lib.moe_disconnect(self._h)
+            self._h = C.c_void_p()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if not self._h:
+            raise MoeError(-1, "client", "closed")
+        return self._h
+
+    # -- model ------------------------------------------------------------
+
+    def _read_info(self) -> ModelInfo:
+        mi = _abi.ModelInfo()
+        _check(self._lib.moe_get_model_info(self._handle(), C.byref(mi)), "model_info")
+        return ModelInfo(
+            family=mi.family.decode(), hidden=mi.hidden, n_experts=mi.n_experts,
+            top_k=mi.top_k, n_layers=mi.n_layers,
+            moe_layers=tuple(mi.moe_layers[i] for i in range(mi.n_moe_layers)),
+            dtype=_DTYPE_NAMES.get(mi.dtype, str(mi.dtype)),
+            max_batch_tokens=mi.max_batch_tokens,
+            max_inflight_requests=mi.max_inflight_requests,
+            max_inflight_tokens=mi.max_inflight_tokens, data_bytes=mi.data_bytes)
+
+    def model_info(self) -> ModelInfo:
+        """The model moed serves (as of the last handshake)."""
+        return self._info
+
+    # -- forward ----------------------------------------------------------
+
+    def _args(self):
+        a = getattr(self._local, "args", None)
+        if a is None:
+            a = self._local.args = _abi.ForwardArgs(size=C.sizeof(_abi.ForwardArgs))
+            self._local.epoch = C.c_uint32()
+            a.epoch = C.pointer(self._local.epoch)
+        return a
+
+    def forward(self, layer: int, x, out=None, *, routing: bool = False, timeout_ms: int = 0,
+                return_epoch: bool = False):
+        """Runs MoE layer `layer` (its index among the decoder layers) on x
+        [n_tokens, hidden] and returns the output, same shape and dtype
+        (written into `out` if given). With routing=True also returns a
+        Routing (expert ids and weights per token); with return_epoch=True
+        also the id of the epoch (weights version) it ran on. Requests above
+        max_batch_tokens are split by moed, with the same result."""
+        ptr, dt, n, h, kind = _describe(x)
+        if h != self._info.hidden:
+            raise ValueError(f"hidden size {h}, the model's is {self._info.hidden}")
+        if out is None:
+            if kind == "torch":
+                out = x.new_empty(x.shape)
+            else:
+                out = np.empty_like(x)
+        optr, odt, on, oh, _ = _describe(out)
+        if (odt, on, oh) != (dt, n, h):
+            raise ValueError("out must have x's shape and dtype")
+        a = self._args()
+        a.flags = _abi.FWD_ROUTING if routing else 0
+        a.layer, a.dtype, a.inp, a.out = layer, dt, ptr, optr
+        a.n_tokens, a.timeout_ms = n, timeout_ms
+        ids = w = None
+        if routing:
+            k = self._info.top_k
+            ids = np.empty((n, k), np.uint32)
+            w = np.empty((n, k), np.float32)
+            a.topk_ids, a.topk_weights = ids.ctypes.data, w.ctypes.data
+        else:
+            a.topk_ids = a.topk_weights = None
+        r = self._lib.moe_forward_ex(self._handle(), C.byref(a))
+        if r:
+            raise MoeError(r, f"forward(layer {layer}, {n} tokens)")
+        res = [out]
+        if routing:
+            res.append(Routing(ids, w))
+        if return_epoch:
+            res.append(self._local.epoch.value)
+        return res[0] if len(res) == 1 else tuple(res)
+
+    # -- zero-copy buffers and async requests -----------------------------
+
+    def empty(self, n_tokens: int, dtype: str = "float32"):
+        """A [n_tokens, hidden] array inside the shared region (zero-copy for
+        submit()). float32/float16: a numpy array; bfloat16: a torch tensor.
+        Valid until free_buffer() or close()."""
+        dt = {"float32": DTYPE_F32, "bfloat16": DTYPE_BF16, "float16": DTYPE_F16}[dtype]
+        nbytes = n_tokens * self._info.hidden * _DTYPE_SIZE[dt]
+        p = self._lib.moe_buf_alloc(self._handle(), nbytes)
+        if not p:
+            raise MoeError(-10, "empty", f"no free span of {nbytes} bytes in the shared region")
+        raw = (C.c_uint8 * nbytes).from_address(p)
+        if dt == DTYPE_BF16:
+            torch = _torch()
+            if torch is None:
+                self._lib.moe_buf_free(self._handle(), p)
+                raise TypeError("bfloat16 buffers are torch tensors: install torch")
+            return torch.frombuffer(raw, dtype=torch.bfloat16).view(n_tokens,
+                                                                    self._info.hidden)
+        np_dt = np.float32 if dt == DTYPE_F32 else np.float16
+        return np.frombuffer(raw, dtype=np_dt).reshape(n_tokens, self._info.hidden)
+
+    def free_buffer(self, buf) -> None:
+        """Returns a buffer from empty() to the shared region."""
+        ptr = _describe(buf)[0]
+        self._lib.moe_buf_free(self._handle(), ptr)
+
+    def submit(self, layer: int, x, out, *, timeout_ms: int = 0) -> int:
+        """Queues a request on buffers from empty() (in place: out may be x)
+        and returns its tag at once; collect it with wait() or poll(). Do not
+        touch x or out until it completes."""
+        ptr, dt, n, h, _ = _describe(x)
+        optr, odt, on, oh, _ = _describe(out)
+        if (odt, on, oh) != (dt, n, h):
+            raise ValueError("out must have x's shape and dtype")
+        tag = C.c_uint64()
+        _check(self._lib.moe_submit(self._handle(), layer, dt, ptr, optr, n, timeout_ms,
+                                    C.byref(tag)), f"submit(layer {layer}, {n} tokens)")
+        return tag.value
+
+    def wait(self, tag: int, timeout_ms: int = -1) -> None:
+        """Waits for request `tag`; raises MoeError with its status if it
+        failed, MOE_ETIMEDOUT if still running after timeout_ms (>= 0)."""
+        st = C.c_int()
+        _check(self._lib.moe_wait(self._handle(), tag, timeout_ms, C.byref(st)),
+               f"wait(tag {tag})")
+        if st.value:
+            raise MoeError(st.value, f"request {tag}")
+
+    def poll(self, max_completions: int = 64) -> List[Completion]:
+        """Finished requests no thread waits for (never blocks)."""
+        arr = (_abi.Completion * max_completions)()
+        n = _check(self._lib.moe_poll(self._handle(), arr, max_completions), "poll")
+        return [Completion(arr[i].tag, arr[i].status, arr[i].epoch) for i in range(n)]
+
+    def cancel(self, tag: int) -> None:
+        """Cancels a queued request (it completes with MOE_ECANCELED)."""
+        _check(self._lib.moe_cancel(self._handle(), tag), f"cancel(tag {tag})")
+
+    # -- control ----------------------------------------------------------
+
+    def ping(self) -> float:
+        """A no-op through both rings; returns the round trip in seconds."""
+        ns = C.c_uint64()
+        _check(self._lib.moe_ping(self._handle(), C.byref(ns)), "ping")
+        return ns.value / 1e9
+
+    def status(self) -> dict:
+        """moed's status (what `moectl status --json` prints), parsed."""
+        p, n = C.c_void_p(), C.c_size_t()
+        _check(self._lib.moe_status_json(self._handle(), C.byref(p), C.byref(n)), "status")
+        try:
+            return json.loads(C.string_at(p, n.value).decode())
+        finally:
+            C.CDLL(None).free(p)
+
+    def epoch_info(self, epoch: int) -> dict:
+        """What an epoch id (from forward(return_epoch=True)) means."""
+        info = _abi.EpochInfo()
+        cap = max(len(self._info.moe_layers), 1)
+        vers = (C.c_uint32 * cap)()
+        _check(self._lib.moe_epoch_info(self._handle(), epoch, C.byref(info), vers, cap),
+               f"epoch_info({epoch})")
+        return {"id": info.id, "flags": info.flags, "placement_gen": info.placement_gen,
+                "weights_versions": [vers[i] for i in range(min(info.n_layers, cap))]}
+
+    def _admin(self, op: int, flags: int = 0, timeout_ms: int = -1) -> str:
+        msg = C.create_string_buffer(256)
+        _check(self._lib.moe_admin(self._handle(), op, flags, timeout_ms, msg, len(msg)),
+               "admin", "")
+        return msg.value.decode(errors="replace")
+
+    def drain(self, wait: bool = False, timeout_ms: int = -1) -> str:
+        """Refuses new requests; queued ones finish (wait: answer once none is
+        queued). Needs the admin privilege. Returns moed's words."""
+        return self._admin(1, 1 if wait else 0, timeout_ms)
+
+    def undrain(self) -> str:
+        """Accepts requests again (admin)."""
+        return self._admin(2)
+
+    def reload_config(self) -> str:
+        """Re-reads moed's configuration file (admin)."""
+        return self._admin(3)
+
+    def reconnect(self) -> None:
+        """After MOE_EDAEMON: connects again (buffers keep their contents)."""
+        _check(self._lib.moe_reconnect(self._handle()), "reconnect")
+        self._info = self._read_info()

@@ -1,0 +1,190 @@
+"""moeclient against a real moed on the committed fixtures (numpy only).
+
+Run: MOED_BIN_DIR=build-rel/bin python -m unittest discover client/python/tests
+"""
+
+import ctypes as C
+import json
+import os
+import struct
+import sys
+import threading
+import time
+import unittest
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import moedtest  # noqa: E402  (sets MOECLIENT_LIB)
+import moeclient  # noqa: E402
+from moeclient import _abi  # noqa: E402
+
+OLMOE = os.path.join(moedtest.FIXTURES, "olmoe_f32")
+
+
+def read_safetensors(path):
+    """{name: array} for F32/F64/I32 tensors (a reader of our own: numpy only)."""
+    kinds = {"F32": np.float32, "F64": np.float64, "I32": np.int32}
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, t in head.items():
+        if name == "__metadata__" or t["dtype"] not in kinds:
+            continue
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(data[a:b], kinds[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+REF = read_safetensors(os.path.join(OLMOE, "reference.safetensors"))
+LAYERS = sorted({int(k.split(".")[1]) for k in REF})
+
+
+def rel_err(got, want):
+    rms = np.sqrt((want.astype(np.float64) ** 2).mean(axis=-1, keepdims=True))
+    return (np.abs(got.astype(np.float64) - want) / rms).max()
+
+
+class Binding(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.moed = moedtest.Moed(OLMOE).wait_ready()
+        cls.c = moeclient.Client(cls.moed.sock, name="pytest")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.c.close()
+        assert cls.moed.stop() == 0
+
+    def test_abi_layout(self):
+        for cls, (fields, size) in _abi.LAYOUT.items():
+            self.assertEqual(C.sizeof(cls), size, cls.__name__)
+            for name, off, sz in fields:
+                self.assertEqual(getattr(cls, name).offset, off, f"{cls.__name__}.{name}")
+                self.assertEqual(getattr(cls, name).size, sz, f"{cls.__name__}.{name}")
+
+    def test_model_info(self):
+        info = self.c.model_info()
+        self.assertEqual(info.family, "olmoe")
+        self.assertEqual(info.dtype, "float32")
+        self.assertEqual(list(info.moe_layers), LAYERS)
+        self.assertEqual(info.hidden, REF[f"layers.{LAYERS[0]}.input"].shape[1])
+
+    def test_forward_matches_transformers(self):
+        for L in LAYERS:
+            x = np.ascontiguousarray(REF[f"layers.{L}.input"])
+            y = self.c.forward(L, x)
+            self.assertEqual(y.shape, x.shape)
+            self.assertEqual(y.dtype, np.float32)
+            self.assertLess(rel_err(y, REF[f"layers.{L}.output_ref64"]), 1e-5)
+            self.assertLess(rel_err(y, REF[f"layers.{L}.output"]), 1e-4)
+
+    def test_routing_and_epoch(self):
+        for L in LAYERS:
+            x = np.ascontiguousarray(REF[f"layers.{L}.input"])
+            y, r, epoch = self.c.forward(L, x, routing=True, return_epoch=True)
+            ids, w = r
+            order = np.argsort(ids, axis=1)
+            np.testing.assert_array_equal(np.take_along_axis(ids, order, 1),
+                                          REF[f"layers.{L}.topk_ids"])
+            np.testing.assert_allclose(np.take_along_axis(w, order, 1),
+                                       REF[f"layers.{L}.topk_weights"], rtol=1e-5, atol=1e-6)
+            # best first
+            self.assertTrue((np.diff(w, axis=1) <= 1e-7).all())
+            info = self.c.epoch_info(epoch)
+            self.assertEqual(info["id"], epoch)
+            self.assertEqual(len(info["weights_versions"]), len(LAYERS))
+
+    def test_float16(self):
+        L = LAYERS[0]
+        x = REF[f"layers.{L}.input"]
+        y16 = self.c.forward(L, x.astype(np.float16))
+        self.assertEqual(y16.dtype, np.float16)
+        self.assertLess(rel_err(y16, REF[f"layers.{L}.output_ref64"]), 2e-2)
+
+    def test_errors(self):
+        x = np.ones((2, self.c.model_info().hidden), np.float32)
+        with self.assertRaises(moeclient.MoeError) as e:
+            self.c.forward(self.c.model_info().n_layers, x)  # past the model
+        self.assertEqual(e.exception.code, -2)
+        self.assertEqual(e.exception.name, "MOE_ENOLAYER")
+        self.assertIn("MOE_ENOLAYER", str(e.exception))
+        with self.assertRaises(ValueError):
+            self.c.forward(LAYERS[0], np.ones((2, 3), np.float32))
+        with self.assertRaises(TypeError):
+            self.c.forward(LAYERS[0], x.astype(np.float64))
+        with self.assertRaises(moeclient.MoeError) as e:
+            moeclient.Client(os.path.join(self.moed.dir, "nothing.sock"))
+        self.assertEqual(e.exception.name, "MOE_EDAEMON")
+
+    def test_zero_copy_submit(self):
+        L = LAYERS[-1]
+        x = REF[f"layers.{L}.input"]
+        buf = self.c.empty(x.shape[0])
+        buf[:] = x
+        tag = self.c.submit(L, buf, buf)
+        self.c.wait(tag, 30000)
+        self.assertLess(rel_err(buf, REF[f"layers.{L}.output_ref64"]), 1e-5)
+        want = self.c.forward(L, np.ascontiguousarray(x))
+        np.testing.assert_array_equal(buf, want)
+        tag = self.c.submit(L, buf, buf)
+        done = []
+        for _ in range(3000):
+            done += self.c.poll()
+            if done:
+                break
+            time.sleep(0.001)
+        self.assertEqual([(d.tag, d.status) for d in done], [(tag, 0)])
+        self.c.free_buffer(buf)
+
+    def test_status(self):
+        st = self.c.status()
+        self.assertIn("requests", st)
+        self.assertGreater(self.c.ping(), 0)
+
+
+class Daemon(unittest.TestCase):
+    def test_split_requests(self):
+        """Above max_batch_tokens moed splits; the result is the unsplit run's."""
+        small = moedtest.Moed(OLMOE, "scheduler:\n  max_batch_tokens: 8\n").wait_ready()
+        big = moedtest.Moed(OLMOE).wait_ready()
+        try:
+            with moeclient.Client(small.sock) as a, moeclient.Client(big.sock) as b:
+                self.assertEqual(a.model_info().max_batch_tokens, 8)
+                x = np.random.default_rng(5).standard_normal(
+                    (45, a.model_info().hidden)).astype(np.float32)
+                for L in LAYERS:
+                    np.testing.assert_array_equal(a.forward(L, x), b.forward(L, x))
+        finally:
+            small.stop()
+            big.stop()
+
+    def test_connect_timeout(self):
+        """A client that starts before moed connects once moed listens."""
+        m = moedtest.Moed.__new__(moedtest.Moed)
+        holder = {}
+
+        def start_later():
+            time.sleep(0.3)
+            holder["m"] = moedtest.Moed(OLMOE)
+
+        t = threading.Thread(target=start_later)
+        t.start()
+        sock_dir = None
+        try:
+            # the socket path is only known once the Moed exists: wait for it
+            while "m" not in holder:
+                time.sleep(0.01)
+            sock_dir = holder["m"].sock
+            with moeclient.Client(sock_dir, connect_timeout=30.0) as c:
+                self.assertEqual(c.model_info().family, "olmoe")
+        finally:
+            t.join()
+            holder["m"].stop()
+        del m
+
+
+if __name__ == "__main__":
+    unittest.main()
