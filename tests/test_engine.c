@@ -39,6 +39,9 @@ static const char *const cases[] = {
 	"mixtral_bf16",	    "mixtral_f32_fused", "qwen2_moe_bf16",	  "qwen3_moe_f16_sharded",
 	"olmoe_f32",	    "olmoe_bf16_norm",	 "deepseek_v2_bf16",	  "deepseek_v3_bf16",
 	"deepseek_v3_f32_fused", "deepseek_v2_group_limited_f32",
+	/* bf16 checkpoints made by from_pretrained(dtype=bf16) + save_pretrained
+	 * with transformers 5.25: DeepSeek's router written F32 */
+	"deepseek_v2_bf16_f32router", "deepseek_v3_bf16_f32router",
 };
 
 static int cmp_u32(const void *a, const void *b)

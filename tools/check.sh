@@ -61,5 +61,9 @@ if [ "$cuda" = ON ]; then
 else
 	echo "CUDA: not compiled (no nvcc found)."
 fi
+echo "Python client (ctest 'python', Release): binding and end-to-end runs:"
+grep -hE "^(test_[a-z0-9_]+ \(test_|[a-z0-9_]+: f32 tokens identical|Ran [0-9]+ tests|OK|FAILED)" \
+	build-ci/release/Testing/Temporary/LastTest.log 2>/dev/null | sed 's/^/  /' ||
+	echo "  (no output: the python test did not run)"
 grep -h "(Skipped)" build-ci/*.ctest.log 2>/dev/null | sed 's/^/skipped test: /' ||
 	echo "skipped ctest tests: none"
