@@ -20,6 +20,8 @@ import transformers
 import moeclient
 import moeclient.transformers as mt
 
+transformers.utils.logging.disable_progress_bar()
+
 
 def generate(model, ids, n):
     t0 = time.perf_counter()
@@ -42,6 +44,8 @@ def main():
         try:
             tok = transformers.AutoTokenizer.from_pretrained(a.model)
             ids = tok(a.prompt, return_tensors="pt").input_ids
+            if ids.numel() == 0:
+                raise ValueError("empty prompt")
         except Exception:
             tok = None
             ids = torch.randint(0, alone.config.vocab_size, (1, 8),
