@@ -321,6 +321,16 @@ class Client:
         return {"id": info.id, "flags": info.flags, "placement_gen": info.placement_gen,
                 "weights_versions": [vers[i] for i in range(min(info.n_layers, cap))]}
 
+    def job(self, job: int, cancel: bool = False) -> dict:
+        """An admin job's progress (or, cancel=True, its cancellation): id,
+        op, state (1 running, 2 done, 3 cancelled, 4 failed), result,
+        done/total steps and its message."""
+        j = _abi.AdminJob()
+        _check(self._lib.moe_job(self._handle(), job, 1 if cancel else 0, C.byref(j)),
+               f"job({job})")
+        return {"job": j.job, "op": j.op, "state": j.state, "result": j.result,
+                "done": j.done, "total": j.total, "message": j.message.decode(errors="replace")}
+
     def _admin(self, op: int, flags: int = 0, timeout_ms: int = -1) -> str:
         msg = C.create_string_buffer(256)
         _check(self._lib.moe_admin(self._handle(), op, flags, timeout_ms, msg, len(msg)),

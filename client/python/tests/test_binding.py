@@ -139,10 +139,21 @@ class Binding(unittest.TestCase):
         self.assertEqual([(d.tag, d.status) for d in done], [(tag, 0)])
         self.c.free_buffer(buf)
 
-    def test_status(self):
+    def test_status_and_admin(self):
         st = self.c.status()
         self.assertIn("requests", st)
         self.assertGreater(self.c.ping(), 0)
+        with self.assertRaises(moeclient.MoeError) as e:
+            self.c.job(12345)
+        self.assertIn(e.exception.name, ("MOE_ENOENT", "MOE_EPERM"))
+        if os.geteuid() == 0:  # root is moed's admin: drain and undrain
+            self.assertIn("draining", self.c.drain())
+            x = np.ones((1, self.c.model_info().hidden), np.float32)
+            with self.assertRaises(moeclient.MoeError) as e:
+                self.c.forward(LAYERS[0], x)
+            self.assertEqual(e.exception.name, "MOE_ESHUTDOWN")
+            self.c.undrain()
+            self.c.forward(LAYERS[0], x)
 
 
 class Daemon(unittest.TestCase):
