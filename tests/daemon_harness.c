@@ -630,3 +630,29 @@ long dh_rss_kib(pid_t pid)
 	assert_true(kib > 0);
 	return kib;
 }
+
+struct daemon *dh_fixture_daemon(const char *cfg_extra, const char *env, int ready_ms)
+{
+	struct daemon *d = dh_daemon_new(DH_FIXTURE, false, ready_ms);
+
+	d->socket_arg = true;
+	if (cfg_extra)
+		dh_daemon_write_cfg(d, cfg_extra);
+	if (env)
+		dh_daemon_env(d, "%s", env);
+	dh_daemon_start(d);
+	return d;
+}
+
+moe_client *dh_cl_open_named(struct daemon *d, const char *name)
+{
+	char eb[256] = "";
+	moe_connect_options o = {.name = name, .errbuf = eb, .errbuf_len = sizeof(eb)};
+	moe_client *c = NULL;
+	int r = moe_connect_opts(d->sock, &o, &c);
+
+	if (r)
+		fail_msg("moe_connect_opts: %s (%s)", moe_strerror(r), eb);
+	dh_cl_track(c);
+	return c;
+}

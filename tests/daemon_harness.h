@@ -91,6 +91,14 @@ void dh_daemon_write_cfg(struct daemon *d, const char *extra);
 /* NAME=VALUE in moed's environment. */
 void dh_daemon_env(struct daemon *d, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* A started moed on the fixture with --socket, `cfg_extra` (NULL: none) in
+ * its moe.yaml and `env` (NULL: none, else one NAME=VALUE) in its
+ * environment; tracked. */
+struct daemon *dh_fixture_daemon(const char *cfg_extra, const char *env, int ready_ms);
+/* A tracked library client named `name` (NULL: the program's name); fails
+ * the test with the library's words if it cannot connect. */
+moe_client *dh_cl_open_named(struct daemon *d, const char *name);
+
 /* Forks and execs moed (d->argv, or the default command line); returns at
  * once. */
 void dh_daemon_spawn(struct daemon *d);

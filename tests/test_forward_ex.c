@@ -32,26 +32,12 @@
 
 static struct daemon *start(const char *cfg_extra)
 {
-	struct daemon *d = dh_daemon_new(DH_FIXTURE, false, READY_MS);
-
-	d->socket_arg = true;
-	if (cfg_extra)
-		dh_daemon_write_cfg(d, cfg_extra);
-	dh_daemon_start(d);
-	return d;
+	return dh_fixture_daemon(cfg_extra, NULL, READY_MS);
 }
 
 static moe_client *cl_open(struct daemon *d)
 {
-	char eb[256] = "";
-	moe_connect_options o = {.errbuf = eb, .errbuf_len = sizeof(eb)};
-	moe_client *c = NULL;
-	int r = moe_connect_opts(d->sock, &o, &c);
-
-	if (r)
-		fail_msg("moe_connect_opts: %s (%s)", moe_strerror(r), eb);
-	dh_cl_track(c);
-	return c;
+	return dh_cl_open_named(d, NULL);
 }
 
 /* The engine's own routing of n tokens (the in-process reference). */
