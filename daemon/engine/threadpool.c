@@ -14,7 +14,7 @@
  *
  * Waiting is spin-then-sleep on both sides: a helper with nothing to do
  * spins HELPER_SPIN_NS for the next run (the stages of a batch follow each
- * other within microseconds) and then sleeps on a condition variable; the
+ * other within a microsecond) and then sleeps on a condition variable; the
  * caller spins CALLER_SPIN_NS for claimed tasks to finish and then sleeps.
  * Who sleeps is counted, so that nobody pays a futex call for a thread that
  * is awake anyway. Sleep and wake use the Dekker pattern over seq_cst
@@ -40,8 +40,12 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#define HELPER_SPIN_NS 30000u
-#define CALLER_SPIN_NS 50000u
+/* Long enough to bridge the stages of one batch (back to back, < 1 µs
+ * apart), short enough not to spin across batches: with 1-token requests
+ * and 16 client processes on 2 vCPUs, 30/50 µs spent 13 % of moed's samples
+ * spinning and 41 µs of CPU per request, 5/5 µs 38 µs (bench/RESULTS.md). */
+#define HELPER_SPIN_NS 5000u
+#define CALLER_SPIN_NS 5000u
 
 struct worker {
 	struct moe_pool *pool;
