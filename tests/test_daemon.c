@@ -1741,9 +1741,24 @@ static void test_limits(void **state)
 #define FLOOD_DEPTH 64
 #define FLOOD_TOKENS 256 /* = scheduler.max_batch_tokens: each fills a batch */
 
+static struct daemon *fairness_daemon(void)
+{
+	struct daemon *d = daemon_new(FIXTURE, "scheduler:\n  max_batch_tokens: 256\n");
+
+	/* Every batch takes at least 10 ms, so that the test's own scheduling
+	 * delay between seeing B's completion and freezing moed (the worker
+	 * posts completions the moment a batch ends, and under a parallel
+	 * ctest on 2 CPUs that delay reached 13 batches of 1 ms) covers at
+	 * most a batch or two: the bound below is on the scheduler's order,
+	 * not on this process's luck. */
+	dh_daemon_env(d, "MOED_TEST_STALL_MS=10");
+	dh_daemon_start(d);
+	return d;
+}
+
 static void test_fairness(void **state)
 {
-	struct daemon *d = daemon_run(FIXTURE, "scheduler:\n  max_batch_tokens: 256\n");
+	struct daemon *d = fairness_daemon();
 	/* B first: the daemon then looks at A's ring before B's (newest
 	 * client first), so A's requests are always queued before B's */
 	moe_client *b = cl_open(d), *a = cl_open_opts(d, 0, FLOOD_DEPTH, 0);

@@ -337,8 +337,12 @@ static int64_t next_layer(struct server *s)
  * round, appended to b until max_batch_tokens: every client with work in
  * this layer gets into the batch before any client gets a second request
  * in. Each request taken holds a reference on its client (its region stays
- * mapped) and becomes one segment. Returns how many it took. */
-static uint32_t fill_batch(struct server *s, struct work *b)
+ * mapped) and becomes one segment. Returns how many it took.
+ *
+ * Only a new batch moves the round robin on (s->rr): a top-up of the
+ * waiting batch, which runs on every loop turn, must not, or which client's
+ * layer comes next would depend on how many turns the loop took. */
+static uint32_t fill_batch(struct server *s, struct work *b, bool topup)
 {
 	uint32_t n0 = b->n, maxt = moe_engine_max_tokens(s->e), nc = s->n_clients;
 	struct client **order;
@@ -384,7 +388,8 @@ static uint32_t fill_batch(struct server *s, struct work *b)
 			took = true;
 		}
 	}
-	s->rr = nc ? (s->rr + 1) % nc : 0;
+	if (!topup)
+		s->rr = nc ? (s->rr + 1) % nc : 0;
 	return b->n - n0;
 }
 
@@ -418,7 +423,7 @@ void srv_submit_batch(struct server *s)
 		pthread_mutex_lock(&s->w.lock);
 		waiting = !x->started;
 		if (waiting) {
-			fill_batch(s, x);
+			fill_batch(s, x, true);
 			/* what did not fit goes in the next batch, formed
 			 * when the worker starts this one: it says when */
 			s->w.want_start = s->queued != 0;
@@ -435,7 +440,7 @@ void srv_submit_batch(struct server *s)
 		return;
 	*b = (struct work){.kind = WORK_BATCH, .layer = (uint32_t)layer, .reqs = b->reqs,
 			   .segs = b->segs};
-	if (!fill_batch(s, b))
+	if (!fill_batch(s, b, false))
 		return;
 	srv_worker_post(&s->w, b);
 	s->batches_out++;
