@@ -41,7 +41,9 @@
 struct moe_engine {
 	struct moe_model *m;
 	uint32_t max_tokens, chunk;
-	struct moe_pool *pool;
+	struct moe_pool *pool;	     /* rank 0's: routing, the shared expert */
+	struct moe_pool **rank_pool; /* [n_ranks]: each rank's own threads */
+	struct moe_pool *driver;     /* n_ranks > 1: one thread per rank runs its experts */
 	uint32_t n_ranks;
 	struct moe_rank *ranks;
 	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
@@ -63,7 +65,10 @@ struct moe_engine {
 	float *xs, *hs, *ys, *sc; /* sorted rows: [chunk*K, H], [chunk*K, I], [chunk*K, H], [chunk*K] */
 	float *sh_h, *sh_y, *sh_sc; /* shared: [chunk, Is], [chunk, H], [chunk] */
 	float *acc;	  /* [H] */
-	struct moe_ffn_group *groups; /* [E + 1] */
+	struct moe_ffn_group *groups; /* [E * MOE_MAX_REPLICAS + 1] */
+	uint32_t *group_rank;	      /* [like groups]: the rank that runs it */
+	struct moe_ffn_group *rgroups; /* [like groups]: the groups by rank */
+	uint32_t *rank_rows;	      /* [n_ranks + 1]: rows per rank (then offsets) */
 	_Atomic uint64_t *expert_tokens; /* [n_moe_layers * E] */
 
 	bool device;	  /* the backend runs whole batches (ops->forward) */
@@ -138,7 +143,10 @@ static int alloc_workspaces(struct moe_engine *e)
 	e->ys = ws(e, ck * H * sizeof(float), false);
 	e->sc = ws(e, ck * sizeof(float), false);
 	e->acc = ws(e, H * sizeof(float), false);
-	e->groups = ws(e, (E + 1) * sizeof(*e->groups), true);
+	e->groups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->groups), true);
+	e->group_rank = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->group_rank), true);
+	e->rgroups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->rgroups), true);
+	e->rank_rows = ws(e, ((size_t)e->n_ranks + 1) * sizeof(*e->rank_rows), true);
 	if (m->shared_inter) {
 		e->sh_h = ws(e, C * m->shared_inter * sizeof(float), false);
 		e->sh_y = ws(e, C * H * sizeof(float), false);
@@ -148,7 +156,7 @@ static int alloc_workspaces(struct moe_engine *e)
 	}
 	if (!e->sizing && (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos ||
 			   !e->xs || !e->hs || !e->ys || !e->sc || !e->acc || !e->groups ||
-			   !e->expert_tokens))
+			   !e->group_rank || !e->rgroups || !e->rank_rows || !e->expert_tokens))
 		return -ENOMEM;
 	return 0;
 }
@@ -230,6 +238,13 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 	return ret;
 }
 
+static uint32_t opts_threads(const struct moe_engine_opts *o)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	return o && o->threads ? o->threads : n > 0 ? (uint32_t)n : 1;
+}
+
 static int backend_ops(const char *name, const struct moe_backend_ops **ops, char *err)
 {
 	*ops = &moe_backend_cpu;
@@ -251,11 +266,17 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	struct moe_engine *e;
 	const struct moe_backend_ops *ops;
 	struct moe_backend_tuning tuning = {0};
-	uint32_t R = o && o->n_ranks ? o->n_ranks : 1;
+	uint32_t R = o && o->n_ranks ? o->n_ranks : 1, T;
 	int ret;
 
-	if (R != 1)
-		return moe_err(err, -ENOTSUP, "%u ranks requested: one rank for now", R);
+	if (R > MOE_MAX_RANKS)
+		return moe_err(err, -EINVAL, "%u ranks requested: at most %u", R, MOE_MAX_RANKS);
+	ret = backend_ops(o ? o->backend : NULL, &ops, err);
+	if (ret)
+		return ret;
+	if (R != 1 && ops->forward)
+		return moe_err(err, -ENOTSUP, "%u %s ranks requested: the %s backend runs one rank "
+			       "for now", R, ops->name, ops->name);
 	e = calloc(1, sizeof(*e));
 	if (!e)
 		return moe_err(err, -ENOMEM, "out of memory");
@@ -265,20 +286,32 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->n_ranks = R;
 	e->last_ms = e->last_kernel_ms = -1.0f;
 	pthread_mutex_init(&e->fwd_lock, NULL);
-	ret = moe_pool_create(o ? o->threads : 0, &e->pool);
-	if (ret) {
-		ret = moe_err(err, ret, "cannot start worker threads");
+	/* cpu.threads split between the ranks, at least one each (R may
+	 * exceed the cores); a rank's threads are its own */
+	T = opts_threads(o);
+	e->rank_pool = calloc(R, sizeof(*e->rank_pool));
+	if (!e->rank_pool) {
+		ret = moe_err(err, -ENOMEM, "out of memory");
 		goto err_destroy;
 	}
+	for (uint32_t r = 0; r < R; r++) {
+		uint32_t t = T / R + (r < T % R);
+
+		ret = moe_pool_create(t ? t : 1, &e->rank_pool[r]);
+		if (!ret && R > 1 && r == 0)
+			ret = moe_pool_create(R, &e->driver);
+		if (ret) {
+			ret = moe_err(err, ret, "cannot start worker threads");
+			goto err_destroy;
+		}
+	}
+	e->pool = e->rank_pool[0];
 	ret = moe_place_initial(m->n_moe_layers, m->n_experts, R, o ? o->spare_slots : 0,
 				&e->placement);
 	if (ret) {
 		ret = moe_err(err, ret, "cannot build the initial placement");
 		goto err_destroy;
 	}
-	ret = backend_ops(o ? o->backend : NULL, &ops, err);
-	if (ret)
-		goto err_destroy;
 	e->device = ops->forward != NULL;
 	e->slots_per_rank = e->placement->slots_per_rank;
 	e->ranks = calloc(R, sizeof(*e->ranks));
@@ -297,11 +330,11 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		tuning = o->tuning;
 	for (uint32_t r = 0; r < R; r++) {
 		e->ranks[r] = (struct moe_rank){.id = r, .device = o ? o->device : 0, .ops = ops,
-						.pool = e->pool};
+						.pool = e->rank_pool[r]};
 		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, &tuning, err);
 		if (!ret && !e->device && ops->workspace_bytes)
 			e->ws_bytes += ops->workspace_bytes(m, e->max_tokens,
-							    moe_pool_threads(e->pool));
+							    moe_pool_threads(e->rank_pool[r]));
 		if (ret) {
 			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
@@ -360,7 +393,10 @@ void moe_engine_destroy(struct moe_engine *e)
 		if (e->ranks[r].ops)
 			e->ranks[r].ops->rank_fini(&e->ranks[r]);
 	moe_place_free(e->placement);
-	moe_pool_destroy(e->pool);
+	for (uint32_t r = 0; e->rank_pool && r < e->n_ranks; r++)
+		moe_pool_destroy(e->rank_pool[r]);
+	free(e->rank_pool);
+	moe_pool_destroy(e->driver);
 	free(e->ranks);
 	free(e->slots);
 	free(e->slot_expert);
@@ -380,6 +416,9 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->sh_sc);
 	free(e->acc);
 	free(e->groups);
+	free(e->group_rank);
+	free(e->rgroups);
+	free(e->rank_rows);
 	free(e->expert_tokens);
 	free(e->slot_tab);
 	free(e->ecount);
@@ -427,6 +466,51 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 	return ret ? moe_err(err, ret, "out of memory") : 0;
 }
 
+int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			 uint32_t slot, char *err)
+{
+	const struct moe_model *m = e->m;
+	struct moe_slot *src = NULL, *dst;
+	int ret;
+
+	if (l >= m->n_moe_layers || x >= m->n_experts || rank >= e->n_ranks ||
+	    slot >= e->slots_per_rank)
+		return moe_err(err, -EINVAL, "no MoE layer %u, expert %u, rank %u or slot %u", l,
+			       x, rank, slot);
+	if (e->device)
+		return moe_err(err, -ENOTSUP, "replicas are copied on CPU ranks only for now");
+	if (e->slot_expert[slot_index(e, rank, l, slot)] >= 0)
+		return moe_err(err, -EBUSY, "MoE layer %u: rank %u slot %u holds expert %d", l,
+			       rank, slot, e->slot_expert[slot_index(e, rank, l, slot)]);
+	for (uint32_t r = 0; r < e->n_ranks && !src; r++)
+		for (uint32_t s = 0; s < e->slots_per_rank && !src; s++)
+			if (e->slot_expert[slot_index(e, r, l, s)] == (int32_t)x)
+				src = slot_at(e, r, l, s);
+	if (!src)
+		return moe_err(err, -ENOENT, "MoE layer %u: no slot holds expert %u", l, x);
+	dst = slot_at(e, rank, l, slot);
+	if (!dst->mem) {
+		char why[MOE_ERRLEN];
+
+		ret = e->ranks[rank].ops->slot_alloc(&e->ranks[rank], m, src->inter, dst, why);
+		if (ret)
+			return moe_err(err, ret, "rank %u: no room for a replica of layer %u's "
+				       "expert %u: %s", rank, l, x, why);
+		e->weight_bytes += dst->bytes;
+	}
+	if (dst->bytes != src->bytes || dst->inter != src->inter)
+		return moe_err(err, -EINVAL, "rank %u slot %u is laid out for another expert size",
+			       rank, slot);
+	memcpy(dst->mem, src->mem, src->bytes);
+	e->slot_expert[slot_index(e, rank, l, slot)] = (int32_t)x;
+	return 0;
+}
+
+uint32_t moe_engine_slots_per_rank(const struct moe_engine *e)
+{
+	return e->slots_per_rank;
+}
+
 struct moe_epochs *moe_engine_epochs(struct moe_engine *e)
 {
 	return e->epochs;
@@ -458,23 +542,101 @@ static uint32_t dispatch(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			e->sc[p] = e->w[i];
 		}
 	}
+	/* One group per (expert, replica) with rows. The rows of an expert
+	 * with several replicas go to the least loaded rank first (rows
+	 * already given to each rank in this chunk; ties: the first replica),
+	 * one at a time, each replica taking a contiguous run of the expert's
+	 * sorted rows. A row's result does not depend on its group (the
+	 * kernels are batch-invariant), so any split gives the same bits. */
+	memset(e->rank_rows, 0, e->n_ranks * sizeof(*e->rank_rows));
 	for (uint32_t x = 0; x < E; x++) {
-		uint32_t n, p = e->off[x];
+		uint32_t n, p = e->off[x], take[MOE_MAX_REPLICAS] = {0};
 		const struct moe_replica *rep;
 
 		if (!e->count[x])
 			continue;
 		rep = moe_place_get(ep->placement, l, x, &n);
-		e->groups[ng++] = (struct moe_ffn_group){
-			.slot = slot_at(e, rep[0].rank, l, rep[0].slot),
-			.n = e->count[x],
-			.x = e->xs + (size_t)p * H,
-			.h = e->hs + (size_t)p * I,
-			.y = e->ys + (size_t)p * H,
-			.scale = e->sc + p,
-		};
+		for (uint32_t row = 0; row < e->count[x]; row++) {
+			uint32_t best = 0;
+
+			for (uint32_t i = 1; i < n; i++)
+				if (e->rank_rows[rep[i].rank] + take[i] <
+				    e->rank_rows[rep[best].rank] + take[best])
+					best = i;
+			take[best]++;
+		}
+		for (uint32_t i = 0; i < n; i++) {
+			if (!take[i])
+				continue;
+			e->group_rank[ng] = rep[i].rank;
+			e->groups[ng++] = (struct moe_ffn_group){
+				.slot = slot_at(e, rep[i].rank, l, rep[i].slot),
+				.n = take[i],
+				.x = e->xs + (size_t)p * H,
+				.h = e->hs + (size_t)p * I,
+				.y = e->ys + (size_t)p * H,
+				.scale = e->sc + p,
+			};
+			e->rank_rows[rep[i].rank] += take[i];
+			p += take[i];
+		}
 	}
 	return ng;
+}
+
+struct ranks_ctx {
+	struct moe_engine *e;
+	struct moe_rank_work *work; /* [n_ranks] */
+	int *ret;		    /* [n_ranks] */
+};
+
+static void rank_task(void *arg, uint32_t r, uint32_t worker)
+{
+	struct ranks_ctx *c = arg;
+
+	(void)worker;
+	if (c->work[r].n_groups)
+		c->ret[r] = c->e->ranks[r].ops->experts(&c->e->ranks[r], &c->work[r]);
+}
+
+/* The expert stage: every rank runs its groups on its own threads, the
+ * ranks at the same time. The groups (and the shared expert, on rank 0)
+ * are regrouped by rank; the sorted rows stay where they are, so the
+ * combine reads them in k order as with one rank. */
+static int run_ranks(struct moe_engine *e, uint32_t ng, const struct moe_ffn_group *shared)
+{
+	uint32_t R = e->n_ranks, *off = e->rank_rows;
+	struct moe_rank_work work[MOE_MAX_RANKS];
+	int ret[MOE_MAX_RANKS] = {0};
+	struct ranks_ctx c = {e, work, ret};
+
+	if (R == 1) {
+		struct moe_rank_work w = {e->m->dtype, e->m->hidden, ng, e->groups};
+
+		if (shared)
+			e->groups[w.n_groups++] = *shared;
+		return e->ranks[0].ops->experts(&e->ranks[0], &w);
+	}
+	memset(off, 0, (R + 1) * sizeof(*off));
+	for (uint32_t g = 0; g < ng; g++)
+		off[e->group_rank[g] + 1]++;
+	off[1] += shared != NULL;
+	for (uint32_t r = 0; r < R; r++)
+		off[r + 1] += off[r];
+	for (uint32_t r = 0; r < R; r++)
+		work[r] = (struct moe_rank_work){e->m->dtype, e->m->hidden, 0, e->rgroups + off[r]};
+	for (uint32_t g = 0; g < ng; g++) {
+		struct moe_rank_work *w = &work[e->group_rank[g]];
+
+		w->groups[w->n_groups++] = e->groups[g];
+	}
+	if (shared)
+		work[0].groups[work[0].n_groups++] = *shared;
+	moe_pool_run(e->driver, R, rank_task, &c);
+	for (uint32_t r = 0; r < R; r++)
+		if (ret[r])
+			return ret[r];
+	return 0;
 }
 
 /* Qwen2-MoE: shared output scaled by sigmoid(x · w_sg), in fp32. (Unlike
@@ -619,13 +781,13 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 
 	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
 		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
-		struct moe_rank_work w = {m->dtype, H, 0, e->groups};
+		uint32_t ng = dispatch(e, ep, l, c0, nc);
+		struct moe_ffn_group sh;
 
-		w.n_groups = dispatch(e, ep, l, c0, nc);
 		if (ls->shared.mem) {
 			if (ls->shared_gate)
 				shared_gate(e, ls->shared_gate, c0, nc);
-			e->groups[w.n_groups++] = (struct moe_ffn_group){
+			sh = (struct moe_ffn_group){
 				.slot = &ls->shared,
 				.n = nc,
 				.x = e->x + (size_t)c0 * H,
@@ -634,7 +796,7 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 				.scale = ls->shared_gate ? e->sh_sc : NULL,
 			};
 		}
-		ret = r->ops->experts(r, &w);
+		ret = run_ranks(e, ng, ls->shared.mem ? &sh : NULL);
 		if (ret)
 			return moe_err(err, ret, "expert FFNs failed");
 		combine(e, segs, c0, nc, ls->shared.mem != NULL);
@@ -681,13 +843,6 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 	return ret;
 }
 
-static uint32_t opts_threads(const struct moe_engine_opts *o)
-{
-	long n = sysconf(_SC_NPROCESSORS_ONLN);
-
-	return o && o->threads ? o->threads : n > 0 ? (uint32_t)n : 1;
-}
-
 uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_engine_opts *o)
 {
 	const struct moe_backend_ops *ops;
@@ -699,9 +854,13 @@ uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_
 	e.max_tokens = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
 	e.chunk = e.max_tokens < CHUNK_TOKENS ? e.max_tokens : CHUNK_TOKENS;
 	e.device = ops->forward != NULL;
+	e.n_ranks = o && o->n_ranks && !e.device ? o->n_ranks : 1;
 	alloc_workspaces(&e);
-	if (!e.device && ops->workspace_bytes)
-		e.ws_bytes += ops->workspace_bytes(m, e.max_tokens, opts_threads(o));
+	for (uint32_t r = 0; !e.device && ops->workspace_bytes && r < e.n_ranks; r++) {
+		uint32_t T = opts_threads(o), t = T / e.n_ranks + (r < T % e.n_ranks);
+
+		e.ws_bytes += ops->workspace_bytes(m, e.max_tokens, t ? t : 1);
+	}
 	return e.ws_bytes;
 }
 
@@ -730,7 +889,16 @@ const struct moe_model *moe_engine_model(const struct moe_engine *e)
 
 uint32_t moe_engine_threads(const struct moe_engine *e)
 {
-	return moe_pool_threads(e->pool);
+	uint32_t n = 0;
+
+	for (uint32_t r = 0; r < e->n_ranks; r++)
+		n += moe_pool_threads(e->rank_pool[r]);
+	return n;
+}
+
+uint32_t moe_engine_ranks(const struct moe_engine *e)
+{
+	return e->n_ranks;
 }
 
 uint32_t moe_engine_max_tokens(const struct moe_engine *e)

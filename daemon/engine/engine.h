@@ -31,7 +31,8 @@ struct moe_engine;
 struct moe_engine_opts {
 	uint32_t threads;	  /* 0: all online CPUs */
 	uint32_t max_batch_tokens; /* workspaces are sized for this; 0: 4096 */
-	uint32_t n_ranks;	  /* 1 for now */
+	uint32_t n_ranks;	  /* CPU ranks (each its own threads, slots and weights);
+				     device backends: 1 for now */
 	uint32_t spare_slots;	  /* per rank per layer */
 	const char *backend;	  /* NULL/"cpu", or "cuda" (built with CUDA) */
 	int device;		  /* GPU index for "cuda" */
@@ -88,6 +89,14 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 		       uint32_t *id, char *err);
 /* The epoch table, for moe_epochs_info / moe_epochs_counts. */
 struct moe_epochs *moe_engine_epochs(struct moe_engine *e);
+/* Copies MoE layer position l's expert x into an empty slot (rank, slot),
+ * from any slot that holds it, so that a placement naming it can then be
+ * published (CPU ranks; device ranks: -ENOTSUP). The slot must hold no
+ * expert (-EBUSY): nothing published names it, so no batch reads it while
+ * it is written. Call from one thread at a time. */
+int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			 uint32_t slot, char *err);
+uint32_t moe_engine_slots_per_rank(const struct moe_engine *e);
 
 /* 0, or -EINVAL (layer is not MoE, bad dtype), -E2BIG (too many tokens),
  * -ENOTRECOVERABLE (the device is lost: every later call fails too, the
@@ -108,7 +117,9 @@ uint64_t moe_engine_device_workspace_bytes(const struct moe_model *m,
 uint64_t moe_engine_allocated_workspace_bytes(const struct moe_engine *e);
 
 const struct moe_model *moe_engine_model(const struct moe_engine *e);
+/* Worker threads of all ranks together. */
 uint32_t moe_engine_threads(const struct moe_engine *e);
+uint32_t moe_engine_ranks(const struct moe_engine *e);
 uint32_t moe_engine_max_tokens(const struct moe_engine *e);
 const char *moe_engine_backend(const struct moe_engine *e);
 /* The kernels in use on rank 0 ("scalar", "avx2", "avx512"). */

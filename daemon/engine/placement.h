@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #define MOE_MAX_REPLICAS 8
+#define MOE_MAX_RANKS	 64
 
 struct moe_replica {
 	uint16_t rank, slot;

@@ -1,0 +1,243 @@
+/* tests/test_ranks.c — CPU expert parallelism inside the engine: R ranks,
+ * each with its own threads, slots and copies of the weights, and random
+ * placements with replicas (copied into spare slots by
+ * moe_engine_replicate, then published). For every fixture in
+ * tests/fixtures/ (every family), R in {1, 2, 3, 4} and several random
+ * placements, every output is bit-identical to the single-rank engine's on
+ * the same inputs: the kernels are batch-invariant and the combine sums a
+ * token's rows in k order whichever rank computed them. */
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "daemon/engine/engine.h"
+#include "daemon/engine/model.h"
+#include "daemon/engine/placement.h"
+#include "kernels/cpu/convert.h"
+#include "tests/testutil.h"
+#include "tools/synth.h"
+
+static struct moe_engine *open_engine(const char *dir, uint32_t ranks, uint32_t spare,
+				      struct moe_model **m)
+{
+	struct moe_engine_opts o = {.threads = 2, .max_batch_tokens = 512, .n_ranks = ranks,
+				    .spare_slots = spare};
+	struct moe_engine *e;
+	char err[MOE_ERRLEN];
+
+	if (moe_model_open(dir, NULL, m, err))
+		fail_msg("%s", err);
+	if (moe_engine_create(*m, &o, &e, err))
+		fail_msg("%s: %u ranks: %s", dir, ranks, err);
+	return e;
+}
+
+static void run(struct moe_engine *e, uint32_t layer, const float *in, float *out, uint32_t n,
+		uint32_t *ids)
+{
+	struct moe_epoch *ep = moe_epoch_acquire(e);
+	struct moe_batch b = {layer, n, MOE_DT_F32, in, out, ids, NULL, 0, NULL};
+	char err[MOE_ERRLEN];
+
+	if (moe_engine_forward(e, ep, &b, err))
+		fail_msg("forward: %s", err);
+	moe_epoch_release(ep);
+}
+
+/* Fills every spare slot of every rank with a copy of a random expert that
+ * rank does not hold yet; returns the table of what went where. */
+static int32_t *fill_spares(struct moe_engine *e, const struct moe_model *m, uint32_t R,
+			    struct moe_rng *rng)
+{
+	uint32_t E = m->n_experts, S = moe_engine_slots_per_rank(e), P = (E + R - 1) / R;
+	int32_t *held = malloc(sizeof(int32_t) * m->n_moe_layers * R * S);
+	char err[MOE_ERRLEN];
+
+	assert_non_null(held);
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		for (uint32_t r = 0; r < R; r++) {
+			for (uint32_t s = 0; s < S; s++) {
+				int32_t *h = &held[(l * R + r) * S + s];
+				uint32_t x;
+				bool dup;
+
+				if (s < P) { /* primary: the initial placement's */
+					x = r * P + s;
+					*h = x < E ? (int32_t)x : -1;
+					continue;
+				}
+				do {
+					x = (uint32_t)(moe_rng_next(rng) % E);
+					dup = x / P == r;
+					for (uint32_t k = P; k < s; k++)
+						dup |= held[(l * R + r) * S + k] == (int32_t)x;
+				} while (dup && R > 1);
+				if (moe_engine_replicate(e, l, x, r, s, err))
+					fail_msg("replicate: %s", err);
+				*h = (int32_t)x;
+			}
+		}
+	}
+	return held;
+}
+
+/* The initial placement plus a random subset of the spare replicas. */
+static struct moe_placement *random_placement(const struct moe_model *m, uint32_t R,
+					      uint32_t spare, const int32_t *held,
+					      struct moe_rng *rng, uint32_t *n_extra)
+{
+	uint32_t E = m->n_experts, P = (E + R - 1) / R, S = P + spare;
+	struct moe_placement *p;
+
+	assert_int_equal(moe_place_initial(m->n_moe_layers, E, R, spare, &p), 0);
+	for (uint32_t l = 0; l < m->n_moe_layers; l++)
+		for (uint32_t r = 0; r < R; r++)
+			for (uint32_t s = P; s < S; s++) {
+				int32_t x = held[(l * R + r) * S + s];
+				uint8_t *n = &p->n_replicas[l * E + (uint32_t)x];
+
+				if (x < 0 || moe_rng_next(rng) % 3 == 0 || *n >= MOE_MAX_REPLICAS)
+					continue;
+				p->rep[((size_t)l * E + (uint32_t)x) * MOE_MAX_REPLICAS + *n] =
+					(struct moe_replica){(uint16_t)r, (uint16_t)s};
+				(*n)++;
+				(*n_extra)++;
+			}
+	assert_int_equal(moe_place_validate(p), 0);
+	return p;
+}
+
+static void check_fixture(const char *dir)
+{
+	static const uint32_t sizes[] = {1, 7, 300};
+	struct moe_model *m1, *m;
+	struct moe_engine *e1 = open_engine(dir, 1, 0, &m1);
+	uint32_t H = m1->hidden, K = m1->top_k, maxn = 300;
+	float *in = malloc(sizeof(float) * maxn * H), *want = malloc(sizeof(float) * maxn * H);
+	float *got = malloc(sizeof(float) * maxn * H);
+	uint32_t *wids = malloc(sizeof(uint32_t) * maxn * K), *gids = malloc(sizeof(uint32_t) * maxn * K);
+	struct moe_rng rng = {0x5eed};
+	uint32_t extra = 0, compared = 0;
+
+	assert_true(in && want && got && wids && gids);
+	for (size_t i = 0; i < (size_t)maxn * H; i++)
+		in[i] = (float)moe_rng_normal(&rng);
+	for (uint32_t R = 1; R <= 4; R++) {
+		uint32_t spare = 2;
+		struct moe_engine *e = open_engine(dir, R, spare, &m);
+		int32_t *held = fill_spares(e, m, R, &rng);
+
+		assert_int_equal(moe_engine_ranks(e), R);
+		for (int trial = 0; trial < 3; trial++) {
+			char err[MOE_ERRLEN];
+			uint32_t id;
+
+			if (trial && moe_engine_publish(e, random_placement(m, R, spare, held, &rng,
+									   &extra),
+						       NULL, &id, err))
+				fail_msg("publish: %s", err);
+			for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+				for (size_t s = 0; s < sizeof(sizes) / sizeof(sizes[0]); s++) {
+					uint32_t n = sizes[s], layer = m->layers[l].index;
+
+					run(e1, layer, in, want, n, wids);
+					memset(got, 0xa5, sizeof(float) * n * H);
+					run(e, layer, in, got, n, gids);
+					if (memcmp(got, want, sizeof(float) * n * H))
+						fail_msg("%s: %u ranks, placement %d, layer %u, %u "
+							 "tokens: output differs from one rank", dir,
+							 R, trial, layer, n);
+					assert_memory_equal(gids, wids, sizeof(uint32_t) * n * K);
+					compared++;
+				}
+			}
+		}
+		free(held);
+		moe_engine_destroy(e);
+		moe_model_free(m);
+	}
+	printf("%s: %u batches on 1-4 ranks, %u replicas in random placements: bit-identical "
+	       "to one rank\n", strrchr(dir, '/') + 1, compared, extra);
+	assert_true(extra > 0);
+	moe_engine_destroy(e1);
+	moe_model_free(m1);
+	free(in);
+	free(want);
+	free(got);
+	free(wids);
+	free(gids);
+}
+
+static void test_all_fixtures(void **state)
+{
+	DIR *d = opendir(MOE_FIXTURES_DIR);
+	struct dirent *de;
+	int n = 0;
+
+	(void)state;
+	assert_non_null(d);
+	while ((de = readdir(d))) {
+		char dir[1024], cfg[1100];
+		struct stat st;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(dir, sizeof(dir), "%s/%s", MOE_FIXTURES_DIR, de->d_name);
+		snprintf(cfg, sizeof(cfg), "%s/config.json", dir);
+		if (stat(cfg, &st))
+			continue;
+		check_fixture(dir);
+		n++;
+	}
+	closedir(d);
+	assert_true(n >= 10);
+}
+
+static void test_errors(void **state)
+{
+	struct moe_model *m;
+	struct moe_engine *e;
+	char dir[512], err[MOE_ERRLEN];
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
+	e = open_engine(dir, 2, 1, &m);
+	/* a slot that holds an expert, a bad rank, an expert past the model */
+	assert_int_equal(moe_engine_replicate(e, 0, 3, 0, 0, err), -EBUSY);
+	assert_int_equal(moe_engine_replicate(e, 0, 3, 2, 0, err), -EINVAL);
+	assert_int_equal(moe_engine_replicate(e, 0, m->n_experts, 1, 0, err), -EINVAL);
+	/* a placement naming a spare slot before a replica is copied there */
+	{
+		struct moe_placement *p;
+		uint32_t E = m->n_experts, P = (E + 1) / 2, id;
+
+		assert_int_equal(moe_place_initial(m->n_moe_layers, E, 2, 1, &p), 0);
+		p->rep[0 * MOE_MAX_REPLICAS + 1] = (struct moe_replica){1, (uint16_t)P};
+		p->n_replicas[0] = 2;
+		assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), -EINVAL);
+		assert_non_null(strstr(err, "does not hold expert 0"));
+	}
+	moe_engine_destroy(e);
+	moe_model_free(m);
+	/* the CUDA backend stays single-rank */
+	{
+		struct moe_engine_opts o = {.n_ranks = 2, .backend = "cuda"};
+
+		assert_int_equal(moe_model_open(dir, NULL, &m, err), 0);
+		assert_true(moe_engine_create(m, &o, &e, err) < 0);
+		moe_model_free(m);
+	}
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(test_all_fixtures),
+		cmocka_unit_test(test_errors),
+	};
+
+	return cmocka_run_group_tests(tests, NULL, NULL);
+}
