@@ -454,10 +454,12 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 			for (uint32_t i = 0; i < n; i++) {
 				if (e->slot_expert[slot_index(e, r[i].rank, l, r[i].slot)] !=
 				    (int32_t)x) {
+					/* (the message first: r points into p) */
+					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
+						      "does not hold expert %u", l, r[i].rank,
+						      r[i].slot, x);
 					moe_place_free(p);
-					return moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
-						       "does not hold expert %u", l, r[i].rank,
-						       r[i].slot, x);
+					return ret;
 				}
 			}
 		}
