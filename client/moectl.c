@@ -158,7 +158,8 @@ static void print_status(const cJSON *j)
 	ml = obj(m, "moe_layers");
 	if (cJSON_IsArray(ml))
 		printf(", %d MoE layers", cJSON_GetArraySize(ml));
-	printf("\nbackend:  %s on %s (%.0f host threads)\n", str(b, "name"), str(b, "device"),
+	printf("\nbackend:  %s on %s (%.0f rank%s, %.0f host threads)\n", str(b, "name"),
+	       str(b, "device"), num(b, "ranks"), num(b, "ranks") == 1 ? "" : "s",
 	       num(b, "threads"));
 	printf("gpu:      %s", str(b, "gpu"));
 	if (cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(b, "last_batch_device_ms")))

@@ -64,7 +64,11 @@ else
 fi
 check "GPU 63 is not there" 1 "asks for GPU 63|none is usable|built without CUDA" \
 	"$bin/moed" --devices cuda:63 -t --model "$fix/olmoe_f32"
-check "unknown --devices" 1 "expected cpu, cuda or cuda:N" "$bin/moed" --devices tpu -t \
+check "unknown --devices" 1 "expected cpu, cpu:R \(R CPU ranks, 1 to 64\), cuda or cuda:N" "$bin/moed" --devices tpu -t \
+	--model "$fix/olmoe_f32"
+check "--devices cpu:3: three CPU ranks in the plan" 0 "ranks: +3 \(cpu\)" "$bin/moed" \
+	--devices cpu:3 -t --model "$fix/olmoe_f32"
+check "--devices cpu:0 is refused" 1 "expected cpu, cpu:R" "$bin/moed" --devices cpu:0 -t \
 	--model "$fix/olmoe_f32"
 check "the CPU plan says why no GPU" 0 "backend: +cpu \(GPU: none" "$bin/moed" -t \
 	--model "$fix/olmoe_f32"

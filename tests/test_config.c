@@ -571,10 +571,16 @@ static void test_devices(void **state)
 	           "t.yaml:2:10: devices: expected cpu:R with R between 1 and 64, got 'cpu:x'");
 	EXPECT_ERR("model: {path: /m}\ndevices: \"cpu:\"\n",
 	           "t.yaml:2:10: devices: expected cpu:R with R between 1 and 64, got 'cpu:'");
-	EXPECT_ERR("model: {path: /m}\ndevices: cpu:2\n",
-	           "t.yaml:2:10: devices: not supported yet (one CPU rank for now)");
-	EXPECT_ERR("model: {path: /m}\ndevices: cpu:64\n",
-	           "t.yaml:2:10: devices: not supported yet (one CPU rank for now)");
+	LOAD_OK("model: {path: /m}\ndevices: cpu:2\n", &c);
+	assert_int_equal(c.devices.kind, MOE_CFG_DEV_CPU);
+	assert_int_equal(c.devices.n_ranks, 2);
+	moe_cfg_free(&c);
+	LOAD_OK("model: {path: /m}\ndevices: cpu:64\nplacement: {spare_slots: 3}\n", &c);
+	assert_int_equal(c.devices.n_ranks, 64);
+	assert_int_equal(c.placement.spare_slots, 3);
+	moe_cfg_free(&c);
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  spare_slots: -1\n",
+	           "t.yaml:3:16: placement.spare_slots: expected an integer between 0 and 1024");
 #ifdef MOE_HAVE_CUDA
 	LOAD_OK("model: {path: /m}\ndevices: cuda\n", &c);
 	assert_int_equal(c.devices.kind, MOE_CFG_DEV_CUDA);
@@ -626,7 +632,6 @@ static void test_not_supported_yet(void **state)
 	static const struct {
 		const char *section, *key, *good, *bad, *bad_msg;
 	} keys[] = {
-	    {"placement", "spare_slots", "4", "-1", "expected an integer between 0 and 1024"},
 	    {"placement", "auto_rebalance", "true", "yes",
 	     "expected true or false, got a "
 	     "boolean (yes)"},

@@ -178,6 +178,50 @@ static void test_routing(void **state)
 	g_passed = true;
 }
 
+/* devices: cpu:R: R CPU ranks in moed, each with its own threads and copy
+ * of its experts; outputs bit-identical to the one-rank engine. */
+static void test_cpu_ranks(void **state)
+{
+	(void)state;
+	for (uint32_t R = 2; R <= 3; R++) {
+		char cfg[128];
+		struct daemon *d;
+		moe_client *c;
+
+		snprintf(cfg, sizeof(cfg), "devices: cpu:%u\nplacement:\n  spare_slots: 1\n", R);
+		d = start(cfg);
+		c = cl_open(d);
+		for (int dt = MOE_DTYPE_F32; dt <= MOE_DTYPE_BF16; dt++) {
+			for (uint32_t layer = 0; layer <= 2; layer += 2) {
+				uint32_t n = 97;
+				size_t bytes = (size_t)n * g_H * dh_dt_size(dt);
+				void *in = dh_make_input(dt, n, 500 + R + layer + (uint64_t)dt);
+				void *want = malloc(bytes), *got = malloc(bytes);
+
+				assert_non_null(want);
+				assert_non_null(got);
+				dh_ref_forward(layer, dt, in, want, n);
+				assert_int_equal(moe_forward(c, layer, (moe_dtype)dt, in, got, n), 0);
+				assert_memory_equal(got, want, bytes);
+				free(in);
+				free(want);
+				free(got);
+			}
+		}
+		{
+			cJSON *j = dh_status(c, true);
+
+			assert_int_equal(dh_jnum(dh_jget(j, "backend", cJSON_Object), "ranks"), R);
+			cJSON_Delete(j);
+		}
+		printf("cpu_ranks: devices cpu:%u: f32 and bf16 on both layers bit-identical to "
+		       "one rank\n", R);
+		dh_cl_close(c);
+		dh_daemon_stop(d);
+	}
+	g_passed = true;
+}
+
 static void test_connect_race(void **state)
 {
 	int refused = 0;
@@ -231,6 +275,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_split, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_routing, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_cpu_ranks, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_connect_race, dh_setup, dh_teardown),
 	};
 

@@ -48,7 +48,7 @@ const struct cfg_key cfg_keys[] = {
     {"devices", DEVICES(devices), .supported = true},
     {"cpu.threads", UINT(cpu.threads, 0, 1024), .supported = true},
     {"cpu.isa", ENUM(cpu.isa, cfg_isa_names, cfg_isa_values), .supported = true},
-    {"placement.spare_slots", UINT(placement.spare_slots, 0, 1024), .supported = false},
+    {"placement.spare_slots", UINT(placement.spare_slots, 0, 1024), .supported = true},
     {"placement.auto_rebalance", BOOL(placement.auto_rebalance), .supported = false},
     {"placement.rebalance_threshold", NUMBER(placement.rebalance_threshold, 1.0, 1000.0),
      .supported = false},

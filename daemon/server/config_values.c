@@ -10,7 +10,7 @@
 #include <string.h>
 
 /* What the engine can run today. Raise these when it can do more. */
-#define CFG_CPU_RANKS_SUPPORTED 1
+#define CFG_CPU_RANKS_SUPPORTED MOE_CFG_MAX_CPU_RANKS
 #define CFG_GPUS_SUPPORTED      1 /* GPUs in a list; cuda:all is checked at start */
 #ifdef MOE_HAVE_CUDA
 #define CFG_CUDA_BUILT true

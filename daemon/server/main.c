@@ -42,7 +42,8 @@ static void usage(FILE *f)
 		"      --model DIR     override model.path\n"
 		"      --family NAME   override model.family\n"
 		"      --socket PATH   override server.socket\n"
-		"      --devices SPEC  override devices (cpu, cuda, cuda:N for GPU N)\n"
+		"      --devices SPEC  override devices (cpu, cpu:R for R CPU ranks, cuda, cuda:N\n"
+		"                      for GPU N)\n"
 		"      --threads N     override cpu.threads\n"
 		"  -h, --help          this text\n"
 		"      --version       print the version\n");
@@ -77,9 +78,12 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 		char *end;
 		long id = !strncmp(o->devices, "cuda:", 5) ? strtol(o->devices + 5, &end, 10) : -1;
 
-		if (!strcmp(o->devices, "cpu") || !strcmp(o->devices, "cpu:1")) {
+		long ranks = !strncmp(o->devices, "cpu:", 4) ? strtol(o->devices + 4, &end, 10) : 0;
+
+		if (!strcmp(o->devices, "cpu") ||
+		    (ranks >= 1 && ranks <= MOE_CFG_MAX_CPU_RANKS && !*end && o->devices[4])) {
 			c->devices.kind = MOE_CFG_DEV_CPU;
-			c->devices.n_ranks = 1;
+			c->devices.n_ranks = ranks ? (unsigned)ranks : 1;
 			c->devices.all_gpus = false;
 		} else if (!strcmp(o->devices, "cuda") ||
 			   (id >= 0 && id < MOE_CFG_MAX_GPUS && !*end && o->devices[5])) {
@@ -93,8 +97,9 @@ static int apply_overrides(struct moe_config *c, const struct overrides *o)
 			c->devices.n_ranks = id < 0 ? 0 : 1;
 			c->devices.gpu_ids[0] = (uint8_t)(id < 0 ? 0 : id);
 		} else {
-			fprintf(stderr, "moed: --devices %s: expected cpu, cuda or cuda:N (N a GPU "
-				"index); several ranks are not supported yet\n", o->devices);
+			fprintf(stderr, "moed: --devices %s: expected cpu, cpu:R (R CPU ranks, 1 to "
+				"%d), cuda or cuda:N (N a GPU index)\n", o->devices,
+				MOE_CFG_MAX_CPU_RANKS);
 			return -EINVAL;
 		}
 	}
@@ -261,6 +266,8 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
+				     .n_ranks = c->devices.kind == MOE_CFG_DEV_CPU ? c->devices.n_ranks : 1,
+				     .spare_slots = c->placement.spare_slots,
 				     .backend = plan->backend,
 				     .device = plan->device,
 				     .progress = load_progress,

@@ -51,6 +51,12 @@ uint32_t moe_engine_threads(const struct moe_engine *e)
 	return 1;
 }
 
+uint32_t moe_engine_ranks(const struct moe_engine *e)
+{
+	(void)e;
+	return 1;
+}
+
 const char *moe_engine_backend(const struct moe_engine *e)
 {
 	(void)e;
