@@ -32,6 +32,8 @@ static struct moe_engine *open_engine(const char *dir, uint32_t ranks, uint32_t 
 		fail_msg("%s", err);
 	if (moe_engine_create(*m, &o, &e, err))
 		fail_msg("%s: %u ranks: %s", dir, ranks, err);
+	/* what moed -t plans is what the ranks allocate */
+	assert_int_equal(moe_engine_workspace_bytes(*m, &o), moe_engine_allocated_workspace_bytes(e));
 	return e;
 }
 
