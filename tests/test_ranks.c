@@ -130,6 +130,7 @@ static void check_fixture(const char *dir)
 	for (uint32_t R = 1; R <= 4; R++) {
 		uint32_t spare = 2;
 		struct moe_engine *e = open_engine(dir, R, spare, &m);
+		uint64_t base = moe_engine_weight_bytes(e);
 		int32_t *held = fill_spares(e, m, R, &rng);
 
 		assert_int_equal(moe_engine_ranks(e), R);
@@ -156,6 +157,26 @@ static void check_fixture(const char *dir)
 					compared++;
 				}
 			}
+		}
+		/* back to the initial placement, every replica dropped: the slot
+		 * bytes return to what was loaded (the old epochs retire at
+		 * the publish: no batch holds them) */
+		{
+			struct moe_placement *p;
+			char err[MOE_ERRLEN];
+			uint32_t id, P = (m->n_experts + R - 1) / R;
+
+			assert_true(moe_engine_weight_bytes(e) > base);
+			assert_int_equal(moe_place_initial(m->n_moe_layers, m->n_experts, R, spare,
+							   &p), 0);
+			assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), 0);
+			for (uint32_t l = 0; l < m->n_moe_layers; l++)
+				for (uint32_t r = 0; r < R; r++)
+					for (uint32_t s = P; s < P + spare; s++)
+						assert_int_equal(moe_engine_drop_replica(e, l, r, s,
+											  err), 0);
+			assert_int_equal(moe_engine_weight_bytes(e), base);
+			assert_int_equal(moe_engine_drop_replica(e, 0, 0, P, err), -ENOENT);
 		}
 		free(held);
 		moe_engine_destroy(e);
@@ -221,6 +242,30 @@ static void test_errors(void **state)
 		p->n_replicas[0] = 2;
 		assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), -EINVAL);
 		assert_non_null(strstr(err, "does not hold expert 0"));
+		/* copied, published, dropped while an epoch holds it: it stays
+		 * until that epoch retires, and cannot be named again */
+		{
+			uint64_t before = moe_engine_weight_bytes(e);
+			struct moe_epoch *held;
+
+			assert_int_equal(moe_engine_replicate(e, 0, 0, 1, P, err), 0);
+			assert_int_equal(moe_place_initial(m->n_moe_layers, E, 2, 1, &p), 0);
+			p->rep[0 * MOE_MAX_REPLICAS + 1] = (struct moe_replica){1, (uint16_t)P};
+			p->n_replicas[0] = 2;
+			assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), 0);
+			held = moe_epoch_acquire(e); /* a batch on it */
+			assert_int_equal(moe_place_initial(m->n_moe_layers, E, 2, 1, &p), 0);
+			assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), 0);
+			assert_int_equal(moe_engine_drop_replica(e, 0, 1, P, err), 0);
+			assert_true(moe_engine_weight_bytes(e) > before); /* still held */
+			assert_int_equal(moe_place_initial(m->n_moe_layers, E, 2, 1, &p), 0);
+			p->rep[0 * MOE_MAX_REPLICAS + 1] = (struct moe_replica){1, (uint16_t)P};
+			p->n_replicas[0] = 2;
+			assert_int_equal(moe_engine_publish(e, p, NULL, &id, err), -EINVAL);
+			assert_non_null(strstr(err, "being dropped"));
+			moe_epoch_release(held); /* its last batch: retired, slot freed */
+			assert_int_equal(moe_engine_weight_bytes(e), before);
+		}
 	}
 	moe_engine_destroy(e);
 	moe_model_free(m);

@@ -51,7 +51,14 @@ struct moe_engine {
 	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
 	uint32_t slots_per_rank;
 	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
-	uint64_t weight_bytes;
+	/* Slot bookkeeping for replicas (slot_lock): how many live epochs name
+	 * each slot, and which slots are to be freed once none does. Publishes
+	 * are serialized by publish_lock (outer; the retire hook, which a
+	 * publish may run, takes slot_lock only). */
+	pthread_mutex_t slot_lock, publish_lock;
+	uint32_t *slot_refs;
+	bool *slot_drop;
+	_Atomic uint64_t weight_bytes; /* router, shared experts and every slot held */
 
 	struct moe_epochs *epochs;
 
@@ -238,6 +245,48 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 	return ret;
 }
 
+/* Frees a replica's slot (slot_lock held; no live epoch names it). */
+static void free_slot(struct moe_engine *e, size_t i, uint32_t rank)
+{
+	struct moe_slot *s = &e->slots[i];
+
+	atomic_fetch_sub(&e->weight_bytes, s->bytes);
+	e->ranks[rank].ops->slot_free(&e->ranks[rank], s);
+	*s = (struct moe_slot){0};
+	e->slot_expert[i] = -1;
+	e->slot_drop[i] = false;
+}
+
+/* Adds `delta` to the reference count of every slot p names; a dropped
+ * slot no epoch names any more is freed. slot_lock held. */
+static void count_slots(struct moe_engine *e, const struct moe_placement *p, int delta)
+{
+	for (uint32_t l = 0; l < p->n_layers; l++) {
+		for (uint32_t x = 0; x < p->n_experts; x++) {
+			uint32_t n;
+			const struct moe_replica *r = moe_place_get(p, l, x, &n);
+
+			for (uint32_t i = 0; i < n; i++) {
+				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
+
+				e->slot_refs[k] += (uint32_t)delta;
+				if (!e->slot_refs[k] && e->slot_drop[k])
+					free_slot(e, k, r[i].rank);
+			}
+		}
+	}
+}
+
+/* The epochs' retire hook: the slots only that epoch named are released. */
+static void retire_epoch(void *arg, const struct moe_epoch *ep)
+{
+	struct moe_engine *e = arg;
+
+	pthread_mutex_lock(&e->slot_lock);
+	count_slots(e, ep->placement, -1);
+	pthread_mutex_unlock(&e->slot_lock);
+}
+
 static uint32_t opts_threads(const struct moe_engine_opts *o)
 {
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -286,6 +335,8 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->n_ranks = R;
 	e->last_ms = e->last_kernel_ms = -1.0f;
 	pthread_mutex_init(&e->fwd_lock, NULL);
+	pthread_mutex_init(&e->slot_lock, NULL);
+	pthread_mutex_init(&e->publish_lock, NULL);
 	/* cpu.threads split between the ranks, at least one each (R may
 	 * exceed the cores); a rank's threads are its own */
 	T = opts_threads(o);
@@ -318,8 +369,13 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->slots = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank, sizeof(*e->slots));
 	e->slot_expert = malloc((size_t)R * m->n_moe_layers * e->slots_per_rank *
 				sizeof(*e->slot_expert));
+	e->slot_refs = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank,
+			      sizeof(*e->slot_refs));
+	e->slot_drop = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank,
+			      sizeof(*e->slot_drop));
 	e->ls = calloc(m->n_moe_layers, sizeof(*e->ls));
-	if (!e->ranks || !e->slots || !e->slot_expert || !e->ls || alloc_workspaces(e)) {
+	if (!e->ranks || !e->slots || !e->slot_expert || !e->slot_refs || !e->slot_drop || !e->ls ||
+	    alloc_workspaces(e)) {
 		ret = moe_err(err, -ENOMEM, "out of memory for the engine's workspaces (%u tokens)",
 			      e->max_tokens);
 		goto err_destroy;
@@ -354,7 +410,8 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	ret = moe_model_close_files(m, err);
 	if (ret)
 		goto err_destroy;
-	ret = moe_epochs_create(e->placement, m->n_moe_layers, NULL, NULL, &e->epochs);
+	count_slots(e, e->placement, 1);
+	ret = moe_epochs_create(e->placement, m->n_moe_layers, retire_epoch, e, &e->epochs);
 	e->placement = NULL; /* epoch 1's now, whatever the outcome */
 	if (ret) {
 		ret = moe_err(err, ret, "out of memory");
@@ -400,6 +457,8 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->ranks);
 	free(e->slots);
 	free(e->slot_expert);
+	free(e->slot_refs);
+	free(e->slot_drop);
 	free(e->ls);
 	free(e->x);
 	free(e->ids);
@@ -423,6 +482,8 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->slot_tab);
 	free(e->ecount);
 	pthread_mutex_destroy(&e->fwd_lock);
+	pthread_mutex_destroy(&e->slot_lock);
+	pthread_mutex_destroy(&e->publish_lock);
 	free(e);
 }
 
@@ -438,7 +499,8 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 		       uint32_t *id, char *err)
 {
 	const struct moe_model *m = e->m;
-	int ret;
+	struct moe_epoch *ep;
+	int ret = 0;
 
 	if (p && (p->n_layers != m->n_moe_layers || p->n_experts != m->n_experts ||
 		  p->n_ranks != e->n_ranks || p->slots_per_rank != e->slots_per_rank ||
@@ -446,26 +508,73 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 		moe_place_free(p);
 		return moe_err(err, -EINVAL, "the placement does not fit this engine's slots");
 	}
-	for (uint32_t l = 0; p && l < m->n_moe_layers; l++) {
-		for (uint32_t x = 0; x < m->n_experts; x++) {
+	pthread_mutex_lock(&e->publish_lock);
+	pthread_mutex_lock(&e->slot_lock);
+	for (uint32_t l = 0; p && l < m->n_moe_layers && !ret; l++) {
+		for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
 			uint32_t n;
 			const struct moe_replica *r = moe_place_get(p, l, x, &n);
 
-			for (uint32_t i = 0; i < n; i++) {
-				if (e->slot_expert[slot_index(e, r[i].rank, l, r[i].slot)] !=
-				    (int32_t)x) {
-					/* (the message first: r points into p) */
+			for (uint32_t i = 0; i < n && !ret; i++) {
+				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
+
+				/* (the message first: r points into p) */
+				if (e->slot_expert[k] != (int32_t)x)
 					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
 						      "does not hold expert %u", l, r[i].rank,
 						      r[i].slot, x);
-					moe_place_free(p);
-					return ret;
-				}
+				else if (e->slot_drop[k])
+					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
+						      "is being dropped", l, r[i].rank, r[i].slot);
 			}
 		}
 	}
+	pthread_mutex_unlock(&e->slot_lock);
+	if (ret) {
+		moe_place_free(p);
+		pthread_mutex_unlock(&e->publish_lock);
+		return ret;
+	}
+	/* (may retire the previous epoch: its hook takes slot_lock) */
 	ret = moe_epochs_publish(e->epochs, p, versions, id);
-	return ret ? moe_err(err, ret, "out of memory") : 0;
+	if (ret) {
+		pthread_mutex_unlock(&e->publish_lock);
+		return moe_err(err, ret, "out of memory");
+	}
+	/* The new epoch's slots are counted now; none of them is dropped
+	 * (checked above, and drops wait for publish_lock), so the previous
+	 * epoch retiring in between frees none of them. */
+	ep = moe_epoch_acquire(e);
+	pthread_mutex_lock(&e->slot_lock);
+	count_slots(e, ep->placement, 1);
+	pthread_mutex_unlock(&e->slot_lock);
+	moe_epoch_release(ep);
+	pthread_mutex_unlock(&e->publish_lock);
+	return 0;
+}
+
+int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot,
+			    char *err)
+{
+	size_t k;
+	int ret = 0;
+
+	if (l >= e->m->n_moe_layers || rank >= e->n_ranks || slot >= e->slots_per_rank)
+		return moe_err(err, -EINVAL, "no MoE layer %u, rank %u or slot %u", l, rank, slot);
+	k = slot_index(e, rank, l, slot);
+	pthread_mutex_lock(&e->publish_lock);
+	pthread_mutex_lock(&e->slot_lock);
+	if (e->slot_expert[k] < 0)
+		ret = moe_err(err, -ENOENT, "MoE layer %u: rank %u slot %u holds no expert", l,
+			      rank, slot);
+	else if (!e->slot_drop[k]) {
+		e->slot_drop[k] = true;
+		if (!e->slot_refs[k])
+			free_slot(e, k, rank);
+	}
+	pthread_mutex_unlock(&e->slot_lock);
+	pthread_mutex_unlock(&e->publish_lock);
+	return ret;
 }
 
 int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
@@ -473,7 +582,8 @@ int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t 
 {
 	const struct moe_model *m = e->m;
 	struct moe_slot *src = NULL, *dst;
-	int ret;
+	size_t k;
+	int ret = 0;
 
 	if (l >= m->n_moe_layers || x >= m->n_experts || rank >= e->n_ranks ||
 	    slot >= e->slots_per_rank)
@@ -481,31 +591,47 @@ int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t 
 			       x, rank, slot);
 	if (e->device)
 		return moe_err(err, -ENOTSUP, "replicas are copied on CPU ranks only for now");
-	if (e->slot_expert[slot_index(e, rank, l, slot)] >= 0)
-		return moe_err(err, -EBUSY, "MoE layer %u: rank %u slot %u holds expert %d", l,
-			       rank, slot, e->slot_expert[slot_index(e, rank, l, slot)]);
-	for (uint32_t r = 0; r < e->n_ranks && !src; r++)
+	k = slot_index(e, rank, l, slot);
+	dst = &e->slots[k];
+	/* publish_lock: no drop (so no free) of the source meanwhile;
+	 * slot_lock only to look and to mark: the copy runs without it, so a
+	 * batch retiring an epoch (the hook) does not wait for it */
+	pthread_mutex_lock(&e->publish_lock);
+	pthread_mutex_lock(&e->slot_lock);
+	if (e->slot_expert[k] != -1)
+		ret = moe_err(err, -EBUSY, "MoE layer %u: rank %u slot %u holds expert %d", l,
+			      rank, slot, e->slot_expert[k]);
+	for (uint32_t r = 0; r < e->n_ranks && !src && !ret; r++)
 		for (uint32_t s = 0; s < e->slots_per_rank && !src; s++)
-			if (e->slot_expert[slot_index(e, r, l, s)] == (int32_t)x)
+			if (e->slot_expert[slot_index(e, r, l, s)] == (int32_t)x &&
+			    !e->slot_drop[slot_index(e, r, l, s)])
 				src = slot_at(e, r, l, s);
-	if (!src)
-		return moe_err(err, -ENOENT, "MoE layer %u: no slot holds expert %u", l, x);
-	dst = slot_at(e, rank, l, slot);
-	if (!dst->mem) {
+	if (!ret && !src)
+		ret = moe_err(err, -ENOENT, "MoE layer %u: no slot holds expert %u", l, x);
+	if (!ret)
+		e->slot_expert[k] = -2; /* being filled: nothing may name it */
+	pthread_mutex_unlock(&e->slot_lock);
+	if (!ret && !dst->mem) {
 		char why[MOE_ERRLEN];
 
 		ret = e->ranks[rank].ops->slot_alloc(&e->ranks[rank], m, src->inter, dst, why);
 		if (ret)
-			return moe_err(err, ret, "rank %u: no room for a replica of layer %u's "
-				       "expert %u: %s", rank, l, x, why);
-		e->weight_bytes += dst->bytes;
+			ret = moe_err(err, ret, "rank %u: no room for a replica of layer %u's "
+				      "expert %u: %s", rank, l, x, why);
+		else
+			atomic_fetch_add(&e->weight_bytes, dst->bytes);
 	}
-	if (dst->bytes != src->bytes || dst->inter != src->inter)
-		return moe_err(err, -EINVAL, "rank %u slot %u is laid out for another expert size",
-			       rank, slot);
-	memcpy(dst->mem, src->mem, src->bytes);
-	e->slot_expert[slot_index(e, rank, l, slot)] = (int32_t)x;
-	return 0;
+	if (!ret && (dst->bytes != src->bytes || dst->inter != src->inter))
+		ret = moe_err(err, -EINVAL, "rank %u slot %u is laid out for another expert size",
+			      rank, slot);
+	if (!ret)
+		memcpy(dst->mem, src->mem, src->bytes);
+	pthread_mutex_lock(&e->slot_lock);
+	if (e->slot_expert[k] == -2)
+		e->slot_expert[k] = ret ? -1 : (int32_t)x;
+	pthread_mutex_unlock(&e->slot_lock);
+	pthread_mutex_unlock(&e->publish_lock);
+	return ret;
 }
 
 uint32_t moe_engine_slots_per_rank(const struct moe_engine *e)
@@ -964,7 +1090,7 @@ void moe_engine_host_unregister(struct moe_engine *e, void *p)
 
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e)
 {
-	return e->weight_bytes;
+	return atomic_load(&((struct moe_engine *)e)->weight_bytes);
 }
 
 uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x)

@@ -96,6 +96,11 @@ struct moe_epochs *moe_engine_epochs(struct moe_engine *e);
  * it is written. Call from one thread at a time. */
 int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
 			 uint32_t slot, char *err);
+/* Marks a replica's slot to be freed once no live epoch names it (at once
+ * if none does); a placement naming it can no longer be published.
+ * -ENOENT for an empty slot. */
+int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot,
+			    char *err);
 uint32_t moe_engine_slots_per_rank(const struct moe_engine *e);
 
 /* 0, or -EINVAL (layer is not MoE, bad dtype), -E2BIG (too many tokens),
