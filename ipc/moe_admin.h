@@ -35,7 +35,11 @@ enum moe_admin_op {
 					weights (a self-test of the publish path) */
 	MOE_ADMIN_JOB_STATUS = 6,    /* moe_admin_job_ref -> moe_admin_job */
 	MOE_ADMIN_JOB_CANCEL = 7,    /* moe_admin_job_ref -> moe_admin_job */
-	MOE_ADMIN_OP_MAX = 7
+	MOE_ADMIN_PLACEMENT_CYCLE = 8, /* job: publish `count` random valid placements,
+					  replicas copied into spare slots and dropped
+					  again (a self-test of the placement path; CPU
+					  ranks) */
+	MOE_ADMIN_OP_MAX = 8
 };
 
 /* flags */
@@ -50,6 +54,12 @@ struct moe_admin_epoch {
 struct moe_admin_cycle {
 	uint32_t count;	      /* epochs to publish, 1..1000000 */
 	uint32_t interval_us; /* pause between two, 0..1000000 */
+};
+
+struct moe_admin_placement_cycle {
+	uint32_t count;	      /* placements to publish, 1..100000 */
+	uint32_t interval_us; /* pause between two, 0..1000000 */
+	uint64_t seed;	      /* of the random choices */
 };
 
 struct moe_admin_job_ref {

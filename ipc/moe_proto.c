@@ -154,6 +154,8 @@ static const struct {
 	[MOE_ADMIN_EPOCH_CYCLE] = {"epoch-cycle", sizeof(struct moe_admin_cycle)},
 	[MOE_ADMIN_JOB_STATUS] = {"job-status", sizeof(struct moe_admin_job_ref)},
 	[MOE_ADMIN_JOB_CANCEL] = {"job-cancel", sizeof(struct moe_admin_job_ref)},
+	[MOE_ADMIN_PLACEMENT_CYCLE] = {"placement-cycle",
+				       sizeof(struct moe_admin_placement_cycle)},
 };
 
 int moe_admin_payload_size(uint32_t op)

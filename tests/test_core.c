@@ -14,6 +14,12 @@
  *    failed requests, every output bit for bit the in-process engine's,
  *    completion epochs monotone per client, and every epoch but the current
  *    retired (status counts; ASan's leak check at moed's exit).
+ *  - placements_under_load: on `devices: cpu:2` with spare slots, a
+ *    PLACEMENT_CYCLE job publishes 60 random placements (replicas copied
+ *    into spare slots off the serving path, dropped after) while four
+ *    clients run: zero failed requests, every output bit for bit the
+ *    in-process single-rank engine's, and the daemon's slot bytes back to
+ *    what was loaded once the job ends (LeakSanitizer at exit).
  *  - admin_table: unknown op, short and long payloads, bad fields and
  *    flags, lookups of epochs, a job started, read, cancelled and its
  *    JOB_DONE; admin_privilege: the same ops from a non-admin uid.
@@ -623,6 +629,84 @@ static void test_admin_privilege(void **state)
 	g_passed = true;
 }
 
+static double weight_bytes(moe_client *c)
+{
+	cJSON *j = dh_status(c, true);
+	double v = dh_jnum(dh_jget(j, "backend", cJSON_Object), "weight_bytes");
+
+	cJSON_Delete(j);
+	return v;
+}
+
+static void test_placements_under_load(void **state)
+{
+	struct daemon *d = start("devices: cpu:2\nplacement:\n  spare_slots: 2\n", NULL);
+	struct moe_admin_placement_cycle pc = {60, 2000, 7};
+	struct loader L[4];
+	pthread_t th[4];
+	atomic_bool stop = false;
+	struct moe_admin_job jd;
+	struct reply rep;
+	struct raw *r;
+	moe_client *c = cl_open(d, "slots");
+	double base = weight_bytes(c), now = 0;
+	uint64_t total = 0;
+
+	(void)state;
+	for (int i = 0; i < 4; i++) {
+		L[i] = (struct loader){.d = d, .stop = &stop, .id = 10 + i};
+		assert_int_equal(pthread_create(&th[i], NULL, load_thread, &L[i]), 0);
+	}
+	dh_nap_ms(50);
+	r = raw_attach(d, 1 << 20, 4);
+	assert_int_equal(admin(r, MOE_ADMIN_PLACEMENT_CYCLE, 0, &pc, sizeof(pc), &rep), 0);
+	jd = job_of(&rep);
+	recv_job_done(r, &jd);
+	printf("placement-cycle: job %u state %u: %s\n", jd.job, jd.state, jd.message);
+	assert_int_equal(jd.state, MOE_JOB_DONE);
+	assert_int_equal(jd.done, pc.count);
+	dh_nap_ms(50);
+	atomic_store(&stop, true);
+	for (int i = 0; i < 4; i++) {
+		pthread_join(th[i], NULL);
+		printf("client %d: %llu requests, %llu failed, %llu wrong, epochs %u..%u%s%s\n", i,
+		       (unsigned long long)L[i].requests, (unsigned long long)L[i].failed,
+		       (unsigned long long)L[i].wrong, L[i].first_epoch, L[i].last_epoch,
+		       L[i].why[0] ? ": " : "", L[i].why);
+		assert_int_equal(L[i].failed, 0);
+		assert_int_equal(L[i].wrong, 0);
+		assert_int_equal(L[i].not_monotone, 0);
+		assert_true(L[i].requests > 0);
+		total += L[i].requests;
+	}
+	/* the replicas' slots are freed as the last batches on their epochs
+	 * end: nothing runs now, so the count is back */
+	for (uint64_t until = dh_now_ms() + READY_MS; dh_now_ms() < until;) {
+		now = weight_bytes(c);
+		if (now == base)
+			break;
+		dh_nap_ms(10);
+	}
+	printf("%llu requests under 60 placements; slot bytes %.0f, loaded %.0f\n",
+	       (unsigned long long)total, now, base);
+	assert_true(now == base);
+	{
+		/* spare_slots 0: refused with a reason, not a crash */
+		struct daemon *d0 = start("devices: cpu:2\n", NULL);
+		struct raw *r0 = raw_attach(d0, 1 << 20, 4);
+
+		assert_int_equal(admin(r0, MOE_ADMIN_PLACEMENT_CYCLE, 0, &pc, sizeof(pc), &rep), 0);
+		jd = job_of(&rep);
+		recv_job_done(r0, &jd);
+		assert_int_equal(jd.state, MOE_JOB_FAILED);
+		assert_non_null(strstr(jd.message, "spare"));
+		dh_daemon_stop(d0);
+	}
+	wire_close_all();
+	dh_daemon_stop(d);
+	g_passed = true;
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -631,6 +715,7 @@ int main(void)
 		cmocka_unit_test_setup_teardown(test_epochs_under_load, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_admin_table, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_admin_privilege, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_placements_under_load, dh_setup, dh_teardown),
 	};
 
 	return cmocka_run_group_tests(tests, dh_group_setup, dh_group_teardown);

@@ -161,7 +161,17 @@ static const char *check_cycle(const void *p)
 					 : NULL;
 }
 
-static void op_epoch_cycle(const struct admin_call *a)
+static const char *check_pcycle(const void *p)
+{
+	const struct moe_admin_placement_cycle *x = p;
+
+	return !x->count || x->count > 100000 ? "count must be 1..100000"
+	       : x->interval_us > 1000000	 ? "interval_us must be at most 1000000"
+					 : NULL;
+}
+
+/* The jobs: epoch-cycle, placement-cycle. */
+static void op_start_job(const struct admin_call *a)
 {
 	struct moe_admin_job d;
 	const char *why = NULL;
@@ -215,9 +225,10 @@ static const struct admin_op {
 	[MOE_ADMIN_UNDRAIN] = {MOE_AUTH_ADMIN, NULL, op_undrain},
 	[MOE_ADMIN_RELOAD_CONFIG] = {MOE_AUTH_ADMIN, NULL, op_reload_config},
 	[MOE_ADMIN_EPOCH_INFO] = {MOE_AUTH_FORWARD, check_epoch, op_epoch_info},
-	[MOE_ADMIN_EPOCH_CYCLE] = {MOE_AUTH_ADMIN, check_cycle, op_epoch_cycle},
+	[MOE_ADMIN_EPOCH_CYCLE] = {MOE_AUTH_ADMIN, check_cycle, op_start_job},
 	[MOE_ADMIN_JOB_STATUS] = {MOE_AUTH_ADMIN, check_job, op_job},
 	[MOE_ADMIN_JOB_CANCEL] = {MOE_AUTH_ADMIN, check_job, op_job},
+	[MOE_ADMIN_PLACEMENT_CYCLE] = {MOE_AUTH_ADMIN, check_pcycle, op_start_job},
 };
 
 /* One ADMIN message (buf, n: the whole datagram, header valid). */

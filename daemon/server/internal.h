@@ -176,7 +176,8 @@ struct job {
 	char message[128];
 	struct moe_engine *e;
 	int efd;
-	struct moe_admin_cycle cycle;
+	struct moe_admin_cycle cycle;		  /* MOE_ADMIN_EPOCH_CYCLE */
+	struct moe_admin_placement_cycle pcycle; /* MOE_ADMIN_PLACEMENT_CYCLE */
 	uint32_t last_epoch;
 };
 
@@ -285,8 +286,9 @@ void srv_answer_drain_waiters(struct server *s);
 
 /* jobs.c: asynchronous admin jobs, one thread each */
 int srv_jobs_init(struct server *s);
+/* payload: the op's (admin.c checked it) */
 int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
-		  const struct moe_admin_cycle *cycle, struct job **out, const char **why);
+		  const void *payload, struct job **out, const char **why);
 struct job *srv_job_find(struct server *s, uint32_t id);
 void srv_job_describe(const struct job *j, struct moe_admin_job *d);
 void srv_jobs_collect(struct server *s);

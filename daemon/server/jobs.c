@@ -8,9 +8,13 @@
  * with the seq of the ADMIN that started it. Finished jobs stay readable
  * (MOE_ADMIN_JOB_STATUS) until their slot is reused.
  *
- * Today's one job, MOE_ADMIN_EPOCH_CYCLE, publishes epochs with the same
- * placement and weights (a self-test of the publish path under load).
- * Weight copies and reloads come next, on the same seam.
+ * Two jobs today, both self-tests of a path the next features take:
+ * MOE_ADMIN_EPOCH_CYCLE publishes epochs with the same placement and
+ * weights; MOE_ADMIN_PLACEMENT_CYCLE publishes random valid placements
+ * whose replicas it copies into spare slots first (moe_engine_replicate:
+ * off the serving path) and drops after (freed when the last batch on an
+ * epoch naming them ends), ending on the initial placement with every
+ * replica dropped. Weight reloads come next, on the same seam.
  */
 #include "daemon/server/internal.h"
 
@@ -60,6 +64,158 @@ static void *epoch_cycle(void *arg)
 	return NULL;
 }
 
+/* splitmix64: the job's random choices (reproducible from its seed). */
+static uint64_t next_rand(uint64_t *state)
+{
+	uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	return z ^ (z >> 31);
+}
+
+/* One random placement over the spare slots `use` marks free: the
+ * initial one plus, per layer, rank and free spare slot, with probability
+ * 1/2 a copy of a random expert the rank does not hold as a primary.
+ * used[] gets the slots filled. */
+static int random_placement(struct moe_engine *e, uint64_t *rng, const bool *busy,
+			    bool *used, struct moe_placement **out, char *err)
+{
+	const struct moe_model *m = moe_engine_model(e);
+	uint32_t E = m->n_experts, R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+	uint32_t P = (E + R - 1) / R;
+	struct moe_placement *p;
+	int ret = moe_place_initial(m->n_moe_layers, E, R, S - P, &p);
+
+	if (ret)
+		return moe_err(err, ret, "out of memory");
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		for (uint32_t r = 0; r < R; r++) {
+			for (uint32_t s = P; s < S; s++) {
+				size_t k = ((size_t)l * R + r) * S + s;
+				uint32_t x = (uint32_t)(next_rand(rng) % E);
+				uint8_t *n = &p->n_replicas[l * E + x];
+
+				used[k] = false;
+				if (busy[k] || next_rand(rng) % 2 || (R > 1 && x / P == r) ||
+				    *n >= MOE_MAX_REPLICAS)
+					continue;
+				/* -EBUSY: still held by an epoch a batch pins */
+				ret = moe_engine_replicate(e, l, x, r, s, err);
+				if (ret == -EBUSY)
+					continue;
+				if (ret) {
+					moe_place_free(p);
+					return ret;
+				}
+				p->rep[((size_t)l * E + x) * MOE_MAX_REPLICAS + *n] =
+					(struct moe_replica){(uint16_t)r, (uint16_t)s};
+				(*n)++;
+				used[k] = true;
+			}
+		}
+	}
+	*out = p;
+	return 0;
+}
+
+/* Drops the spare slots marked in `used` (no longer in the placement). */
+static void drop_used(struct moe_engine *e, bool *used, size_t n)
+{
+	const struct moe_model *m = moe_engine_model(e);
+	uint32_t R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+	char err[MOE_ERRLEN];
+
+	for (size_t k = 0; k < n; k++) {
+		if (!used[k])
+			continue;
+		moe_engine_drop_replica(e, (uint32_t)(k / ((size_t)R * S)),
+					(uint32_t)(k / S % R), (uint32_t)(k % S), err);
+		used[k] = false;
+	}
+	(void)m;
+}
+
+static void *placement_cycle(void *arg)
+{
+	struct job *j = arg;
+	struct moe_engine *e = j->e;
+	const struct moe_model *m = moe_engine_model(e);
+	size_t n = (size_t)m->n_moe_layers * moe_engine_ranks(e) * moe_engine_slots_per_rank(e);
+	bool *prev = calloc(n ? n : 1, 1), *now = calloc(n ? n : 1, 1);
+	uint64_t rng = j->pcycle.seed;
+	char err[MOE_ERRLEN];
+	uint32_t id, i = 0;
+	uint64_t replicas = 0;
+	sigset_t all;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL);
+	if (!prev || !now) {
+		snprintf(j->message, sizeof(j->message), "out of memory");
+		goto fail;
+	}
+	if (moe_engine_slots_per_rank(e) <= (m->n_experts + moe_engine_ranks(e) - 1) /
+						     moe_engine_ranks(e)) {
+		snprintf(j->message, sizeof(j->message),
+			 "no spare slots to copy replicas into (placement.spare_slots is 0)");
+		goto fail;
+	}
+	for (; i < j->pcycle.count; i++) {
+		struct moe_placement *p = NULL;
+
+		if (atomic_load(&j->cancel))
+			break;
+		/* the slots the current placement names are busy this round */
+		if (random_placement(e, &rng, prev, now, &p, err) ||
+		    moe_engine_publish(e, p, NULL, &id, err)) {
+			snprintf(j->message, sizeof(j->message), "%.120s", err);
+			drop_used(e, now, n);
+			goto fail;
+		}
+		for (size_t k = 0; k < n; k++)
+			replicas += now[k];
+		drop_used(e, prev, n); /* not named any more: freed after their epoch */
+		memcpy(prev, now, n);
+		atomic_store(&j->done, (uint64_t)i + 1);
+		j->last_epoch = id;
+		if (j->pcycle.interval_us)
+			usleep(j->pcycle.interval_us);
+	}
+	/* back to the initial placement, every replica dropped */
+	{
+		struct moe_placement *p;
+		uint32_t R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+
+		if (moe_place_initial(m->n_moe_layers, m->n_experts, R,
+				      S - (m->n_experts + R - 1) / R, &p) ||
+		    moe_engine_publish(e, p, NULL, &id, err)) {
+			snprintf(j->message, sizeof(j->message), "%.120s", err);
+			goto fail;
+		}
+		j->last_epoch = id;
+		drop_used(e, prev, n);
+	}
+	if (i < j->pcycle.count) {
+		snprintf(j->message, sizeof(j->message), "cancelled after %u of %u placements", i,
+			 j->pcycle.count);
+		job_end(j, MOE_JOB_CANCELLED, MOE_ECANCELED);
+	} else {
+		snprintf(j->message, sizeof(j->message),
+			 "published %u placements (%llu replicas copied), then the initial one: "
+			 "epoch %u", i, (unsigned long long)replicas, j->last_epoch);
+		job_end(j, MOE_JOB_DONE, 0);
+	}
+	free(prev);
+	free(now);
+	return NULL;
+fail:
+	free(prev);
+	free(now);
+	job_end(j, MOE_JOB_FAILED, MOE_EINTERNAL);
+	return NULL;
+}
+
 int srv_jobs_init(struct server *s)
 {
 	struct epoll_event ev = {.events = EPOLLIN};
@@ -96,8 +252,9 @@ static struct job **free_slot(struct server *s)
 }
 
 int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
-		  const struct moe_admin_cycle *cycle, struct job **out, const char **why)
+		  const void *payload, struct job **out, const char **why)
 {
+	void *(*fn)(void *) = op == MOE_ADMIN_PLACEMENT_CYCLE ? placement_cycle : epoch_cycle;
 	struct job **slot = free_slot(s), *j;
 
 	if (!slot)
@@ -106,12 +263,18 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	if (!j)
 		return *why = "out of memory", MOE_ENOMEM;
 	*j = (struct job){.id = ++s->next_job, .op = op, .seq = seq, .client_id = c->id,
-			  .e = s->e, .efd = s->jobs_efd, .cycle = *cycle};
+			  .e = s->e, .efd = s->jobs_efd};
+	if (op == MOE_ADMIN_PLACEMENT_CYCLE) {
+		j->pcycle = *(const struct moe_admin_placement_cycle *)payload;
+		j->total = j->pcycle.count;
+	} else {
+		j->cycle = *(const struct moe_admin_cycle *)payload;
+		j->total = j->cycle.count;
+	}
 	atomic_init(&j->state, MOE_JOB_RUNNING);
 	atomic_init(&j->done, 0);
 	atomic_init(&j->cancel, false);
-	j->total = cycle->count;
-	if (pthread_create(&j->thread, NULL, epoch_cycle, j)) {
+	if (pthread_create(&j->thread, NULL, fn, j)) {
 		free(j);
 		return *why = "cannot start a thread", MOE_ENOMEM;
 	}

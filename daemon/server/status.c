@@ -29,6 +29,8 @@ static char *status_json(struct server *s)
 	cJSON_AddStringToObject(o, "kernels", moe_engine_kernels(s->e));
 	cJSON_AddNumberToObject(o, "threads", moe_engine_threads(s->e));
 	cJSON_AddNumberToObject(o, "ranks", moe_engine_ranks(s->e));
+	/* router, shared experts and every expert slot held, replicas included */
+	cJSON_AddNumberToObject(o, "weight_bytes", (double)moe_engine_weight_bytes(s->e));
 	cJSON_AddStringToObject(o, "device", moe_engine_device(s->e));
 	cJSON_AddStringToObject(o, "gpu", s->o.gpu ? s->o.gpu : "none");
 	cJSON_AddBoolToObject(o, "device_lost", moe_engine_lost(s->e));

@@ -170,3 +170,30 @@ int moe_engine_forward(struct moe_engine *e, struct moe_epoch *ep, const struct 
 		abort(); /* the server formed a batch it must not */
 	return 0;
 }
+
+/* the placement-cycle job: a stand-in engine has one rank and no spares */
+uint32_t moe_engine_slots_per_rank(const struct moe_engine *e)
+{
+	(void)e;
+	return 0;
+}
+
+int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			 uint32_t slot, char *err)
+{
+	(void)e, (void)l, (void)x, (void)rank, (void)slot, (void)err;
+	return -ENOTSUP;
+}
+
+int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot,
+			    char *err)
+{
+	(void)e, (void)l, (void)rank, (void)slot, (void)err;
+	return -ENOENT;
+}
+
+uint64_t moe_engine_weight_bytes(const struct moe_engine *e)
+{
+	(void)e;
+	return 0;
+}
