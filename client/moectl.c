@@ -142,7 +142,24 @@ static void print_layers(const cJSON *layers)
 		       total > 0 ? max / (total / n) : 0.0);
 		cJSON_ArrayForEach(v, et) printf(" %.0f", cJSON_IsNumber(v) ? v->valuedouble : 0);
 		printf("\n");
+		if (cJSON_IsObject(obj(l, "imbalance")))
+			printf("         window: rank load max/mean %.2f, expert CV %.2f\n",
+			       num(obj(l, "imbalance"), "rank_max_over_mean"),
+			       num(obj(l, "imbalance"), "expert_cv"));
 	}
+}
+
+static void print_load(const cJSON *load)
+{
+	const cJSON *r;
+
+	if (!cJSON_IsObject(load))
+		return;
+	printf("\nranks (rows of (token, expert) pairs computed; window %.0f s):\n",
+	       num(load, "window_s"));
+	cJSON_ArrayForEach(r, obj(load, "ranks"))
+	    printf("  rank %-3.0f %12.0f rows, %10.0f in the window, busy %.1f ms\n", num(r, "rank"),
+	           num(r, "rows"), num(r, "rows_window"), num(r, "busy_ms"));
 }
 
 static void print_status(const cJSON *j)
@@ -185,6 +202,7 @@ static void print_status(const cJSON *j)
 		           num(c, "requests"), num(c, "errors"));
 	}
 	print_layers(obj(j, "layers"));
+	print_load(obj(j, "load"));
 }
 
 static int cmd_status(int argc, char **argv)

@@ -162,6 +162,7 @@ static void test_example_documents_every_key(void **state)
 	    "auto_rebalance:",
 	    "rebalance_threshold:",
 	    "rebalance_interval_s:",
+	    "stats_window_s:",
 	    "scheduler:",
 	    "max_batch_tokens:",
 	    "batch_window_us:",
@@ -579,6 +580,11 @@ static void test_devices(void **state)
 	assert_int_equal(c.devices.n_ranks, 64);
 	assert_int_equal(c.placement.spare_slots, 3);
 	moe_cfg_free(&c);
+	LOAD_OK("model: {path: /m}\nplacement: {stats_window_s: 5}\n", &c);
+	assert_int_equal(c.placement.stats_window_s, 5);
+	moe_cfg_free(&c);
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  stats_window_s: 0\n",
+	           "t.yaml:3:19: placement.stats_window_s: expected an integer between 1 and 86400");
 	EXPECT_ERR("model: {path: /m}\nplacement:\n  spare_slots: -1\n",
 	           "t.yaml:3:16: placement.spare_slots: expected an integer between 0 and 1024");
 #ifdef MOE_HAVE_CUDA

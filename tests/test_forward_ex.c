@@ -209,9 +209,35 @@ static void test_cpu_ranks(void **state)
 			}
 		}
 		{
-			cJSON *j = dh_status(c, true);
+			cJSON *j = dh_status(c, true), *l;
+			double busy = 0;
 
 			assert_int_equal(dh_jnum(dh_jget(j, "backend", cJSON_Object), "ranks"), R);
+			/* every (token, expert) row routed was computed by one rank */
+			cJSON_ArrayForEach(l, dh_jget(j, "layers", cJSON_Array))
+			{
+				cJSON *v, *pl = dh_jget(l, "placement", cJSON_Array);
+				double routed = 0, rows = 0, win = 0;
+
+				cJSON_ArrayForEach(v, dh_jget(l, "expert_tokens", cJSON_Array))
+					routed += v->valuedouble;
+				cJSON_ArrayForEach(v, dh_jget(l, "rank_rows", cJSON_Array))
+					rows += v->valuedouble;
+				cJSON_ArrayForEach(v, dh_jget(l, "rank_rows_window", cJSON_Array))
+					win += v->valuedouble;
+				assert_true(routed > 0);
+				assert_true(rows == routed);
+				assert_true(win == routed); /* all within the 60 s window */
+				assert_int_equal(cJSON_GetArraySize(pl), g_model->n_experts);
+				assert_true(dh_jnum(dh_jget(l, "imbalance", cJSON_Object),
+						    "rank_max_over_mean") >= 1.0);
+				assert_true(dh_jnum(dh_jget(l, "imbalance", cJSON_Object),
+						    "expert_cv") >= 0.0);
+			}
+			cJSON_ArrayForEach(l, dh_jget(dh_jget(j, "load", cJSON_Object), "ranks",
+						      cJSON_Array))
+				busy += dh_jnum(l, "busy_ms");
+			assert_true(busy > 0);
 			cJSON_Delete(j);
 		}
 		printf("cpu_ranks: devices cpu:%u: f32 and bf16 on both layers bit-identical to "

@@ -28,9 +28,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "daemon/engine/log.h"
+#include "daemon/engine/stats.h"
 #include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
@@ -76,7 +78,8 @@ struct moe_engine {
 	uint32_t *group_rank;	      /* [like groups]: the rank that runs it */
 	struct moe_ffn_group *rgroups; /* [like groups]: the groups by rank */
 	uint32_t *rank_rows;	      /* [n_ranks + 1]: rows per rank (then offsets) */
-	_Atomic uint64_t *expert_tokens; /* [n_moe_layers * E] */
+	struct moe_stats *stats; /* load statistics (written here, read by status) */
+	uint64_t rank_rows_now[MOE_MAX_RANKS], rank_busy_now[MOE_MAX_RANKS]; /* per chunk */
 
 	bool device;	  /* the backend runs whole batches (ops->forward) */
 	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
@@ -96,6 +99,14 @@ static size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t lay
 static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
 {
 	return &e->slots[slot_index(e, rank, layer, s)];
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* One workspace of the engine: allocated (zeroed or not), or with
@@ -131,15 +142,13 @@ static int alloc_workspaces(struct moe_engine *e)
 	size_t H = m->hidden, K = m->top_k, E = m->n_experts, ck = (size_t)e->chunk * K;
 	size_t T = e->max_tokens, C = e->chunk;
 
-	e->expert_tokens = ws(e, (size_t)m->n_moe_layers * E * sizeof(*e->expert_tokens), true);
 	/* the batch's routing: the CPU's own, a device's copy when asked */
 	e->ids = ws(e, T * K * sizeof(uint32_t), false);
 	e->w = ws(e, T * K * sizeof(float), false);
 	if (e->device) {
 		e->slot_tab = ws(e, E * sizeof(*e->slot_tab), true);
 		e->ecount = ws(e, E * sizeof(*e->ecount), true);
-		return e->sizing || (e->expert_tokens && e->slot_tab && e->ecount && e->ids &&
-				     e->w) ? 0 : -ENOMEM;
+		return e->sizing || (e->slot_tab && e->ecount && e->ids && e->w) ? 0 : -ENOMEM;
 	}
 	e->x = ws(e, T * H * sizeof(float), false);
 	e->count = ws(e, E * sizeof(uint32_t), true);
@@ -163,7 +172,7 @@ static int alloc_workspaces(struct moe_engine *e)
 	}
 	if (!e->sizing && (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos ||
 			   !e->xs || !e->hs || !e->ys || !e->sc || !e->acc || !e->groups ||
-			   !e->group_rank || !e->rgroups || !e->rank_rows || !e->expert_tokens))
+			   !e->group_rank || !e->rgroups || !e->rank_rows))
 		return -ENOMEM;
 	return 0;
 }
@@ -410,6 +419,12 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	ret = moe_model_close_files(m, err);
 	if (ret)
 		goto err_destroy;
+	ret = moe_stats_create(m->n_moe_layers, m->n_experts, R, o ? o->stats_window_ms : 0,
+			       &e->stats);
+	if (ret) {
+		ret = moe_err(err, ret, "out of memory");
+		goto err_destroy;
+	}
 	count_slots(e, e->placement, 1);
 	ret = moe_epochs_create(e->placement, m->n_moe_layers, retire_epoch, e, &e->epochs);
 	e->placement = NULL; /* epoch 1's now, whatever the outcome */
@@ -478,7 +493,7 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->group_rank);
 	free(e->rgroups);
 	free(e->rank_rows);
-	free(e->expert_tokens);
+	moe_stats_free(e->stats);
 	free(e->slot_tab);
 	free(e->ecount);
 	pthread_mutex_destroy(&e->fwd_lock);
@@ -721,10 +736,13 @@ struct ranks_ctx {
 static void rank_task(void *arg, uint32_t r, uint32_t worker)
 {
 	struct ranks_ctx *c = arg;
+	uint64_t t0 = now_ns();
 
 	(void)worker;
 	if (c->work[r].n_groups)
 		c->ret[r] = c->e->ranks[r].ops->experts(&c->e->ranks[r], &c->work[r]);
+	/* (each rank its own slot; the forward thread merges them) */
+	c->e->rank_busy_now[r] = now_ns() - t0;
 }
 
 /* The expert stage: every rank runs its groups on its own threads, the
@@ -738,12 +756,18 @@ static int run_ranks(struct moe_engine *e, uint32_t ng, const struct moe_ffn_gro
 	int ret[MOE_MAX_RANKS] = {0};
 	struct ranks_ctx c = {e, work, ret};
 
+	for (uint32_t g = 0; g < ng; g++)
+		e->rank_rows_now[e->group_rank[g]] += e->groups[g].n;
 	if (R == 1) {
 		struct moe_rank_work w = {e->m->dtype, e->m->hidden, ng, e->groups};
+		uint64_t t0 = now_ns();
+		int r;
 
 		if (shared)
 			e->groups[w.n_groups++] = *shared;
-		return e->ranks[0].ops->experts(&e->ranks[0], &w);
+		r = e->ranks[0].ops->experts(&e->ranks[0], &w);
+		e->rank_busy_now[0] = now_ns() - t0;
+		return r;
 	}
 	memset(off, 0, (R + 1) * sizeof(*off));
 	for (uint32_t g = 0; g < ng; g++)
@@ -868,9 +892,7 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 		scatter_routing(e, b, segs, n_segs);
 	e->last_ms = f.device_ms;
 	e->last_kernel_ms = f.kernel_ms;
-	for (uint32_t x = 0; x < m->n_experts; x++)
-		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + x],
-					  e->ecount[x], memory_order_relaxed);
+	moe_stats_counts(e->stats, l, e->ecount, now_ns());
 	return 0;
 }
 
@@ -901,9 +923,7 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	ret = r->ops->route(r, m, ls, e->x, n, e->ids, e->w);
 	if (ret)
 		return moe_err(err, ret, "routing failed");
-	for (size_t i = 0; i < (size_t)n * K; i++)
-		atomic_fetch_add_explicit(&e->expert_tokens[(size_t)l * m->n_experts + e->ids[i]],
-					  1, memory_order_relaxed);
+	moe_stats_routed(e->stats, l, e->ids, (uint64_t)n * K, now_ns());
 	if (b->topk_ids || b->topk_weights || wants_routing(segs, n_segs))
 		scatter_routing(e, b, segs, n_segs);
 
@@ -924,7 +944,12 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 				.scale = ls->shared_gate ? e->sh_sc : NULL,
 			};
 		}
+		memset(e->rank_rows_now, 0, sizeof(e->rank_rows_now));
+		memset(e->rank_busy_now, 0, sizeof(e->rank_busy_now));
 		ret = run_ranks(e, ng, ls->shared.mem ? &sh : NULL);
+		for (uint32_t k = 0; k < e->n_ranks; k++)
+			moe_stats_rank(e->stats, l, k, e->rank_rows_now[k], e->rank_busy_now[k],
+				       now_ns());
 		if (ret)
 			return moe_err(err, ret, "expert FFNs failed");
 		combine(e, segs, c0, nc, ls->shared.mem != NULL);
@@ -1095,6 +1120,10 @@ uint64_t moe_engine_weight_bytes(const struct moe_engine *e)
 
 uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x)
 {
-	return atomic_load_explicit(&e->expert_tokens[(size_t)pos * e->m->n_experts + x],
-				    memory_order_relaxed);
+	return moe_stats_expert_total(e->stats, pos, x);
+}
+
+const struct moe_stats *moe_engine_stats(const struct moe_engine *e)
+{
+	return e->stats;
 }

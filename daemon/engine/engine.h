@@ -34,6 +34,7 @@ struct moe_engine_opts {
 	uint32_t n_ranks;	  /* CPU ranks (each its own threads, slots and weights);
 				     device backends: 1 for now */
 	uint32_t spare_slots;	  /* per rank per layer */
+	uint32_t stats_window_ms; /* load statistics' sliding window; 0: 60 s */
 	const char *backend;	  /* NULL/"cpu", or "cuda" (built with CUDA) */
 	int device;		  /* GPU index for "cuda" */
 	/* Called after each layer is loaded (a large checkpoint takes a while:
@@ -148,5 +149,7 @@ void moe_engine_host_unregister(struct moe_engine *e, void *p);
 uint64_t moe_engine_weight_bytes(const struct moe_engine *e);
 /* Tokens routed to expert `x` of MoE layer position `pos` since start. */
 uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x);
+/* The load statistics (daemon/engine/stats.h): read from any thread. */
+const struct moe_stats *moe_engine_stats(const struct moe_engine *e);
 
 #endif

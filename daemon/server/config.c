@@ -288,6 +288,7 @@ int moe_cfg_defaults(struct moe_config *c)
 	c->placement.auto_rebalance = false;
 	c->placement.rebalance_threshold = 1.5;
 	c->placement.rebalance_interval_s = 60;
+	c->placement.stats_window_s = 60;
 	c->scheduler.max_batch_tokens = 4096;
 	c->scheduler.batch_window_us = 200;
 	c->scheduler.max_queue_requests = 4096;

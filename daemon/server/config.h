@@ -93,6 +93,7 @@ struct moe_config {
 		bool auto_rebalance;               /* default false */
 		double rebalance_threshold;        /* max/mean load, > 1.0; 1.5 */
 		unsigned int rebalance_interval_s; /* 1..86400, default 60 */
+		unsigned int stats_window_s;       /* load statistics' window, 1..86400, default 60 */
 	} placement;
 
 	struct {

@@ -268,6 +268,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
 				     .n_ranks = c->devices.kind == MOE_CFG_DEV_CPU ? c->devices.n_ranks : 1,
 				     .spare_slots = c->placement.spare_slots,
+				     .stats_window_ms = c->placement.stats_window_s * 1000u,
 				     .backend = plan->backend,
 				     .device = plan->device,
 				     .progress = load_progress,

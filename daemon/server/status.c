@@ -1,7 +1,90 @@
 /* daemon/server/status.c — the status JSON, one snapshot per loop iteration (see internal.h). */
 #include "daemon/server/internal.h"
 
+#include "daemon/engine/stats.h"
+
 /* ---- status ------------------------------------------------------------- */
+
+/* A layer's load (window and total) and where its experts live (the
+ * current placement: per expert, its replicas as [rank, slot]). */
+static void layer_load(struct server *s, uint32_t l, cJSON *x)
+{
+	const struct moe_stats *st = moe_engine_stats(s->e);
+	uint32_t R = moe_engine_ranks(s->e), E = s->m->n_experts;
+	uint64_t now = srv_now_ns();
+	struct moe_epoch *ep;
+	cJSON *t, *o;
+
+	if (!st)
+		return;
+	t = cJSON_AddArrayToObject(x, "expert_tokens_window");
+	for (uint32_t e = 0; e < E; e++)
+		cJSON_AddItemToArray(t, cJSON_CreateNumber(
+						(double)moe_stats_expert_window(st, l, e, now)));
+	t = cJSON_AddArrayToObject(x, "rank_rows");
+	for (uint32_t r = 0; r < R; r++)
+		cJSON_AddItemToArray(t, cJSON_CreateNumber(
+						(double)moe_stats_rank_rows(st, l, r, now, 0)));
+	t = cJSON_AddArrayToObject(x, "rank_rows_window");
+	for (uint32_t r = 0; r < R; r++)
+		cJSON_AddItemToArray(t, cJSON_CreateNumber(
+						(double)moe_stats_rank_rows(st, l, r, now, 1)));
+	o = cJSON_AddObjectToObject(x, "imbalance");
+	cJSON_AddNumberToObject(o, "rank_max_over_mean", moe_stats_rank_imbalance(st, l, now, 1));
+	cJSON_AddNumberToObject(o, "expert_cv", moe_stats_expert_cv(st, l, now, 1));
+	cJSON_AddNumberToObject(o, "rank_max_over_mean_total",
+				moe_stats_rank_imbalance(st, l, now, 0));
+	cJSON_AddNumberToObject(o, "expert_cv_total", moe_stats_expert_cv(st, l, now, 0));
+	ep = moe_epoch_acquire(s->e);
+	if (ep && ep->placement) {
+		t = cJSON_AddArrayToObject(x, "placement");
+		for (uint32_t e = 0; e < E; e++) {
+			uint32_t n;
+			const struct moe_replica *rep = moe_place_get(ep->placement, l, e, &n);
+			cJSON *reps = cJSON_CreateArray();
+
+			for (uint32_t i = 0; i < n; i++) {
+				cJSON *pair = cJSON_CreateArray();
+
+				cJSON_AddItemToArray(pair, cJSON_CreateNumber(rep[i].rank));
+				cJSON_AddItemToArray(pair, cJSON_CreateNumber(rep[i].slot));
+				cJSON_AddItemToArray(reps, pair);
+			}
+			cJSON_AddItemToArray(t, reps);
+		}
+	}
+	if (ep)
+		moe_epoch_release(ep);
+}
+
+/* The ranks' work since start, and the window the windowed counts cover. */
+static void load_summary(struct server *s, cJSON *j)
+{
+	const struct moe_stats *st = moe_engine_stats(s->e);
+	uint32_t R = moe_engine_ranks(s->e);
+	uint64_t now = srv_now_ns();
+	cJSON *o, *a;
+
+	if (!st)
+		return;
+	o = cJSON_AddObjectToObject(j, "load");
+	cJSON_AddNumberToObject(o, "window_s", moe_stats_window_ms(st) / 1000.0);
+	a = cJSON_AddArrayToObject(o, "ranks");
+	for (uint32_t r = 0; r < R; r++) {
+		cJSON *x = cJSON_CreateObject();
+		uint64_t rows = 0, win = 0;
+
+		for (uint32_t l = 0; l < s->m->n_moe_layers; l++) {
+			rows += moe_stats_rank_rows(st, l, r, now, 0);
+			win += moe_stats_rank_rows(st, l, r, now, 1);
+		}
+		cJSON_AddNumberToObject(x, "rank", r);
+		cJSON_AddNumberToObject(x, "rows", (double)rows);
+		cJSON_AddNumberToObject(x, "rows_window", (double)win);
+		cJSON_AddNumberToObject(x, "busy_ms", moe_stats_rank_busy_ns(st, r) / 1e6);
+		cJSON_AddItemToArray(a, x);
+	}
+}
 
 static char *status_json(struct server *s)
 {
@@ -117,8 +200,10 @@ static char *status_json(struct server *s)
 		for (uint32_t e = 0; e < m->n_experts; e++)
 			cJSON_AddItemToArray(t, cJSON_CreateNumber(
 							(double)moe_engine_expert_tokens(s->e, l, e)));
+		layer_load(s, l, x);
 		cJSON_AddItemToArray(a, x);
 	}
+	load_summary(s, j);
 	out = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
 	return out;

@@ -197,3 +197,10 @@ uint64_t moe_engine_weight_bytes(const struct moe_engine *e)
 	(void)e;
 	return 0;
 }
+
+/* no load statistics in the stand-in: status leaves them out */
+const struct moe_stats *moe_engine_stats(const struct moe_engine *e)
+{
+	(void)e;
+	return NULL;
+}
