@@ -34,6 +34,7 @@ static void usage(FILE *f)
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
 		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
 		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
+		   "                 [--devices cpu:R]   (R CPU ranks: the table for 1 rank, then R)\n"
 		   "       moe-bench --device cuda[:N] [--shape mixtral|olmoe|all] [--model DIR]\n"
 		   "                 [--tokens 1,16,64,256,1024,4096]   (the CUDA backend on GPU N)\n"
 		   "Without --model: a synthetic OLMoE-1B-7B-shaped layer (hidden 2048, inter 1024,\n"
@@ -66,12 +67,87 @@ int moe_bench_ipc(int argc, char **argv);
 int moe_bench_cuda(const char *shape, const char *model, const char *tokens, int device,
 		   double min_reps);
 
+/* One table: median time per batch of each size on engine e, against the
+ * machine's limits. */
+static int run_table(struct moe_engine *e, const struct moe_model *m, uint32_t layer,
+		     const char *tokens, double min_time, double bw, double peak,
+		     struct moe_rng *rp)
+{
+	struct moe_rng r = *rp;
+	char err[MOE_ERRLEN];
+
+	printf("%7s %10s %8s %10s %6s %10s %6s\n", "tokens", "median ms", "experts",
+	       "GB/s", "%bw", "GFLOP/s", "%peak");
+
+	for (const char *p = tokens; *p;) {
+		uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10), K = m->top_k;
+		/* NSETS different inputs, cycled: each call touches other experts,
+		 * so the weights come from memory, not from the last call's cache */
+		enum { NSETS = 8 };
+		uint16_t *in, *out;
+		uint32_t *ids, distinct[NSETS] = {0};
+		double *bws, *times, t_total = 0, avg_distinct = 0, flops;
+		int reps = 0, max_reps = 1000;
+
+		if (*p == ',')
+			p++;
+		if (!n || n > moe_engine_max_tokens(e))
+			continue;
+		in = malloc((size_t)NSETS * n * m->hidden * 2);
+		out = malloc((size_t)n * m->hidden * 2);
+		ids = malloc((size_t)n * K * sizeof(uint32_t));
+		times = malloc(max_reps * sizeof(double));
+		bws = malloc(max_reps * sizeof(double));
+		for (size_t i = 0; i < (size_t)NSETS * n * m->hidden; i++)
+			in[i] = moe_f32_to_bf16((float)moe_rng_normal(&r));
+		for (int rep = -NSETS; rep < max_reps; rep++) {
+			int set = (rep + NSETS) % NSETS;
+			struct moe_epoch *ep = moe_epoch_acquire(e);
+			struct moe_batch b = {layer, n, MOE_DT_BF16,
+					      in + (size_t)set * n * m->hidden, out,
+					      rep < 0 ? ids : NULL, NULL, 0, NULL};
+			double t0 = moe_bench_now(), dt;
+
+			if (moe_engine_forward(e, ep, &b, err)) {
+				fprintf(stderr, "moe-bench: %s\n", err);
+				return 1;
+			}
+			dt = moe_bench_now() - t0;
+			moe_epoch_release(ep);
+			if (rep < 0) { /* warm-up: count the experts each set touches */
+				unsigned char seen[MOE_MAX_EXPERTS] = {0};
+
+				for (size_t i = 0; i < (size_t)n * K; i++)
+					if (!seen[ids[i]]++)
+						distinct[set]++;
+				avg_distinct += (double)distinct[set] / NSETS;
+				continue;
+			}
+			times[reps] = dt;
+			bws[reps++] = (double)distinct[set] * (double)m->expert_bytes / dt;
+			t_total += dt;
+			if (reps >= 2 * NSETS && t_total >= min_time)
+				break;
+		}
+		qsort(times, reps, sizeof(double), cmp_double);
+		qsort(bws, reps, sizeof(double), cmp_double);
+		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
+		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%%\n", n, times[reps / 2] * 1e3,
+		       avg_distinct, bws[reps / 2] / 1e9, 100 * bws[reps / 2] / bw,
+		       flops / times[reps / 2] / 1e9,
+		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0);
+		free(in), free(out), free(ids), free(times), free(bws);
+	}
+	*rp = r;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
 		{"isa", 1, NULL, 'i'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
-		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'},
+		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'}, {"devices", 1, NULL, 'D'},
 		{"help", 0, NULL, 'h'},	   {0},
 	};
 	const char *device = "cpu", *shape = "all";
@@ -82,6 +158,7 @@ int main(int argc, char **argv)
 	double min_time = 0.5, bw, peak, bf16_peak;
 	const char *peak_what;
 	int layer = -1, c;
+	uint32_t ranks = 1;
 	struct moe_model *m;
 	struct moe_engine *e;
 	struct moe_pool *pool;
@@ -109,6 +186,15 @@ int main(int argc, char **argv)
 			break;
 		case 'd':
 			device = optarg;
+			break;
+		case 'D':
+			if (strncmp(optarg, "cpu:", 4) || atoi(optarg + 4) < 1 ||
+			    atoi(optarg + 4) > MOE_MAX_RANKS) {
+				fprintf(stderr, "moe-bench: --devices %s: expected cpu:R (R 1..%d)\n",
+					optarg, MOE_MAX_RANKS);
+				return 2;
+			}
+			ranks = (uint32_t)atoi(optarg + 4);
 			break;
 		case 's':
 			shape = optarg;
@@ -187,69 +273,26 @@ int main(int argc, char **argv)
 		printf("; bf16 dot product (vdpbf16ps) %.1f GFLOP/s", bf16_peak / 1e9);
 	else
 		printf("; no AVX512_BF16 on this CPU");
-	printf("\n\n%7s %10s %8s %10s %6s %10s %6s\n", "tokens", "median ms", "experts",
-	       "GB/s", "%bw", "GFLOP/s", "%peak");
-
-	for (const char *p = tokens; *p;) {
-		uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10), K = m->top_k;
-		/* NSETS different inputs, cycled: each call touches other experts,
-		 * so the weights come from memory, not from the last call's cache */
-		enum { NSETS = 8 };
-		uint16_t *in, *out;
-		uint32_t *ids, distinct[NSETS] = {0};
-		double *bws, *times, t_total = 0, avg_distinct = 0, flops;
-		int reps = 0, max_reps = 1000;
-
-		if (*p == ',')
-			p++;
-		if (!n || n > moe_engine_max_tokens(e))
-			continue;
-		in = malloc((size_t)NSETS * n * m->hidden * 2);
-		out = malloc((size_t)n * m->hidden * 2);
-		ids = malloc((size_t)n * K * sizeof(uint32_t));
-		times = malloc(max_reps * sizeof(double));
-		bws = malloc(max_reps * sizeof(double));
-		for (size_t i = 0; i < (size_t)NSETS * n * m->hidden; i++)
-			in[i] = moe_f32_to_bf16((float)moe_rng_normal(&r));
-		for (int rep = -NSETS; rep < max_reps; rep++) {
-			int set = (rep + NSETS) % NSETS;
-			struct moe_epoch *ep = moe_epoch_acquire(e);
-			struct moe_batch b = {(uint32_t)layer, n, MOE_DT_BF16,
-					      in + (size_t)set * n * m->hidden, out,
-					      rep < 0 ? ids : NULL, NULL, 0, NULL};
-			double t0 = moe_bench_now(), dt;
-
-			if (moe_engine_forward(e, ep, &b, err)) {
-				fprintf(stderr, "moe-bench: %s\n", err);
-				return 1;
-			}
-			dt = moe_bench_now() - t0;
-			moe_epoch_release(ep);
-			if (rep < 0) { /* warm-up: count the experts each set touches */
-				unsigned char seen[MOE_MAX_EXPERTS] = {0};
-
-				for (size_t i = 0; i < (size_t)n * K; i++)
-					if (!seen[ids[i]]++)
-						distinct[set]++;
-				avg_distinct += (double)distinct[set] / NSETS;
-				continue;
-			}
-			times[reps] = dt;
-			bws[reps++] = (double)distinct[set] * (double)m->expert_bytes / dt;
-			t_total += dt;
-			if (reps >= 2 * NSETS && t_total >= min_time)
-				break;
-		}
-		qsort(times, reps, sizeof(double), cmp_double);
-		qsort(bws, reps, sizeof(double), cmp_double);
-		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
-		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%%\n", n, times[reps / 2] * 1e3,
-		       avg_distinct, bws[reps / 2] / 1e9, 100 * bws[reps / 2] / bw,
-		       flops / times[reps / 2] / 1e9,
-		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0);
-		free(in), free(out), free(ids), free(times), free(bws);
-	}
+	printf("\n");
 	moe_engine_destroy(e);
+	/* the same layer on 1 rank, then (--devices cpu:R) on R ranks: each
+	 * rank its own threads (the same total) and copy of its experts */
+	for (uint32_t R = 1; R <= ranks; R = R == 1 && ranks > 1 ? ranks : ranks + 1) {
+		eo.n_ranks = R;
+		/* (an engine closes the checkpoint once loaded: open it again) */
+		moe_model_free(m);
+		if (moe_model_open(model, NULL, &m, err) || moe_engine_create(m, &eo, &e, err)) {
+			fprintf(stderr, "moe-bench: %u ranks: %s\n", R, err);
+			return 1;
+		}
+		printf("\n%u rank%s (%u threads in all)%s\n", R, R == 1 ? "" : "s",
+		       moe_engine_threads(e),
+		       R > 1 ? "; transport: none (in-process ranks share the sorted rows: 0 % of "
+			       "the time)" : "");
+		if (run_table(e, m, (uint32_t)layer, tokens, min_time, bw, peak, &r))
+			return 1;
+		moe_engine_destroy(e);
+	}
 	moe_model_free(m);
 	return 0;
 }
