@@ -644,15 +644,25 @@ struct daemon *dh_fixture_daemon(const char *cfg_extra, const char *env, int rea
 	return d;
 }
 
-moe_client *dh_cl_open_named(struct daemon *d, const char *name)
+moe_client *dh_cl_open_with(struct daemon *d, const moe_connect_options *base)
 {
 	char eb[256] = "";
-	moe_connect_options o = {.name = name, .errbuf = eb, .errbuf_len = sizeof(eb)};
+	moe_connect_options o = *base;
 	moe_client *c = NULL;
-	int r = moe_connect_opts(d->sock, &o, &c);
+	int r;
 
+	o.errbuf = eb;
+	o.errbuf_len = sizeof(eb);
+	r = moe_connect_opts(d->sock, &o, &c);
 	if (r)
 		fail_msg("moe_connect_opts: %s (%s)", moe_strerror(r), eb);
 	dh_cl_track(c);
 	return c;
+}
+
+moe_client *dh_cl_open_named(struct daemon *d, const char *name)
+{
+	moe_connect_options o = {.name = name};
+
+	return dh_cl_open_with(d, &o);
 }

@@ -98,6 +98,8 @@ struct daemon *dh_fixture_daemon(const char *cfg_extra, const char *env, int rea
 /* A tracked library client named `name` (NULL: the program's name); fails
  * the test with the library's words if it cannot connect. */
 moe_client *dh_cl_open_named(struct daemon *d, const char *name);
+/* The same with options (errbuf and errbuf_len are the helper's). */
+moe_client *dh_cl_open_with(struct daemon *d, const moe_connect_options *o);
 
 /* Forks and execs moed (d->argv, or the default command line); returns at
  * once. */

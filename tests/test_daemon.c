@@ -103,17 +103,10 @@ static int count_memfd_maps(pid_t pid)
 
 static moe_client *cl_open_opts(struct daemon *d, size_t region, uint32_t depth, int autorc)
 {
-	char eb[256] = "";
 	moe_connect_options o = {.region_bytes = region, .queue_depth = depth,
-				 .name = "test_daemon", .auto_reconnect = autorc,
-				 .errbuf = eb, .errbuf_len = sizeof(eb)};
-	moe_client *c = NULL;
-	int r = moe_connect_opts(d->sock, &o, &c);
+				 .name = "test_daemon", .auto_reconnect = (uint32_t)autorc};
 
-	if (r)
-		fail_msg("moe_connect_opts: %s (%s)", moe_strerror(r), eb);
-	dh_cl_track(c);
-	return c;
+	return dh_cl_open_with(d, &o);
 }
 
 static moe_client *cl_open(struct daemon *d)
