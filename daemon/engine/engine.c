@@ -77,9 +77,9 @@ struct moe_engine {
 	struct moe_ffn_group *groups; /* [E * MOE_MAX_REPLICAS + 1] */
 	uint32_t *group_rank;	      /* [like groups]: the rank that runs it */
 	struct moe_ffn_group *rgroups; /* [like groups]: the groups by rank */
-	uint32_t *rank_rows;	      /* [n_ranks + 1]: rows per rank (then offsets) */
+	uint32_t *rank_rows;	      /* [n_ranks]: rows given to each rank in this chunk */
 	struct moe_stats *stats; /* load statistics (written here, read by status) */
-	uint64_t rank_rows_now[MOE_MAX_RANKS], rank_busy_now[MOE_MAX_RANKS]; /* per chunk */
+	uint64_t rank_busy_now[MOE_MAX_RANKS]; /* per chunk: each rank's expert stage */
 
 	bool device;	  /* the backend runs whole batches (ops->forward) */
 	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
@@ -162,7 +162,7 @@ static int alloc_workspaces(struct moe_engine *e)
 	e->groups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->groups), true);
 	e->group_rank = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->group_rank), true);
 	e->rgroups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->rgroups), true);
-	e->rank_rows = ws(e, ((size_t)e->n_ranks + 1) * sizeof(*e->rank_rows), true);
+	e->rank_rows = ws(e, (size_t)e->n_ranks * sizeof(*e->rank_rows), true);
 	if (m->shared_inter) {
 		e->sh_h = ws(e, C * m->shared_inter * sizeof(float), false);
 		e->sh_y = ws(e, C * H * sizeof(float), false);
@@ -751,13 +751,11 @@ static void rank_task(void *arg, uint32_t r, uint32_t worker)
  * combine reads them in k order as with one rank. */
 static int run_ranks(struct moe_engine *e, uint32_t ng, const struct moe_ffn_group *shared)
 {
-	uint32_t R = e->n_ranks, *off = e->rank_rows;
+	uint32_t R = e->n_ranks, off[MOE_MAX_RANKS + 1];
 	struct moe_rank_work work[MOE_MAX_RANKS];
 	int ret[MOE_MAX_RANKS] = {0};
 	struct ranks_ctx c = {e, work, ret};
 
-	for (uint32_t g = 0; g < ng; g++)
-		e->rank_rows_now[e->group_rank[g]] += e->groups[g].n;
 	if (R == 1) {
 		struct moe_rank_work w = {e->m->dtype, e->m->hidden, ng, e->groups};
 		uint64_t t0 = now_ns();
@@ -769,7 +767,7 @@ static int run_ranks(struct moe_engine *e, uint32_t ng, const struct moe_ffn_gro
 		e->rank_busy_now[0] = now_ns() - t0;
 		return r;
 	}
-	memset(off, 0, (R + 1) * sizeof(*off));
+	memset(off, 0, sizeof(off));
 	for (uint32_t g = 0; g < ng; g++)
 		off[e->group_rank[g] + 1]++;
 	off[1] += shared != NULL;
@@ -944,12 +942,16 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 				.scale = ls->shared_gate ? e->sh_sc : NULL,
 			};
 		}
-		memset(e->rank_rows_now, 0, sizeof(e->rank_rows_now));
 		memset(e->rank_busy_now, 0, sizeof(e->rank_busy_now));
 		ret = run_ranks(e, ng, ls->shared.mem ? &sh : NULL);
-		for (uint32_t k = 0; k < e->n_ranks; k++)
-			moe_stats_rank(e->stats, l, k, e->rank_rows_now[k], e->rank_busy_now[k],
-				       now_ns());
+		{
+			uint64_t now = now_ns();
+
+			/* (dispatch counted each rank's rows) */
+			for (uint32_t k = 0; k < e->n_ranks; k++)
+				moe_stats_rank(e->stats, l, k, e->rank_rows[k],
+					       e->rank_busy_now[k], now);
+		}
 		if (ret)
 			return moe_err(err, ret, "expert FFNs failed");
 		combine(e, segs, c0, nc, ls->shared.mem != NULL);

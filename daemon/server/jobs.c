@@ -122,7 +122,6 @@ static int random_placement(struct moe_engine *e, uint64_t *rng, const bool *bus
 /* Drops the spare slots marked in `used` (no longer in the placement). */
 static void drop_used(struct moe_engine *e, bool *used, size_t n)
 {
-	const struct moe_model *m = moe_engine_model(e);
 	uint32_t R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
 	char err[MOE_ERRLEN];
 
@@ -133,7 +132,6 @@ static void drop_used(struct moe_engine *e, bool *used, size_t n)
 					(uint32_t)(k / S % R), (uint32_t)(k % S), err);
 		used[k] = false;
 	}
-	(void)m;
 }
 
 static void *placement_cycle(void *arg)

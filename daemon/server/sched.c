@@ -330,9 +330,6 @@ static int64_t next_layer(struct server *s)
 	return -1;
 }
 
-/* Round robin over the clients, one request of `layer` from each per round,
- * until max_batch_tokens: every client with work in this layer gets into the
- * batch before any client gets a second request in. */
 /* Round robin over the clients, one request of b's layer from each per
  * round, appended to b until max_batch_tokens: every client with work in
  * this layer gets into the batch before any client gets a second request

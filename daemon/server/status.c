@@ -7,12 +7,11 @@
 
 /* A layer's load (window and total) and where its experts live (the
  * current placement: per expert, its replicas as [rank, slot]). */
-static void layer_load(struct server *s, uint32_t l, cJSON *x)
+static void layer_load(struct server *s, const struct moe_placement *pl, uint32_t l, cJSON *x)
 {
 	const struct moe_stats *st = moe_engine_stats(s->e);
 	uint32_t R = moe_engine_ranks(s->e), E = s->m->n_experts;
 	uint64_t now = srv_now_ns();
-	struct moe_epoch *ep;
 	cJSON *t, *o;
 
 	if (!st)
@@ -35,12 +34,11 @@ static void layer_load(struct server *s, uint32_t l, cJSON *x)
 	cJSON_AddNumberToObject(o, "rank_max_over_mean_total",
 				moe_stats_rank_imbalance(st, l, now, 0));
 	cJSON_AddNumberToObject(o, "expert_cv_total", moe_stats_expert_cv(st, l, now, 0));
-	ep = moe_epoch_acquire(s->e);
-	if (ep && ep->placement) {
+	if (pl) {
 		t = cJSON_AddArrayToObject(x, "placement");
 		for (uint32_t e = 0; e < E; e++) {
 			uint32_t n;
-			const struct moe_replica *rep = moe_place_get(ep->placement, l, e, &n);
+			const struct moe_replica *rep = moe_place_get(pl, l, e, &n);
 			cJSON *reps = cJSON_CreateArray();
 
 			for (uint32_t i = 0; i < n; i++) {
@@ -53,8 +51,6 @@ static void layer_load(struct server *s, uint32_t l, cJSON *x)
 			cJSON_AddItemToArray(t, reps);
 		}
 	}
-	if (ep)
-		moe_epoch_release(ep);
 }
 
 /* The ranks' work since start, and the window the windowed counts cover. */
@@ -90,6 +86,7 @@ static char *status_json(struct server *s)
 {
 	const struct moe_model *m = s->m;
 	cJSON *j = cJSON_CreateObject(), *o, *a;
+	struct moe_epoch *ep;
 	char *out;
 
 	cJSON_AddNumberToObject(j, "version", 1);
@@ -191,6 +188,9 @@ static char *status_json(struct server *s)
 	cJSON_AddNumberToObject(o, "shm_bytes", (double)s->shm_bytes);
 	cJSON_AddNumberToObject(o, "max_total_shm_bytes", (double)s->o.max_total_shm_bytes);
 	cJSON_AddNumberToObject(o, "queue_share", s->share);
+	/* one epoch for the whole snapshot: every layer's placement the same
+	 * version */
+	ep = moe_epoch_acquire(s->e);
 	a = cJSON_AddArrayToObject(j, "layers");
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		cJSON *x = cJSON_CreateObject(), *t;
@@ -200,9 +200,11 @@ static char *status_json(struct server *s)
 		for (uint32_t e = 0; e < m->n_experts; e++)
 			cJSON_AddItemToArray(t, cJSON_CreateNumber(
 							(double)moe_engine_expert_tokens(s->e, l, e)));
-		layer_load(s, l, x);
+		layer_load(s, ep ? ep->placement : NULL, l, x);
 		cJSON_AddItemToArray(a, x);
 	}
+	if (ep)
+		moe_epoch_release(ep);
 	load_summary(s, j);
 	out = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
