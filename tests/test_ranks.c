@@ -23,7 +23,7 @@
 static struct moe_engine *open_engine(const char *dir, uint32_t ranks, uint32_t spare,
 				      struct moe_model **m)
 {
-	struct moe_engine_opts o = {.threads = 2, .max_batch_tokens = 512, .n_ranks = ranks,
+	struct moe_engine_opts o = {.threads = 2, .max_batch_tokens = 1100, .n_ranks = ranks,
 				    .spare_slots = spare};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
@@ -114,10 +114,11 @@ static struct moe_placement *random_placement(const struct moe_model *m, uint32_
 
 static void check_fixture(const char *dir)
 {
-	static const uint32_t sizes[] = {1, 7, 300};
+	/* 1100: two rounds (1024 tokens, then 76) */
+	static const uint32_t sizes[] = {1, 7, 300, 1100};
 	struct moe_model *m1, *m;
 	struct moe_engine *e1 = open_engine(dir, 1, 0, &m1);
-	uint32_t H = m1->hidden, K = m1->top_k, maxn = 300;
+	uint32_t H = m1->hidden, K = m1->top_k, maxn = 1100;
 	float *in = malloc(sizeof(float) * maxn * H), *want = malloc(sizeof(float) * maxn * H);
 	float *got = malloc(sizeof(float) * maxn * H);
 	uint32_t *wids = malloc(sizeof(uint32_t) * maxn * K), *gids = malloc(sizeof(uint32_t) * maxn * K);
@@ -158,6 +159,11 @@ static void check_fixture(const char *dir)
 				}
 			}
 		}
+		/* rows crossed ranks through the transport (none with one) */
+		if (R > 1)
+			assert_true(moe_engine_transport_bytes(e) > 0);
+		else
+			assert_int_equal(moe_engine_transport_bytes(e), 0);
 		/* back to the initial placement, every replica dropped: the slot
 		 * bytes return to what was loaded (the old epochs retire at
 		 * the publish: no batch holds them) */

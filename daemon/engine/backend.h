@@ -1,11 +1,26 @@
 /* daemon/engine/backend.h — what a kind of device provides to the engine.
  *
  * Two shapes of backend share the seam:
- *  - step backends (cpu) provide route + experts; the engine does the
- *    conversion, dispatch and combine on the host between them;
- *  - device backends (cuda) provide forward: the whole batch on the device
- *    (convert, route, permute, expert GEMMs, combine), because a round trip
- *    to the host between the steps would cost more than the steps.
+ *  - step backends (cpu) run a chunk of a batch as three stages on each
+ *    rank, over buffers the rank owns (struct moe_xbuf), with the engine's
+ *    transport (daemon/engine/transport.h) moving rows between them:
+ *
+ *      dispatch  this rank's share of the tokens: convert, route, choose a
+ *                replica per (token, k), permute the rows into the send
+ *                buffer by (destination rank, slot) -> send counts
+ *      (transport: exchange_counts, then alltoallv of rows and scales)
+ *      experts   the rows received, grouped by slot: SwiGLU FFNs scaled by
+ *                the routing weight, plus the shared expert(s) over this
+ *                rank's own tokens; results in arrival order
+ *      (transport: alltoallv back, the inverse of the first)
+ *      combine   per own token, its K result rows in k order + shared, in
+ *                fp32, cast once into the request's output
+ *
+ *    A GPU rank fits the same stages (device buffers, an NCCL transport).
+ *  - device backends (cuda, single rank for now) provide forward: the whole
+ *    batch on the device (convert, route, permute, expert GEMMs, combine),
+ *    because a round trip to the host between the steps would cost more
+ *    than the steps.
  * Either way the engine owns placement and epochs (which slot serves which
  * expert), the backend owns memory on its device and the math there.
  */
@@ -16,46 +31,29 @@
 #include <stdint.h>
 
 #include "daemon/engine/model.h"
+#include "daemon/engine/placement.h"
 
 struct moe_pool;
 
-/* Step backends get at most this many tokens per `experts` call (the
- * engine works in chunks so that its sorted buffers stay bounded). */
+/* Step backends get at most this many tokens per stage round (the engine
+ * works in chunks so that the exchange buffers stay bounded). */
 #define MOE_CHUNK_TOKENS 1024
 
-/* Room for one expert's weights on a rank. CPU: gate | up | down, each
- * row-major in the model dtype. */
 struct moe_slot {
 	void *mem;
 	size_t bytes;
 	uint32_t inter; /* I of the expert held (shared experts differ) */
 };
 
-/* Router state of one layer, shared by the ranks of a host. */
+/* One layer on one rank. The host arrays (router, bias, shared_gate) are
+ * the engine's, shared read-only by its ranks; router_dev and the shared
+ * expert are each rank's own copy (as a GPU's would be). */
 struct moe_layer_state {
-	float *router;	    /* [E, H] fp32 (widened from the checkpoint) */
-	void *router_dev;   /* the backend's copy/layout of router (layer_init) */
-	float *bias;	    /* [E] or NULL */
-	float *shared_gate; /* [H] or NULL: Qwen2-MoE sigmoid gate */
-	struct moe_slot shared; /* .mem NULL without shared experts */
-};
-
-/* One expert FFN over the rows routed to it:
- *   y[r] = scale[r] * down(silu(gate x[r]) * up x[r])   for r < n */
-struct moe_ffn_group {
-	const struct moe_slot *slot;
-	uint32_t n;
-	const float *x;	    /* [n, H] */
-	float *h;	    /* [n, inter] scratch */
-	float *y;	    /* [n, H] */
-	const float *scale; /* [n] or NULL (1) */
-};
-
-struct moe_rank_work {
-	enum moe_dtype wdt;
-	uint32_t hidden;
-	uint32_t n_groups;
-	struct moe_ffn_group *groups;
+	const float *router;	  /* [E, H] fp32 (widened from the checkpoint) */
+	void *router_dev;	  /* the rank's copy/layout of router (layer_init) */
+	const float *bias;	  /* [E] or NULL */
+	const float *shared_gate; /* [H] or NULL: Qwen2-MoE sigmoid gate */
+	struct moe_slot shared;	  /* .mem NULL without shared experts */
 };
 
 /* A run of tokens of one request inside a batch, in host memory. */
@@ -99,6 +97,49 @@ struct moe_backend_tuning {
 					performs an illegal access */
 };
 
+/* What a rank is sized for (rank_init, workspace_bytes). */
+struct moe_rank_shape {
+	uint32_t max_tokens;	 /* a batch */
+	uint32_t chunk;		 /* tokens per stage round (step backends) */
+	uint32_t threads;	 /* the rank's worker threads */
+	uint32_t n_ranks;	 /* ranks of the engine */
+	uint32_t slots_per_rank; /* per layer */
+};
+
+/* The rank-owned buffers of the exchange (step backends; host memory on
+ * the CPU, device memory on a GPU rank), allocated by rank_init for a
+ * chunk. Rows are [H] fp32.
+ *  send, send_scale: this rank's (token, k) rows grouped by destination
+ *      rank, then by slot (dispatch writes them and send_counts); the
+ *      results come back into the same places (the return alltoallv);
+ *  recv, recv_scale: the rows received, grouped by source rank, then slot
+ *      (recv_counts, from exchange_counts); with one rank recv is send;
+ *  ret: the expert stage's results in the order of recv (the return
+ *      alltoallv's send buffer);
+ *  back: where combine reads a row's result (send, or ret with one rank). */
+struct moe_xbuf {
+	float *send, *send_scale;
+	float *recv, *recv_scale;
+	float *ret, *back;
+	uint32_t *send_counts, *recv_counts; /* [n_ranks * slots_per_rank] */
+	uint32_t *send_rows, *recv_rows;     /* [n_ranks]: sums per peer (engine) */
+	uint32_t send_cap, recv_cap;	     /* rows */
+};
+
+/* One stage round of one layer on one rank: its share of a chunk. */
+struct moe_stage {
+	const struct moe_layer_state *ls;  /* this rank's copy of the layer */
+	const struct moe_seg *segs;	   /* the batch's segments */
+	uint32_t n_segs;
+	uint32_t t0, n;			   /* this rank's tokens: [t0, t0 + n) of the batch */
+	uint32_t *ids;			   /* [n, K]: their routing (dispatch writes) */
+	float *w;			   /* [n, K] */
+	const struct moe_placement *place; /* the epoch's */
+	uint32_t layer;			   /* MoE layer position in place */
+	const struct moe_slot *slots;	   /* [slots_per_rank]: this rank's, of the layer */
+	uint64_t busy_ns;		   /* out (experts): time of the expert FFNs */
+};
+
 struct moe_rank {
 	uint32_t id;
 	int device; /* GPU index for device backends */
@@ -106,18 +147,19 @@ struct moe_rank {
 	const struct moe_backend_ops *ops;
 	void *priv;
 	struct moe_pool *pool;
+	struct moe_rank_shape shape; /* set before rank_init */
+	struct moe_xbuf xb;	     /* step backends: set by rank_init */
 	char desc[192]; /* what the rank runs on, for logs and status */
 };
 
 struct moe_backend_ops {
 	const char *name;
-	int (*rank_init)(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
+	int (*rank_init)(struct moe_rank *r, const struct moe_model *m,
 			 const struct moe_backend_tuning *t, char *err);
-	/* Bytes of workspaces rank_init allocates for these arguments (host
-	 * memory for the CPU, device memory for a device backend), from the
-	 * same list rank_init allocates: moed -t prints what is allocated. */
-	uint64_t (*workspace_bytes)(const struct moe_model *m, uint32_t max_tokens,
-				    uint32_t threads);
+	/* Bytes of workspaces rank_init allocates for this shape (host memory
+	 * for the CPU, device memory for a device backend), from the same
+	 * list rank_init allocates: moed -t prints what is allocated. */
+	uint64_t (*workspace_bytes)(const struct moe_model *m, const struct moe_rank_shape *s);
 	void (*rank_fini)(struct moe_rank *r);
 	/* Makes ls->router_dev from ls->router; layer_fini frees it. */
 	int (*layer_init)(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls);
@@ -130,11 +172,14 @@ struct moe_backend_ops {
 	int (*slot_upload)(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
 			   const struct moe_expert_src *src, char *err);
 	void (*slot_free)(struct moe_rank *r, struct moe_slot *s);
-	/* Top-k ids and weights for n tokens x [n, H] fp32. */
-	int (*route)(struct moe_rank *r, const struct moe_model *m, const struct moe_layer_state *ls,
-		     const float *x, uint32_t n, uint32_t *ids, float *w);
-	/* Runs every group of the work (grouped expert FFNs). */
-	int (*experts)(struct moe_rank *r, const struct moe_rank_work *w);
+
+	/* Step backends: the stages (see the top of this file). Each runs on
+	 * one thread of the engine per rank, the ranks at the same time, and
+	 * uses the rank's own pool. dispatch and experts may fail (the batch
+	 * then fails and no output has been written); combine cannot. */
+	int (*dispatch)(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st);
+	int (*experts)(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st);
+	void (*combine)(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st);
 
 	/* Device backends: the whole batch. -ENOTRECOVERABLE when the device
 	 * is lost (a sticky error): every later call fails the same way. */

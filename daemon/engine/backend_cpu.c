@@ -1,6 +1,7 @@
 /* daemon/engine/backend_cpu.c — the CPU backend: slots in host memory holding each
  * expert packed into panels (kernels/cpu/panel.h), the runtime-chosen
- * kernels (scalar, AVX2, AVX-512) spread over the rank's thread pool.
+ * kernels (scalar, AVX2, AVX-512) spread over the rank's thread pool. The
+ * stages over the exchange buffers are in backend_cpu_stages.c.
  *
  * The expert FFNs run in two passes so that every task writes rows nobody
  * else writes: pass 1 computes h = silu(x Wgᵀ) * (x Wuᵀ) in tiles of
@@ -15,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "daemon/engine/backend.h"
+#include "daemon/engine/backend_cpu.h"
 #include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/panel.h"
@@ -27,61 +28,146 @@
 #define PANELS_PER_TILE 4
 #define ROUTE_BLOCK	16
 
-struct cpu_rank {
-	const struct moe_cpu_kernels *k;
-	uint32_t n_workers;
-	float *logits;	      /* [max_tokens, E] */
-	float *route_scratch; /* per worker MOE_ROUTE_SCRATCH(E) */
-	uint32_t max_tokens;
-	struct tile *tiles;   /* reused by every batch */
-	uint32_t tiles_cap;
+/* The rank's workspaces, one list for sizing (moed -t) and allocating, so
+ * that the stages never allocate (and never fail halfway through a batch
+ * whose outputs are being written). */
+struct cpu_list {
+	bool alloc, failed;
+	uint64_t bytes;
 };
 
-struct tile {
-	uint32_t group, t0, p0;
-};
-
-/* The CPU rank's workspaces: logits [max_tokens, E], route scratch per
- * worker, and the most tiles a chunk can make, so that `experts` never
- * allocates (and never fails halfway through a batch whose outputs are
- * being written): per group ceil(rows / TOK_BLOCK) token blocks, rows
- * summing to chunk * K routed + chunk shared. */
-struct cpu_sizes {
-	size_t logits, scratch, tiles; /* bytes */
-	uint32_t tiles_cap;
-};
-
-static struct cpu_sizes cpu_sizes(const struct moe_model *m, uint32_t max_tokens,
-				  uint32_t n_workers)
+static void *buf(struct cpu_list *L, size_t bytes)
 {
-	uint64_t ck = max_tokens < MOE_CHUNK_TOKENS ? max_tokens : MOE_CHUNK_TOKENS;
+	void *p;
+
+	L->bytes += bytes;
+	if (!L->alloc)
+		return NULL;
+	p = malloc(bytes ? bytes : 1);
+	L->failed |= !p;
+	return p;
+}
+
+/* Per round a rank routes at most share_cap = ceil(chunk / R) tokens and
+ * receives at most recv_cap rows: every (token, k) row of the chunk when
+ * several ranks send, its own share's otherwise. The most tiles: per group
+ * ceil(rows / TOK_BLOCK) token blocks, groups one per slot plus shared. */
+static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct moe_model *m,
+			const struct moe_rank_shape *s, struct cpu_list *L)
+{
+	size_t H = m->hidden, K = m->top_k, E = m->n_experts, R = s->n_ranks;
+	size_t S = s->slots_per_rank, MR = MOE_MAX_REPLICAS;
+	size_t sc = (s->chunk + R - 1) / R, rc = R > 1 ? (size_t)s->chunk * K : sc * K;
 	uint64_t imax = m->inter > m->shared_inter ? m->inter : m->shared_inter;
 	uint64_t pb_gu = ((imax + 7) / 8 + PANELS_PER_TILE - 1) / PANELS_PER_TILE;
 	uint64_t pb_d = ((m->hidden + MOE_PANEL - 1) / MOE_PANEL + PANELS_PER_TILE - 1) /
 			PANELS_PER_TILE;
-	uint64_t blocks = (ck * m->top_k + TOK_BLOCK - 1) / TOK_BLOCK + m->n_experts +
-			  (ck + TOK_BLOCK - 1) / TOK_BLOCK + 1;
-	struct cpu_sizes z;
+	uint64_t blocks = (rc + TOK_BLOCK - 1) / TOK_BLOCK + S + (sc + TOK_BLOCK - 1) / TOK_BLOCK + 1;
 
-	z.tiles_cap = (uint32_t)(blocks * (pb_gu > pb_d ? pb_gu : pb_d));
-	z.logits = (size_t)max_tokens * m->n_experts * sizeof(float);
-	z.scratch = (size_t)n_workers * MOE_ROUTE_SCRATCH(m->n_experts) * sizeof(float);
-	z.tiles = (size_t)z.tiles_cap * sizeof(struct tile);
-	return z;
+	c->share_cap = (uint32_t)sc;
+	c->recv_cap = (uint32_t)rc;
+	c->tiles_cap = (uint32_t)(blocks * (pb_gu > pb_d ? pb_gu : pb_d));
+	c->logits = buf(L, sc * E * sizeof(float));
+	c->route_scratch = buf(L, (size_t)s->threads * MOE_ROUTE_SCRATCH(E) * sizeof(float));
+	c->x = buf(L, sc * H * sizeof(float));
+	c->pos = buf(L, sc * K * sizeof(uint32_t));
+	c->ecount = buf(L, E * sizeof(uint32_t));
+	c->eseen = buf(L, E * sizeof(uint32_t));
+	c->rkey = buf(L, E * MR * sizeof(uint32_t));
+	c->rtake = buf(L, E * MR * sizeof(uint32_t));
+	c->kpos = buf(L, R * S * sizeof(uint32_t));
+	c->to_rank = buf(L, R * sizeof(uint32_t));
+	if (R > 1) {
+		c->xs = buf(L, rc * H * sizeof(float));
+		c->xs_scale = buf(L, rc * sizeof(float));
+	}
+	c->hs = buf(L, rc * m->inter * sizeof(float));
+	if (m->shared_inter) {
+		c->sh_h = buf(L, sc * m->shared_inter * sizeof(float));
+		c->sh_y = buf(L, sc * H * sizeof(float));
+		c->sh_sc = buf(L, sc * sizeof(float));
+	}
+	c->groups = buf(L, (S + 1) * sizeof(*c->groups));
+	c->acc = buf(L, H * sizeof(float));
+	c->tiles = buf(L, (size_t)c->tiles_cap * sizeof(*c->tiles));
+
+	xb->send_cap = (uint32_t)(sc * K);
+	xb->recv_cap = (uint32_t)rc;
+	xb->send = buf(L, sc * K * H * sizeof(float));
+	xb->send_scale = buf(L, sc * K * sizeof(float));
+	if (R > 1) {
+		xb->recv = buf(L, rc * H * sizeof(float));
+		xb->recv_scale = buf(L, rc * sizeof(float));
+	} else {
+		xb->recv = xb->send;
+		xb->recv_scale = xb->send_scale;
+	}
+	xb->ret = buf(L, rc * H * sizeof(float));
+	xb->back = R > 1 ? xb->send : xb->ret;
+	xb->send_counts = buf(L, R * S * sizeof(uint32_t));
+	xb->recv_counts = buf(L, R * S * sizeof(uint32_t));
+	xb->send_rows = buf(L, R * sizeof(uint32_t));
+	xb->recv_rows = buf(L, R * sizeof(uint32_t));
 }
 
-static uint64_t cpu_workspace_bytes(const struct moe_model *m, uint32_t max_tokens,
-				    uint32_t threads)
+static uint64_t cpu_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s)
 {
-	struct cpu_sizes z = cpu_sizes(m, max_tokens, threads);
+	struct cpu_rank c;
+	struct moe_xbuf xb;
+	struct cpu_list L = {0};
 
-	return z.logits + z.scratch + z.tiles;
+	cpu_buffers(&c, &xb, m, s, &L);
+	return L.bytes;
 }
 
-static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
+static void cpu_rank_fini(struct moe_rank *r)
+{
+	struct cpu_rank *c = r->priv;
+	struct moe_xbuf *xb = &r->xb;
+
+	if (!c)
+		return;
+	free(c->logits);
+	free(c->route_scratch);
+	free(c->x);
+	free(c->pos);
+	free(c->ecount);
+	free(c->eseen);
+	free(c->rkey);
+	free(c->rtake);
+	free(c->kpos);
+	free(c->to_rank);
+	free(c->xs);
+	free(c->xs_scale);
+	free(c->hs);
+	free(c->sh_h);
+	free(c->sh_y);
+	free(c->sh_sc);
+	free(c->groups);
+	free(c->acc);
+	free(c->tiles);
+	if (xb->recv != xb->send) {
+		free(xb->recv);
+		free(xb->recv_scale);
+	}
+	free(xb->send);
+	free(xb->send_scale);
+	free(xb->ret);
+	free(xb->send_counts);
+	free(xb->recv_counts);
+	free(xb->send_rows);
+	free(xb->recv_rows);
+	*xb = (struct moe_xbuf){0};
+	free(c);
+	r->priv = NULL;
+}
+
+static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m,
 			 const struct moe_backend_tuning *t, char *err)
 {
 	struct cpu_rank *c = calloc(1, sizeof(*c));
+	struct cpu_list L = {.alloc = true};
+	struct moe_rank_shape s = r->shape;
 	enum moe_cpu_isa chosen;
 	int ret;
 
@@ -90,41 +176,21 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t
 	r->priv = c;
 	ret = moe_cpu_isa_resolve(t->isa, t->isa_from, &chosen, err, MOE_ERRLEN);
 	if (ret) {
-		r->ops->rank_fini(r);
+		cpu_rank_fini(r);
 		return ret;
 	}
 	c->k = moe_cpu_kernels_for(chosen);
 	r->kernels = moe_cpu_isa_name(chosen);
 	snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels", r->kernels);
 	c->n_workers = moe_pool_threads(r->pool);
-	c->max_tokens = max_tokens;
-	{
-		struct cpu_sizes z = cpu_sizes(m, max_tokens, c->n_workers);
-
-		c->logits = malloc(z.logits);
-		c->route_scratch = malloc(z.scratch);
-		c->tiles_cap = z.tiles_cap;
-		c->tiles = malloc(z.tiles);
-	}
-	if (!c->logits || !c->route_scratch || !c->tiles) {
-		r->ops->rank_fini(r);
-		return moe_err(err, -ENOMEM, "cpu rank: out of memory for %u-token workspaces",
-			       max_tokens);
+	s.threads = c->n_workers;
+	cpu_buffers(c, &r->xb, m, &s, &L);
+	if (L.failed) {
+		cpu_rank_fini(r);
+		return moe_err(err, -ENOMEM, "cpu rank %u: out of memory for its %.1f MiB of "
+			       "workspaces", r->id, (double)L.bytes / (1 << 20));
 	}
 	return 0;
-}
-
-static void cpu_rank_fini(struct moe_rank *r)
-{
-	struct cpu_rank *c = r->priv;
-
-	if (!c)
-		return;
-	free(c->logits);
-	free(c->route_scratch);
-	free(c->tiles);
-	free(c);
-	r->priv = NULL;
 }
 
 static int cpu_layer_init(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls)
@@ -234,13 +300,12 @@ static void route_task(void *arg, uint32_t task, uint32_t worker)
 		      rc->c->route_scratch + worker * MOE_ROUTE_SCRATCH(E));
 }
 
-static int cpu_route(struct moe_rank *r, const struct moe_model *m,
-		     const struct moe_layer_state *ls, const float *x, uint32_t n, uint32_t *ids,
-		     float *w)
+int cpu_route(struct moe_rank *r, const struct moe_model *m, const struct moe_layer_state *ls,
+	      const float *x, uint32_t n, uint32_t *ids, float *w)
 {
 	struct route_ctx rc = {r->priv, m, ls, x, n, ids, w};
 
-	if (n > rc.c->max_tokens)
+	if (n > rc.c->share_cap)
 		return -E2BIG;
 	moe_pool_run(r->pool, (n + ROUTE_BLOCK - 1) / ROUTE_BLOCK, route_task, &rc);
 	return 0;
@@ -250,7 +315,8 @@ static int cpu_route(struct moe_rank *r, const struct moe_model *m,
 
 struct ffn_ctx {
 	struct cpu_rank *c;
-	const struct moe_rank_work *w;
+	const struct cpu_group *groups;
+	uint32_t hidden;
 	enum moe_dtype dt;
 };
 
@@ -262,9 +328,9 @@ static uint32_t min_u32(uint32_t a, uint32_t b)
 static void gate_up_task(void *arg, uint32_t task, uint32_t worker)
 {
 	struct ffn_ctx *fc = arg;
-	const struct tile *t = &fc->c->tiles[task];
-	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter;
+	const struct cpu_tile *t = &fc->c->tiles[task];
+	const struct cpu_group *g = &fc->groups[t->group];
+	uint32_t H = fc->hidden, I = g->slot->inter;
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
 	uint32_t n_inter = min_u32(PANELS_PER_TILE * 8, I - t->p0 * 8);
 	size_t panel = moe_pack_gate_up_bytes(8, H, fc->dt);
@@ -277,9 +343,9 @@ static void gate_up_task(void *arg, uint32_t task, uint32_t worker)
 static void down_task(void *arg, uint32_t task, uint32_t worker)
 {
 	struct ffn_ctx *fc = arg;
-	const struct tile *t = &fc->c->tiles[task];
-	const struct moe_ffn_group *g = &fc->w->groups[t->group];
-	uint32_t H = fc->w->hidden, I = g->slot->inter;
+	const struct cpu_tile *t = &fc->c->tiles[task];
+	const struct cpu_group *g = &fc->groups[t->group];
+	uint32_t H = fc->hidden, I = g->slot->inter;
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
 	uint32_t n_rows = min_u32(PANELS_PER_TILE * MOE_PANEL, H - t->p0 * MOE_PANEL);
 	size_t panel = moe_pack_rows_bytes(MOE_PANEL, I, fc->dt);
@@ -291,37 +357,38 @@ static void down_task(void *arg, uint32_t task, uint32_t worker)
 }
 
 /* Tiles of every group: token blocks x blocks of PANELS_PER_TILE panels. */
-static uint32_t make_tiles(const struct moe_rank_work *w, bool down, struct tile *out)
+static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, uint32_t hidden,
+			   bool down, struct cpu_tile *out)
 {
 	uint32_t n = 0;
 
-	for (uint32_t gi = 0; gi < w->n_groups; gi++) {
-		const struct moe_ffn_group *g = &w->groups[gi];
-		uint32_t np = down ? (w->hidden + MOE_PANEL - 1) / MOE_PANEL
-				   : (g->slot->inter + 7) / 8;
+	for (uint32_t gi = 0; gi < n_groups; gi++) {
+		const struct cpu_group *g = &groups[gi];
+		uint32_t np = down ? (hidden + MOE_PANEL - 1) / MOE_PANEL : (g->slot->inter + 7) / 8;
 
 		for (uint32_t t0 = 0; t0 < g->n; t0 += TOK_BLOCK)
 			for (uint32_t p0 = 0; p0 < np; p0 += PANELS_PER_TILE) {
 				if (out)
-					out[n] = (struct tile){gi, t0, p0};
+					out[n] = (struct cpu_tile){gi, t0, p0};
 				n++;
 			}
 	}
 	return n;
 }
 
-static int cpu_experts(struct moe_rank *r, const struct moe_rank_work *w)
+int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
+		   const struct cpu_group *g, uint32_t n_groups)
 {
 	struct cpu_rank *c = r->priv;
-	struct ffn_ctx fc = {c, w, w->wdt};
-	uint32_t n1 = make_tiles(w, false, NULL), n2 = make_tiles(w, true, NULL);
-	uint32_t need = n1 > n2 ? n1 : n2;
+	struct ffn_ctx fc = {c, g, hidden, wdt};
+	uint32_t n1 = make_tiles(g, n_groups, hidden, false, NULL);
+	uint32_t n2 = make_tiles(g, n_groups, hidden, true, NULL);
 
-	if (need > c->tiles_cap) /* cannot happen: rank_init sized it for a chunk */
+	if ((n1 > n2 ? n1 : n2) > c->tiles_cap) /* cannot happen: sized for a round */
 		return -EOVERFLOW;
-	make_tiles(w, false, c->tiles);
+	make_tiles(g, n_groups, hidden, false, c->tiles);
 	moe_pool_run(r->pool, n1, gate_up_task, &fc);
-	make_tiles(w, true, c->tiles);
+	make_tiles(g, n_groups, hidden, true, c->tiles);
 	moe_pool_run(r->pool, n2, down_task, &fc);
 	return 0;
 }
@@ -336,6 +403,7 @@ const struct moe_backend_ops moe_backend_cpu = {
 	.slot_alloc = cpu_slot_alloc,
 	.slot_upload = cpu_slot_upload,
 	.slot_free = cpu_slot_free,
-	.route = cpu_route,
+	.dispatch = cpu_dispatch,
 	.experts = cpu_experts,
+	.combine = cpu_combine,
 };

@@ -204,20 +204,19 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 
 
 /* Device memory alloc_workspaces takes: the same list, counted. */
-static uint64_t cuda_workspace_bytes(const struct moe_model *m, uint32_t max_tokens,
-				     uint32_t threads)
+static uint64_t cuda_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s)
 {
-	struct cuda_rank c = {.sizing = true, .max_tokens = max_tokens};
+	struct cuda_rank c = {.sizing = true, .max_tokens = s->max_tokens};
 	char err[MOE_ERRLEN];
 
-	(void)threads;
 	alloc_workspaces(&c, m, err);
 	return c.dev_bytes;
 }
 
-static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m, uint32_t max_tokens,
+static int cuda_rank_init(struct moe_rank *r, const struct moe_model *m,
 			  const struct moe_backend_tuning *t, char *err)
 {
+	uint32_t max_tokens = r->shape.max_tokens;
 	struct cuda_rank *c = calloc(1, sizeof(*c));
 	struct cudaDeviceProp p;
 	cudaError_t e;

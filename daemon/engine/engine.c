@@ -1,16 +1,22 @@
 /* daemon/engine/engine.c — a batch of one layer, end to end on the ranks:
  *
- *   convert   request dtype -> fp32, rounded to the model dtype
- *   route     router GEMM, family scoring, top-k (backend)
- *   dispatch  (token, k) pairs sorted by expert: a counting sort that is also
- *             the send buffer of the all-to-all once there are several ranks
- *   experts   grouped SwiGLU FFNs over the sorted rows, scaled by the
- *             routing weight, plus the shared expert(s) (backend)
+ *   dispatch  per rank, its share of the tokens: convert to fp32 rounded to
+ *             the model dtype, route (router GEMM, family scoring, top-k),
+ *             permute the (token, k) rows by destination (rank, slot)
+ *   exchange  counts, then rows and routing weights, to the ranks that hold
+ *             the chosen replicas
+ *   experts   grouped SwiGLU FFNs over the rows received, scaled by the
+ *             routing weight, plus the shared expert(s) over the rank's own
+ *             tokens; the results go back by the inverse exchange
  *   combine   per token, sum of its K rows in k order + shared, in fp32,
  *             cast once to the request dtype
  *
- * Tokens are processed in chunks of CHUNK_TOKENS so that the sorted buffers
- * stay bounded whatever max_batch_tokens is.
+ * Tokens are processed in chunks of CHUNK_TOKENS so that the exchange
+ * buffers stay bounded whatever max_batch_tokens is. Each chunk is split
+ * over the ranks; every rank runs the stages (backend.h) on its share, the
+ * ranks at the same time (one driver thread each, each rank's math on its
+ * own pool), and the transport (transport.h) moves the rows between them.
+ * With one rank the stages run on the calling thread and nothing moves.
  *
  * A device backend (CUDA) takes the whole batch instead (ops->forward):
  * the engine then only picks the slot of each expert from the epoch's
@@ -34,8 +40,8 @@
 #include "daemon/engine/log.h"
 #include "daemon/engine/stats.h"
 #include "daemon/engine/threadpool.h"
+#include "daemon/engine/transport.h"
 #include "kernels/cpu/convert.h"
-#include "kernels/cpu/matmul.h"
 
 #define CHUNK_TOKENS	   MOE_CHUNK_TOKENS
 #define DEFAULT_MAX_TOKENS 4096
@@ -43,13 +49,14 @@
 struct moe_engine {
 	struct moe_model *m;
 	uint32_t max_tokens, chunk;
-	struct moe_pool *pool;	     /* rank 0's: routing, the shared expert */
 	struct moe_pool **rank_pool; /* [n_ranks]: each rank's own threads */
-	struct moe_pool *driver;     /* n_ranks > 1: one thread per rank runs its experts */
+	struct moe_pool *driver;     /* n_ranks > 1: one thread per rank runs its stages */
+	struct moe_transport *tr;    /* n_ranks > 1 */
 	uint32_t n_ranks;
 	struct moe_rank *ranks;
 	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
-	struct moe_layer_state *ls; /* [n_moe_layers] */
+	struct moe_layer_state *ls; /* [rank * n_moe_layers + layer]: each rank's copy */
+	struct layer_host *lh;	    /* [n_moe_layers]: the host arrays the ranks share */
 	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
 	uint32_t slots_per_rank;
 	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
@@ -65,30 +72,26 @@ struct moe_engine {
 	struct moe_epochs *epochs;
 
 	pthread_mutex_t fwd_lock;
-	float *x;	  /* [max_tokens, H] */
-	uint32_t *ids;	  /* [max_tokens, K] */
+	uint32_t *ids;	  /* [max_tokens, K]: the batch's routing */
 	float *w;	  /* [max_tokens, K] */
-	uint32_t *count;  /* [E] */
-	uint32_t *off;	  /* [E + 1] */
-	uint32_t *pos;	  /* [chunk, K]: sorted row of (t, k) */
-	float *xs, *hs, *ys, *sc; /* sorted rows: [chunk*K, H], [chunk*K, I], [chunk*K, H], [chunk*K] */
-	float *sh_h, *sh_y, *sh_sc; /* shared: [chunk, Is], [chunk, H], [chunk] */
-	float *acc;	  /* [H] */
-	struct moe_ffn_group *groups; /* [E * MOE_MAX_REPLICAS + 1] */
-	uint32_t *group_rank;	      /* [like groups]: the rank that runs it */
-	struct moe_ffn_group *rgroups; /* [like groups]: the groups by rank */
-	uint32_t *rank_rows;	      /* [n_ranks]: rows given to each rank in this chunk */
+	struct moe_stage st[MOE_MAX_RANKS]; /* this round's, per rank */
 	struct moe_stats *stats; /* load statistics (written here, read by status) */
-	uint64_t rank_busy_now[MOE_MAX_RANKS]; /* per chunk: each rank's expert stage */
+	_Atomic uint64_t transport_ns; /* time in the transport's calls */
 
 	bool device;	  /* the backend runs whole batches (ops->forward) */
 	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
-	uint64_t ws_bytes; /* host workspaces, the engine's and rank 0's */
+	uint64_t ws_bytes; /* host workspaces, the engine's and its ranks' */
 	const struct moe_slot **slot_tab; /* [E]: device backends */
 	uint32_t *ecount; /* [E]: device backends */
 	float last_ms, last_kernel_ms;
 	atomic_bool lost;
 	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
+};
+
+/* A layer's host arrays: read from the checkpoint once, shared read-only
+ * by the ranks (each makes its own device copy in layer_init). */
+struct layer_host {
+	float *router, *bias, *shared_gate;
 };
 
 static size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
@@ -139,42 +142,25 @@ static bool representable(enum moe_dtype dtype, const float *x, size_t n)
 static int alloc_workspaces(struct moe_engine *e)
 {
 	const struct moe_model *m = e->m;
-	size_t H = m->hidden, K = m->top_k, E = m->n_experts, ck = (size_t)e->chunk * K;
-	size_t T = e->max_tokens, C = e->chunk;
+	size_t K = m->top_k, E = m->n_experts, T = e->max_tokens;
 
-	/* the batch's routing: the CPU's own, a device's copy when asked */
+	/* the batch's routing: the ranks' own, a device's copy when asked */
 	e->ids = ws(e, T * K * sizeof(uint32_t), false);
 	e->w = ws(e, T * K * sizeof(float), false);
 	if (e->device) {
 		e->slot_tab = ws(e, E * sizeof(*e->slot_tab), true);
 		e->ecount = ws(e, E * sizeof(*e->ecount), true);
-		return e->sizing || (e->slot_tab && e->ecount && e->ids && e->w) ? 0 : -ENOMEM;
 	}
-	e->x = ws(e, T * H * sizeof(float), false);
-	e->count = ws(e, E * sizeof(uint32_t), true);
-	e->off = ws(e, (E + 1) * sizeof(uint32_t), true);
-	e->pos = ws(e, ck * sizeof(uint32_t), false);
-	e->xs = ws(e, ck * H * sizeof(float), false);
-	e->hs = ws(e, ck * m->inter * sizeof(float), false);
-	e->ys = ws(e, ck * H * sizeof(float), false);
-	e->sc = ws(e, ck * sizeof(float), false);
-	e->acc = ws(e, H * sizeof(float), false);
-	e->groups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->groups), true);
-	e->group_rank = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->group_rank), true);
-	e->rgroups = ws(e, (E * MOE_MAX_REPLICAS + 1) * sizeof(*e->rgroups), true);
-	e->rank_rows = ws(e, (size_t)e->n_ranks * sizeof(*e->rank_rows), true);
-	if (m->shared_inter) {
-		e->sh_h = ws(e, C * m->shared_inter * sizeof(float), false);
-		e->sh_y = ws(e, C * H * sizeof(float), false);
-		e->sh_sc = ws(e, C * sizeof(float), false);
-		if (!e->sizing && (!e->sh_h || !e->sh_y || !e->sh_sc))
-			return -ENOMEM;
-	}
-	if (!e->sizing && (!e->x || !e->ids || !e->w || !e->count || !e->off || !e->pos ||
-			   !e->xs || !e->hs || !e->ys || !e->sc || !e->acc || !e->groups ||
-			   !e->group_rank || !e->rgroups || !e->rank_rows))
-		return -ENOMEM;
-	return 0;
+	return e->sizing || (e->ids && e->w && (!e->device || (e->slot_tab && e->ecount)))
+		       ? 0
+		       : -ENOMEM;
+}
+
+/* The shape each rank is sized for. */
+static struct moe_rank_shape rank_shape(const struct moe_engine *e, uint32_t threads)
+{
+	return (struct moe_rank_shape){e->max_tokens, e->chunk, threads, e->n_ranks,
+				       e->slots_per_rank};
 }
 
 /* what: "expert 5" or "the shared expert", for a message naming what did
@@ -197,22 +183,23 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 {
 	struct moe_model *m = e->m;
 	const struct moe_layer_desc *d = &m->layers[l];
-	struct moe_layer_state *ls = &e->ls[l];
+	struct layer_host *lh = &e->lh[l];
+	size_t EH = (size_t)m->n_experts * m->hidden;
 	int ret;
 
-	ls->router = malloc((size_t)m->n_experts * m->hidden * sizeof(float));
-	if (!ls->router)
+	lh->router = malloc(EH * sizeof(float));
+	if (!lh->router)
 		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
-	e->weight_bytes += (size_t)m->n_experts * m->hidden * sizeof(float);
-	ret = moe_model_read_f32(m, &d->router, ls->router, err);
+	e->weight_bytes += EH * sizeof(float);
+	ret = moe_model_read_f32(m, &d->router, lh->router, err);
 	/* Outside DeepSeek the router is an nn.Linear of the model's dtype:
 	 * transformers casts a router stored in another dtype to it on load.
 	 * DeepSeek's stays as stored (F32 or bf16), its logits computed in
 	 * F32. */
 	if (!ret && !m->router_fp32)
-		moe_cpu_round(m->dtype, ls->router, (size_t)m->n_experts * m->hidden);
+		moe_cpu_round(m->dtype, lh->router, EH);
 	if (!ret && e->device && m->router_fp32 && d->router.dtype != m->dtype &&
-	    !representable(m->dtype, ls->router, (size_t)m->n_experts * m->hidden))
+	    !representable(m->dtype, lh->router, EH))
 		ret = moe_err(err, -ENOTSUP,
 			      "layer %u: the router '%s' holds %s values that %s cannot "
 			      "represent, and the GPU backend computes the router in the "
@@ -221,23 +208,33 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 			      d->index, d->router.at.t->name, moe_dtype_name(d->router.dtype),
 			      moe_dtype_name(m->dtype));
 	if (!ret && d->has_bias) {
-		ls->bias = malloc(m->n_experts * sizeof(float));
-		ret = ls->bias ? moe_model_read_f32(m, &d->bias, ls->bias, err)
+		lh->bias = malloc(m->n_experts * sizeof(float));
+		ret = lh->bias ? moe_model_read_f32(m, &d->bias, lh->bias, err)
 			       : moe_err(err, -ENOMEM, "out of memory");
 	}
 	if (!ret && d->has_shared_gate) {
-		ls->shared_gate = malloc(m->hidden * sizeof(float));
-		ret = ls->shared_gate ? moe_model_read_f32(m, &d->shared_gate, ls->shared_gate, err)
+		lh->shared_gate = malloc(m->hidden * sizeof(float));
+		ret = lh->shared_gate ? moe_model_read_f32(m, &d->shared_gate, lh->shared_gate, err)
 				      : moe_err(err, -ENOMEM, "out of memory");
 	}
-	/* (after bias and shared gate: a device backend uploads them too) */
-	if (!ret && e->ranks[0].ops->layer_init(&e->ranks[0], m, ls))
-		ret = moe_err(err, -ENOMEM, "%s rank 0: out of memory for layer %u's router",
-			      e->ranks[0].ops->name, d->index);
-	/* The shared expert lives beside the router (rank 0 for now). */
-	if (!ret && d->has_shared)
-		ret = upload(e, &e->ranks[0], &ls->shared, &d->shared, d->index,
-			     "shared expert", err);
+	/* Every rank its own copy of the router (its layout) and of the shared
+	 * expert, as a GPU rank would hold them: each routes its share of the
+	 * tokens and runs the shared expert over them. */
+	for (uint32_t r = 0; r < e->n_ranks && !ret; r++) {
+		struct moe_rank *rk = &e->ranks[r];
+		struct moe_layer_state *ls = &e->ls[(size_t)r * m->n_moe_layers + l];
+
+		ls->router = lh->router;
+		ls->bias = lh->bias;
+		ls->shared_gate = lh->shared_gate;
+		/* (after bias and shared gate: a device backend uploads them too) */
+		if (rk->ops->layer_init(rk, m, ls))
+			ret = moe_err(err, -ENOMEM, "%s rank %u: out of memory for layer %u's "
+				      "router", rk->ops->name, r, d->index);
+		if (!ret && d->has_shared)
+			ret = upload(e, rk, &ls->shared, &d->shared, d->index, "shared expert",
+				     err);
+	}
 	for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
 		uint32_t n;
 		const struct moe_replica *rep = moe_place_get(e->placement, l, x, &n);
@@ -360,12 +357,13 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		ret = moe_pool_create(t ? t : 1, &e->rank_pool[r]);
 		if (!ret && R > 1 && r == 0)
 			ret = moe_pool_create(R, &e->driver);
+		if (!ret && R > 1 && r == 0)
+			ret = moe_transport_local_create(R, e->driver, &e->tr);
 		if (ret) {
 			ret = moe_err(err, ret, "cannot start worker threads");
 			goto err_destroy;
 		}
 	}
-	e->pool = e->rank_pool[0];
 	ret = moe_place_initial(m->n_moe_layers, m->n_experts, R, o ? o->spare_slots : 0,
 				&e->placement);
 	if (ret) {
@@ -382,9 +380,10 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 			      sizeof(*e->slot_refs));
 	e->slot_drop = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank,
 			      sizeof(*e->slot_drop));
-	e->ls = calloc(m->n_moe_layers, sizeof(*e->ls));
+	e->ls = calloc((size_t)R * m->n_moe_layers, sizeof(*e->ls));
+	e->lh = calloc(m->n_moe_layers, sizeof(*e->lh));
 	if (!e->ranks || !e->slots || !e->slot_expert || !e->slot_refs || !e->slot_drop || !e->ls ||
-	    alloc_workspaces(e)) {
+	    !e->lh || alloc_workspaces(e)) {
 		ret = moe_err(err, -ENOMEM, "out of memory for the engine's workspaces (%u tokens)",
 			      e->max_tokens);
 		goto err_destroy;
@@ -394,12 +393,13 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	if (o)
 		tuning = o->tuning;
 	for (uint32_t r = 0; r < R; r++) {
+		struct moe_rank_shape sh = rank_shape(e, moe_pool_threads(e->rank_pool[r]));
+
 		e->ranks[r] = (struct moe_rank){.id = r, .device = o ? o->device : 0, .ops = ops,
-						.pool = e->rank_pool[r]};
-		ret = ops->rank_init(&e->ranks[r], m, e->max_tokens, &tuning, err);
+						.pool = e->rank_pool[r], .shape = sh};
+		ret = ops->rank_init(&e->ranks[r], m, &tuning, err);
 		if (!ret && !e->device && ops->workspace_bytes)
-			e->ws_bytes += ops->workspace_bytes(m, e->max_tokens,
-							    moe_pool_threads(e->rank_pool[r]));
+			e->ws_bytes += ops->workspace_bytes(m, &sh);
 		if (ret) {
 			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
@@ -445,14 +445,20 @@ void moe_engine_destroy(struct moe_engine *e)
 	if (!e)
 		return;
 	moe_epochs_destroy(e->epochs);
-	for (uint32_t l = 0; e->ls && l < e->m->n_moe_layers; l++) {
-		if (e->ls[l].router_dev)
-			e->ranks[0].ops->layer_fini(&e->ranks[0], &e->ls[l]);
-		free(e->ls[l].router);
-		free(e->ls[l].bias);
-		free(e->ls[l].shared_gate);
-		if (e->ls[l].shared.mem)
-			e->ranks[0].ops->slot_free(&e->ranks[0], &e->ls[l].shared);
+	for (uint32_t r = 0; e->ls && e->ranks && r < e->n_ranks; r++) {
+		for (uint32_t l = 0; l < e->m->n_moe_layers; l++) {
+			struct moe_layer_state *ls = &e->ls[(size_t)r * e->m->n_moe_layers + l];
+
+			if (ls->router_dev)
+				e->ranks[r].ops->layer_fini(&e->ranks[r], ls);
+			if (ls->shared.mem)
+				e->ranks[r].ops->slot_free(&e->ranks[r], &ls->shared);
+		}
+	}
+	for (uint32_t l = 0; e->lh && l < e->m->n_moe_layers; l++) {
+		free(e->lh[l].router);
+		free(e->lh[l].bias);
+		free(e->lh[l].shared_gate);
 	}
 	if (e->slots)
 		for (uint32_t r = 0; r < e->n_ranks; r++)
@@ -468,6 +474,7 @@ void moe_engine_destroy(struct moe_engine *e)
 	for (uint32_t r = 0; e->rank_pool && r < e->n_ranks; r++)
 		moe_pool_destroy(e->rank_pool[r]);
 	free(e->rank_pool);
+	moe_transport_destroy(e->tr);
 	moe_pool_destroy(e->driver);
 	free(e->ranks);
 	free(e->slots);
@@ -475,24 +482,9 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->slot_refs);
 	free(e->slot_drop);
 	free(e->ls);
-	free(e->x);
+	free(e->lh);
 	free(e->ids);
 	free(e->w);
-	free(e->count);
-	free(e->off);
-	free(e->pos);
-	free(e->xs);
-	free(e->hs);
-	free(e->ys);
-	free(e->sc);
-	free(e->sh_h);
-	free(e->sh_y);
-	free(e->sh_sc);
-	free(e->acc);
-	free(e->groups);
-	free(e->group_rank);
-	free(e->rgroups);
-	free(e->rank_rows);
 	moe_stats_free(e->stats);
 	free(e->slot_tab);
 	free(e->ecount);
@@ -659,179 +651,188 @@ struct moe_epochs *moe_engine_epochs(struct moe_engine *e)
 	return e->epochs;
 }
 
-/* Sorts the chunk's (token, k) pairs by expert and builds one FFN group per
- * expert hit. Returns the number of groups. */
-static uint32_t dispatch(struct moe_engine *e, struct moe_epoch *ep, uint32_t l, uint32_t c0,
-			 uint32_t nc)
-{
-	const struct moe_model *m = e->m;
-	uint32_t E = m->n_experts, K = m->top_k, H = m->hidden, I = m->inter, ng = 0;
+enum stage { ST_DISPATCH, ST_EXPERTS, ST_COMBINE };
 
-	memset(e->count, 0, E * sizeof(uint32_t));
-	for (size_t i = (size_t)c0 * K; i < (size_t)(c0 + nc) * K; i++)
-		e->count[e->ids[i]]++;
-	e->off[0] = 0;
-	for (uint32_t x = 0; x < E; x++)
-		e->off[x + 1] = e->off[x] + e->count[x];
-	memset(e->count, 0, E * sizeof(uint32_t));
-	for (uint32_t t = 0; t < nc; t++) {
-		for (uint32_t k = 0; k < K; k++) {
-			size_t i = (size_t)(c0 + t) * K + k;
-			uint32_t x = e->ids[i], p = e->off[x] + e->count[x]++;
-
-			e->pos[(size_t)t * K + k] = p;
-			memcpy(e->xs + (size_t)p * H, e->x + (size_t)(c0 + t) * H,
-			       H * sizeof(float));
-			e->sc[p] = e->w[i];
-		}
-	}
-	/* One group per (expert, replica) with rows. The rows of an expert
-	 * with several replicas go to the least loaded rank first (rows
-	 * already given to each rank in this chunk; ties: the first replica),
-	 * one at a time, each replica taking a contiguous run of the expert's
-	 * sorted rows. A row's result does not depend on its group (the
-	 * kernels are batch-invariant), so any split gives the same bits. */
-	memset(e->rank_rows, 0, e->n_ranks * sizeof(*e->rank_rows));
-	for (uint32_t x = 0; x < E; x++) {
-		uint32_t n, p = e->off[x], take[MOE_MAX_REPLICAS] = {0};
-		const struct moe_replica *rep;
-
-		if (!e->count[x])
-			continue;
-		rep = moe_place_get(ep->placement, l, x, &n);
-		for (uint32_t row = 0; row < e->count[x]; row++) {
-			uint32_t best = 0;
-
-			for (uint32_t i = 1; i < n; i++)
-				if (e->rank_rows[rep[i].rank] + take[i] <
-				    e->rank_rows[rep[best].rank] + take[best])
-					best = i;
-			take[best]++;
-		}
-		for (uint32_t i = 0; i < n; i++) {
-			if (!take[i])
-				continue;
-			e->group_rank[ng] = rep[i].rank;
-			e->groups[ng++] = (struct moe_ffn_group){
-				.slot = slot_at(e, rep[i].rank, l, rep[i].slot),
-				.n = take[i],
-				.x = e->xs + (size_t)p * H,
-				.h = e->hs + (size_t)p * I,
-				.y = e->ys + (size_t)p * H,
-				.scale = e->sc + p,
-			};
-			e->rank_rows[rep[i].rank] += take[i];
-			p += take[i];
-		}
-	}
-	return ng;
-}
-
-struct ranks_ctx {
+struct stage_ctx {
 	struct moe_engine *e;
-	struct moe_rank_work *work; /* [n_ranks] */
-	int *ret;		    /* [n_ranks] */
+	enum stage which;
+	int ret[MOE_MAX_RANKS];
 };
 
-static void rank_task(void *arg, uint32_t r, uint32_t worker)
+static int run_stage(struct moe_engine *e, uint32_t r, enum stage which)
 {
-	struct ranks_ctx *c = arg;
-	uint64_t t0 = now_ns();
+	struct moe_rank *rk = &e->ranks[r];
+	struct moe_stage *st = &e->st[r];
+	uint64_t t0;
+	int ret;
 
-	(void)worker;
-	if (c->work[r].n_groups)
-		c->ret[r] = c->e->ranks[r].ops->experts(&c->e->ranks[r], &c->work[r]);
-	/* (each rank its own slot; the forward thread merges them) */
-	c->e->rank_busy_now[r] = now_ns() - t0;
+	switch (which) {
+	case ST_DISPATCH:
+		return rk->ops->dispatch(rk, e->m, st);
+	case ST_EXPERTS:
+		t0 = now_ns();
+		ret = rk->ops->experts(rk, e->m, st);
+		st->busy_ns = now_ns() - t0;
+		return ret;
+	case ST_COMBINE:
+		rk->ops->combine(rk, e->m, st);
+		return 0;
+	}
+	return -EINVAL;
 }
 
-/* The expert stage: every rank runs its groups on its own threads, the
- * ranks at the same time. The groups (and the shared expert, on rank 0)
- * are regrouped by rank; the sorted rows stay where they are, so the
- * combine reads them in k order as with one rank. */
-static int run_ranks(struct moe_engine *e, uint32_t ng, const struct moe_ffn_group *shared)
+static void stage_task(void *arg, uint32_t r, uint32_t worker)
 {
-	uint32_t R = e->n_ranks, off[MOE_MAX_RANKS + 1];
-	struct moe_rank_work work[MOE_MAX_RANKS];
-	int ret[MOE_MAX_RANKS] = {0};
-	struct ranks_ctx c = {e, work, ret};
+	struct stage_ctx *c = arg;
 
-	if (R == 1) {
-		struct moe_rank_work w = {e->m->dtype, e->m->hidden, ng, e->groups};
-		uint64_t t0 = now_ns();
-		int r;
+	(void)worker;
+	c->ret[r] = run_stage(c->e, r, c->which);
+}
 
-		if (shared)
-			e->groups[w.n_groups++] = *shared;
-		r = e->ranks[0].ops->experts(&e->ranks[0], &w);
-		e->rank_busy_now[0] = now_ns() - t0;
-		return r;
-	}
-	memset(off, 0, sizeof(off));
-	for (uint32_t g = 0; g < ng; g++)
-		off[e->group_rank[g] + 1]++;
-	off[1] += shared != NULL;
-	for (uint32_t r = 0; r < R; r++)
-		off[r + 1] += off[r];
-	for (uint32_t r = 0; r < R; r++)
-		work[r] = (struct moe_rank_work){e->m->dtype, e->m->hidden, 0, e->rgroups + off[r]};
-	for (uint32_t g = 0; g < ng; g++) {
-		struct moe_rank_work *w = &work[e->group_rank[g]];
+/* One stage on every rank at once (one driver thread each); the first
+ * rank's error, if any. */
+static int on_ranks(struct moe_engine *e, enum stage which)
+{
+	struct stage_ctx c = {e, which, {0}};
 
-		w->groups[w->n_groups++] = e->groups[g];
-	}
-	if (shared)
-		work[0].groups[work[0].n_groups++] = *shared;
-	moe_pool_run(e->driver, R, rank_task, &c);
-	for (uint32_t r = 0; r < R; r++)
-		if (ret[r])
-			return ret[r];
+	if (e->n_ranks == 1)
+		return run_stage(e, 0, which);
+	moe_pool_run(e->driver, e->n_ranks, stage_task, &c);
+	for (uint32_t r = 0; r < e->n_ranks; r++)
+		if (c.ret[r])
+			return c.ret[r];
 	return 0;
 }
 
-/* Qwen2-MoE: shared output scaled by sigmoid(x · w_sg), in fp32. (Unlike
- * the router logits, which decide a discrete choice and are rounded to the
- * model dtype as transformers does, this gate is a smooth scale: it keeps
- * fp32 like the rest of the math.) */
-static void shared_gate(const struct moe_engine *e, const float *wg, uint32_t c0, uint32_t nc)
+/* Rows per peer from the per-(peer, slot) counts. */
+static void peer_rows(const uint32_t *counts, uint32_t R, uint32_t S, uint32_t *rows)
 {
-	uint32_t H = e->m->hidden;
-
-	for (uint32_t t = 0; t < nc; t++) {
-		float z = moe_cpu_dot(e->x + (size_t)(c0 + t) * H, wg, H);
-
-		e->sh_sc[t] = 1.0f / (1.0f + expf(-z));
+	for (uint32_t p = 0; p < R; p++) {
+		rows[p] = 0;
+		for (uint32_t s = 0; s < S; s++)
+			rows[p] += counts[p * S + s];
 	}
 }
 
-static void combine(struct moe_engine *e, const struct moe_seg *segs, uint32_t c0, uint32_t nc,
-		    bool shared)
+/* dir 0: the rows and their weights to the ranks that run them; dir 1:
+ * the results back into the senders' send buffers. */
+static int exchange(struct moe_engine *e, int dir)
 {
-	uint32_t H = e->m->hidden, K = e->m->top_k, si = 0, s0 = 0;
+	uint32_t R = e->n_ranks, S = e->slots_per_rank;
+	size_t row = (size_t)e->m->hidden * sizeof(float);
+	struct moe_a2a a[MOE_MAX_RANKS];
+	uint64_t t0 = now_ns();
+	int ret = 0;
 
-	while (c0 >= s0 + segs[si].n_tokens) /* the segment holding token c0 */
-		s0 += segs[si++].n_tokens;
-	for (uint32_t t = 0; t < nc; t++) {
-		float *acc = e->acc;
+	if (!dir) {
+		const uint32_t *send[MOE_MAX_RANKS];
+		uint32_t *recv[MOE_MAX_RANKS];
 
-		if (c0 + t == s0 + segs[si].n_tokens)
-			s0 += segs[si++].n_tokens;
-
-		memcpy(acc, e->ys + (size_t)e->pos[(size_t)t * K] * H, H * sizeof(float));
-		for (uint32_t k = 1; k < K; k++) {
-			const float *y = e->ys + (size_t)e->pos[(size_t)t * K + k] * H;
-
-			for (uint32_t j = 0; j < H; j++)
-				acc[j] += y[j];
+		for (uint32_t r = 0; r < R; r++) {
+			send[r] = e->ranks[r].xb.send_counts;
+			recv[r] = e->ranks[r].xb.recv_counts;
 		}
-		if (shared)
-			for (uint32_t j = 0; j < H; j++)
-				acc[j] += e->sh_y[(size_t)t * H + j];
-		moe_cpu_from_f32(segs[si].dtype, acc,
-				 (char *)segs[si].out +
-					 (size_t)(c0 + t - s0) * H * moe_dtype_size(segs[si].dtype),
-				 H);
+		ret = e->tr->ops->exchange_counts(e->tr, send, recv, S);
+		for (uint32_t r = 0; r < R && !ret; r++) {
+			struct moe_xbuf *xb = &e->ranks[r].xb;
+
+			peer_rows(xb->send_counts, R, S, xb->send_rows);
+			peer_rows(xb->recv_counts, R, S, xb->recv_rows);
+		}
+		for (uint32_t r = 0; r < R; r++) {
+			struct moe_xbuf *xb = &e->ranks[r].xb;
+
+			a[r] = (struct moe_a2a){xb->send, xb->send_rows, xb->recv, xb->recv_rows};
+		}
+		if (!ret)
+			ret = e->tr->ops->alltoallv(e->tr, a, row);
+		for (uint32_t r = 0; r < R; r++) {
+			struct moe_xbuf *xb = &e->ranks[r].xb;
+
+			a[r] = (struct moe_a2a){xb->send_scale, xb->send_rows, xb->recv_scale,
+						xb->recv_rows};
+		}
+		if (!ret)
+			ret = e->tr->ops->alltoallv(e->tr, a, sizeof(float));
+	} else {
+		for (uint32_t r = 0; r < R; r++) {
+			struct moe_xbuf *xb = &e->ranks[r].xb;
+
+			a[r] = (struct moe_a2a){xb->ret, xb->recv_rows, xb->send, xb->send_rows};
+		}
+		ret = e->tr->ops->alltoallv(e->tr, a, row);
 	}
+	atomic_fetch_add_explicit(&e->transport_ns, now_ns() - t0, memory_order_relaxed);
+	return ret;
+}
+
+/* The batch on the ranks, a chunk at a time: each rank's share of the
+ * chunk dispatched, exchanged, run, returned and combined. No output is
+ * written before every rank's dispatch and experts have succeeded. */
+static int forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
+			 const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
+			 char *err)
+{
+	const struct moe_model *m = e->m;
+	uint32_t R = e->n_ranks, S = e->slots_per_rank, K = m->top_k, n = b->n_tokens;
+	int ret;
+
+	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
+		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
+
+		for (uint32_t r = 0; r < R; r++) {
+			uint32_t a = c0 + (uint32_t)((uint64_t)nc * r / R);
+			uint32_t z = c0 + (uint32_t)((uint64_t)nc * (r + 1) / R);
+
+			e->st[r] = (struct moe_stage){
+				.ls = &e->ls[(size_t)r * m->n_moe_layers + l],
+				.segs = segs,
+				.n_segs = n_segs,
+				.t0 = a,
+				.n = z - a,
+				.ids = e->ids + (size_t)a * K,
+				.w = e->w + (size_t)a * K,
+				.place = ep->placement,
+				.layer = l,
+				.slots = slot_at(e, r, l, 0),
+			};
+		}
+		ret = on_ranks(e, ST_DISPATCH);
+		if (ret)
+			return moe_err(err, ret, "routing or dispatch failed");
+		if (R > 1) {
+			ret = exchange(e, 0);
+			if (ret)
+				return moe_err(err, ret, "the %s transport failed",
+					       e->tr->ops->name);
+		} else {
+			memcpy(e->ranks[0].xb.recv_counts, e->ranks[0].xb.send_counts,
+			       S * sizeof(uint32_t));
+		}
+		ret = on_ranks(e, ST_EXPERTS);
+		{
+			uint64_t now = now_ns();
+
+			for (uint32_t k = 0; k < R; k++) {
+				uint32_t rows = 0;
+
+				for (uint32_t r = 0; r < R; r++)
+					for (uint32_t s = 0; s < S; s++)
+						rows += e->ranks[r].xb.send_counts[k * S + s];
+				moe_stats_rank(e->stats, l, k, rows, e->st[k].busy_ns, now);
+			}
+		}
+		if (ret)
+			return moe_err(err, ret, "expert FFNs failed");
+		if (R > 1) {
+			ret = exchange(e, 1);
+			if (ret)
+				return moe_err(err, ret, "the %s transport failed",
+					       e->tr->ops->name);
+		}
+		on_ranks(e, ST_COMBINE);
+	}
+	return 0;
 }
 
 static bool wants_routing(const struct moe_seg *segs, uint32_t n_segs)
@@ -898,11 +899,6 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 			  const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
 			  char *err)
 {
-	const struct moe_model *m = e->m;
-	const struct moe_layer_state *ls = &e->ls[l];
-	struct moe_rank *r = &e->ranks[0];
-	uint32_t H = m->hidden, K = m->top_k, n = b->n_tokens;
-	size_t t0 = 0;
 	int ret;
 
 	if (e->fault_at && ++e->calls == e->fault_at) {
@@ -912,50 +908,12 @@ static int forward_locked(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	}
 	if (e->device)
 		return forward_device(e, ep, l, b, segs, n_segs, err);
-	for (uint32_t i = 0; i < n_segs; i++) {
-		moe_cpu_to_f32(segs[i].dtype, segs[i].in, e->x + t0 * H,
-			       (size_t)segs[i].n_tokens * H);
-		t0 += segs[i].n_tokens;
-	}
-	moe_cpu_round(m->dtype, e->x, (size_t)n * H);
-	ret = r->ops->route(r, m, ls, e->x, n, e->ids, e->w);
+	ret = forward_steps(e, ep, l, b, segs, n_segs, err);
 	if (ret)
-		return moe_err(err, ret, "routing failed");
-	moe_stats_routed(e->stats, l, e->ids, (uint64_t)n * K, now_ns());
+		return ret;
+	moe_stats_routed(e->stats, l, e->ids, (uint64_t)b->n_tokens * e->m->top_k, now_ns());
 	if (b->topk_ids || b->topk_weights || wants_routing(segs, n_segs))
 		scatter_routing(e, b, segs, n_segs);
-
-	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
-		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
-		uint32_t ng = dispatch(e, ep, l, c0, nc);
-		struct moe_ffn_group sh;
-
-		if (ls->shared.mem) {
-			if (ls->shared_gate)
-				shared_gate(e, ls->shared_gate, c0, nc);
-			sh = (struct moe_ffn_group){
-				.slot = &ls->shared,
-				.n = nc,
-				.x = e->x + (size_t)c0 * H,
-				.h = e->sh_h,
-				.y = e->sh_y,
-				.scale = ls->shared_gate ? e->sh_sc : NULL,
-			};
-		}
-		memset(e->rank_busy_now, 0, sizeof(e->rank_busy_now));
-		ret = run_ranks(e, ng, ls->shared.mem ? &sh : NULL);
-		{
-			uint64_t now = now_ns();
-
-			/* (dispatch counted each rank's rows) */
-			for (uint32_t k = 0; k < e->n_ranks; k++)
-				moe_stats_rank(e->stats, l, k, e->rank_rows[k],
-					       e->rank_busy_now[k], now);
-		}
-		if (ret)
-			return moe_err(err, ret, "expert FFNs failed");
-		combine(e, segs, c0, nc, ls->shared.mem != NULL);
-	}
 	return 0;
 }
 
@@ -1003,6 +961,7 @@ uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_
 	const struct moe_backend_ops *ops;
 	char err[MOE_ERRLEN];
 	struct moe_engine e = {.m = (struct moe_model *)m, .sizing = true};
+	uint32_t T = opts_threads(o);
 
 	if (backend_ops(o ? o->backend : NULL, &ops, err))
 		return 0;
@@ -1010,11 +969,13 @@ uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_
 	e.chunk = e.max_tokens < CHUNK_TOKENS ? e.max_tokens : CHUNK_TOKENS;
 	e.device = ops->forward != NULL;
 	e.n_ranks = o && o->n_ranks && !e.device ? o->n_ranks : 1;
+	e.slots_per_rank = (m->n_experts + e.n_ranks - 1) / e.n_ranks + (o ? o->spare_slots : 0);
 	alloc_workspaces(&e);
 	for (uint32_t r = 0; !e.device && ops->workspace_bytes && r < e.n_ranks; r++) {
-		uint32_t T = opts_threads(o), t = T / e.n_ranks + (r < T % e.n_ranks);
+		uint32_t t = T / e.n_ranks + (r < T % e.n_ranks);
+		struct moe_rank_shape sh = rank_shape(&e, t ? t : 1);
 
-		e.ws_bytes += ops->workspace_bytes(m, e.max_tokens, t ? t : 1);
+		e.ws_bytes += ops->workspace_bytes(m, &sh);
 	}
 	return e.ws_bytes;
 }
@@ -1024,12 +985,15 @@ uint64_t moe_engine_device_workspace_bytes(const struct moe_model *m,
 {
 	const struct moe_backend_ops *ops;
 	char err[MOE_ERRLEN];
-	uint32_t T = o && o->max_batch_tokens ? o->max_batch_tokens : DEFAULT_MAX_TOKENS;
+	struct moe_rank_shape sh = {o && o->max_batch_tokens ? o->max_batch_tokens
+							     : DEFAULT_MAX_TOKENS,
+				    0, opts_threads(o), 1, 0};
 
 	if (backend_ops(o ? o->backend : NULL, &ops, err) || !ops->forward ||
 	    !ops->workspace_bytes)
 		return 0;
-	return ops->workspace_bytes(m, T, opts_threads(o));
+	sh.chunk = sh.max_tokens < CHUNK_TOKENS ? sh.max_tokens : CHUNK_TOKENS;
+	return ops->workspace_bytes(m, &sh);
 }
 
 uint64_t moe_engine_allocated_workspace_bytes(const struct moe_engine *e)
@@ -1128,4 +1092,14 @@ uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint
 const struct moe_stats *moe_engine_stats(const struct moe_engine *e)
 {
 	return e->stats;
+}
+
+uint64_t moe_engine_transport_ns(const struct moe_engine *e)
+{
+	return atomic_load_explicit(&((struct moe_engine *)e)->transport_ns, memory_order_relaxed);
+}
+
+uint64_t moe_engine_transport_bytes(const struct moe_engine *e)
+{
+	return e->tr ? e->tr->bytes : 0;
 }

@@ -151,5 +151,11 @@ uint64_t moe_engine_weight_bytes(const struct moe_engine *e);
 uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x);
 /* The load statistics (daemon/engine/stats.h): read from any thread. */
 const struct moe_stats *moe_engine_stats(const struct moe_engine *e);
+/* Time spent in the transport's calls (exchange of counts, rows and
+ * results between ranks) and bytes moved between different ranks, since
+ * start; 0 with one rank. Read from the forward thread, or as a rough
+ * figure from any thread. */
+uint64_t moe_engine_transport_ns(const struct moe_engine *e);
+uint64_t moe_engine_transport_bytes(const struct moe_engine *e);
 
 #endif
