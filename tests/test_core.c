@@ -17,9 +17,9 @@
  *  - placements_under_load: on `devices: cpu:2` with spare slots, a
  *    PLACEMENT_CYCLE job publishes 60 random placements (replicas copied
  *    into spare slots off the serving path, dropped after) while four
- *    clients run: zero failed requests, every output bit for bit the
- *    in-process single-rank engine's, and the daemon's slot bytes back to
- *    what was loaded once the job ends (LeakSanitizer at exit).
+ *    client processes run: zero failed requests, every output bit for bit
+ *    the in-process single-rank engine's, and the daemon's slot bytes back
+ *    to what was loaded once the job ends (LeakSanitizer at exit).
  *  - admin_table: unknown op, short and long payloads, bad fields and
  *    flags, lookups of epochs, a job started, read, cancelled and its
  *    JOB_DONE; admin_privilege: the same ops from a non-admin uid.
@@ -642,9 +642,14 @@ static void test_placements_under_load(void **state)
 {
 	struct daemon *d = start("devices: cpu:2\nplacement:\n  spare_slots: 2\n", NULL);
 	struct moe_admin_placement_cycle pc = {60, 2000, 7};
-	struct loader L[4];
-	pthread_t th[4];
-	atomic_bool stop = false;
+	/* four client processes (the reference engine has no threads of its
+	 * own, so it survives the fork); their counts in shared memory */
+	struct shared_load {
+		atomic_bool stop;
+		struct loader L[4];
+	} *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	struct loader *L;
+	pid_t pid[4];
 	struct moe_admin_job jd;
 	struct reply rep;
 	struct raw *r;
@@ -653,9 +658,17 @@ static void test_placements_under_load(void **state)
 	uint64_t total = 0;
 
 	(void)state;
+	assert_true(sh != MAP_FAILED);
+	L = sh->L;
+	atomic_init(&sh->stop, false);
 	for (int i = 0; i < 4; i++) {
-		L[i] = (struct loader){.d = d, .stop = &stop, .id = 10 + i};
-		assert_int_equal(pthread_create(&th[i], NULL, load_thread, &L[i]), 0);
+		L[i] = (struct loader){.d = d, .stop = &sh->stop, .id = 10 + i};
+		pid[i] = fork();
+		assert_true(pid[i] >= 0);
+		if (!pid[i]) {
+			load_thread(&L[i]);
+			_exit(0);
+		}
 	}
 	dh_nap_ms(50);
 	r = raw_attach(d, 1 << 20, 4);
@@ -666,10 +679,13 @@ static void test_placements_under_load(void **state)
 	assert_int_equal(jd.state, MOE_JOB_DONE);
 	assert_int_equal(jd.done, pc.count);
 	dh_nap_ms(50);
-	atomic_store(&stop, true);
+	atomic_store(&sh->stop, true);
 	for (int i = 0; i < 4; i++) {
-		pthread_join(th[i], NULL);
-		printf("client %d: %llu requests, %llu failed, %llu wrong, epochs %u..%u%s%s\n", i,
+		int ws;
+
+		assert_int_equal(waitpid(pid[i], &ws, 0), pid[i]);
+		assert_true(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+		printf("client process %d: %llu requests, %llu failed, %llu wrong, epochs %u..%u%s%s\n", i,
 		       (unsigned long long)L[i].requests, (unsigned long long)L[i].failed,
 		       (unsigned long long)L[i].wrong, L[i].first_epoch, L[i].last_epoch,
 		       L[i].why[0] ? ": " : "", L[i].why);
@@ -690,6 +706,7 @@ static void test_placements_under_load(void **state)
 	printf("%llu requests under 60 placements; slot bytes %.0f, loaded %.0f\n",
 	       (unsigned long long)total, now, base);
 	assert_true(now == base);
+	munmap(sh, sizeof(*sh));
 	{
 		/* spare_slots 0: refused with a reason, not a crash */
 		struct daemon *d0 = start("devices: cpu:2\n", NULL);
