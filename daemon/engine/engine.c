@@ -584,13 +584,57 @@ int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uin
 	return ret;
 }
 
+/* Copies src into dst at most pace->bytes_per_s (0: at once), in pieces
+ * between which it sleeps and looks at the cancel flag. */
+static int paced_copy(void *dst, const void *src, size_t bytes, const struct moe_copy_pace *pace)
+{
+	size_t piece = 1 << 20, done = 0;
+	uint64_t t0 = now_ns();
+
+	if (!pace || !pace->bytes_per_s) {
+		memcpy(dst, src, bytes);
+		if (pace && pace->copied)
+			atomic_fetch_add(pace->copied, bytes);
+		return 0;
+	}
+	if (pace->bytes_per_s / 50 < piece) /* (at least 50 pieces a second) */
+		piece = pace->bytes_per_s / 50 > 4096 ? pace->bytes_per_s / 50 : 4096;
+	while (done < bytes) {
+		size_t n = bytes - done < piece ? bytes - done : piece;
+		uint64_t due, now;
+
+		if (pace->cancel && atomic_load(pace->cancel))
+			return -ECANCELED;
+		memcpy((char *)dst + done, (const char *)src + done, n);
+		done += n;
+		if (pace->copied)
+			atomic_fetch_add(pace->copied, n);
+		due = t0 + (uint64_t)((double)done * 1e9 / (double)pace->bytes_per_s);
+		now = now_ns();
+		if (due > now) {
+			struct timespec ts = {(time_t)((due - now) / 1000000000u),
+					      (long)((due - now) % 1000000000u)};
+
+			nanosleep(&ts, NULL);
+		}
+	}
+	return 0;
+}
+
 int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
 			 uint32_t slot, char *err)
+{
+	return moe_engine_replicate_paced(e, l, x, rank, slot, NULL, err);
+}
+
+int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			       uint32_t slot, const struct moe_copy_pace *pace, char *err)
 {
 	const struct moe_model *m = e->m;
 	struct moe_slot *src = NULL, *dst;
 	size_t k;
 	int ret = 0;
+	bool fresh = false;
 
 	if (l >= m->n_moe_layers || x >= m->n_experts || rank >= e->n_ranks ||
 	    slot >= e->slots_per_rank)
@@ -627,18 +671,36 @@ int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t 
 				      "expert %u: %s", rank, l, x, why);
 		else
 			atomic_fetch_add(&e->weight_bytes, dst->bytes);
+		fresh = !ret;
 	}
 	if (!ret && (dst->bytes != src->bytes || dst->inter != src->inter))
 		ret = moe_err(err, -EINVAL, "rank %u slot %u is laid out for another expert size",
 			      rank, slot);
-	if (!ret)
-		memcpy(dst->mem, src->mem, src->bytes);
+	if (!ret && paced_copy(dst->mem, src->mem, src->bytes, pace))
+		ret = moe_err(err, -ECANCELED, "the copy of layer %u's expert %u to rank %u was "
+			      "cancelled", l, x, rank);
 	pthread_mutex_lock(&e->slot_lock);
 	if (e->slot_expert[k] == -2)
 		e->slot_expert[k] = ret ? -1 : (int32_t)x;
+	if (ret && fresh) /* an empty slot holds no memory */
+		free_slot(e, k, rank);
 	pthread_mutex_unlock(&e->slot_lock);
 	pthread_mutex_unlock(&e->publish_lock);
 	return ret;
+}
+
+int moe_engine_slot_state(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot)
+{
+	size_t k;
+	int v;
+
+	if (l >= e->m->n_moe_layers || rank >= e->n_ranks || slot >= e->slots_per_rank)
+		return MOE_SLOT_INVALID;
+	k = slot_index(e, rank, l, slot);
+	pthread_mutex_lock(&e->slot_lock);
+	v = e->slot_drop[k] ? MOE_SLOT_DROPPING : e->slot_expert[k];
+	pthread_mutex_unlock(&e->slot_lock);
+	return v;
 }
 
 uint32_t moe_engine_slots_per_rank(const struct moe_engine *e)

@@ -97,6 +97,22 @@ struct moe_epochs *moe_engine_epochs(struct moe_engine *e);
  * it is written. Call from one thread at a time. */
 int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
 			 uint32_t slot, char *err);
+/* The same, copying at most pace->bytes_per_s (0: unpaced) in pieces, and
+ * giving up with -ECANCELED when *pace->cancel becomes true (the slot is
+ * then empty again); *pace->copied counts the bytes. */
+struct moe_copy_pace {
+	uint64_t bytes_per_s;
+	const atomic_bool *cancel;   /* may be NULL */
+	_Atomic uint64_t *copied;    /* may be NULL */
+};
+int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			       uint32_t slot, const struct moe_copy_pace *pace, char *err);
+/* What a slot holds: an expert (>= 0), or one of these. */
+#define MOE_SLOT_EMPTY	  (-1)
+#define MOE_SLOT_FILLING  (-2) /* a copy into it runs */
+#define MOE_SLOT_DROPPING (-3) /* freed once no live epoch names it */
+#define MOE_SLOT_INVALID  (-4) /* no such layer, rank or slot */
+int moe_engine_slot_state(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot);
 /* Marks a replica's slot to be freed once no live epoch names it (at once
  * if none does); a placement naming it can no longer be published.
  * -ENOENT for an empty slot. */
