@@ -7,10 +7,14 @@
  *   moectl [-s SOCKET] epoch ID
  *   moectl [-s SOCKET] job ID [--cancel]
  *   moectl [-s SOCKET] epoch-cycle COUNT [--interval-us U] [--wait]
+ *   moectl [-s SOCKET] placement [--layer L] [--json]
+ *   moectl [-s SOCKET] replicate|unreplicate --layer L --expert E --rank R [--wait]
+ *   moectl [-s SOCKET] rebalance [--layer L] [--full] [--dry-run] [--wait]
+ *   (the placement commands: client/moectl_placement.c)
  *
  * Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable.
  */
-#include "client/include/moeclient.h"
+#include "client/moectl.h"
 #include "formats/safetensors.h"
 
 #include <cjson/cJSON.h>
@@ -21,14 +25,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define EXIT_OK     0
-#define EXIT_ERR    1
-#define EXIT_USAGE  2
-#define EXIT_DAEMON 3
+const char *socket_path; /* NULL: the library's default */
 
-static const char *socket_path; /* NULL: the library's default */
-
-static void usage(FILE *f)
+void usage(FILE *f)
 {
 	fprintf(f, "usage: moectl [-s SOCKET] status [--json]\n"
 	           "       moectl [-s SOCKET] forward --layer L --input IN.safetensors"
@@ -42,6 +41,12 @@ static void usage(FILE *f)
 	           "       moectl [-s SOCKET] epoch-cycle COUNT [--interval-us U] [--wait]\n"
 	           "                          publish COUNT epochs with the same weights (a job;\n"
 	           "                          a self-test of the publish path while serving)\n"
+	           "       moectl [-s SOCKET] placement [--layer L] [--json]\n"
+	           "                          where each expert lives, and the ranks' load\n"
+	           "       moectl [-s SOCKET] replicate --layer L --expert E --rank R [--wait]\n"
+	           "       moectl [-s SOCKET] unreplicate --layer L --expert E --rank R [--wait]\n"
+	           "       moectl [-s SOCKET] rebalance [--layer L] [--full] [--dry-run] [--wait]\n"
+	           "                          from the load window; --dry-run shows the plan\n"
 	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
 }
 
@@ -55,19 +60,19 @@ static const char *shown_path(void)
 }
 
 /* The exit code for a library error. */
-static int exit_for(int r)
+int exit_for(int r)
 {
 	return r == MOE_EDAEMON ? EXIT_DAEMON : EXIT_ERR;
 }
 
-static int fail(int r, const char *what)
+int fail(int r, const char *what)
 {
 	fprintf(stderr, "moectl: %s: %s%s\n", what, moe_strerror(r),
 	        r == MOE_EDAEMON ? " (is moed running?)" : "");
 	return exit_for(r);
 }
 
-static int connect_or_complain(moe_client **c)
+int connect_or_complain(moe_client **c)
 {
 	char err[512] = "";
 	moe_connect_options o = {
@@ -86,7 +91,7 @@ static int connect_or_complain(moe_client **c)
 /* ------------------------------------------------------------------------ */
 /* status                                                                   */
 
-static double num(const cJSON *o, const char *k)
+double num(const cJSON *o, const char *k)
 {
 	const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
 
@@ -100,7 +105,7 @@ static const char *str(const cJSON *o, const char *k)
 	return cJSON_IsString(v) && v->valuestring ? v->valuestring : "-";
 }
 
-static const cJSON *obj(const cJSON *o, const char *k)
+const cJSON *obj(const cJSON *o, const char *k)
 {
 	return cJSON_GetObjectItemCaseSensitive(o, k);
 }
@@ -256,7 +261,7 @@ static int cmd_status(int argc, char **argv)
 /* ------------------------------------------------------------------------ */
 /* forward                                                                  */
 
-static int parse_u32(const char *s, uint32_t *v)
+int parse_u32(const char *s, uint32_t *v)
 {
 	char *end;
 	unsigned long long x;
@@ -530,7 +535,7 @@ out:
 /* ------------------------------------------------------------------------ */
 /* epochs and jobs                                                          */
 
-static void print_job(const struct moe_admin_job *j)
+void print_job(const struct moe_admin_job *j)
 {
 	printf("job %u (%s): %s, %" PRIu64 " of %" PRIu64 "%s%s\n", j->job, moe_admin_op_name(j->op),
 	       moe_job_state_name(j->state), j->done, j->total, j->state == MOE_JOB_RUNNING ? "" : ": ",
@@ -697,6 +702,14 @@ int main(int argc, char **argv)
 		return cmd_job(argc, argv);
 	if (!strcmp(cmd, "epoch-cycle"))
 		return cmd_epoch_cycle(argc, argv);
+	if (!strcmp(cmd, "placement"))
+		return cmd_placement(argc, argv);
+	if (!strcmp(cmd, "replicate"))
+		return cmd_replicate(argc, argv, MOE_ADMIN_REPLICATE);
+	if (!strcmp(cmd, "unreplicate"))
+		return cmd_replicate(argc, argv, MOE_ADMIN_UNREPLICATE);
+	if (!strcmp(cmd, "rebalance"))
+		return cmd_rebalance(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

@@ -39,11 +39,22 @@ enum moe_admin_op {
 					  replicas copied into spare slots and dropped
 					  again (a self-test of the placement path; CPU
 					  ranks) */
-	MOE_ADMIN_OP_MAX = 8
+	MOE_ADMIN_REPLICATE = 9,   /* job: moe_admin_replica: one more replica of an expert,
+				      on a rank (weights copied, then published) */
+	MOE_ADMIN_UNREPLICATE = 10, /* job: moe_admin_replica: that replica dropped (not an
+				       expert's last one) */
+	MOE_ADMIN_REBALANCE = 11,  /* moe_admin_rebalance: a plan from the load window;
+				      with MOE_ADMIN_DRY_RUN the plan only (moe_admin_plan,
+				      and in words in the message), else a job that moves
+				      to it (the plan in words in the message); a plan that
+				      changes nothing: moe_admin_plan, no job */
+	MOE_ADMIN_OP_MAX = 11
 };
 
 /* flags */
-#define MOE_ADMIN_WAIT 0x1 /* drain: reply only once nothing is queued */
+#define MOE_ADMIN_WAIT	  0x1 /* drain: reply only once nothing is queued */
+#define MOE_ADMIN_DRY_RUN 0x2 /* rebalance: show the plan, change nothing */
+#define MOE_ADMIN_FLAGS	  (MOE_ADMIN_WAIT | MOE_ADMIN_DRY_RUN)
 
 /* payloads */
 struct moe_admin_epoch {
@@ -62,6 +73,24 @@ struct moe_admin_placement_cycle {
 	uint64_t seed;	      /* of the random choices */
 };
 
+/* Placement changes name a layer by its decoder-layer index (as status
+ * does), an expert by its index, a rank by its number. */
+#define MOE_ADMIN_ALL_LAYERS 0xffffffffu
+
+struct moe_admin_replica {
+	uint32_t layer;
+	uint32_t expert;
+	uint32_t rank;
+	uint32_t reserved; /* 0 */
+};
+
+enum moe_plan_kind { MOE_PLAN_KIND_KEEP = 0, MOE_PLAN_KIND_FULL = 1 };
+
+struct moe_admin_rebalance {
+	uint32_t layer; /* or MOE_ADMIN_ALL_LAYERS */
+	uint32_t mode;	/* enum moe_plan_kind: KEEP moves as few weights as it can */
+};
+
 struct moe_admin_job_ref {
 	uint32_t job;
 	uint32_t reserved; /* 0 */
@@ -78,6 +107,16 @@ struct moe_admin_epoch_info {
 	uint32_t n_layers; /* MoE layers: weights_version[n_layers] follows */
 	uint32_t reserved;
 	/* uint32_t weights_version[n_layers]; */
+};
+
+/* rebalance's result (dry run, or nothing to change): what the plan changes. */
+struct moe_admin_plan {
+	uint32_t layers;	 /* planned */
+	uint32_t layers_changed; /* with a replica added, moved or dropped */
+	uint32_t added, dropped, moved;
+	uint32_t reserved;
+	uint64_t copy_bytes; /* weights the move copies */
+	double before, after; /* predicted max/mean rank load, the worst layer */
 };
 
 enum moe_job_state { MOE_JOB_RUNNING = 1, MOE_JOB_DONE = 2, MOE_JOB_CANCELLED = 3,

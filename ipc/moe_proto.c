@@ -156,6 +156,9 @@ static const struct {
 	[MOE_ADMIN_JOB_CANCEL] = {"job-cancel", sizeof(struct moe_admin_job_ref)},
 	[MOE_ADMIN_PLACEMENT_CYCLE] = {"placement-cycle",
 				       sizeof(struct moe_admin_placement_cycle)},
+	[MOE_ADMIN_REPLICATE] = {"replicate", sizeof(struct moe_admin_replica)},
+	[MOE_ADMIN_UNREPLICATE] = {"unreplicate", sizeof(struct moe_admin_replica)},
+	[MOE_ADMIN_REBALANCE] = {"rebalance", sizeof(struct moe_admin_rebalance)},
 };
 
 int moe_admin_payload_size(uint32_t op)
@@ -185,7 +188,7 @@ int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, v
 
 	if (r)
 		return r;
-	if (moe_admin_payload_size(out->op) < 0 || out->flags & ~(uint32_t)MOE_ADMIN_WAIT ||
+	if (moe_admin_payload_size(out->op) < 0 || out->flags & ~(uint32_t)MOE_ADMIN_FLAGS ||
 	    *plen != (uint32_t)moe_admin_payload_size(out->op))
 		return MOE_EINVAL;
 	return 0;

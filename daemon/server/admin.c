@@ -9,9 +9,8 @@
  */
 #include "daemon/server/internal.h"
 
-/* The reply, with the op's result (len bytes, may be 0) after it. */
-static void reply_with(struct client *c, uint32_t seq, int status, const char *msg,
-		       const void *result, uint32_t len)
+void srv_admin_reply_with(struct client *c, uint32_t seq, int status, const char *msg,
+			  const void *result, uint32_t len)
 {
 	struct {
 		struct moe_msg_admin_reply r;
@@ -26,7 +25,7 @@ static void reply_with(struct client *c, uint32_t seq, int status, const char *m
 
 void srv_admin_reply(struct client *c, uint32_t seq, int status, const char *msg)
 {
-	reply_with(c, seq, status, msg, NULL, 0);
+	srv_admin_reply_with(c, seq, status, msg, NULL, 0);
 }
 
 void srv_status_line(struct server *s)
@@ -67,13 +66,6 @@ int srv_reload_config(struct server *s, char *msg, size_t n)
 }
 
 /* ---- the ops ------------------------------------------------------------ */
-
-struct admin_call {
-	struct server *s;
-	struct client *c;
-	uint32_t op, flags, seq;
-	const void *payload;
-};
 
 static void op_drain(const struct admin_call *a)
 {
@@ -149,7 +141,7 @@ static void op_epoch_info(const struct admin_call *a)
 	snprintf(msg, sizeof(msg), "epoch %u: placement generation %llu, %s", info.id,
 		 (unsigned long long)info.placement_gen,
 		 info.current ? "current" : info.retired ? "retired" : "live (pinned by a batch)");
-	reply_with(a->c, a->seq, 0, msg, &r, (uint32_t)(sizeof(r.i) + n * sizeof(uint32_t)));
+	srv_admin_reply_with(a->c, a->seq, 0, msg, &r, (uint32_t)(sizeof(r.i) + n * sizeof(uint32_t)));
 }
 
 static const char *check_cycle(const void *p)
@@ -175,17 +167,22 @@ static void op_start_job(const struct admin_call *a)
 {
 	struct moe_admin_job d;
 	const char *why = NULL;
-	struct job *j;
-	int st = srv_job_start(a->s, a->c, a->op, a->seq, a->payload, &j, &why);
+	struct job *j, *busy = a->op == MOE_ADMIN_PLACEMENT_CYCLE ? srv_placement_busy(a->s) : NULL;
+	int st = busy ? MOE_EBUSY : srv_job_start(a->s, a->c, a->op, a->seq, a->payload, &j, &why);
 	char msg[120];
 
+	if (busy) {
+		snprintf(msg, sizeof(msg), "a placement change runs (job %u): wait for it", busy->id);
+		srv_admin_reply(a->c, a->seq, st, msg);
+		return;
+	}
 	if (st) {
 		srv_admin_reply(a->c, a->seq, st, why);
 		return;
 	}
 	srv_job_describe(j, &d);
 	snprintf(msg, sizeof(msg), "job %u started", j->id);
-	reply_with(a->c, a->seq, 0, msg, &d, sizeof(d));
+	srv_admin_reply_with(a->c, a->seq, 0, msg, &d, sizeof(d));
 }
 
 static const char *check_job(const void *p)
@@ -213,7 +210,7 @@ static void op_job(const struct admin_call *a)
 		 d.state == MOE_JOB_RUNNING
 			 ? (a->op == MOE_ADMIN_JOB_CANCEL ? "cancelling at its next step" : "running")
 			 : d.message);
-	reply_with(a->c, a->seq, 0, msg, &d, sizeof(d));
+	srv_admin_reply_with(a->c, a->seq, 0, msg, &d, sizeof(d));
 }
 
 static const struct admin_op {
@@ -229,6 +226,9 @@ static const struct admin_op {
 	[MOE_ADMIN_JOB_STATUS] = {MOE_AUTH_ADMIN, check_job, op_job},
 	[MOE_ADMIN_JOB_CANCEL] = {MOE_AUTH_ADMIN, check_job, op_job},
 	[MOE_ADMIN_PLACEMENT_CYCLE] = {MOE_AUTH_ADMIN, check_pcycle, op_start_job},
+	[MOE_ADMIN_REPLICATE] = {MOE_AUTH_ADMIN, srv_check_replica, srv_op_replicate},
+	[MOE_ADMIN_UNREPLICATE] = {MOE_AUTH_ADMIN, srv_check_replica, srv_op_replicate},
+	[MOE_ADMIN_REBALANCE] = {MOE_AUTH_ADMIN, srv_check_rebalance, srv_op_rebalance},
 };
 
 /* One ADMIN message (buf, n: the whole datagram, header valid). */
@@ -249,7 +249,7 @@ void srv_admin(struct server *s, struct client *c, const void *buf, size_t n, ui
 			snprintf(msg, sizeof(msg), "malformed admin message (%zu bytes)", n);
 		else if (want < 0)
 			snprintf(msg, sizeof(msg), "unknown admin command %u", a.op);
-		else if (a.flags & ~(uint32_t)MOE_ADMIN_WAIT)
+		else if (a.flags & ~(uint32_t)MOE_ADMIN_FLAGS)
 			snprintf(msg, sizeof(msg), "%s: unknown flags 0x%x", moe_admin_op_name(a.op),
 				 a.flags);
 		else
@@ -271,6 +271,13 @@ void srv_admin(struct server *s, struct client *c, const void *buf, size_t n, ui
 		srv_admin_reply(c, seq, MOE_EPERM, op->priv == MOE_AUTH_ADMIN
 					? "not allowed: root or server.admin_group only"
 					: "not allowed: not in the socket's group");
+		return;
+	}
+	if ((a.flags & MOE_ADMIN_DRY_RUN) && a.op != MOE_ADMIN_REBALANCE) {
+		snprintf(msg, sizeof(msg), "%s: dry-run applies to rebalance only",
+			 moe_admin_op_name(a.op));
+		s->admin_refused++;
+		srv_admin_reply(c, seq, MOE_EINVAL, msg);
 		return;
 	}
 	if (op->check && (why = op->check(payload))) {

@@ -94,6 +94,8 @@ struct moe_config {
 		double rebalance_threshold;        /* max/mean load, > 1.0; 1.5 */
 		unsigned int rebalance_interval_s; /* 1..86400, default 60 */
 		unsigned int stats_window_s;       /* load statistics' window, 1..86400, default 60 */
+		uint64_t copy_bytes_per_s;         /* weight copies of placement changes: at most
+		                                      this rate, 0..1 TiB/s; 0 (default): none */
 	} placement;
 
 	struct {

@@ -52,6 +52,8 @@ const struct cfg_key cfg_keys[] = {
     {"placement.auto_rebalance", BOOL(placement.auto_rebalance), .supported = false},
     {"placement.rebalance_threshold", NUMBER(placement.rebalance_threshold, 1.0, 1000.0),
      .supported = false},
+    {"placement.copy_bytes_per_s", SIZE(placement.copy_bytes_per_s, 0, 1LL << 40),
+     .supported = true, .reload = true},
     {"placement.stats_window_s", UINT(placement.stats_window_s, 1, 86400), .supported = true},
     {"placement.rebalance_interval_s", UINT(placement.rebalance_interval_s, 1, 86400),
      .supported = false},

@@ -178,6 +178,8 @@ struct job {
 	int efd;
 	struct moe_admin_cycle cycle;		  /* MOE_ADMIN_EPOCH_CYCLE */
 	struct moe_admin_placement_cycle pcycle; /* MOE_ADMIN_PLACEMENT_CYCLE */
+	struct placement_change *change;	  /* REPLICATE, UNREPLICATE, REBALANCE */
+	uint64_t copy_bytes_per_s;
 	uint32_t last_epoch;
 };
 
@@ -278,15 +280,39 @@ void srv_accept_clients(struct server *s);
 void srv_read_client(struct server *s, struct client *c);
 
 /* admin.c: operator commands, one table row per op of ipc/moe_admin.h */
+struct admin_call {
+	struct server *s;
+	struct client *c;
+	uint32_t op, flags, seq;
+	const void *payload;
+};
 void srv_admin_reply(struct client *c, uint32_t seq, int status, const char *msg);
+/* The reply with the op's result (len bytes, may be 0) after it. */
+void srv_admin_reply_with(struct client *c, uint32_t seq, int status, const char *msg,
+			  const void *result, uint32_t len);
 void srv_status_line(struct server *s);
 int srv_reload_config(struct server *s, char *msg, size_t n);
 void srv_admin(struct server *s, struct client *c, const void *buf, size_t n, uint32_t seq);
 void srv_answer_drain_waiters(struct server *s);
 
+/* placement_ops.c: replicate, unreplicate, rebalance (admin ops) and the
+ * job that moves the placement */
+const char *srv_check_replica(const void *payload);
+const char *srv_check_rebalance(const void *payload);
+void srv_op_replicate(const struct admin_call *a);
+void srv_op_rebalance(const struct admin_call *a);
+void *srv_placement_job(void *job);
+/* A placement change (a job of these ops, or placement-cycle) running. */
+struct job *srv_placement_busy(struct server *s);
+uint64_t srv_placement_change_steps(const struct placement_change *pc);
+void srv_placement_change_free(struct placement_change *pc);
+
 /* jobs.c: asynchronous admin jobs, one thread each */
 int srv_jobs_init(struct server *s);
-/* payload: the op's (admin.c checked it) */
+/* The job's thread, at its end: state, result, and the loop woken. */
+void srv_job_end(struct job *j, uint32_t state, int32_t result);
+/* payload: the op's (admin.c checked it); for replicate, unreplicate and
+ * rebalance a struct placement_change (placement_ops.c), taken over */
 int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 		  const void *payload, struct job **out, const char **why);
 struct job *srv_job_find(struct server *s, uint32_t id);

@@ -20,7 +20,7 @@
 
 #include <sys/eventfd.h>
 
-static void job_end(struct job *j, uint32_t state, int32_t result)
+void srv_job_end(struct job *j, uint32_t state, int32_t result)
 {
 	uint64_t one = 1;
 
@@ -45,12 +45,12 @@ static void *epoch_cycle(void *arg)
 		if (atomic_load(&j->cancel)) {
 			snprintf(j->message, sizeof(j->message), "cancelled after %u of %u epochs",
 				 i, j->cycle.count);
-			job_end(j, MOE_JOB_CANCELLED, MOE_ECANCELED);
+			srv_job_end(j, MOE_JOB_CANCELLED, MOE_ECANCELED);
 			return NULL;
 		}
 		if (moe_engine_publish(j->e, NULL, NULL, &id, err)) {
 			snprintf(j->message, sizeof(j->message), "%.120s", err);
-			job_end(j, MOE_JOB_FAILED, MOE_EINTERNAL);
+			srv_job_end(j, MOE_JOB_FAILED, MOE_EINTERNAL);
 			return NULL;
 		}
 		atomic_store(&j->done, (uint64_t)i + 1);
@@ -60,7 +60,7 @@ static void *epoch_cycle(void *arg)
 	}
 	snprintf(j->message, sizeof(j->message), "published %u epochs, the last %u",
 		 j->cycle.count, j->last_epoch);
-	job_end(j, MOE_JOB_DONE, 0);
+	srv_job_end(j, MOE_JOB_DONE, 0);
 	return NULL;
 }
 
@@ -197,12 +197,12 @@ static void *placement_cycle(void *arg)
 	if (i < j->pcycle.count) {
 		snprintf(j->message, sizeof(j->message), "cancelled after %u of %u placements", i,
 			 j->pcycle.count);
-		job_end(j, MOE_JOB_CANCELLED, MOE_ECANCELED);
+		srv_job_end(j, MOE_JOB_CANCELLED, MOE_ECANCELED);
 	} else {
 		snprintf(j->message, sizeof(j->message),
 			 "published %u placements (%llu replicas copied), then the initial one: "
 			 "epoch %u", i, (unsigned long long)replicas, j->last_epoch);
-		job_end(j, MOE_JOB_DONE, 0);
+		srv_job_end(j, MOE_JOB_DONE, 0);
 	}
 	free(prev);
 	free(now);
@@ -210,8 +210,15 @@ static void *placement_cycle(void *arg)
 fail:
 	free(prev);
 	free(now);
-	job_end(j, MOE_JOB_FAILED, MOE_EINTERNAL);
+	srv_job_end(j, MOE_JOB_FAILED, MOE_EINTERNAL);
 	return NULL;
+}
+
+static void job_free(struct job *j)
+{
+	if (j)
+		srv_placement_change_free(j->change);
+	free(j);
 }
 
 int srv_jobs_init(struct server *s)
@@ -252,7 +259,9 @@ static struct job **free_slot(struct server *s)
 int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 		  const void *payload, struct job **out, const char **why)
 {
-	void *(*fn)(void *) = op == MOE_ADMIN_PLACEMENT_CYCLE ? placement_cycle : epoch_cycle;
+	void *(*fn)(void *) = op == MOE_ADMIN_PLACEMENT_CYCLE ? placement_cycle
+			      : op == MOE_ADMIN_EPOCH_CYCLE ? epoch_cycle
+							    : srv_placement_job;
 	struct job **slot = free_slot(s), *j;
 
 	if (!slot)
@@ -265,18 +274,23 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	if (op == MOE_ADMIN_PLACEMENT_CYCLE) {
 		j->pcycle = *(const struct moe_admin_placement_cycle *)payload;
 		j->total = j->pcycle.count;
-	} else {
+	} else if (op == MOE_ADMIN_EPOCH_CYCLE) {
 		j->cycle = *(const struct moe_admin_cycle *)payload;
 		j->total = j->cycle.count;
+	} else {
+		j->change = (struct placement_change *)payload; /* (taken over) */
+		j->total = srv_placement_change_steps(j->change);
+		j->copy_bytes_per_s = s->o.copy_bytes_per_s;
 	}
 	atomic_init(&j->state, MOE_JOB_RUNNING);
 	atomic_init(&j->done, 0);
 	atomic_init(&j->cancel, false);
 	if (pthread_create(&j->thread, NULL, fn, j)) {
+		j->change = NULL; /* (the caller keeps it) */
 		free(j);
 		return *why = "cannot start a thread", MOE_ENOMEM;
 	}
-	free(*slot);
+	job_free(*slot);
 	*slot = j;
 	s->jobs_started++;
 	moe_log(LOG_NOTICE, "job %u (%s) started by client %u (pid %d)", j->id,
@@ -335,7 +349,7 @@ void srv_jobs_stop(struct server *s)
 	for (int i = 0; i < MAX_JOBS; i++) {
 		if (s->jobs[i] && !s->jobs[i]->joined)
 			pthread_join(s->jobs[i]->thread, NULL);
-		free(s->jobs[i]);
+		job_free(s->jobs[i]);
 		s->jobs[i] = NULL;
 	}
 	if (s->jobs_efd >= 0)

@@ -219,6 +219,7 @@ static void server_opts(const struct moe_config *c, struct moe_server_opts *o)
 	o->max_queue_requests = c->scheduler.max_queue_requests;
 	o->request_timeout_ms = c->scheduler.request_timeout_ms;
 	o->handshake_timeout_ms = c->server.handshake_timeout_ms;
+	o->copy_bytes_per_s = c->placement.copy_bytes_per_s;
 	o->model_path = c->model.path;
 	o->admin_group = c->server.admin_group;
 	o->log_level = (int)c->log.level;

@@ -38,6 +38,7 @@ struct moe_server_opts {
 	uint32_t max_queue_requests;	/* all clients */
 	uint32_t request_timeout_ms;	/* default deadline, 0: none */
 	uint32_t handshake_timeout_ms;	/* a connection must HELLO within this */
+	uint64_t copy_bytes_per_s;	/* placement changes' weight copies; 0: unpaced */
 	const char *model_path;
 	const char *gpu; /* for status: the GPU served, or why none */
 	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */

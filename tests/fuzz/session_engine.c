@@ -204,3 +204,26 @@ const struct moe_stats *moe_engine_stats(const struct moe_engine *e)
 	(void)e;
 	return NULL;
 }
+
+/* placement changes: the server refuses them on this backend ("fuzz") before
+ * it would call these */
+int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
+			       uint32_t slot, const struct moe_copy_pace *pace, char *err)
+{
+	(void)pace;
+	return moe_engine_replicate(e, l, x, rank, slot, err);
+}
+
+int moe_engine_slot_state(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot)
+{
+	(void)e, (void)l, (void)rank, (void)slot;
+	return MOE_SLOT_INVALID;
+}
+
+int moe_model_layer_pos(const struct moe_model *m, uint32_t index)
+{
+	for (uint32_t i = 0; i < m->n_moe_layers; i++)
+		if (m->layers[i].index == index)
+			return (int)i;
+	return -1;
+}
