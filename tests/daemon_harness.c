@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -665,4 +666,123 @@ moe_client *dh_cl_open_named(struct daemon *d, const char *name)
 	moe_connect_options o = {.name = name};
 
 	return dh_cl_open_with(d, &o);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Clients under load: a loop, in a thread or in processes                  */
+
+void *dh_load_loop(void *arg)
+{
+	struct dh_loader *L = arg;
+	moe_connect_options o = {.name = "epoch-load"};
+	struct moe_rng rng = {1000 + (uint64_t)L->id};
+	moe_client *c;
+
+	if (moe_connect_opts(L->d->sock, &o, &c)) {
+		snprintf(L->why, sizeof(L->why), "cannot connect");
+		L->failed++;
+		return NULL;
+	}
+	while (!atomic_load(L->stop)) {
+		uint32_t n = 1 + (uint32_t)(moe_rng_next(&rng) % 12);
+		uint32_t layer = g_model->layers[moe_rng_next(&rng) % g_model->n_moe_layers].index;
+		int dt = moe_rng_next(&rng) % 2 ? MOE_DTYPE_F32 : MOE_DTYPE_BF16;
+		size_t bytes = (size_t)n * g_H * dh_dt_size(dt);
+		void *in = dh_make_input(dt, n, moe_rng_next(&rng)), *ref = malloc(bytes);
+		void *bi = moe_buf_alloc(c, bytes), *bo = moe_buf_alloc(c, bytes);
+		moe_completion done;
+		uint64_t tag;
+		int got = 0;
+
+		if (!bi || !bo || !ref || moe_submit(c, layer, (moe_dtype)dt, memcpy(bi, in, bytes),
+						     bo, n, 0, &tag)) {
+			snprintf(L->why, sizeof(L->why), "submit failed");
+			L->failed++;
+			break;
+		}
+		for (uint64_t t0 = dh_now_ms(); !got && dh_now_ms() - t0 < DH_WAIT_MS;)
+			if (!(got = moe_poll(c, &done, 1) == 1))
+				usleep(50);
+		L->requests++;
+		if (!got || done.tag != tag || done.status) {
+			snprintf(L->why, sizeof(L->why), "request %llu: %s",
+				 (unsigned long long)L->requests,
+				 got ? moe_strerror(done.status) : "no completion");
+			L->failed++;
+		} else {
+			dh_ref_forward(layer, dt, in, ref, n);
+			if (memcmp(ref, bo, bytes))
+				L->wrong++;
+			if (done.epoch < L->last_epoch)
+				L->not_monotone++;
+			if (done.epoch != L->last_epoch)
+				L->epochs_seen++;
+			if (!L->first_epoch)
+				L->first_epoch = done.epoch;
+			L->last_epoch = done.epoch;
+		}
+		moe_buf_free(c, bi);
+		moe_buf_free(c, bo);
+		free(in);
+		free(ref);
+	}
+	moe_disconnect(c);
+	return NULL;
+}
+
+struct dh_loaders {
+	atomic_bool stop;
+	int n;
+	pid_t pid[DH_MAX_LOADERS];
+	struct dh_loader L[DH_MAX_LOADERS];
+};
+
+struct dh_loaders *dh_loaders_start(struct daemon *d, int n, int id0)
+{
+	struct dh_loaders *h = mmap(NULL, sizeof(*h), PROT_READ | PROT_WRITE,
+				    MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+
+	assert_true(h != MAP_FAILED);
+	assert_true(n > 0 && n <= DH_MAX_LOADERS);
+	atomic_init(&h->stop, false);
+	h->n = n;
+	fflush(stdout);
+	fflush(stderr);
+	for (int i = 0; i < n; i++) {
+		h->L[i] = (struct dh_loader){.d = d, .stop = &h->stop, .id = id0 + i};
+		pid_t pid = fork(); /* (h is shared: only the parent writes pid[]) */
+
+		assert_true(pid >= 0);
+		if (!pid) {
+			dh_load_loop(&h->L[i]);
+			_exit(0);
+		}
+		h->pid[i] = pid;
+	}
+	return h;
+}
+
+uint64_t dh_loaders_stop(struct dh_loaders *h)
+{
+	uint64_t total = 0;
+
+	atomic_store(&h->stop, true);
+	for (int i = 0; i < h->n; i++) {
+		struct dh_loader *L = &h->L[i];
+		int ws;
+
+		assert_int_equal(waitpid(h->pid[i], &ws, 0), h->pid[i]);
+		assert_true(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
+		printf("client process %d: %llu requests, %llu failed, %llu wrong, epochs %u..%u%s%s\n",
+		       i, (unsigned long long)L->requests, (unsigned long long)L->failed,
+		       (unsigned long long)L->wrong, L->first_epoch, L->last_epoch,
+		       L->why[0] ? ": " : "", L->why);
+		assert_int_equal(L->failed, 0);
+		assert_int_equal(L->wrong, 0);
+		assert_int_equal(L->not_monotone, 0);
+		assert_true(L->requests > 0);
+		total += L->requests;
+	}
+	munmap(h, sizeof(*h));
+	return total;
 }

@@ -17,6 +17,7 @@
 #define MOE_DAEMON_HARNESS_H
 
 #include <cjson/cJSON.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -123,6 +124,29 @@ void dh_daemon_free(struct daemon *d);
 int dh_count_fds(pid_t pid);
 /* VmRSS of a process, in KiB. */
 long dh_rss_kib(pid_t pid);
+
+/* ---- clients under load --------------------------------------------------- */
+
+/* One client's loop: random layers, dtypes and sizes (1-12 tokens), each
+ * output compared bit for bit with the in-process reference, completion
+ * epochs checked monotone, until *stop. Counts in the struct. */
+struct dh_loader {
+	struct daemon *d;
+	atomic_bool *stop;
+	uint64_t requests, failed, wrong, not_monotone, epochs_seen;
+	uint32_t first_epoch, last_epoch;
+	char why[200];
+	int id;
+};
+void *dh_load_loop(void *loader);
+/* n client processes running the loop (the reference engine has no threads
+ * of its own, so it survives the fork), ids id0.. (their seeds); stop
+ * joins them, prints their counts, asserts none failed or differed, and
+ * returns the requests they made. */
+#define DH_MAX_LOADERS 8
+struct dh_loaders;
+struct dh_loaders *dh_loaders_start(struct daemon *d, int n, int id0);
+uint64_t dh_loaders_stop(struct dh_loaders *h);
 
 /* ---- per-test setup / teardown ------------------------------------------ */
 

@@ -313,79 +313,11 @@ static void test_killed_mid_batch(void **state)
 
 #define LOAD_CLIENTS 3
 
-struct loader {
-	struct daemon *d;
-	atomic_bool *stop;
-	uint64_t requests, failed, wrong, not_monotone, epochs_seen;
-	uint32_t first_epoch, last_epoch;
-	char why[200];
-	int id;
-};
-
-static void *load_thread(void *arg)
-{
-	struct loader *L = arg;
-	moe_connect_options o = {.name = "epoch-load"};
-	struct moe_rng rng = {1000 + (uint64_t)L->id};
-	moe_client *c;
-
-	if (moe_connect_opts(L->d->sock, &o, &c)) {
-		snprintf(L->why, sizeof(L->why), "cannot connect");
-		L->failed++;
-		return NULL;
-	}
-	while (!atomic_load(L->stop)) {
-		uint32_t n = 1 + (uint32_t)(moe_rng_next(&rng) % 12);
-		uint32_t layer = g_model->layers[moe_rng_next(&rng) % g_model->n_moe_layers].index;
-		int dt = moe_rng_next(&rng) % 2 ? MOE_DTYPE_F32 : MOE_DTYPE_BF16;
-		size_t bytes = (size_t)n * g_H * dh_dt_size(dt);
-		void *in = dh_make_input(dt, n, moe_rng_next(&rng)), *ref = malloc(bytes);
-		void *bi = moe_buf_alloc(c, bytes), *bo = moe_buf_alloc(c, bytes);
-		moe_completion done;
-		uint64_t tag;
-		int got = 0;
-
-		if (!bi || !bo || !ref || moe_submit(c, layer, (moe_dtype)dt, memcpy(bi, in, bytes),
-						     bo, n, 0, &tag)) {
-			snprintf(L->why, sizeof(L->why), "submit failed");
-			L->failed++;
-			break;
-		}
-		for (uint64_t t0 = dh_now_ms(); !got && dh_now_ms() - t0 < DH_WAIT_MS;)
-			if (!(got = moe_poll(c, &done, 1) == 1))
-				usleep(50);
-		L->requests++;
-		if (!got || done.tag != tag || done.status) {
-			snprintf(L->why, sizeof(L->why), "request %llu: %s",
-				 (unsigned long long)L->requests,
-				 got ? moe_strerror(done.status) : "no completion");
-			L->failed++;
-		} else {
-			dh_ref_forward(layer, dt, in, ref, n);
-			if (memcmp(ref, bo, bytes))
-				L->wrong++;
-			if (done.epoch < L->last_epoch)
-				L->not_monotone++;
-			if (done.epoch != L->last_epoch)
-				L->epochs_seen++;
-			if (!L->first_epoch)
-				L->first_epoch = done.epoch;
-			L->last_epoch = done.epoch;
-		}
-		moe_buf_free(c, bi);
-		moe_buf_free(c, bo);
-		free(in);
-		free(ref);
-	}
-	moe_disconnect(c);
-	return NULL;
-}
-
 static void test_epochs_under_load(void **state)
 {
 	struct daemon *d = start(NULL, NULL);
 	struct moe_admin_cycle cy = {5000, 20};
-	struct loader L[LOAD_CLIENTS];
+	struct dh_loader L[LOAD_CLIENTS];
 	pthread_t th[LOAD_CLIENTS];
 	atomic_bool stop = false;
 	struct moe_admin_job jd;
@@ -398,8 +330,8 @@ static void test_epochs_under_load(void **state)
 
 	(void)state;
 	for (int i = 0; i < LOAD_CLIENTS; i++) {
-		L[i] = (struct loader){.d = d, .stop = &stop, .id = i};
-		assert_int_equal(pthread_create(&th[i], NULL, load_thread, &L[i]), 0);
+		L[i] = (struct dh_loader){.d = d, .stop = &stop, .id = i};
+		assert_int_equal(pthread_create(&th[i], NULL, dh_load_loop, &L[i]), 0);
 	}
 	dh_nap_ms(50); /* traffic first */
 	r = raw_attach(d, 1 << 20, 4);
@@ -642,34 +574,16 @@ static void test_placements_under_load(void **state)
 {
 	struct daemon *d = start("devices: cpu:2\nplacement:\n  spare_slots: 2\n", NULL);
 	struct moe_admin_placement_cycle pc = {60, 2000, 7};
-	/* four client processes (the reference engine has no threads of its
-	 * own, so it survives the fork); their counts in shared memory */
-	struct shared_load {
-		atomic_bool stop;
-		struct loader L[4];
-	} *sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-	struct loader *L;
-	pid_t pid[4];
+	struct dh_loaders *lp;
 	struct moe_admin_job jd;
 	struct reply rep;
 	struct raw *r;
 	moe_client *c = cl_open(d, "slots");
 	double base = weight_bytes(c), now = 0;
-	uint64_t total = 0;
+	uint64_t total;
 
 	(void)state;
-	assert_true(sh != MAP_FAILED);
-	L = sh->L;
-	atomic_init(&sh->stop, false);
-	for (int i = 0; i < 4; i++) {
-		L[i] = (struct loader){.d = d, .stop = &sh->stop, .id = 10 + i};
-		pid[i] = fork();
-		assert_true(pid[i] >= 0);
-		if (!pid[i]) {
-			load_thread(&L[i]);
-			_exit(0);
-		}
-	}
+	lp = dh_loaders_start(d, 4, 10); /* four client processes */
 	dh_nap_ms(50);
 	r = raw_attach(d, 1 << 20, 4);
 	assert_int_equal(admin(r, MOE_ADMIN_PLACEMENT_CYCLE, 0, &pc, sizeof(pc), &rep), 0);
@@ -679,22 +593,7 @@ static void test_placements_under_load(void **state)
 	assert_int_equal(jd.state, MOE_JOB_DONE);
 	assert_int_equal(jd.done, pc.count);
 	dh_nap_ms(50);
-	atomic_store(&sh->stop, true);
-	for (int i = 0; i < 4; i++) {
-		int ws;
-
-		assert_int_equal(waitpid(pid[i], &ws, 0), pid[i]);
-		assert_true(WIFEXITED(ws) && WEXITSTATUS(ws) == 0);
-		printf("client process %d: %llu requests, %llu failed, %llu wrong, epochs %u..%u%s%s\n", i,
-		       (unsigned long long)L[i].requests, (unsigned long long)L[i].failed,
-		       (unsigned long long)L[i].wrong, L[i].first_epoch, L[i].last_epoch,
-		       L[i].why[0] ? ": " : "", L[i].why);
-		assert_int_equal(L[i].failed, 0);
-		assert_int_equal(L[i].wrong, 0);
-		assert_int_equal(L[i].not_monotone, 0);
-		assert_true(L[i].requests > 0);
-		total += L[i].requests;
-	}
+	total = dh_loaders_stop(lp); /* (asserts no failed and no wrong request) */
 	/* the replicas' slots are freed as the last batches on their epochs
 	 * end: nothing runs now, so the count is back */
 	for (uint64_t until = dh_now_ms() + READY_MS; dh_now_ms() < until;) {
@@ -706,7 +605,6 @@ static void test_placements_under_load(void **state)
 	printf("%llu requests under 60 placements; slot bytes %.0f, loaded %.0f\n",
 	       (unsigned long long)total, now, base);
 	assert_true(now == base);
-	munmap(sh, sizeof(*sh));
 	{
 		/* spare_slots 0: refused with a reason, not a crash */
 		struct daemon *d0 = start("devices: cpu:2\n", NULL);
