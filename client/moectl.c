@@ -163,8 +163,9 @@ static void print_load(const cJSON *load)
 	printf("\nranks (rows of (token, expert) pairs computed; window %.0f s):\n",
 	       num(load, "window_s"));
 	cJSON_ArrayForEach(r, obj(load, "ranks"))
-	    printf("  rank %-3.0f %12.0f rows, %10.0f in the window, busy %.1f ms\n", num(r, "rank"),
-	           num(r, "rows"), num(r, "rows_window"), num(r, "busy_ms"));
+	    printf("  rank %-3.0f %12.0f rows, %10.0f in the window, busy %.1f ms%s\n", num(r, "rank"),
+	           num(r, "rows"), num(r, "rows_window"), num(r, "busy_ms"),
+	           cJSON_IsTrue(obj(r, "lost")) ? "  LOST (its experts moved to the others)" : "");
 }
 
 static void print_status(const cJSON *j)

@@ -285,11 +285,164 @@ static void test_errors(void **state)
 	}
 }
 
+
+/* MOED_TEST_RANK_FAULT's engine side: rank `dead` fails its expert stage in
+ * batch `at`; the batch still answers, bit for bit the single-rank
+ * engine's, and so do the batches after it, without that rank. */
+static void lost_rank_case(const char *fixture, uint32_t R, uint32_t spare, uint32_t dead,
+			   const char *dir_override)
+{
+	struct moe_engine_opts o = {.threads = 2, .max_batch_tokens = 1100, .n_ranks = R,
+				    .spare_slots = spare, .test_rank_fault_rank = dead,
+				    .test_rank_fault_at = 3};
+	struct moe_model *m1, *m;
+	struct moe_engine *e1, *e;
+	char dir[512], err[MOE_ERRLEN];
+	uint32_t n = 1100, H;
+	float *in, *want, *got;
+	struct moe_rng rng = {77 + R};
+	uint64_t loaded;
+
+	snprintf(dir, sizeof(dir), "%s/%s", MOE_FIXTURES_DIR, fixture);
+	e1 = open_engine(dir, 1, 0, &m1);
+	if (moe_model_open(dir_override ? dir_override : dir, NULL, &m, err) ||
+	    moe_engine_create(m, &o, &e, err))
+		fail_msg("%s", err);
+	loaded = moe_engine_weight_bytes(e);
+	H = m->hidden;
+	in = malloc(sizeof(float) * n * H), want = malloc(sizeof(float) * n * H);
+	got = malloc(sizeof(float) * n * H);
+	assert_true(in && want && got);
+	for (size_t i = 0; i < (size_t)n * H; i++)
+		in[i] = (float)moe_rng_normal(&rng);
+	for (int b = 1; b <= 5; b++) {
+		uint32_t layer = m->layers[(uint32_t)b % m->n_moe_layers].index;
+		uint32_t nt = b == 3 ? n : 1 + (uint32_t)b * 37;
+
+		run(e1, layer, in, want, nt, NULL);
+		memset(got, 0xa5, sizeof(float) * nt * H);
+		run(e, layer, in, got, nt, NULL);
+		if (memcmp(got, want, sizeof(float) * nt * H))
+			fail_msg("%s, %u ranks, rank %u lost at batch 3: batch %d differs", fixture,
+				 R, dead, b);
+		assert_int_equal(moe_engine_rank_lost(e, dead), b >= 3);
+	}
+	printf("%s on %u ranks (%u spare): rank %u lost in batch 3 (1100 tokens, 2 rounds): "
+	       "every batch bit-identical to one rank; weights %llu -> %llu bytes\n", fixture, R,
+	       spare, dead, (unsigned long long)loaded,
+	       (unsigned long long)moe_engine_weight_bytes(e));
+	/* the lost rank's memory is freed (its shared-expert copies now, its
+	 * slots with the last epoch naming them): no more than loaded, less
+	 * with shared experts (the experts only it held were read again) */
+	assert_true(moe_engine_weight_bytes(e) <= loaded);
+	if (m->shared_inter)
+		assert_true(moe_engine_weight_bytes(e) < loaded);
+	moe_engine_destroy(e);
+	moe_engine_destroy(e1);
+	moe_model_free(m);
+	moe_model_free(m1);
+	free(in), free(want), free(got);
+}
+
+static void test_lost_rank(void **state)
+{
+	(void)state;
+	lost_rank_case("qwen2_moe_bf16", 3, 1, 1, NULL);     /* spare slots first */
+	lost_rank_case("deepseek_v3_bf16", 2, 0, 0, NULL);   /* no spare: the room kept */
+	lost_rank_case("mixtral_f32_fused", 4, 2, 3, NULL);
+	/* the checkpoint rewritten since the load: the lost rank's experts
+	 * cannot be read again, the batch fails as a lost device */
+	{
+		struct moe_engine_opts o = {.threads = 2, .n_ranks = 2, .test_rank_fault_rank = 1,
+					    .test_rank_fault_at = 1};
+		char *tmp = tu_tmpdir(), src[512], dst[512], err[MOE_ERRLEN];
+		static const char *files[] = {"config.json", "model.safetensors"};
+		struct moe_model *m;
+		struct moe_engine *e;
+		struct moe_epoch *ep;
+		struct moe_batch b;
+		float *in, *out;
+
+		for (int i = 0; i < 2; i++) {
+			FILE *f, *g;
+			char buf[65536];
+			size_t k;
+
+			snprintf(src, sizeof(src), "%s/olmoe_f32/%s", MOE_FIXTURES_DIR, files[i]);
+			snprintf(dst, sizeof(dst), "%s/%s", tmp, files[i]);
+			f = fopen(src, "rb"), g = fopen(dst, "wb");
+			assert_true(f && g);
+			while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
+				assert_int_equal(fwrite(buf, 1, k, g), k);
+			fclose(f), fclose(g);
+		}
+		if (moe_model_open(tmp, NULL, &m, err) || moe_engine_create(m, &o, &e, err))
+			fail_msg("%s", err);
+		/* the same bytes, a new file: another inode and mtime */
+		snprintf(src, sizeof(src), "%s/model.safetensors", tmp);
+		snprintf(dst, sizeof(dst), "%s/model.safetensors.new", tmp);
+		{
+			FILE *f = fopen(src, "rb"), *g = fopen(dst, "wb");
+			char buf[65536];
+			size_t k;
+
+			assert_true(f && g);
+			while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
+				assert_int_equal(fwrite(buf, 1, k, g), k);
+			fclose(f), fclose(g);
+			assert_int_equal(rename(dst, src), 0);
+		}
+		in = calloc(m->hidden * 8, sizeof(float)), out = calloc(m->hidden * 8, sizeof(float));
+		assert_true(in && out);
+		for (uint32_t i = 0; i < m->hidden * 8; i++)
+			in[i] = (float)(i % 7) - 3;
+		b = (struct moe_batch){m->layers[0].index, 8, MOE_DT_F32, in, out, NULL, NULL, 0, NULL};
+		ep = moe_epoch_acquire(e);
+		assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
+		printf("checkpoint replaced: %s\n", err);
+		assert_non_null(strstr(err, "changed"));
+		moe_epoch_release(ep);
+		moe_engine_destroy(e);
+		moe_model_free(m);
+		free(in), free(out);
+		tu_rmtree(tmp);
+		free(tmp);
+	}
+	/* one rank: nothing to move to, the batch fails as a lost device */
+	{
+		struct moe_engine_opts o = {.threads = 1, .n_ranks = 1, .test_rank_fault_rank = 0,
+					    .test_rank_fault_at = 1};
+		struct moe_model *m;
+		struct moe_engine *e;
+		char dir[512], err[MOE_ERRLEN];
+		float *in, *out;
+		struct moe_epoch *ep;
+		struct moe_batch b;
+
+		snprintf(dir, sizeof(dir), "%s/olmoe_f32", MOE_FIXTURES_DIR);
+		if (moe_model_open(dir, NULL, &m, err) || moe_engine_create(m, &o, &e, err))
+			fail_msg("%s", err);
+		in = calloc(m->hidden, sizeof(float)), out = calloc(m->hidden, sizeof(float));
+		assert_true(in && out);
+		in[0] = 1;
+		b = (struct moe_batch){m->layers[0].index, 1, MOE_DT_F32, in, out, NULL, NULL, 0, NULL};
+		ep = moe_epoch_acquire(e);
+		assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
+		printf("one rank: %s\n", err);
+		assert_non_null(strstr(err, "rank 0 lost"));
+		moe_epoch_release(ep);
+		moe_engine_destroy(e);
+		moe_model_free(m);
+		free(in), free(out);
+	}
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_all_fixtures),
 		cmocka_unit_test(test_errors),
+		cmocka_unit_test(test_lost_rank),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

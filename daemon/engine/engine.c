@@ -22,9 +22,21 @@
  * the engine then only picks the slot of each expert from the epoch's
  * placement and keeps the statistics; the steps above run on the device.
  *
- * Test hook: MOED_TEST_ENGINE_FAULT=N makes the N-th batch fail as a lost
+ * A lost rank (a rank's stage fails): the rank is taken out, the experts
+ * that only it held are read again from the checkpoint into empty slots of
+ * the surviving ranks (spare slots first, then the room every rank keeps
+ * for this: `stride` slots per (rank, layer) in the table, slots_per_rank
+ * in use until a rank is lost), a placement without it is published, and
+ * the chunk whose stage failed runs again on it; its outputs had not been
+ * written (combine runs only after every rank's experts succeeded), and
+ * its inputs are read again from the requests, which nothing has touched.
+ * When the experts cannot all be placed, or the checkpoint changed on
+ * disk, the batch fails with -ENOTRECOVERABLE (moed exits to be restarted).
+ *
+ * Test hooks: MOED_TEST_ENGINE_FAULT=N makes the N-th batch fail as a lost
  * device does (-ENOTRECOVERABLE), on any backend, so that the daemon's
- * crash-only path is tested without a GPU.
+ * crash-only path is tested without a GPU; MOED_TEST_RANK_FAULT=R:N makes
+ * rank R's expert stage fail in the N-th batch (CPU ranks).
  */
 #include "daemon/engine/engine.h"
 
@@ -58,8 +70,12 @@ struct moe_engine {
 	struct moe_layer_state *ls; /* [rank * n_moe_layers + layer]: each rank's copy */
 	struct layer_host *lh;	    /* [n_moe_layers]: the host arrays the ranks share */
 	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
-	uint32_t slots_per_rank;
+	uint32_t slots_per_rank; /* in use (the placements'), <= stride */
+	uint32_t stride;	 /* slots per (rank, layer) in the table */
 	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
+	atomic_bool dead[MOE_MAX_RANKS]; /* lost ranks (written under fwd_lock) */
+	uint32_t n_dead;
+	int failed_rank; /* the rank whose stage failed in on_ranks, -1 */
 	/* Slot bookkeeping for replicas (slot_lock): how many live epochs name
 	 * each slot, and which slots are to be freed once none does. Publishes
 	 * are serialized by publish_lock (outer; the retire hook, which a
@@ -86,6 +102,8 @@ struct moe_engine {
 	float last_ms, last_kernel_ms;
 	atomic_bool lost;
 	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
+	uint32_t rank_fault;	      /* MOED_TEST_RANK_FAULT: rank, */
+	unsigned long rank_fault_at, batches; /* its batch, batches so far */
 };
 
 /* A layer's host arrays: read from the checkpoint once, shared read-only
@@ -96,7 +114,7 @@ struct layer_host {
 
 static size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
 {
-	return ((size_t)rank * e->m->n_moe_layers + layer) * e->slots_per_rank + s;
+	return ((size_t)rank * e->m->n_moe_layers + layer) * e->stride + s;
 }
 
 static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
@@ -159,8 +177,7 @@ static int alloc_workspaces(struct moe_engine *e)
 /* The shape each rank is sized for. */
 static struct moe_rank_shape rank_shape(const struct moe_engine *e, uint32_t threads)
 {
-	return (struct moe_rank_shape){e->max_tokens, e->chunk, threads, e->n_ranks,
-				       e->slots_per_rank};
+	return (struct moe_rank_shape){e->max_tokens, e->chunk, threads, e->n_ranks, e->stride};
 }
 
 /* what: "expert 5" or "the shared expert", for a message naming what did
@@ -293,6 +310,15 @@ static void retire_epoch(void *arg, const struct moe_epoch *ep)
 	pthread_mutex_unlock(&e->slot_lock);
 }
 
+/* The table's slots per (rank, layer): those in use plus room for a lost
+ * rank's primaries spread over the others. */
+static uint32_t stride_for(uint32_t E, uint32_t R, uint32_t spare)
+{
+	uint32_t P = (E + R - 1) / R;
+
+	return P + spare + (R > 1 ? (P + R - 2) / (R - 1) : 0);
+}
+
 static uint32_t opts_threads(const struct moe_engine_opts *o)
 {
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -372,14 +398,15 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	}
 	e->device = ops->forward != NULL;
 	e->slots_per_rank = e->placement->slots_per_rank;
+	e->stride = e->device ? e->slots_per_rank
+			      : stride_for(m->n_experts, R, e->slots_per_rank -
+							       (m->n_experts + R - 1) / R);
+	e->failed_rank = -1;
 	e->ranks = calloc(R, sizeof(*e->ranks));
-	e->slots = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank, sizeof(*e->slots));
-	e->slot_expert = malloc((size_t)R * m->n_moe_layers * e->slots_per_rank *
-				sizeof(*e->slot_expert));
-	e->slot_refs = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank,
-			      sizeof(*e->slot_refs));
-	e->slot_drop = calloc((size_t)R * m->n_moe_layers * e->slots_per_rank,
-			      sizeof(*e->slot_drop));
+	e->slots = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slots));
+	e->slot_expert = malloc((size_t)R * m->n_moe_layers * e->stride * sizeof(*e->slot_expert));
+	e->slot_refs = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slot_refs));
+	e->slot_drop = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slot_drop));
 	e->ls = calloc((size_t)R * m->n_moe_layers, sizeof(*e->ls));
 	e->lh = calloc(m->n_moe_layers, sizeof(*e->lh));
 	if (!e->ranks || !e->slots || !e->slot_expert || !e->slot_refs || !e->slot_drop || !e->ls ||
@@ -388,7 +415,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 			      e->max_tokens);
 		goto err_destroy;
 	}
-	for (size_t i = 0; i < (size_t)R * m->n_moe_layers * e->slots_per_rank; i++)
+	for (size_t i = 0; i < (size_t)R * m->n_moe_layers * e->stride; i++)
 		e->slot_expert[i] = -1;
 	if (o)
 		tuning = o->tuning;
@@ -406,6 +433,10 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		}
 	}
 	e->fault_at = o ? o->test_fault_at : 0;
+	if (o && o->test_rank_fault_at && o->test_rank_fault_rank < R) {
+		e->rank_fault = o->test_rank_fault_rank;
+		e->rank_fault_at = o->test_rank_fault_at;
+	}
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		ret = load_layer(e, l, err);
 		if (ret)
@@ -463,7 +494,7 @@ void moe_engine_destroy(struct moe_engine *e)
 	if (e->slots)
 		for (uint32_t r = 0; r < e->n_ranks; r++)
 			for (uint32_t l = 0; l < e->m->n_moe_layers; l++)
-				for (uint32_t s = 0; s < e->slots_per_rank; s++)
+				for (uint32_t s = 0; s < e->stride; s++)
 					if (slot_at(e, r, l, s)->mem)
 						e->ranks[r].ops->slot_free(&e->ranks[r],
 									   slot_at(e, r, l, s));
@@ -502,8 +533,9 @@ struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
 /* A placement may only point at slots that hold the expert it names: the
  * weights are loaded into a slot before a placement using it is published
  * (replication, rebalance), never after. */
-int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
-		       uint32_t *id, char *err)
+/* publish_lock held. */
+static int publish_locked(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+			  uint32_t *id, char *err)
 {
 	const struct moe_model *m = e->m;
 	struct moe_epoch *ep;
@@ -515,7 +547,6 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 		moe_place_free(p);
 		return moe_err(err, -EINVAL, "the placement does not fit this engine's slots");
 	}
-	pthread_mutex_lock(&e->publish_lock);
 	pthread_mutex_lock(&e->slot_lock);
 	for (uint32_t l = 0; p && l < m->n_moe_layers && !ret; l++) {
 		for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
@@ -526,7 +557,9 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
 
 				/* (the message first: r points into p) */
-				if (e->slot_expert[k] != (int32_t)x)
+				if (atomic_load(&e->dead[r[i].rank]))
+					ret = moe_err(err, -ENODEV, "rank %u is lost", r[i].rank);
+				else if (e->slot_expert[k] != (int32_t)x)
 					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
 						      "does not hold expert %u", l, r[i].rank,
 						      r[i].slot, x);
@@ -539,15 +572,12 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 	pthread_mutex_unlock(&e->slot_lock);
 	if (ret) {
 		moe_place_free(p);
-		pthread_mutex_unlock(&e->publish_lock);
 		return ret;
 	}
 	/* (may retire the previous epoch: its hook takes slot_lock) */
 	ret = moe_epochs_publish(e->epochs, p, versions, id);
-	if (ret) {
-		pthread_mutex_unlock(&e->publish_lock);
+	if (ret)
 		return moe_err(err, ret, "out of memory");
-	}
 	/* The new epoch's slots are counted now; none of them is dropped
 	 * (checked above, and drops wait for publish_lock), so the previous
 	 * epoch retiring in between frees none of them. */
@@ -556,8 +586,18 @@ int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint
 	count_slots(e, ep->placement, 1);
 	pthread_mutex_unlock(&e->slot_lock);
 	moe_epoch_release(ep);
-	pthread_mutex_unlock(&e->publish_lock);
 	return 0;
+}
+
+int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+		       uint32_t *id, char *err)
+{
+	int ret;
+
+	pthread_mutex_lock(&e->publish_lock);
+	ret = publish_locked(e, p, versions, id, err);
+	pthread_mutex_unlock(&e->publish_lock);
+	return ret;
 }
 
 int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot,
@@ -642,6 +682,8 @@ int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uin
 			       x, rank, slot);
 	if (e->device)
 		return moe_err(err, -ENOTSUP, "replicas are copied on CPU ranks only for now");
+	if (atomic_load(&e->dead[rank]))
+		return moe_err(err, -ENODEV, "rank %u is lost", rank);
 	k = slot_index(e, rank, l, slot);
 	dst = &e->slots[k];
 	/* publish_lock: no drop (so no free) of the source meanwhile;
@@ -728,6 +770,11 @@ static int run_stage(struct moe_engine *e, uint32_t r, enum stage which)
 	uint64_t t0;
 	int ret;
 
+	if (atomic_load_explicit(&e->dead[r], memory_order_relaxed))
+		return 0; /* (no tokens, no rows: its counts stay 0) */
+	if (which == ST_EXPERTS && e->rank_fault_at && r == e->rank_fault &&
+	    e->batches == e->rank_fault_at)
+		return -EIO; /* the test hook: this rank fails */
 	switch (which) {
 	case ST_DISPATCH:
 		return rk->ops->dispatch(rk, e->m, st);
@@ -757,12 +804,19 @@ static int on_ranks(struct moe_engine *e, enum stage which)
 {
 	struct stage_ctx c = {e, which, {0}};
 
-	if (e->n_ranks == 1)
-		return run_stage(e, 0, which);
+	if (e->n_ranks == 1) {
+		int ret = run_stage(e, 0, which);
+
+		e->failed_rank = ret ? 0 : -1;
+		return ret;
+	}
 	moe_pool_run(e->driver, e->n_ranks, stage_task, &c);
-	for (uint32_t r = 0; r < e->n_ranks; r++)
-		if (c.ret[r])
+	for (uint32_t r = 0; r < e->n_ranks; r++) {
+		if (c.ret[r]) {
+			e->failed_rank = (int)r;
 			return c.ret[r];
+		}
+	}
 	return 0;
 }
 
@@ -780,7 +834,7 @@ static void peer_rows(const uint32_t *counts, uint32_t R, uint32_t S, uint32_t *
  * the results back into the senders' send buffers. */
 static int exchange(struct moe_engine *e, int dir)
 {
-	uint32_t R = e->n_ranks, S = e->slots_per_rank;
+	uint32_t R = e->n_ranks, S = e->stride;
 	size_t row = (size_t)e->m->hidden * sizeof(float);
 	struct moe_a2a a[MOE_MAX_RANKS];
 	uint64_t t0 = now_ns();
@@ -828,23 +882,193 @@ static int exchange(struct moe_engine *e, int dir)
 	return ret;
 }
 
-/* The batch on the ranks, a chunk at a time: each rank's share of the
- * chunk dispatched, exchanged, run, returned and combined. No output is
- * written before every rank's dispatch and experts have succeeded. */
+/* An empty slot of `rank` for layer l (slot_lock held): the in-use range
+ * first (spare slots), then the room beyond it; -1 if none. */
+static int empty_slot(struct moe_engine *e, uint32_t rank, uint32_t l)
+{
+	for (uint32_t s = 0; s < e->stride; s++)
+		if (e->slot_expert[slot_index(e, rank, l, s)] == -1)
+			return (int)s;
+	return -1;
+}
+
+/* The surviving rank with the most empty slots for layer l, or -1. */
+static int roomiest_rank(struct moe_engine *e, uint32_t l)
+{
+	int best = -1;
+	uint32_t best_n = 0;
+
+	for (uint32_t r = 0; r < e->n_ranks; r++) {
+		uint32_t n = 0;
+
+		if (atomic_load(&e->dead[r]))
+			continue;
+		for (uint32_t s = 0; s < e->stride; s++)
+			n += e->slot_expert[slot_index(e, r, l, s)] == -1;
+		if (n > best_n)
+			best = (int)r, best_n = n;
+	}
+	return best;
+}
+
+/* Takes rank `dead` out (see the top of the file): its experts that no
+ * other rank holds are read from the checkpoint into surviving ranks'
+ * empty slots, and the current placement without it is published. 0, or
+ * -ENOTRECOVERABLE with err. fwd_lock held. */
+static int lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *err)
+{
+	struct moe_model *m = e->m;
+	uint32_t E = m->n_experts, id, moved = 0, reread = 0;
+	struct moe_placement *p = NULL;
+	struct moe_epoch *cur;
+	char msg[MOE_ERRLEN];
+	bool reopened = false;
+	int ret = 0;
+
+	pthread_mutex_lock(&e->publish_lock);
+	atomic_store(&e->dead[dead], true);
+	e->n_dead++;
+	memset(e->ranks[dead].xb.send_counts, 0, (size_t)e->n_ranks * e->stride * sizeof(uint32_t));
+	if (e->n_dead == e->n_ranks) {
+		ret = moe_err(msg, -ENOTRECOVERABLE, "no rank left");
+		goto out;
+	}
+	cur = moe_epoch_acquire(e);
+	ret = moe_place_copy(cur->placement, &p);
+	moe_epoch_release(cur);
+	if (ret) {
+		ret = moe_err(msg, -ENOTRECOVERABLE, "out of memory");
+		goto out;
+	}
+	p->slots_per_rank = e->stride; /* the room kept for this, from now on */
+	for (uint32_t l = 0; l < m->n_moe_layers && !ret; l++) {
+		for (uint32_t x = 0; x < E && !ret; x++) {
+			size_t k = (size_t)l * E + x;
+			struct moe_replica *r = &p->rep[k * MOE_MAX_REPLICAS];
+			uint32_t n = 0;
+			int rank, slot;
+			char what[32];
+
+			for (uint32_t i = 0; i < p->n_replicas[k]; i++)
+				if (r[i].rank != dead)
+					r[n++] = r[i];
+			p->n_replicas[k] = (uint8_t)n;
+			if (n)
+				continue;
+			/* only the lost rank held it: read it again */
+			pthread_mutex_lock(&e->slot_lock);
+			rank = roomiest_rank(e, l);
+			slot = rank < 0 ? -1 : empty_slot(e, (uint32_t)rank, l);
+			if (slot >= 0)
+				e->slot_expert[slot_index(e, (uint32_t)rank, l, (uint32_t)slot)] = -2;
+			pthread_mutex_unlock(&e->slot_lock);
+			if (slot < 0) {
+				ret = moe_err(msg, -ENOTRECOVERABLE, "no empty slot left on the other "
+					      "ranks for layer %u's expert %u", m->layers[l].index, x);
+				break;
+			}
+			if (!reopened && (ret = moe_model_reopen_files(m, msg))) {
+				ret = -ENOTRECOVERABLE;
+				break;
+			}
+			reopened = true;
+			snprintf(what, sizeof(what), "expert %u", x);
+			ret = upload(e, &e->ranks[rank], slot_at(e, (uint32_t)rank, l, (uint32_t)slot),
+				     &m->layers[l].experts[x], m->layers[l].index, what, msg);
+			pthread_mutex_lock(&e->slot_lock);
+			e->slot_expert[slot_index(e, (uint32_t)rank, l, (uint32_t)slot)] =
+				ret ? -1 : (int32_t)x;
+			pthread_mutex_unlock(&e->slot_lock);
+			if (ret) {
+				ret = -ENOTRECOVERABLE;
+				break;
+			}
+			r[0] = (struct moe_replica){(uint16_t)rank, (uint16_t)slot};
+			p->n_replicas[k] = 1;
+			reread++;
+		}
+	}
+	if (reopened)
+		moe_model_close_files(m, NULL);
+	if (ret)
+		goto out;
+	e->slots_per_rank = e->stride;
+	ret = publish_locked(e, p, NULL, &id, msg);
+	p = NULL;
+	if (ret) {
+		ret = -ENOTRECOVERABLE;
+		goto out;
+	}
+	/* its copies of the routers and shared experts go now (no stage runs
+	 * on it any more), its slots once no live epoch names them */
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		struct moe_layer_state *ls = &e->ls[(size_t)dead * m->n_moe_layers + l];
+
+		if (ls->shared.mem) {
+			atomic_fetch_sub(&e->weight_bytes, ls->shared.bytes);
+			e->ranks[dead].ops->slot_free(&e->ranks[dead], &ls->shared);
+			ls->shared = (struct moe_slot){0};
+		}
+		if (ls->router_dev)
+			e->ranks[dead].ops->layer_fini(&e->ranks[dead], ls);
+	}
+	pthread_mutex_lock(&e->slot_lock);
+	for (uint32_t l = 0; l < m->n_moe_layers; l++)
+		for (uint32_t s = 0; s < e->stride; s++) {
+			size_t k = slot_index(e, dead, l, s);
+
+			if (e->slot_expert[k] < 0 || e->slot_drop[k])
+				continue;
+			moved++;
+			e->slot_drop[k] = true;
+			if (!e->slot_refs[k])
+				free_slot(e, k, dead);
+		}
+	pthread_mutex_unlock(&e->slot_lock);
+	moe_log(LOG_WARNING, "rank %u lost (%s): taken out; %u of its %u experts read again from "
+		"the checkpoint onto the other ranks, the rest served by their replicas; epoch %u",
+		dead, why, reread, moved, id);
+out:
+	moe_place_free(p);
+	pthread_mutex_unlock(&e->publish_lock);
+	if (ret)
+		return moe_err(err, ret, "rank %u lost (%s), and it cannot be replaced: %s", dead,
+			       why, msg);
+	return 0;
+}
+
+/* The batch on the ranks, a chunk at a time: each alive rank's share of
+ * the chunk dispatched, exchanged, run, returned and combined. No output
+ * is written before every rank's dispatch and experts have succeeded; a
+ * rank that fails there is taken out and the chunk runs again without it
+ * (on the epoch lose_rank publishes, pinned here until the batch ends). */
 static int forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			 const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
 			 char *err)
 {
 	const struct moe_model *m = e->m;
-	uint32_t R = e->n_ranks, S = e->slots_per_rank, K = m->top_k, n = b->n_tokens;
-	int ret;
+	uint32_t R = e->n_ranks, S = e->stride, K = m->top_k, n = b->n_tokens;
+	struct moe_epoch *own = NULL; /* after a lost rank */
+	int ret = 0;
 
-	for (uint32_t c0 = 0; c0 < n; c0 += e->chunk) {
-		uint32_t nc = n - c0 < e->chunk ? n - c0 : e->chunk;
+	e->batches++;
+	for (uint32_t c0 = 0; c0 < n && !ret;) {
+		uint32_t nc, chunk, alive[MOE_MAX_RANKS], na = 0;
 
-		for (uint32_t r = 0; r < R; r++) {
-			uint32_t a = c0 + (uint32_t)((uint64_t)nc * r / R);
-			uint32_t z = c0 + (uint32_t)((uint64_t)nc * (r + 1) / R);
+		for (uint32_t r = 0; r < R; r++)
+			if (!atomic_load_explicit(&e->dead[r], memory_order_relaxed))
+				alive[na++] = r;
+		/* a rank's buffers hold ceil(chunk / R) tokens: with ranks
+		 * lost, the rounds get smaller */
+		chunk = (e->chunk + R - 1) / R * na;
+		chunk = chunk < e->chunk ? chunk : e->chunk;
+		nc = n - c0 < chunk ? n - c0 : chunk;
+		for (uint32_t r = 0; r < R; r++)
+			e->st[r] = (struct moe_stage){.t0 = c0, .n = 0};
+		for (uint32_t i = 0; i < na; i++) {
+			uint32_t r = alive[i];
+			uint32_t a = c0 + (uint32_t)((uint64_t)nc * i / na);
+			uint32_t z = c0 + (uint32_t)((uint64_t)nc * (i + 1) / na);
 
 			e->st[r] = (struct moe_stage){
 				.ls = &e->ls[(size_t)r * m->n_moe_layers + l],
@@ -860,18 +1084,40 @@ static int forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			};
 		}
 		ret = on_ranks(e, ST_DISPATCH);
-		if (ret)
-			return moe_err(err, ret, "routing or dispatch failed");
+		if (ret) {
+			ret = moe_err(err, ret, "routing or dispatch failed");
+			break;
+		}
 		if (R > 1) {
 			ret = exchange(e, 0);
-			if (ret)
-				return moe_err(err, ret, "the %s transport failed",
-					       e->tr->ops->name);
+			if (ret) {
+				ret = moe_err(err, ret, "the %s transport failed", e->tr->ops->name);
+				break;
+			}
 		} else {
 			memcpy(e->ranks[0].xb.recv_counts, e->ranks[0].xb.send_counts,
 			       S * sizeof(uint32_t));
 		}
 		ret = on_ranks(e, ST_EXPERTS);
+		/* a rank lost (-EIO: the test hook; a device rank's sticky
+		 * error), not a refusal of the work itself */
+		if ((ret == -EIO || ret == -ENOTRECOVERABLE) && e->failed_rank >= 0 &&
+		    !e->device) {
+			char why[96];
+
+			snprintf(why, sizeof(why), "its expert stage failed: %s", strerror(-ret));
+			ret = lose_rank(e, (uint32_t)e->failed_rank, why, err);
+			if (ret)
+				break;
+			if (own)
+				moe_epoch_release(own);
+			ep = own = moe_epoch_acquire(e);
+			continue; /* the same chunk again */
+		}
+		if (ret) {
+			ret = moe_err(err, ret, "expert FFNs failed");
+			break;
+		}
 		{
 			uint64_t now = now_ns();
 
@@ -884,17 +1130,19 @@ static int forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 				moe_stats_rank(e->stats, l, k, rows, e->st[k].busy_ns, now);
 			}
 		}
-		if (ret)
-			return moe_err(err, ret, "expert FFNs failed");
 		if (R > 1) {
 			ret = exchange(e, 1);
-			if (ret)
-				return moe_err(err, ret, "the %s transport failed",
-					       e->tr->ops->name);
+			if (ret) {
+				ret = moe_err(err, ret, "the %s transport failed", e->tr->ops->name);
+				break;
+			}
 		}
 		on_ranks(e, ST_COMBINE);
+		c0 += nc;
 	}
-	return 0;
+	if (own)
+		moe_epoch_release(own);
+	return ret;
 }
 
 static bool wants_routing(const struct moe_seg *segs, uint32_t n_segs)
@@ -1032,6 +1280,8 @@ uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_
 	e.device = ops->forward != NULL;
 	e.n_ranks = o && o->n_ranks && !e.device ? o->n_ranks : 1;
 	e.slots_per_rank = (m->n_experts + e.n_ranks - 1) / e.n_ranks + (o ? o->spare_slots : 0);
+	e.stride = e.device ? e.slots_per_rank
+			    : stride_for(m->n_experts, e.n_ranks, o ? o->spare_slots : 0);
 	alloc_workspaces(&e);
 	for (uint32_t r = 0; !e.device && ops->workspace_bytes && r < e.n_ranks; r++) {
 		uint32_t t = T / e.n_ranks + (r < T % e.n_ranks);
@@ -1154,6 +1404,11 @@ uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint
 const struct moe_stats *moe_engine_stats(const struct moe_engine *e)
 {
 	return e->stats;
+}
+
+bool moe_engine_rank_lost(const struct moe_engine *e, uint32_t rank)
+{
+	return rank < e->n_ranks && atomic_load(&((struct moe_engine *)e)->dead[rank]);
 }
 
 uint64_t moe_engine_transport_ns(const struct moe_engine *e)

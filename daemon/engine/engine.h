@@ -46,6 +46,10 @@ struct moe_engine_opts {
 	/* Test hook (moed: MOED_TEST_ENGINE_FAULT): the N-th batch fails as a
 	 * lost device does, on any backend; 0: never. */
 	unsigned long test_fault_at;
+	/* Test hook (moed: MOED_TEST_RANK_FAULT=R:N): rank R's expert stage
+	 * fails in the N-th batch (the rank is lost); 0: never. */
+	uint32_t test_rank_fault_rank;
+	unsigned long test_rank_fault_at;
 	/* The backend's kernels and test hooks (isa: the CPU kernels) */
 	struct moe_backend_tuning tuning;
 };
@@ -53,7 +57,7 @@ struct moe_engine_opts {
 /* The environment's overrides, for a program's main() only (the library
  * itself never reads the environment): MOE_CPU_ISA, MOE_CUDA_GEMM,
  * MOE_CUDA_GRAPHS=0, MOE_CUDA_FUSED=1, and the test hooks
- * MOED_TEST_ENGINE_FAULT=N and MOED_TEST_CUDA_FAULT=N. Fields the
+ * MOED_TEST_ENGINE_FAULT=N, MOED_TEST_RANK_FAULT=R:N and MOED_TEST_CUDA_FAULT=N. Fields the
  * environment does not name are left as they are. */
 void moe_engine_opts_from_env(struct moe_engine_opts *o);
 
@@ -167,6 +171,8 @@ uint64_t moe_engine_weight_bytes(const struct moe_engine *e);
 uint64_t moe_engine_expert_tokens(const struct moe_engine *e, uint32_t pos, uint32_t x);
 /* The load statistics (daemon/engine/stats.h): read from any thread. */
 const struct moe_stats *moe_engine_stats(const struct moe_engine *e);
+/* Whether a rank was lost (taken out after a failure; its experts moved). */
+bool moe_engine_rank_lost(const struct moe_engine *e, uint32_t rank);
 /* Time spent in the transport's calls (exchange of counts, rows and
  * results between ranks) and bytes moved between different ranks, since
  * start; 0 with one rank. Read from the forward thread, or as a rough

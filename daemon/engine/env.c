@@ -29,6 +29,15 @@ void moe_engine_opts_from_env(struct moe_engine_opts *o)
 		o->tuning.cuda_fused = !strcmp(v, "1");
 	if ((v = env("MOED_TEST_ENGINE_FAULT")))
 		o->test_fault_at = strtoul(v, NULL, 10);
+	if ((v = env("MOED_TEST_RANK_FAULT"))) {
+		char *end;
+		unsigned long r = strtoul(v, &end, 10);
+
+		if (*end == ':' && r < MOE_MAX_RANKS) {
+			o->test_rank_fault_rank = (uint32_t)r;
+			o->test_rank_fault_at = strtoul(end + 1, NULL, 10);
+		}
+	}
 	if ((v = env("MOED_TEST_CUDA_FAULT")))
 		o->tuning.cuda_fault_at = strtoul(v, NULL, 10);
 }

@@ -781,6 +781,43 @@ int moe_model_close_files(struct moe_model *m, char *err)
 	return ret;
 }
 
+int moe_model_reopen_files(struct moe_model *m, char *err)
+{
+	struct moe_ckpt *c;
+	int ret;
+
+	if (m->ckpt)
+		return 0;
+	ret = moe_ckpt_open(m->dir, &c, err);
+	if (ret)
+		return ret;
+	if (moe_ckpt_identity_hash(c) != m->identity) {
+		moe_ckpt_close(c);
+		return moe_err(err, -ESTALE, "%s: the checkpoint changed since it was loaded", m->dir);
+	}
+	m->ckpt = c;
+	/* the tensors' places again: the same names in the same files, whose
+	 * headers now live in the new open (only the engine reads these) */
+	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
+		struct moe_layer_desc *d = &m->layers[l], nd = {0};
+
+		ret = load_layer(m, d->index, &nd, err);
+		if (ret) {
+			free(nd.experts);
+			moe_ckpt_close(m->ckpt);
+			m->ckpt = NULL;
+			return ret;
+		}
+		free(d->experts);
+		d->experts = nd.experts;
+		d->router = nd.router;
+		d->bias = nd.bias;
+		d->shared = nd.shared;
+		d->shared_gate = nd.shared_gate;
+	}
+	return 0;
+}
+
 void moe_model_free(struct moe_model *m)
 {
 	if (!m)

@@ -116,6 +116,12 @@ int moe_model_parse_config(const char *path, const char *json, size_t len,
  * the files. -ESTALE with a message if one did. */
 int moe_model_close_files(struct moe_model *m, char *err);
 void moe_model_free(struct moe_model *m);
+/* Opens the checkpoint again (after moe_model_close_files) to read experts
+ * anew, e.g. for a lost rank's: -ESTALE if any shard changed since the load
+ * (its identity), else 0 with every tensor source pointing into the new
+ * open. Close with moe_model_close_files. Not thread-safe with readers of
+ * the layers' tensor sources (the engine's own). */
+int moe_model_reopen_files(struct moe_model *m, char *err);
 
 /* Position of decoder layer `index` in m->layers, or -1 if it is not MoE. */
 int moe_model_layer_pos(const struct moe_model *m, uint32_t index);

@@ -75,6 +75,7 @@ static void load_summary(struct server *s, cJSON *j)
 			win += moe_stats_rank_rows(st, l, r, now, 1);
 		}
 		cJSON_AddNumberToObject(x, "rank", r);
+		cJSON_AddBoolToObject(x, "lost", moe_engine_rank_lost(s->e, r));
 		cJSON_AddNumberToObject(x, "rows", (double)rows);
 		cJSON_AddNumberToObject(x, "rows_window", (double)win);
 		cJSON_AddNumberToObject(x, "busy_ms", moe_stats_rank_busy_ns(st, r) / 1e6);
@@ -87,12 +88,17 @@ static char *status_json(struct server *s)
 	const struct moe_model *m = s->m;
 	cJSON *j = cJSON_CreateObject(), *o, *a;
 	struct moe_epoch *ep;
+	uint32_t lost = 0;
 	char *out;
 
+	for (uint32_t r = 0; r < moe_engine_ranks(s->e); r++)
+		lost += moe_engine_rank_lost(s->e, r);
 	cJSON_AddNumberToObject(j, "version", 1);
 	cJSON_AddNumberToObject(j, "uptime_s", (double)(srv_now_ns() - s->start_ns) / 1e9);
+	/* degraded: serving, with ranks lost (their experts moved) */
 	cJSON_AddStringToObject(j, "state", s->stopping   ? "stopping"
 					    : s->draining ? "draining"
+					    : lost	  ? "degraded"
 							  : "serving");
 	o = cJSON_AddObjectToObject(j, "model");
 	cJSON_AddStringToObject(o, "path", s->o.model_path ? s->o.model_path : "");
@@ -109,6 +115,7 @@ static char *status_json(struct server *s)
 	cJSON_AddStringToObject(o, "kernels", moe_engine_kernels(s->e));
 	cJSON_AddNumberToObject(o, "threads", moe_engine_threads(s->e));
 	cJSON_AddNumberToObject(o, "ranks", moe_engine_ranks(s->e));
+	cJSON_AddNumberToObject(o, "ranks_lost", lost);
 	/* router, shared experts and every expert slot held, replicas included */
 	cJSON_AddNumberToObject(o, "weight_bytes", (double)moe_engine_weight_bytes(s->e));
 	cJSON_AddStringToObject(o, "device", moe_engine_device(s->e));

@@ -227,3 +227,9 @@ int moe_model_layer_pos(const struct moe_model *m, uint32_t index)
 			return (int)i;
 	return -1;
 }
+
+bool moe_engine_rank_lost(const struct moe_engine *e, uint32_t rank)
+{
+	(void)e, (void)rank;
+	return false;
+}
