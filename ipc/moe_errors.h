@@ -20,12 +20,12 @@ enum moe_error {
 	MOE_EDAEMON = -8,    /* the daemon is gone or unreachable */
 	MOE_EPROTO = -9,     /* protocol error (version, malformed message) */
 	MOE_ENOMEM = -10,    /* out of memory (or of shared data area) */
-	MOE_EBUSY = -11,     /* too many requests or tokens in flight */
+	MOE_EBUSY = -11,     /* too many requests or tokens in flight; another change running */
 	MOE_EPERM = -12,     /* not allowed */
 	MOE_EINTERNAL = -13, /* the engine failed */
 	MOE_EAGAIN = -14,    /* nothing yet (poll) / try again */
 	MOE_EDTYPE = -15,    /* unsupported dtype */
-	MOE_ENOENT = -16,    /* no such request */
+	MOE_ENOENT = -16,    /* no such request, job, epoch or replica */
 	MOE_ELIMIT = -17,    /* a daemon limit refused the client (clients, memory) */
 	MOE_EDEVICE = -18,   /* the device failed; the daemon exits to be restarted */
 };

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "daemon/engine/backend_cpu.h"
 #include "daemon/engine/threadpool.h"
@@ -220,12 +221,18 @@ static size_t gate_up_bytes(const struct moe_model *m, uint32_t inter)
 	return gate_up_bytes_dt(m->dtype, m->hidden, inter);
 }
 
+/* Slots are pages of their own (mmap): long-lived, large, and freed whole
+ * when a replica is dropped, so that replicas coming and going never
+ * fragment the heap (the daemon's memory returns to what it was), and a
+ * rank's slots can later be bound to its NUMA node page by page. */
 static int cpu_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
 			  struct moe_slot *s, char *err)
 {
 	size_t bytes = gate_up_bytes(m, inter) + moe_pack_rows_bytes(m->hidden, inter, m->dtype);
+	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
-	s->mem = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+	(void)r;
+	s->mem = p == MAP_FAILED ? NULL : p;
 	s->bytes = bytes;
 	s->inter = inter;
 	if (!s->mem)
@@ -236,7 +243,9 @@ static int cpu_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_
 
 static void cpu_slot_free(struct moe_rank *r, struct moe_slot *s)
 {
-	free(s->mem);
+	(void)r;
+	if (s->mem)
+		munmap(s->mem, s->bytes);
 	s->mem = NULL;
 	s->bytes = 0;
 }

@@ -56,8 +56,12 @@ static int check_want(struct moe_engine *e, const uint64_t *want, char *err)
 				return moe_err(err, -EINVAL, "MoE layer %u: expert %u on %d ranks, "
 					       "at most %d replicas", l, x,
 					       __builtin_popcountll(mask), MOE_MAX_REPLICAS);
-			for (uint32_t r = 0; r < R; r++)
+			for (uint32_t r = 0; r < R; r++) {
 				per_rank[r] += (mask >> r) & 1;
+				if (((mask >> r) & 1) && moe_engine_rank_lost(e, r))
+					return moe_err(err, -EINVAL, "MoE layer %u: expert %u on "
+						       "rank %u, which is lost", l, x, r);
+			}
 		}
 		for (uint32_t r = 0; r < R; r++)
 			if (per_rank[r] > S)
@@ -172,7 +176,7 @@ static bool make_room(struct moe_engine *e, struct moe_placement *cur, const uin
 		for (uint32_t d = 0; d < R; d++) {
 			bool wanted = (want[k] >> d) & 1;
 
-			if (d == r || empty_slot(e, l, d, S) < 0)
+			if (d == r || moe_engine_rank_lost(e, d) || empty_slot(e, l, d, S) < 0)
 				continue;
 			if (best == UINT32_MAX || (wanted && !((want[k] >> best) & 1)) ||
 			    (wanted == (bool)((want[k] >> best) & 1) &&

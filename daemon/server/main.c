@@ -274,7 +274,9 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 				     .device = plan->device,
 				     .progress = load_progress,
 				     .tuning = env->tuning,
-				     .test_fault_at = env->test_fault_at};
+				     .test_fault_at = env->test_fault_at,
+				     .test_rank_fault_rank = env->test_rank_fault_rank,
+				     .test_rank_fault_at = env->test_rank_fault_at};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 	struct timespec t0, t1;

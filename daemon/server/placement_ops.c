@@ -198,7 +198,9 @@ void srv_op_replicate(const struct admin_call *a)
 	bit = 1ull << x->rank;
 	for (uint32_t e = 0; e < E; e++)
 		on_rank += (want[(size_t)pos * E + e] >> x->rank) & 1;
-	if (add && (want[k] & bit))
+	if (add && moe_engine_rank_lost(s->e, x->rank))
+		snprintf(msg, sizeof(msg), "rank %u is lost (taken out after a failure)", x->rank);
+	else if (add && (want[k] & bit))
 		snprintf(msg, sizeof(msg), "layer %u: rank %u already holds expert %u", x->layer,
 			 x->rank, x->expert);
 	else if (add && __builtin_popcountll(want[k]) >= MOE_MAX_REPLICAS)
@@ -238,9 +240,11 @@ void srv_op_replicate(const struct admin_call *a)
 /* ---- rebalance ---------------------------------------------------------- */
 
 /* One layer's current placement with each rank's slots numbered 0..n-1 in
- * order (the plan's slot numbers do not matter: the move picks slots). */
-static uint32_t compact_layer(const struct moe_placement *p, uint32_t l, uint8_t *n,
-			      struct moe_replica *rep)
+ * order (the plan's slot numbers do not matter: the move picks slots), and
+ * the ranks renumbered to the surviving ones (to_plan[rank]; lost ranks
+ * hold nothing). */
+static uint32_t compact_layer(const struct moe_placement *p, uint32_t l, const uint32_t *to_plan,
+			      uint8_t *n, struct moe_replica *rep)
 {
 	uint32_t E = p->n_experts, used[MOE_MAX_RANKS] = {0}, most = 0;
 
@@ -252,8 +256,8 @@ static uint32_t compact_layer(const struct moe_placement *p, uint32_t l, uint8_t
 		for (uint32_t i = 0; i < MOE_MAX_REPLICAS; i++)
 			rep[x * MOE_MAX_REPLICAS + i] = (struct moe_replica){0, 0};
 		for (uint32_t i = 0; i < c; i++) {
-			rep[x * MOE_MAX_REPLICAS + i] =
-				(struct moe_replica){r[i].rank, (uint16_t)used[r[i].rank]++};
+			rep[x * MOE_MAX_REPLICAS + i] = (struct moe_replica){
+				(uint16_t)to_plan[r[i].rank], (uint16_t)used[r[i].rank]++};
 			if (used[r[i].rank] > most)
 				most = used[r[i].rank];
 		}
@@ -279,11 +283,15 @@ void srv_op_rebalance(const struct admin_call *a)
 	struct moe_replica *nr = malloc(sizeof(*nr) * E * MOE_MAX_REPLICAS);
 	struct moe_epoch *ep = NULL;
 	struct placement_change *pc = NULL;
+	uint32_t to_plan[MOE_MAX_RANKS], from_plan[MOE_MAX_RANKS], na = 0;
 	char msg[200] = "";
 	int ret = 0;
 
 	if (pos < 0)
 		goto out;
+	for (uint32_t r = 0; r < R; r++) /* the surviving ranks, numbered for the planner */
+		if (!moe_engine_rank_lost(s->e, r))
+			to_plan[r] = na, from_plan[na++] = r;
 	window_s = moe_stats_window_ms(st) / 1000;
 	want = current_masks(s);
 	if (!load || !cn || !nn || !cr || !nr || !want) {
@@ -293,8 +301,8 @@ void srv_op_rebalance(const struct admin_call *a)
 	ep = moe_epoch_acquire(s->e);
 	for (uint32_t l = all ? 0 : (uint32_t)pos; l < (all ? m->n_moe_layers : (uint32_t)pos + 1);
 	     l++) {
-		struct moe_load_in in = {E, R, S, load};
-		uint32_t most = compact_layer(ep->placement, l, cn, cr);
+		struct moe_load_in in = {E, na, S, load};
+		uint32_t most = compact_layer(ep->placement, l, to_plan, cn, cr);
 		double before, after;
 		bool changed = false;
 
@@ -304,7 +312,7 @@ void srv_op_rebalance(const struct admin_call *a)
 		}
 		/* one slot per rank left free when there are spares and the
 		 * current placement allows it (see the top of the file) */
-		if (S > P && most < S)
+		if (S > P && most < S && (uint64_t)na * (S - 1) >= E)
 			in.slots_per_rank = S - 1;
 		ret = moe_plan_layer(&in, x->mode == MOE_PLAN_KIND_FULL ? MOE_PLAN_FULL
 									: MOE_PLAN_KEEP,
@@ -326,7 +334,7 @@ void srv_op_rebalance(const struct admin_call *a)
 			uint64_t mask = 0;
 
 			for (uint32_t i = 0; i < nn[e]; i++)
-				mask |= 1ull << nr[e * MOE_MAX_REPLICAS + i].rank;
+				mask |= 1ull << from_plan[nr[e * MOE_MAX_REPLICAS + i].rank];
 			plan.added += nn[e] > cn[e] ? nn[e] - cn[e] : 0;
 			plan.dropped += cn[e] > nn[e] ? cn[e] - nn[e] : 0;
 			plan.moved += (uint32_t)__builtin_popcountll(mask & ~want[k]);
