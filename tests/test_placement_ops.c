@@ -17,7 +17,11 @@
  *  - lost_rank_under_load: on cpu:3, MOED_TEST_RANK_FAULT=1:N takes rank 1
  *    out while four client processes run and changes go on: zero failed
  *    requests, outputs bit-identical, status "degraded" with rank 1 lost,
- *    changes naming rank 1 refused, the others still done.
+ *    changes naming rank 1 refused, the others still done;
+ *  - auto_rebalance: with placement.auto_rebalance on (threshold 1.01, the
+ *    window and interval short), moed plans and moves on its own under
+ *    load, while a slow manual change runs it waits, and it logs the
+ *    measured figure before, the predicted one and the measured one after.
  *
  * Every wait is bounded; no assertion is on wall time.
  */
@@ -378,12 +382,60 @@ static void test_lost_rank_under_load(void **state)
 	g_passed = true;
 }
 
+static void test_auto_rebalance(void **state)
+{
+	struct daemon *d = dh_fixture_daemon("devices: cpu:2\nplacement:\n  spare_slots: 2\n"
+					     "  auto_rebalance: true\n  rebalance_threshold: 1.01\n"
+					     "  rebalance_interval_s: 1\n  stats_window_s: 1\n",
+					     NULL, READY_MS);
+	moe_client *c = dh_cl_open_named(d, "auto");
+	struct dh_loaders *lp;
+	double runs = 0;
+	cJSON *j = NULL;
+	FILE *f;
+	char line[512];
+	int logged_before = 0, logged_after = 0;
+
+	(void)state;
+	lp = dh_loaders_start(d, 4, 60);
+	for (uint64_t until = dh_now_ms() + DH_WAIT_MS; dh_now_ms() < until; dh_nap_ms(50)) {
+		cJSON_Delete(j);
+		j = dh_status(c, true);
+		runs = dh_jnum(dh_jget(j, "placement", cJSON_Object), "auto_runs");
+		if (runs >= 1 && cJSON_IsNumber(cJSON_GetObjectItemCaseSensitive(
+					 dh_jget(j, "placement", cJSON_Object),
+					 "last_measured_after")))
+			break;
+	}
+	dh_loaders_stop(lp);
+	printf("auto-rebalance: %.0f runs; last: measured %.3f before, predicted %.3f, measured "
+	       "%.3f a window after\n", runs,
+	       dh_jnum(dh_jget(j, "placement", cJSON_Object), "last_measured_before"),
+	       dh_jnum(dh_jget(j, "placement", cJSON_Object), "last_predicted_after"),
+	       dh_jnum(dh_jget(j, "placement", cJSON_Object), "last_measured_after"));
+	assert_true(runs >= 1);
+	cJSON_Delete(j);
+	f = fopen(d->log, "r");
+	assert_non_null(f);
+	while (fgets(line, sizeof(line), f)) {
+		logged_before += strstr(line, "auto-rebalance 1 (job") != NULL &&
+				 strstr(line, "predicted max/mean") != NULL;
+		logged_after += strstr(line, "auto-rebalance 1: measured rank max/mean") != NULL;
+	}
+	fclose(f);
+	assert_int_equal(logged_before, 1);
+	assert_int_equal(logged_after, 1);
+	dh_daemon_stop(d);
+	g_passed = true;
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_refusals, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_changes_under_load, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_lost_rank_under_load, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_auto_rebalance, dh_setup, dh_teardown),
 	};
 
 	return cmocka_run_group_tests(tests, dh_group_setup, dh_group_teardown);

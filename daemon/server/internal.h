@@ -183,6 +183,15 @@ struct job {
 	uint32_t last_epoch;
 };
 
+/* placement.auto_rebalance's state (placement_ops.c) */
+struct auto_rebalance {
+	uint32_t runs, job;	 /* runs started, the last one's job */
+	uint64_t last_ns;	 /* the last check that planned */
+	uint64_t ended_ns;	 /* the last run's job ended (0: running) */
+	double measured_before, predicted_after, measured_after;
+	bool after_logged;
+};
+
 struct server {
 	struct moe_engine *e;
 	const struct moe_model *m;
@@ -211,6 +220,7 @@ struct server {
 	uint64_t admin_calls, admin_refused;
 	/* admin jobs (jobs.c) */
 	struct job *jobs[MAX_JOBS];
+	struct auto_rebalance autob;
 	uint32_t next_job;
 	uint64_t jobs_started;
 	int jobs_efd;
@@ -304,6 +314,8 @@ void srv_op_rebalance(const struct admin_call *a);
 void *srv_placement_job(void *job);
 /* A placement change (a job of these ops, or placement-cycle) running. */
 struct job *srv_placement_busy(struct server *s);
+/* The tick: placement.auto_rebalance's check (and its run, as a job). */
+void srv_auto_rebalance(struct server *s);
 uint64_t srv_placement_change_steps(const struct placement_change *pc);
 void srv_placement_change_free(struct placement_change *pc);
 
@@ -311,7 +323,9 @@ void srv_placement_change_free(struct placement_change *pc);
 int srv_jobs_init(struct server *s);
 /* The job's thread, at its end: state, result, and the loop woken. */
 void srv_job_end(struct job *j, uint32_t state, int32_t result);
-/* payload: the op's (admin.c checked it); for replicate, unreplicate and
+/* c: the client that asked (NULL: moed itself, e.g. auto-rebalance; its
+ * JOB_DONE goes nowhere). payload: the op's (admin.c checked it); for
+ * replicate, unreplicate and
  * rebalance a struct placement_change (placement_ops.c), taken over */
 int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 		  const void *payload, struct job **out, const char **why);

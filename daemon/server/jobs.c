@@ -269,7 +269,7 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	j = calloc(1, sizeof(*j));
 	if (!j)
 		return *why = "out of memory", MOE_ENOMEM;
-	*j = (struct job){.id = ++s->next_job, .op = op, .seq = seq, .client_id = c->id,
+	*j = (struct job){.id = ++s->next_job, .op = op, .seq = seq, .client_id = c ? c->id : 0,
 			  .e = s->e, .efd = s->jobs_efd};
 	if (op == MOE_ADMIN_PLACEMENT_CYCLE) {
 		j->pcycle = *(const struct moe_admin_placement_cycle *)payload;
@@ -293,8 +293,11 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	job_free(*slot);
 	*slot = j;
 	s->jobs_started++;
-	moe_log(LOG_NOTICE, "job %u (%s) started by client %u (pid %d)", j->id,
-		moe_admin_op_name(op), c->id, (int)c->pid);
+	if (c)
+		moe_log(LOG_NOTICE, "job %u (%s) started by client %u (pid %d)", j->id,
+			moe_admin_op_name(op), c->id, (int)c->pid);
+	else
+		moe_log(LOG_NOTICE, "job %u (%s) started by moed", j->id, moe_admin_op_name(op));
 	*out = j;
 	return 0;
 }
@@ -331,6 +334,8 @@ void srv_jobs_collect(struct server *s)
 			continue;
 		pthread_join(j->thread, NULL);
 		j->joined = true;
+		if (j->id == s->autob.job)
+			s->autob.ended_ns = srv_now_ns();
 		srv_job_describe(j, &d);
 		moe_log(d.result ? LOG_WARNING : LOG_NOTICE, "job %u (%s): %s", j->id,
 			moe_admin_op_name(j->op), j->message);

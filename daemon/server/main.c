@@ -220,6 +220,9 @@ static void server_opts(const struct moe_config *c, struct moe_server_opts *o)
 	o->request_timeout_ms = c->scheduler.request_timeout_ms;
 	o->handshake_timeout_ms = c->server.handshake_timeout_ms;
 	o->copy_bytes_per_s = c->placement.copy_bytes_per_s;
+	o->auto_rebalance = c->placement.auto_rebalance;
+	o->rebalance_threshold = c->placement.rebalance_threshold;
+	o->rebalance_interval_s = c->placement.rebalance_interval_s;
 	o->model_path = c->model.path;
 	o->admin_group = c->server.admin_group;
 	o->log_level = (int)c->log.level;

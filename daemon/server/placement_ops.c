@@ -265,46 +265,43 @@ static uint32_t compact_layer(const struct moe_placement *p, uint32_t l, const u
 	return most;
 }
 
-void srv_op_rebalance(const struct admin_call *a)
+/* A rebalance plan from the load window: all layers, or MoE layer
+ * position `pos` only. 0 with *plan and *want (the target, malloc'd), or a
+ * MOE_E* with msg. Runs on the loop (the planner takes tens of ms for the
+ * largest models). */
+static int plan_rebalance(struct server *s, bool all, uint32_t pos, uint32_t mode,
+			  struct moe_admin_plan *plan, uint64_t **want_out, char *msg, size_t mlen)
 {
-	const struct moe_admin_rebalance *x = a->payload;
-	struct server *s = a->s;
 	const struct moe_model *m = s->m;
-	bool all = x->layer == MOE_ADMIN_ALL_LAYERS, dry = a->flags & MOE_ADMIN_DRY_RUN;
-	int pos = common_checks(a, x->layer, all);
 	uint32_t E = m->n_experts, R = moe_engine_ranks(s->e), S = moe_engine_slots_per_rank(s->e);
-	uint32_t P = (E + R - 1) / R, window_s;
+	uint32_t P = (E + R - 1) / R;
+	uint32_t to_plan[MOE_MAX_RANKS], from_plan[MOE_MAX_RANKS], na = 0;
 	const struct moe_stats *st = moe_engine_stats(s->e);
-	struct moe_admin_plan plan = {0};
-	uint64_t *want = NULL, now = srv_now_ns();
+	uint64_t *want = current_masks(s), now = srv_now_ns();
 	double *load = malloc(sizeof(double) * E), total = 0;
 	uint8_t *cn = malloc(E), *nn = malloc(E);
 	struct moe_replica *cr = malloc(sizeof(*cr) * E * MOE_MAX_REPLICAS);
 	struct moe_replica *nr = malloc(sizeof(*nr) * E * MOE_MAX_REPLICAS);
-	struct moe_epoch *ep = NULL;
-	struct placement_change *pc = NULL;
-	uint32_t to_plan[MOE_MAX_RANKS], from_plan[MOE_MAX_RANKS], na = 0;
-	char msg[200] = "";
+	struct moe_epoch *ep;
 	int ret = 0;
 
-	if (pos < 0)
+	*plan = (struct moe_admin_plan){0};
+	*want_out = NULL;
+	if (!load || !cn || !nn || !cr || !nr || !want) {
+		snprintf(msg, mlen, "out of memory");
+		ret = MOE_ENOMEM;
 		goto out;
+	}
 	for (uint32_t r = 0; r < R; r++) /* the surviving ranks, numbered for the planner */
 		if (!moe_engine_rank_lost(s->e, r))
 			to_plan[r] = na, from_plan[na++] = r;
-	window_s = moe_stats_window_ms(st) / 1000;
-	want = current_masks(s);
-	if (!load || !cn || !nn || !cr || !nr || !want) {
-		srv_admin_reply(a->c, a->seq, MOE_ENOMEM, "out of memory");
-		goto out;
-	}
 	ep = moe_epoch_acquire(s->e);
-	for (uint32_t l = all ? 0 : (uint32_t)pos; l < (all ? m->n_moe_layers : (uint32_t)pos + 1);
-	     l++) {
+	for (uint32_t l = all ? 0 : pos; l < (all ? m->n_moe_layers : pos + 1) && !ret; l++) {
 		struct moe_load_in in = {E, na, S, load};
 		uint32_t most = compact_layer(ep->placement, l, to_plan, cn, cr);
 		double before, after;
 		bool changed = false;
+		int r;
 
 		for (uint32_t e = 0; e < E; e++) {
 			load[e] = (double)moe_stats_expert_window(st, l, e, now);
@@ -314,72 +311,52 @@ void srv_op_rebalance(const struct admin_call *a)
 		 * current placement allows it (see the top of the file) */
 		if (S > P && most < S && (uint64_t)na * (S - 1) >= E)
 			in.slots_per_rank = S - 1;
-		ret = moe_plan_layer(&in, x->mode == MOE_PLAN_KIND_FULL ? MOE_PLAN_FULL
-									: MOE_PLAN_KEEP,
-				     cn, cr, nn, nr);
-		if (ret) {
-			snprintf(msg, sizeof(msg), "layer %u: the planner failed: %s",
-				 m->layers[l].index, strerror(-ret));
+		r = moe_plan_layer(&in, mode == MOE_PLAN_KIND_FULL ? MOE_PLAN_FULL : MOE_PLAN_KEEP,
+				   cn, cr, nn, nr);
+		if (r) {
+			snprintf(msg, mlen, "layer %u: the planner failed: %s", m->layers[l].index,
+				 strerror(-r));
+			ret = MOE_EINTERNAL;
 			break;
 		}
 		before = moe_plan_max_mean(&in, cn, cr);
 		after = moe_plan_max_mean(&in, nn, nr);
-		plan.layers++;
-		if (before > plan.before)
-			plan.before = before;
-		if (after > plan.after)
-			plan.after = after;
+		plan->layers++;
+		if (before > plan->before)
+			plan->before = before;
+		if (after > plan->after)
+			plan->after = after;
 		for (uint32_t e = 0; e < E; e++) {
 			size_t k = (size_t)l * E + e;
 			uint64_t mask = 0;
 
 			for (uint32_t i = 0; i < nn[e]; i++)
 				mask |= 1ull << from_plan[nr[e * MOE_MAX_REPLICAS + i].rank];
-			plan.added += nn[e] > cn[e] ? nn[e] - cn[e] : 0;
-			plan.dropped += cn[e] > nn[e] ? cn[e] - nn[e] : 0;
-			plan.moved += (uint32_t)__builtin_popcountll(mask & ~want[k]);
+			plan->added += nn[e] > cn[e] ? nn[e] - cn[e] : 0;
+			plan->dropped += cn[e] > nn[e] ? cn[e] - nn[e] : 0;
+			plan->moved += (uint32_t)__builtin_popcountll(mask & ~want[k]);
 			changed |= mask != want[k];
 			want[k] = mask;
 		}
-		plan.layers_changed += changed;
+		plan->layers_changed += changed;
 	}
 	moe_epoch_release(ep);
-	if (msg[0]) {
-		srv_admin_reply(a->c, a->seq, MOE_EINTERNAL, msg);
-		goto out;
+	if (!ret && total == 0) {
+		snprintf(msg, mlen, "no tokens in the last %u s to plan from (the load window, "
+			 "placement.stats_window_s)", moe_stats_window_ms(st) / 1000);
+		ret = MOE_EAGAIN;
 	}
-	if (total == 0) {
-		snprintf(msg, sizeof(msg), "no tokens in the last %u s to plan from (the load "
-			 "window, placement.stats_window_s)", window_s);
-		srv_admin_reply(a->c, a->seq, MOE_EAGAIN, msg);
+	if (ret)
 		goto out;
-	}
 	/* (moved so far counts every copy: the added ones are not moves) */
-	plan.copy_bytes = (uint64_t)plan.moved * m->expert_bytes;
-	plan.moved = plan.moved > plan.added ? plan.moved - plan.added : 0;
-	snprintf(msg, sizeof(msg), "%u of %u layers change: +%u replicas, %u moved, %u dropped, "
-		 "%.1f MiB to copy; predicted max/mean %.3f -> %.3f", plan.layers_changed,
-		 plan.layers, plan.added, plan.moved, plan.dropped,
-		 (double)plan.copy_bytes / (1 << 20), plan.before, plan.after);
-	if (dry || !plan.layers_changed) {
-		srv_admin_reply_with(a->c, a->seq, 0, msg, &plan, sizeof(plan));
-		goto out;
-	}
-	pc = calloc(1, sizeof(*pc));
-	if (!pc) {
-		srv_admin_reply(a->c, a->seq, MOE_ENOMEM, "out of memory");
-		goto out;
-	}
-	pc->want = want;
+	plan->copy_bytes = (uint64_t)plan->moved * m->expert_bytes;
+	plan->moved = plan->moved > plan->added ? plan->moved - plan->added : 0;
+	snprintf(msg, mlen, "%u of %u layers change: +%u replicas, %u moved, %u dropped, %.1f MiB "
+		 "to copy; predicted max/mean %.3f -> %.3f", plan->layers_changed, plan->layers,
+		 plan->added, plan->moved, plan->dropped, (double)plan->copy_bytes / (1 << 20),
+		 plan->before, plan->after);
+	*want_out = want;
 	want = NULL;
-	pc->steps = plan.added + plan.moved * 2 + plan.dropped;
-	if (all)
-		snprintf(pc->what, sizeof(pc->what), "rebalance all layers: max/mean %.2f -> %.2f",
-			 plan.before, plan.after);
-	else
-		snprintf(pc->what, sizeof(pc->what), "rebalance layer %u: max/mean %.2f -> %.2f",
-			 x->layer, plan.before, plan.after);
-	start_change(a, pc, msg);
 out:
 	free(load);
 	free(cn);
@@ -387,4 +364,131 @@ out:
 	free(cr);
 	free(nr);
 	free(want);
+	return ret;
+}
+
+static struct placement_change *new_change(uint64_t *want, const struct moe_admin_plan *plan,
+					   const char *what)
+{
+	struct placement_change *pc = calloc(1, sizeof(*pc));
+
+	if (!pc) {
+		free(want);
+		return NULL;
+	}
+	pc->want = want;
+	pc->steps = plan->added + plan->moved * 2 + plan->dropped;
+	snprintf(pc->what, sizeof(pc->what), "%s: max/mean %.2f -> %.2f", what, plan->before,
+		 plan->after);
+	return pc;
+}
+
+void srv_op_rebalance(const struct admin_call *a)
+{
+	const struct moe_admin_rebalance *x = a->payload;
+	struct server *s = a->s;
+	bool all = x->layer == MOE_ADMIN_ALL_LAYERS, dry = a->flags & MOE_ADMIN_DRY_RUN;
+	int pos = common_checks(a, x->layer, all), st;
+	struct moe_admin_plan plan;
+	struct placement_change *pc;
+	uint64_t *want;
+	char msg[200], what[64];
+
+	if (pos < 0)
+		return;
+	st = plan_rebalance(s, all, (uint32_t)pos, x->mode, &plan, &want, msg, sizeof(msg));
+	if (st) {
+		srv_admin_reply(a->c, a->seq, st, msg);
+		return;
+	}
+	if (dry || !plan.layers_changed) {
+		free(want);
+		srv_admin_reply_with(a->c, a->seq, 0, msg, &plan, sizeof(plan));
+		return;
+	}
+	if (all)
+		snprintf(what, sizeof(what), "rebalance all layers");
+	else
+		snprintf(what, sizeof(what), "rebalance layer %u", x->layer);
+	pc = new_change(want, &plan, what);
+	if (!pc) {
+		srv_admin_reply(a->c, a->seq, MOE_ENOMEM, "out of memory");
+		return;
+	}
+	start_change(a, pc, msg);
+}
+
+/* ---- automatic rebalancing ---------------------------------------------- */
+
+/* The worst layer's measured max/mean rank load over the window. */
+static double measured_imbalance(struct server *s, uint64_t now)
+{
+	const struct moe_stats *st = moe_engine_stats(s->e);
+	double worst = 0;
+
+	for (uint32_t l = 0; st && l < s->m->n_moe_layers; l++) {
+		double v = moe_stats_rank_imbalance(st, l, now, 1);
+
+		worst = v > worst ? v : worst;
+	}
+	return worst;
+}
+
+void srv_auto_rebalance(struct server *s)
+{
+	struct auto_rebalance *ar = &s->autob;
+	uint64_t now = srv_now_ns(), window_ns;
+	struct moe_admin_plan plan;
+	struct placement_change *pc;
+	const char *why = NULL;
+	struct job *j;
+	uint64_t *want;
+	char msg[200];
+	double measured;
+	int st;
+
+	if (!s->o.auto_rebalance || strcmp(moe_engine_backend(s->e), "cpu") ||
+	    moe_engine_ranks(s->e) < 2 || srv_placement_busy(s))
+		return;
+	window_ns = (uint64_t)moe_stats_window_ms(moe_engine_stats(s->e)) * 1000000ull;
+	/* the last run's outcome, measured once a whole window has passed */
+	if (ar->runs && !ar->after_logged && now - ar->ended_ns >= window_ns && ar->ended_ns) {
+		ar->measured_after = measured_imbalance(s, now);
+		ar->after_logged = true;
+		moe_log(LOG_NOTICE, "auto-rebalance %u: measured rank max/mean %.3f before, %.3f "
+			"after (a window later; predicted %.3f)", ar->runs, ar->measured_before,
+			ar->measured_after, ar->predicted_after);
+	}
+	if (ar->last_ns && now - ar->last_ns < (uint64_t)s->o.rebalance_interval_s * 1000000000ull)
+		return;
+	measured = measured_imbalance(s, now);
+	if (measured < s->o.rebalance_threshold)
+		return;
+	ar->last_ns = now; /* (planned or not, not again before the interval) */
+	st = plan_rebalance(s, true, 0, MOE_PLAN_KIND_KEEP, &plan, &want, msg, sizeof(msg));
+	if (st || !plan.layers_changed || plan.after >= measured) {
+		if (!st)
+			free(want);
+		moe_log(LOG_INFO, "auto-rebalance: measured rank max/mean %.3f >= %.2f, but no "
+			"plan does better: %s", measured, s->o.rebalance_threshold, msg);
+		return;
+	}
+	pc = new_change(want, &plan, "auto-rebalance");
+	if (!pc)
+		return;
+	st = srv_job_start(s, NULL, MOE_ADMIN_REBALANCE, 0, pc, &j, &why);
+	if (st) {
+		srv_placement_change_free(pc);
+		moe_log(LOG_WARNING, "auto-rebalance: cannot start: %s", why);
+		return;
+	}
+	ar->runs++;
+	ar->job = j->id;
+	ar->measured_before = measured;
+	ar->predicted_after = plan.after;
+	ar->after_logged = false;
+	ar->ended_ns = 0;
+	moe_log(LOG_NOTICE, "auto-rebalance %u (job %u): measured rank max/mean %.3f over the last "
+		"%.0f s (threshold %.2f): %s", ar->runs, j->id, measured, (double)window_ns / 1e9,
+		s->o.rebalance_threshold, msg);
 }

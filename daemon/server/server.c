@@ -31,6 +31,7 @@ static void tick(struct server *s)
 		srv_status_line(s);
 		s->last_status_ns = now;
 	}
+	srv_auto_rebalance(s);
 }
 
 /* ---- setup -------------------------------------------------------------- */

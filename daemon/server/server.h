@@ -39,6 +39,9 @@ struct moe_server_opts {
 	uint32_t request_timeout_ms;	/* default deadline, 0: none */
 	uint32_t handshake_timeout_ms;	/* a connection must HELLO within this */
 	uint64_t copy_bytes_per_s;	/* placement changes' weight copies; 0: unpaced */
+	bool auto_rebalance;		/* rebalance when the window's max/mean >= threshold */
+	double rebalance_threshold;
+	uint32_t rebalance_interval_s;	/* at least this between two runs */
 	const char *model_path;
 	const char *gpu; /* for status: the GPU served, or why none */
 	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */

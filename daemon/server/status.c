@@ -140,6 +140,18 @@ static char *status_json(struct server *s)
 				atomic_load(&s->w.beat_ns)
 					? (double)(srv_now_ns() - atomic_load(&s->w.beat_ns)) / 1e6
 					: 0.0);
+	o = cJSON_AddObjectToObject(j, "placement");
+	cJSON_AddBoolToObject(o, "auto_rebalance", s->o.auto_rebalance);
+	cJSON_AddNumberToObject(o, "rebalance_threshold", s->o.rebalance_threshold);
+	cJSON_AddNumberToObject(o, "copy_bytes_per_s", (double)s->o.copy_bytes_per_s);
+	cJSON_AddNumberToObject(o, "auto_runs", s->autob.runs);
+	if (s->autob.runs) {
+		cJSON_AddNumberToObject(o, "last_auto_job", s->autob.job);
+		cJSON_AddNumberToObject(o, "last_measured_before", s->autob.measured_before);
+		cJSON_AddNumberToObject(o, "last_predicted_after", s->autob.predicted_after);
+		if (s->autob.after_logged)
+			cJSON_AddNumberToObject(o, "last_measured_after", s->autob.measured_after);
+	}
 	a = cJSON_AddArrayToObject(j, "jobs");
 	for (int i = 0; i < MAX_JOBS; i++) {
 		struct moe_admin_job d;
