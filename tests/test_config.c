@@ -587,6 +587,27 @@ static void test_devices(void **state)
 	           "t.yaml:3:19: placement.stats_window_s: expected an integer between 1 and 86400");
 	EXPECT_ERR("model: {path: /m}\nplacement:\n  spare_slots: -1\n",
 	           "t.yaml:3:16: placement.spare_slots: expected an integer between 0 and 1024");
+	/* the placement changes' keys */
+	LOAD_OK("model: {path: /m}\nplacement:\n  copy_bytes_per_s: 2G\n  auto_rebalance: true\n"
+	        "  rebalance_threshold: 1.25\n  rebalance_interval_s: 30\n", &c);
+	assert_int_equal(c.placement.copy_bytes_per_s, 2ull << 30);
+	assert_true(c.placement.auto_rebalance);
+	assert_true(c.placement.rebalance_threshold == 1.25);
+	assert_int_equal(c.placement.rebalance_interval_s, 30);
+	moe_cfg_free(&c);
+	LOAD_OK("model: {path: /m}\n", &c);
+	assert_int_equal(c.placement.copy_bytes_per_s, 0);
+	assert_false(c.placement.auto_rebalance);
+	moe_cfg_free(&c);
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  auto_rebalance: yes\n",
+	           "t.yaml:3:19: placement.auto_rebalance: expected true or false, got a boolean (yes)");
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  rebalance_threshold: 1.0\n",
+	           "t.yaml:3:24: placement.rebalance_threshold: expected a number greater than 1 and "
+	           "at most 1000, got a float (1.0)");
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  rebalance_interval_s: 0\n",
+	           "t.yaml:3:25: placement.rebalance_interval_s: expected an integer between 1");
+	EXPECT_ERR("model: {path: /m}\nplacement:\n  copy_bytes_per_s: lots\n",
+	           "t.yaml:3:21: placement.copy_bytes_per_s: expected a size");
 #ifdef MOE_HAVE_CUDA
 	LOAD_OK("model: {path: /m}\ndevices: cuda\n", &c);
 	assert_int_equal(c.devices.kind, MOE_CFG_DEV_CUDA);
@@ -638,12 +659,6 @@ static void test_not_supported_yet(void **state)
 	static const struct {
 		const char *section, *key, *good, *bad, *bad_msg;
 	} keys[] = {
-	    {"placement", "auto_rebalance", "true", "yes",
-	     "expected true or false, got a "
-	     "boolean (yes)"},
-	    {"placement", "rebalance_threshold", "1.25", "1.0",
-	     "expected a number greater than 1 and at most 1000, got a float (1.0)"},
-	    {"placement", "rebalance_interval_s", "30", "0", "expected an integer between 1"},
 	    {"scheduler", "batch_window_us", "0", "1000001",
 	     "expected an integer between 0 and "
 	     "1000000, got 1000001"},
