@@ -461,6 +461,10 @@ void srv_auto_rebalance(struct server *s)
 	}
 	if (ar->last_ns && now - ar->last_ns < (uint64_t)s->o.rebalance_interval_s * 1000000000ull)
 		return;
+	/* and not before a whole window has measured the last run's effect:
+	 * the next decision is made on load the last one shaped */
+	if (ar->runs && !ar->after_logged)
+		return;
 	measured = measured_imbalance(s, now);
 	if (measured < s->o.rebalance_threshold)
 		return;
