@@ -18,23 +18,56 @@ if [ ! -f $model/config.json ]; then
 	./build/bin/moe-mkmodel --family qwen2_moe --out $model --hidden 1024 --inter 512 \
 		--shared-inter 2048 --experts 32 --top-k 4 --layers 4 --dtype bf16 --skew 1 --seed 7
 fi
-echo
-echo "== moed -t: the plan for this model"
-./build/bin/moed -t --model $model
-
 tmp=$(mktemp -d)
 sock=$tmp/moed.sock
-./build/bin/moed --model $model --socket "$sock" 2>"$tmp/moed.log" &
+# two CPU ranks (as a host with two GPUs has two), room for replicas, and a
+# short load window so that the effect of a rebalance shows at once
+cat >"$tmp/moe.yaml" <<EOF
+model:
+  path: $PWD/$model
+devices: cpu:2
+placement:
+  spare_slots: 2
+  stats_window_s: 5
+server:
+  socket: $sock
+EOF
+echo
+echo "== moed -t: the plan for this model on 2 CPU ranks"
+./build/bin/moed -t -c "$tmp/moe.yaml"
+
+./build/bin/moed -c "$tmp/moe.yaml" 2>"$tmp/moed.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
 echo
 echo "== moed serving on $sock (pid $pid); 4 clients, mixed sizes, outputs checked"
+echo "   bit for bit against an in-process single-rank engine"
 ./build/bin/moe-load --socket "$sock" --model $model --clients 4 --requests 150 \
 	--max-tokens 256
 echo
 echo "== throughput: the same load without the clients' own reference engines"
 ./build/bin/moe-load --socket "$sock" --clients 4 --requests 300 --max-tokens 256 --no-check
+echo
+echo "== the skewed router loads the ranks unevenly (load over the last 5 s)"
+./build/bin/moectl -s "$sock" placement --layer 0
+echo
+echo "== moectl rebalance --dry-run: the plan"
+./build/bin/moectl -s "$sock" rebalance --dry-run
+echo
+echo "== moectl rebalance, while 4 clients keep sending (outputs checked)"
+./build/bin/moe-load --socket "$sock" --model $model --clients 4 --requests 100 \
+	--max-tokens 256 >"$tmp/during.log" 2>&1 &
+load=$!
+sleep 1
+./build/bin/moectl -s "$sock" rebalance --wait
+wait $load
+cat "$tmp/during.log"
+sleep 5 # a fresh window
+echo
+echo "== after: the same load, the ranks even"
+./build/bin/moe-load --socket "$sock" --clients 4 --requests 300 --max-tokens 256 --no-check
+./build/bin/moectl -s "$sock" placement --layer 0
 echo
 echo "== moectl status"
 ./build/bin/moectl -s "$sock" status
