@@ -64,6 +64,7 @@ static const char *default_model(char *buf, size_t n)
 }
 
 int moe_bench_ipc(int argc, char **argv);
+int moe_bench_ep(int argc, char **argv);
 int moe_bench_cuda(const char *shape, const char *model, const char *tokens, int device,
 		   double min_reps);
 
@@ -172,6 +173,8 @@ int main(int argc, char **argv)
 
 	if (argc > 1 && strcmp(argv[1], "ipc") == 0)
 		return moe_bench_ipc(argc - 1, argv + 1);
+	if (argc > 1 && strcmp(argv[1], "ep") == 0)
+		return moe_bench_ep(argc - 1, argv + 1);
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'm':

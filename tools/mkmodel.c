@@ -28,6 +28,8 @@ static void usage(FILE *f)
 		"  --layout L        per_expert | fused (default per_expert)\n"
 		"  --shards N        write N shards + model.safetensors.index.json\n"
 		"  --skew X          router favours some experts (0 = uniform, default 0)\n"
+		"  --zipf S          deepseek_v3: experts chosen with Zipf(S) frequencies over a\n"
+		"                    seeded order (sets n_group = topk_group = 1)\n"
 		"  --seed N          (default 1)\n");
 }
 
@@ -51,7 +53,7 @@ int main(int argc, char **argv)
 		{"top-k", 1, NULL, 'K'},   {"layers", 1, NULL, 'L'},	  {"dense-first", 1, NULL, 'D'},
 		{"sparse-step", 1, NULL, 'P'}, {"groups", 1, NULL, 'G'}, {"group-limited", 0, NULL, 'g'},
 		{"scale", 1, NULL, 'x'},   {"norm", 1, NULL, 'n'},	  {"dtype", 1, NULL, 'd'},
-		{"layout", 1, NULL, 'l'},  {"shards", 1, NULL, 's'},	  {"skew", 1, NULL, 'k'},
+		{"layout", 1, NULL, 'l'},  {"shards", 1, NULL, 's'},	  {"skew", 1, NULL, 'k'}, {"zipf", 1, NULL, 'z'},
 		{"seed", 1, NULL, 'r'},	   {"help", 0, NULL, 'h'},	  {0},
 	};
 	struct moe_synth_opts o;
@@ -141,6 +143,10 @@ int main(int argc, char **argv)
 			break;
 		case 'k':
 			o.skew = strtof(optarg, NULL);
+			break;
+		case 'z':
+			o.zipf = strtof(optarg, NULL);
+			o.n_group = o.topk_group = 1;
 			break;
 		case 'r':
 			o.seed = num("--seed", optarg);

@@ -180,8 +180,66 @@ static int add_mat(struct tlist *tl, struct moe_rng *r, const struct moe_synth_o
 	return 0;
 }
 
+/* The correction biases that give sigmoid top-k over logits N(0, 4) the
+ * selection frequencies K * p_e, p_e Zipf(s) over perm (see synth.h):
+ * fixed-point iteration on a fixed sample of tokens, in log space. */
+static void zipf_bias(const struct moe_synth_opts *o, const uint32_t *perm, float *bias)
+{
+	enum { M = 6000, ITERS = 400 };
+	uint32_t E = o->experts, K = o->top_k;
+	float *sg = malloc(sizeof(float) * M * E);
+	double *want = malloc(sizeof(double) * E), *b = calloc(E, sizeof(double)), hs = 0;
+	uint32_t *cnt = malloc(sizeof(uint32_t) * E);
+	struct moe_rng r = {o->seed * 7919 + 17};
+
+	if (!sg || !want || !b || !cnt)
+		goto out;
+	for (uint32_t i = 0; i < E; i++)
+		hs += pow(i + 1.0, -o->zipf);
+	for (uint32_t i = 0; i < E; i++)
+		want[perm[i]] = (double)M * K * pow(i + 1.0, -o->zipf) / hs;
+	for (size_t i = 0; i < (size_t)M * E; i++)
+		sg[i] = (float)(1.0 / (1.0 + exp(-2.0 * moe_rng_normal(&r))));
+	for (int it = 0; it < ITERS; it++) {
+		memset(cnt, 0, sizeof(uint32_t) * E);
+		for (uint32_t t = 0; t < M; t++) {
+			const float *s = sg + (size_t)t * E;
+			uint32_t top[64];
+
+			for (uint32_t k = 0; k < K && k < 64; k++) {
+				int best = -1;
+
+				for (uint32_t e = 0; e < E; e++) {
+					bool taken = false;
+
+					for (uint32_t j = 0; j < k; j++)
+						taken |= top[j] == e;
+					if (!taken && (best < 0 || s[e] + b[e] > s[best] + b[best]))
+						best = (int)e;
+				}
+				top[k] = (uint32_t)best;
+				cnt[best]++;
+			}
+		}
+		/* steps clamped: an expert never chosen must not leap over all */
+		for (uint32_t e = 0; e < E; e++) {
+			double d = log((want[e] + 1) / (cnt[e] + 1.0));
+
+			d = d > 0.2 ? 0.2 : d < -0.2 ? -0.2 : d;
+			b[e] += 0.5 * d / (1.0 + it / 100.0);
+		}
+	}
+	for (uint32_t e = 0; e < E; e++)
+		bias[e] = (float)b[e];
+out:
+	free(sg);
+	free(want);
+	free(b);
+	free(cnt);
+}
+
 static int add_layer(struct tlist *tl, struct moe_rng *r, const struct moe_synth_opts *o,
-		     uint32_t l, const float *router_scale)
+		     uint32_t l, const float *router_scale, const float *zbias)
 {
 	uint32_t H = o->hidden, I = o->inter, E = o->experts, Is = o->shared_inter;
 	double sh = 1.0 / sqrt(H), si = 1.0 / sqrt(I);
@@ -200,7 +258,7 @@ static int add_layer(struct tlist *tl, struct moe_rng *r, const struct moe_synth
 		if (!b)
 			return -ENOMEM;
 		for (uint32_t e = 0; e < E; e++)
-			b[e] = (float)(0.05 * moe_rng_normal(r));
+			b[e] = zbias ? zbias[e] : (float)(0.05 * moe_rng_normal(r));
 	}
 	if (!ret && o->layout == MOE_LAYOUT_FUSED) {
 		void *gu, *dn;
@@ -388,7 +446,7 @@ int moe_synth_write(const char *dir, const struct moe_synth_opts *o, char *err)
 {
 	struct moe_rng r = {o->seed * 0x2545f4914f6cdd1dull + 1};
 	struct tlist tl = {0};
-	float *rs;
+	float *rs, *zb = NULL;
 	uint32_t *perm;
 	int ret = 0;
 
@@ -415,8 +473,22 @@ int moe_synth_write(const char *dir, const struct moe_synth_opts *o, char *err)
 	for (uint32_t e = 0; e < o->experts; e++)
 		rs[perm[e]] = 1.0f + o->skew * (float)(o->experts - 1 - e) /
 					     (float)(o->experts > 1 ? o->experts - 1 : 1);
+	if (o->zipf > 0) {
+		if (o->family != MOE_FAM_DEEPSEEK_V3 || o->n_group != 1 || o->topk_group != 1 ||
+		    o->top_k > 64) {
+			ret = moe_err(err, -EINVAL, "zipf: for deepseek_v3 with n_group = topk_group "
+				      "= 1 only");
+			goto out;
+		}
+		zb = malloc(o->experts * sizeof(float));
+		if (!zb) {
+			ret = moe_err(err, -ENOMEM, "out of memory");
+			goto out;
+		}
+		zipf_bias(o, perm, zb);
+	}
 	for (uint32_t l = 0; l < o->layers && !ret; l++)
-		if (layer_is_moe(o, l) && add_layer(&tl, &r, o, l, rs))
+		if (layer_is_moe(o, l) && add_layer(&tl, &r, o, l, rs, zb))
 			ret = moe_err(err, -ENOMEM, "out of memory generating layer %u", l);
 	if (!ret && !tl.n)
 		ret = moe_err(err, -EINVAL, "no MoE layer in %u layers", o->layers);
@@ -427,6 +499,7 @@ int moe_synth_write(const char *dir, const struct moe_synth_opts *o, char *err)
 out:
 	free(rs);
 	free(perm);
+	free(zb);
 	tl_free(&tl);
 	return ret;
 }

@@ -11,6 +11,14 @@
  * router row e is scaled by 1 + skew * p_e with p_e falling from 1 to 0 over
  * a seeded permutation of the experts, so popular experts get larger logits
  * more often and win top-k more often (skew 0: uniform).
+ *
+ * `zipf` (DeepSeek-V3 only, whose top-k selects on sigmoid scores plus a
+ * per-expert correction bias) sets that bias so that, for inputs of
+ * N(0, 1) elements, expert e is chosen with a frequency proportional to
+ * 1 / (rank_e + 1)^zipf over a seeded permutation (popular experts
+ * scattered): calibrated by simulation on the router's logit
+ * distribution, N(0, 4) per expert. It needs n_group = topk_group = 1 and
+ * top_k * (the top expert's share) <= 1.
  */
 #ifndef MOE_SYNTH_H
 #define MOE_SYNTH_H
@@ -33,6 +41,7 @@ struct moe_synth_opts {
 	float routed_scale;
 	bool norm_topk;
 	float skew;
+	float zipf; /* DeepSeek-V3: Zipf exponent of the experts' selection; 0: off */
 	uint64_t seed;
 	uint32_t shards;	/* 1: model.safetensors; >1: index + shards */
 };
