@@ -94,7 +94,9 @@ static void check(struct moe_transport *t, uint32_t R, size_t elem, struct moe_r
 static void test_local(void **state)
 {
 	struct moe_rng rng = {0x7a5};
-	static const size_t elems[] = {1, 4, 12, 256};
+	/* 64 KiB elements: exchanges over LOCAL_PARALLEL_BYTES, so the pool's
+	 * path runs too */
+	static const size_t elems[] = {1, 4, 12, 256, 65536};
 
 	(void)state;
 	for (uint32_t R = 1; R <= MAXR; R++) {
@@ -107,7 +109,7 @@ static void test_local(void **state)
 			assert_int_equal(moe_transport_local_create(R, pool, &t), 0);
 			assert_string_equal(t->ops->name, "local");
 			for (int i = 0; i < 20; i++)
-				check(t, R, elems[i % 4], &rng);
+				check(t, R, elems[i % 5], &rng);
 			moe_transport_destroy(t);
 			moe_pool_destroy(pool);
 		}

@@ -1,7 +1,8 @@
 /* daemon/engine/transport_local.c — the `local` transport: ranks of one
  * process, rows copied with memcpy. Each receiving rank's copies run as one
  * task of the pool (receivers write disjoint buffers, senders' buffers are
- * only read), so R ranks copy at once as R GPUs' copy engines would.
+ * only read), so R ranks copy at once as R GPUs' copy engines would; an
+ * exchange under LOCAL_PARALLEL_BYTES runs on the calling thread instead.
  * A rank's block to itself is copied too: the buffers are rank-owned, and
  * the engine skips the transport altogether when there is one rank.
  */
@@ -12,6 +13,9 @@
 #include "daemon/engine/placement.h"
 #include "daemon/engine/threadpool.h"
 #include "daemon/engine/transport.h"
+
+/* Below this many bytes in all, the copies run on the calling thread. */
+#define LOCAL_PARALLEL_BYTES (256u << 10)
 
 struct local {
 	struct moe_transport t;
@@ -64,12 +68,18 @@ static int local_alltoallv(struct moe_transport *t, const struct moe_a2a *ranks,
 {
 	struct local *l = (struct local *)t;
 	struct a2a_ctx c = {ranks, t->n_ranks, elem_bytes, {0}};
+	size_t total = 0;
 
 	for (uint32_t r = 0; r < t->n_ranks; r++)
 		for (uint32_t p = 0; p < t->n_ranks; p++)
 			if (ranks[r].recv_counts[p] != ranks[p].send_counts[r])
 				return -EPROTO;
-	if (l->pool)
+	/* small exchanges (decode) on the calling thread: waking the pool
+	 * costs more than copying a few rows */
+	for (uint32_t r = 0; r < t->n_ranks; r++)
+		for (uint32_t p = 0; p < t->n_ranks; p++)
+			total += (size_t)ranks[r].recv_counts[p] * elem_bytes;
+	if (l->pool && total >= LOCAL_PARALLEL_BYTES)
 		moe_pool_run(l->pool, t->n_ranks, recv_task, &c);
 	else
 		for (uint32_t r = 0; r < t->n_ranks; r++)
