@@ -15,9 +15,11 @@
  *    in the Release build its RSS does not grow from the second cycle of
  *    changes to the last (LeakSanitizer checks the exit under ASan);
  *  - lost_rank_under_load: on cpu:3, MOED_TEST_RANK_FAULT=1:N takes rank 1
- *    out while four client processes run and changes go on: zero failed
- *    requests, outputs bit-identical, status "degraded" with rank 1 lost,
- *    changes naming rank 1 refused, the others still done;
+ *    out while four client processes run and the changer makes >= 50
+ *    changes: zero failed requests, outputs bit-identical, status
+ *    "degraded" with rank 1 lost, changes naming rank 1 refused, and the
+ *    slot bytes, every extra replica dropped, those loaded less the lost
+ *    rank's shared-expert copies;
  *  - auto_rebalance: with placement.auto_rebalance on (threshold 1.01, the
  *    window and interval short), moed plans and moves on its own under
  *    load, while a slow manual change runs it waits, and it logs the
@@ -334,15 +336,32 @@ static void test_lost_rank_under_load(void **state)
 	struct daemon *d = dh_fixture_daemon("devices: cpu:3\nplacement:\n  spare_slots: 2\n",
 					     "MOED_TEST_RANK_FAULT=1:200", READY_MS);
 	moe_client *c = dh_cl_open_named(d, "lost-rank");
+	uint32_t L = g_model->n_moe_layers, E = g_model->n_experts, R = 3;
+	double base = weight_bytes(c), slot, shared_per_rank, want, now = 0;
+	moe_admin_res *res = malloc(sizeof(*res));
 	struct dh_loaders *lp;
 	struct changer *ch;
 	uint64_t total;
-	cJSON *j;
+	cJSON *j = NULL;
 
 	(void)state;
+	assert_non_null(res);
+	/* what one expert slot holds, measured: a replica and back */
+	{
+		struct moe_admin_replica rp = {g_model->layers[0].index, 0, 1, 0};
+
+		assert_int_equal(call(c, MOE_ADMIN_REPLICATE, 0, &rp, sizeof(rp), 1, res), 0);
+		slot = weight_bytes(c) - base;
+		assert_int_equal(call(c, MOE_ADMIN_UNREPLICATE, 0, &rp, sizeof(rp), 1, res), 0);
+		assert_true(slot > 0 && weight_bytes(c) == base);
+	}
+	/* base = routers (fp32, once) + every rank's shared-expert copies + E x L
+	 * slots: a lost rank takes its shared copies with it */
+	shared_per_rank = (base - (double)L * E * g_model->hidden * 4 - (double)L * E * slot) / R;
+	want = base - shared_per_rank;
 	lp = dh_loaders_start(d, 4, 40);
 	dh_nap_ms(100);
-	ch = changer_run(d, 3, 20);
+	ch = changer_run(d, R, 50); /* (drops every extra replica at its end) */
 	/* the fault comes with the 200th batch: wait for it if not yet */
 	for (uint64_t until = dh_now_ms() + DH_WAIT_MS; dh_now_ms() < until; dh_nap_ms(10)) {
 		j = dh_status(c, true);
@@ -362,21 +381,26 @@ static void test_lost_rank_under_load(void **state)
 						   cJSON_Array), 1), "lost", -1)));
 	cJSON_Delete(j);
 	assert_int_equal(ch->failed, 0);
-	assert_true(ch->changes >= 20);
+	assert_true(ch->changes >= 50);
+	/* every expert back to one replica: the slot bytes are the load's,
+	 * less the lost rank's shared copies */
+	for (uint64_t until = dh_now_ms() + DH_WAIT_MS; dh_now_ms() < until; dh_nap_ms(10))
+		if ((now = weight_bytes(c)) == want)
+			break;
+	printf("slot bytes %.0f after %d changes and a lost rank; loaded %.0f, less the lost "
+	       "rank's shared copies %.0f = %.0f\n", now, ch->changes, base, shared_per_rank, want);
+	assert_true(now == want);
 	/* after it: naming rank 1 is refused, the others still work */
 	{
-		moe_admin_res *res = malloc(sizeof(*res));
 		uint32_t L0 = g_model->layers[0].index;
 		struct moe_admin_replica rp = {L0, 0, 1, 0};
-		int r;
+		int r = call(c, MOE_ADMIN_REPLICATE, 0, &rp, sizeof(rp), 1, res);
 
-		assert_non_null(res);
-		r = call(c, MOE_ADMIN_REPLICATE, 0, &rp, sizeof(rp), 1, res);
-		printf("replicate onto the lost rank: %s: %s / %s\n", moe_strerror(r), res->message,
-		       res->job.message);
-		assert_true(r != 0 || res->job.state != MOE_JOB_DONE);
-		free(res);
+		printf("replicate onto the lost rank: %s: %s\n", moe_strerror(r), res->message);
+		assert_int_equal(r, MOE_EINVAL);
+		assert_non_null(strstr(res->message, "lost"));
 	}
+	free(res);
 	munmap(ch, sizeof(*ch));
 	dh_daemon_stop(d);
 	g_passed = true;
