@@ -309,6 +309,8 @@ void srv_job_describe(const struct job *j, struct moe_admin_job *d)
 	*d = (struct moe_admin_job){.job = j->id, .op = j->op, .state = state,
 				    .done = atomic_load(&((struct job *)j)->done),
 				    .total = j->total};
+	if (d->done > d->total) /* (a move's steps are estimated: temporary homes add some) */
+		d->total = d->done;
 	if (state != MOE_JOB_RUNNING) {
 		d->result = j->result;
 		snprintf(d->message, sizeof(d->message), "%s", j->message);
