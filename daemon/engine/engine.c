@@ -38,7 +38,7 @@
  * crash-only path is tested without a GPU; MOED_TEST_RANK_FAULT=R:N makes
  * rank R's expert stage fail in the N-th batch (CPU ranks).
  */
-#include "daemon/engine/engine.h"
+#include "daemon/engine/engine_internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -54,81 +54,6 @@
 #include "daemon/engine/threadpool.h"
 #include "daemon/engine/transport.h"
 #include "kernels/cpu/convert.h"
-
-#define CHUNK_TOKENS	   MOE_CHUNK_TOKENS
-#define DEFAULT_MAX_TOKENS 4096
-
-struct moe_engine {
-	struct moe_model *m;
-	uint32_t max_tokens, chunk;
-	struct moe_pool **rank_pool; /* [n_ranks]: each rank's own threads */
-	struct moe_pool *driver;     /* n_ranks > 1: one thread per rank runs its stages */
-	struct moe_transport *tr;    /* n_ranks > 1 */
-	uint32_t n_ranks;
-	struct moe_rank *ranks;
-	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
-	struct moe_layer_state *ls; /* [rank * n_moe_layers + layer]: each rank's copy */
-	struct layer_host *lh;	    /* [n_moe_layers]: the host arrays the ranks share */
-	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
-	uint32_t slots_per_rank; /* in use (the placements'), <= stride */
-	uint32_t stride;	 /* slots per (rank, layer) in the table */
-	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
-	atomic_bool dead[MOE_MAX_RANKS]; /* lost ranks (written under fwd_lock) */
-	uint32_t n_dead;
-	int failed_rank; /* the rank whose stage failed in on_ranks, -1 */
-	/* Slot bookkeeping for replicas (slot_lock): how many live epochs name
-	 * each slot, and which slots are to be freed once none does. Publishes
-	 * are serialized by publish_lock (outer; the retire hook, which a
-	 * publish may run, takes slot_lock only). */
-	pthread_mutex_t slot_lock, publish_lock;
-	uint32_t *slot_refs;
-	bool *slot_drop;
-	_Atomic uint64_t weight_bytes; /* router, shared experts and every slot held */
-
-	struct moe_epochs *epochs;
-
-	pthread_mutex_t fwd_lock;
-	uint32_t *ids;	  /* [max_tokens, K]: the batch's routing */
-	float *w;	  /* [max_tokens, K] */
-	struct moe_stage st[MOE_MAX_RANKS]; /* this round's, per rank */
-	struct moe_stats *stats; /* load statistics (written here, read by status) */
-	_Atomic uint64_t transport_ns; /* time in the transport's calls */
-
-	bool device;	  /* the backend runs whole batches (ops->forward) */
-	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
-	uint64_t ws_bytes; /* host workspaces, the engine's and its ranks' */
-	const struct moe_slot **slot_tab; /* [E]: device backends */
-	uint32_t *ecount; /* [E]: device backends */
-	float last_ms, last_kernel_ms;
-	atomic_bool lost;
-	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
-	uint32_t rank_fault;	      /* MOED_TEST_RANK_FAULT: rank, */
-	unsigned long rank_fault_at, batches; /* its batch, batches so far */
-};
-
-/* A layer's host arrays: read from the checkpoint once, shared read-only
- * by the ranks (each makes its own device copy in layer_init). */
-struct layer_host {
-	float *router, *bias, *shared_gate;
-};
-
-static size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
-{
-	return ((size_t)rank * e->m->n_moe_layers + layer) * e->stride + s;
-}
-
-static struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
-{
-	return &e->slots[slot_index(e, rank, layer, s)];
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 
 /* One workspace of the engine: allocated (zeroed or not), or with
  * e->sizing only counted. alloc_workspaces is the one list: what moed -t
@@ -180,10 +105,8 @@ static struct moe_rank_shape rank_shape(const struct moe_engine *e, uint32_t thr
 	return (struct moe_rank_shape){e->max_tokens, e->chunk, threads, e->n_ranks, e->stride};
 }
 
-/* what: "expert 5" or "the shared expert", for a message naming what did
- * not fit. */
-static int upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
-		  const struct moe_expert_src *src, uint32_t layer, const char *what, char *err)
+int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
+	       const struct moe_expert_src *src, uint32_t layer, const char *what, char *err)
 {
 	char why[MOE_ERRLEN];
 	int ret = r->ops->slot_alloc(r, e->m, src->gate.rows, s, why);
@@ -249,7 +172,7 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 			ret = moe_err(err, -ENOMEM, "%s rank %u: out of memory for layer %u's "
 				      "router", rk->ops->name, r, d->index);
 		if (!ret && d->has_shared)
-			ret = upload(e, rk, &ls->shared, &d->shared, d->index, "shared expert",
+			ret = eng_upload(e, rk, &ls->shared, &d->shared, d->index, "shared expert",
 				     err);
 	}
 	for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
@@ -259,55 +182,13 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 
 		snprintf(what, sizeof(what), "expert %u", x);
 		for (uint32_t i = 0; i < n && !ret; i++) {
-			ret = upload(e, &e->ranks[rep[i].rank],
+			ret = eng_upload(e, &e->ranks[rep[i].rank],
 				     slot_at(e, rep[i].rank, l, rep[i].slot), &d->experts[x],
 				     d->index, what, err);
 			e->slot_expert[slot_index(e, rep[i].rank, l, rep[i].slot)] = (int32_t)x;
 		}
 	}
 	return ret;
-}
-
-/* Frees a replica's slot (slot_lock held; no live epoch names it). */
-static void free_slot(struct moe_engine *e, size_t i, uint32_t rank)
-{
-	struct moe_slot *s = &e->slots[i];
-
-	atomic_fetch_sub(&e->weight_bytes, s->bytes);
-	e->ranks[rank].ops->slot_free(&e->ranks[rank], s);
-	*s = (struct moe_slot){0};
-	e->slot_expert[i] = -1;
-	e->slot_drop[i] = false;
-}
-
-/* Adds `delta` to the reference count of every slot p names; a dropped
- * slot no epoch names any more is freed. slot_lock held. */
-static void count_slots(struct moe_engine *e, const struct moe_placement *p, int delta)
-{
-	for (uint32_t l = 0; l < p->n_layers; l++) {
-		for (uint32_t x = 0; x < p->n_experts; x++) {
-			uint32_t n;
-			const struct moe_replica *r = moe_place_get(p, l, x, &n);
-
-			for (uint32_t i = 0; i < n; i++) {
-				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
-
-				e->slot_refs[k] += (uint32_t)delta;
-				if (!e->slot_refs[k] && e->slot_drop[k])
-					free_slot(e, k, r[i].rank);
-			}
-		}
-	}
-}
-
-/* The epochs' retire hook: the slots only that epoch named are released. */
-static void retire_epoch(void *arg, const struct moe_epoch *ep)
-{
-	struct moe_engine *e = arg;
-
-	pthread_mutex_lock(&e->slot_lock);
-	count_slots(e, ep->placement, -1);
-	pthread_mutex_unlock(&e->slot_lock);
 }
 
 /* The table's slots per (rank, layer): those in use plus room for a lost
@@ -456,8 +337,8 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		ret = moe_err(err, ret, "out of memory");
 		goto err_destroy;
 	}
-	count_slots(e, e->placement, 1);
-	ret = moe_epochs_create(e->placement, m->n_moe_layers, retire_epoch, e, &e->epochs);
+	eng_count_slots(e, e->placement, 1);
+	ret = moe_epochs_create(e->placement, m->n_moe_layers, eng_retire_epoch, e, &e->epochs);
 	e->placement = NULL; /* epoch 1's now, whatever the outcome */
 	if (ret) {
 		ret = moe_err(err, ret, "out of memory");
@@ -528,231 +409,6 @@ void moe_engine_destroy(struct moe_engine *e)
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
 {
 	return moe_epochs_acquire(e->epochs);
-}
-
-/* A placement may only point at slots that hold the expert it names: the
- * weights are loaded into a slot before a placement using it is published
- * (replication, rebalance), never after. */
-/* publish_lock held. */
-static int publish_locked(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
-			  uint32_t *id, char *err)
-{
-	const struct moe_model *m = e->m;
-	struct moe_epoch *ep;
-	int ret = 0;
-
-	if (p && (p->n_layers != m->n_moe_layers || p->n_experts != m->n_experts ||
-		  p->n_ranks != e->n_ranks || p->slots_per_rank != e->slots_per_rank ||
-		  moe_place_validate(p))) {
-		moe_place_free(p);
-		return moe_err(err, -EINVAL, "the placement does not fit this engine's slots");
-	}
-	pthread_mutex_lock(&e->slot_lock);
-	for (uint32_t l = 0; p && l < m->n_moe_layers && !ret; l++) {
-		for (uint32_t x = 0; x < m->n_experts && !ret; x++) {
-			uint32_t n;
-			const struct moe_replica *r = moe_place_get(p, l, x, &n);
-
-			for (uint32_t i = 0; i < n && !ret; i++) {
-				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
-
-				/* (the message first: r points into p) */
-				if (atomic_load(&e->dead[r[i].rank]))
-					ret = moe_err(err, -ENODEV, "rank %u is lost", r[i].rank);
-				else if (e->slot_expert[k] != (int32_t)x)
-					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
-						      "does not hold expert %u", l, r[i].rank,
-						      r[i].slot, x);
-				else if (e->slot_drop[k])
-					ret = moe_err(err, -EINVAL, "MoE layer %u: rank %u slot %u "
-						      "is being dropped", l, r[i].rank, r[i].slot);
-			}
-		}
-	}
-	pthread_mutex_unlock(&e->slot_lock);
-	if (ret) {
-		moe_place_free(p);
-		return ret;
-	}
-	/* (may retire the previous epoch: its hook takes slot_lock) */
-	ret = moe_epochs_publish(e->epochs, p, versions, id);
-	if (ret)
-		return moe_err(err, ret, "out of memory");
-	/* The new epoch's slots are counted now; none of them is dropped
-	 * (checked above, and drops wait for publish_lock), so the previous
-	 * epoch retiring in between frees none of them. */
-	ep = moe_epoch_acquire(e);
-	pthread_mutex_lock(&e->slot_lock);
-	count_slots(e, ep->placement, 1);
-	pthread_mutex_unlock(&e->slot_lock);
-	moe_epoch_release(ep);
-	return 0;
-}
-
-int moe_engine_publish(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
-		       uint32_t *id, char *err)
-{
-	int ret;
-
-	pthread_mutex_lock(&e->publish_lock);
-	ret = publish_locked(e, p, versions, id, err);
-	pthread_mutex_unlock(&e->publish_lock);
-	return ret;
-}
-
-int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot,
-			    char *err)
-{
-	size_t k;
-	int ret = 0;
-
-	if (l >= e->m->n_moe_layers || rank >= e->n_ranks || slot >= e->slots_per_rank)
-		return moe_err(err, -EINVAL, "no MoE layer %u, rank %u or slot %u", l, rank, slot);
-	k = slot_index(e, rank, l, slot);
-	pthread_mutex_lock(&e->publish_lock);
-	pthread_mutex_lock(&e->slot_lock);
-	if (e->slot_expert[k] < 0)
-		ret = moe_err(err, -ENOENT, "MoE layer %u: rank %u slot %u holds no expert", l,
-			      rank, slot);
-	else if (!e->slot_drop[k]) {
-		e->slot_drop[k] = true;
-		if (!e->slot_refs[k])
-			free_slot(e, k, rank);
-	}
-	pthread_mutex_unlock(&e->slot_lock);
-	pthread_mutex_unlock(&e->publish_lock);
-	return ret;
-}
-
-/* Copies src into dst at most pace->bytes_per_s (0: at once), in pieces
- * between which it sleeps and looks at the cancel flag. */
-static int paced_copy(void *dst, const void *src, size_t bytes, const struct moe_copy_pace *pace)
-{
-	size_t piece = 1 << 20, done = 0;
-	uint64_t t0 = now_ns();
-
-	if (!pace || !pace->bytes_per_s) {
-		memcpy(dst, src, bytes);
-		if (pace && pace->copied)
-			atomic_fetch_add(pace->copied, bytes);
-		return 0;
-	}
-	if (pace->bytes_per_s / 50 < piece) /* (at least 50 pieces a second) */
-		piece = pace->bytes_per_s / 50 > 4096 ? pace->bytes_per_s / 50 : 4096;
-	while (done < bytes) {
-		size_t n = bytes - done < piece ? bytes - done : piece;
-		uint64_t due, now;
-
-		if (pace->cancel && atomic_load(pace->cancel))
-			return -ECANCELED;
-		memcpy((char *)dst + done, (const char *)src + done, n);
-		done += n;
-		if (pace->copied)
-			atomic_fetch_add(pace->copied, n);
-		due = t0 + (uint64_t)((double)done * 1e9 / (double)pace->bytes_per_s);
-		now = now_ns();
-		if (due > now) {
-			struct timespec ts = {(time_t)((due - now) / 1000000000u),
-					      (long)((due - now) % 1000000000u)};
-
-			nanosleep(&ts, NULL);
-		}
-	}
-	return 0;
-}
-
-int moe_engine_replicate(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
-			 uint32_t slot, char *err)
-{
-	return moe_engine_replicate_paced(e, l, x, rank, slot, NULL, err);
-}
-
-int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uint32_t rank,
-			       uint32_t slot, const struct moe_copy_pace *pace, char *err)
-{
-	const struct moe_model *m = e->m;
-	struct moe_slot *src = NULL, *dst;
-	size_t k;
-	int ret = 0;
-	bool fresh = false;
-
-	if (l >= m->n_moe_layers || x >= m->n_experts || rank >= e->n_ranks ||
-	    slot >= e->slots_per_rank)
-		return moe_err(err, -EINVAL, "no MoE layer %u, expert %u, rank %u or slot %u", l,
-			       x, rank, slot);
-	if (e->device)
-		return moe_err(err, -ENOTSUP, "replicas are copied on CPU ranks only for now");
-	if (atomic_load(&e->dead[rank]))
-		return moe_err(err, -ENODEV, "rank %u is lost", rank);
-	k = slot_index(e, rank, l, slot);
-	dst = &e->slots[k];
-	/* publish_lock: no drop (so no free) of the source meanwhile;
-	 * slot_lock only to look and to mark: the copy runs without it, so a
-	 * batch retiring an epoch (the hook) does not wait for it */
-	pthread_mutex_lock(&e->publish_lock);
-	pthread_mutex_lock(&e->slot_lock);
-	if (e->slot_expert[k] != -1)
-		ret = moe_err(err, -EBUSY, "MoE layer %u: rank %u slot %u holds expert %d", l,
-			      rank, slot, e->slot_expert[k]);
-	for (uint32_t r = 0; r < e->n_ranks && !src && !ret; r++)
-		for (uint32_t s = 0; s < e->slots_per_rank && !src; s++)
-			if (e->slot_expert[slot_index(e, r, l, s)] == (int32_t)x &&
-			    !e->slot_drop[slot_index(e, r, l, s)])
-				src = slot_at(e, r, l, s);
-	if (!ret && !src)
-		ret = moe_err(err, -ENOENT, "MoE layer %u: no slot holds expert %u", l, x);
-	if (!ret)
-		e->slot_expert[k] = -2; /* being filled: nothing may name it */
-	pthread_mutex_unlock(&e->slot_lock);
-	if (!ret && !dst->mem) {
-		char why[MOE_ERRLEN];
-
-		ret = e->ranks[rank].ops->slot_alloc(&e->ranks[rank], m, src->inter, dst, why);
-		if (ret)
-			ret = moe_err(err, ret, "rank %u: no room for a replica of layer %u's "
-				      "expert %u: %s", rank, l, x, why);
-		else
-			atomic_fetch_add(&e->weight_bytes, dst->bytes);
-		fresh = !ret;
-	}
-	if (!ret && (dst->bytes != src->bytes || dst->inter != src->inter))
-		ret = moe_err(err, -EINVAL, "rank %u slot %u is laid out for another expert size",
-			      rank, slot);
-	if (!ret && paced_copy(dst->mem, src->mem, src->bytes, pace))
-		ret = moe_err(err, -ECANCELED, "the copy of layer %u's expert %u to rank %u was "
-			      "cancelled", l, x, rank);
-	pthread_mutex_lock(&e->slot_lock);
-	if (e->slot_expert[k] == -2)
-		e->slot_expert[k] = ret ? -1 : (int32_t)x;
-	if (ret && fresh) /* an empty slot holds no memory */
-		free_slot(e, k, rank);
-	pthread_mutex_unlock(&e->slot_lock);
-	pthread_mutex_unlock(&e->publish_lock);
-	return ret;
-}
-
-int moe_engine_slot_state(struct moe_engine *e, uint32_t l, uint32_t rank, uint32_t slot)
-{
-	size_t k;
-	int v;
-
-	if (l >= e->m->n_moe_layers || rank >= e->n_ranks || slot >= e->slots_per_rank)
-		return MOE_SLOT_INVALID;
-	k = slot_index(e, rank, l, slot);
-	pthread_mutex_lock(&e->slot_lock);
-	v = e->slot_drop[k] ? MOE_SLOT_DROPPING : e->slot_expert[k];
-	pthread_mutex_unlock(&e->slot_lock);
-	return v;
-}
-
-uint32_t moe_engine_slots_per_rank(const struct moe_engine *e)
-{
-	return e->slots_per_rank;
-}
-
-struct moe_epochs *moe_engine_epochs(struct moe_engine *e)
-{
-	return e->epochs;
 }
 
 enum stage { ST_DISPATCH, ST_EXPERTS, ST_COMBINE };
@@ -882,161 +538,6 @@ static int exchange(struct moe_engine *e, int dir)
 	return ret;
 }
 
-/* An empty slot of `rank` for layer l (slot_lock held): the in-use range
- * first (spare slots), then the room beyond it; -1 if none. */
-static int empty_slot(struct moe_engine *e, uint32_t rank, uint32_t l)
-{
-	for (uint32_t s = 0; s < e->stride; s++)
-		if (e->slot_expert[slot_index(e, rank, l, s)] == -1)
-			return (int)s;
-	return -1;
-}
-
-/* The surviving rank with the most empty slots for layer l, or -1. */
-static int roomiest_rank(struct moe_engine *e, uint32_t l)
-{
-	int best = -1;
-	uint32_t best_n = 0;
-
-	for (uint32_t r = 0; r < e->n_ranks; r++) {
-		uint32_t n = 0;
-
-		if (atomic_load(&e->dead[r]))
-			continue;
-		for (uint32_t s = 0; s < e->stride; s++)
-			n += e->slot_expert[slot_index(e, r, l, s)] == -1;
-		if (n > best_n)
-			best = (int)r, best_n = n;
-	}
-	return best;
-}
-
-/* Takes rank `dead` out (see the top of the file): its experts that no
- * other rank holds are read from the checkpoint into surviving ranks'
- * empty slots, and the current placement without it is published. 0, or
- * -ENOTRECOVERABLE with err. fwd_lock held. */
-static int lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *err)
-{
-	struct moe_model *m = e->m;
-	uint32_t E = m->n_experts, id, moved = 0, reread = 0;
-	struct moe_placement *p = NULL;
-	struct moe_epoch *cur;
-	char msg[MOE_ERRLEN];
-	bool reopened = false;
-	int ret = 0;
-
-	pthread_mutex_lock(&e->publish_lock);
-	atomic_store(&e->dead[dead], true);
-	e->n_dead++;
-	memset(e->ranks[dead].xb.send_counts, 0, (size_t)e->n_ranks * e->stride * sizeof(uint32_t));
-	if (e->n_dead == e->n_ranks) {
-		ret = moe_err(msg, -ENOTRECOVERABLE, "no rank left");
-		goto out;
-	}
-	cur = moe_epoch_acquire(e);
-	ret = moe_place_copy(cur->placement, &p);
-	moe_epoch_release(cur);
-	if (ret) {
-		ret = moe_err(msg, -ENOTRECOVERABLE, "out of memory");
-		goto out;
-	}
-	p->slots_per_rank = e->stride; /* the room kept for this, from now on */
-	for (uint32_t l = 0; l < m->n_moe_layers && !ret; l++) {
-		for (uint32_t x = 0; x < E && !ret; x++) {
-			size_t k = (size_t)l * E + x;
-			struct moe_replica *r = &p->rep[k * MOE_MAX_REPLICAS];
-			uint32_t n = 0;
-			int rank, slot;
-			char what[32];
-
-			for (uint32_t i = 0; i < p->n_replicas[k]; i++)
-				if (r[i].rank != dead)
-					r[n++] = r[i];
-			p->n_replicas[k] = (uint8_t)n;
-			if (n)
-				continue;
-			/* only the lost rank held it: read it again */
-			pthread_mutex_lock(&e->slot_lock);
-			rank = roomiest_rank(e, l);
-			slot = rank < 0 ? -1 : empty_slot(e, (uint32_t)rank, l);
-			if (slot >= 0)
-				e->slot_expert[slot_index(e, (uint32_t)rank, l, (uint32_t)slot)] = -2;
-			pthread_mutex_unlock(&e->slot_lock);
-			if (slot < 0) {
-				ret = moe_err(msg, -ENOTRECOVERABLE, "no empty slot left on the other "
-					      "ranks for layer %u's expert %u", m->layers[l].index, x);
-				break;
-			}
-			if (!reopened && (ret = moe_model_reopen_files(m, msg))) {
-				ret = -ENOTRECOVERABLE;
-				break;
-			}
-			reopened = true;
-			snprintf(what, sizeof(what), "expert %u", x);
-			ret = upload(e, &e->ranks[rank], slot_at(e, (uint32_t)rank, l, (uint32_t)slot),
-				     &m->layers[l].experts[x], m->layers[l].index, what, msg);
-			pthread_mutex_lock(&e->slot_lock);
-			e->slot_expert[slot_index(e, (uint32_t)rank, l, (uint32_t)slot)] =
-				ret ? -1 : (int32_t)x;
-			pthread_mutex_unlock(&e->slot_lock);
-			if (ret) {
-				ret = -ENOTRECOVERABLE;
-				break;
-			}
-			r[0] = (struct moe_replica){(uint16_t)rank, (uint16_t)slot};
-			p->n_replicas[k] = 1;
-			reread++;
-		}
-	}
-	if (reopened)
-		moe_model_close_files(m, NULL);
-	if (ret)
-		goto out;
-	e->slots_per_rank = e->stride;
-	ret = publish_locked(e, p, NULL, &id, msg);
-	p = NULL;
-	if (ret) {
-		ret = -ENOTRECOVERABLE;
-		goto out;
-	}
-	/* its copies of the routers and shared experts go now (no stage runs
-	 * on it any more), its slots once no live epoch names them */
-	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
-		struct moe_layer_state *ls = &e->ls[(size_t)dead * m->n_moe_layers + l];
-
-		if (ls->shared.mem) {
-			atomic_fetch_sub(&e->weight_bytes, ls->shared.bytes);
-			e->ranks[dead].ops->slot_free(&e->ranks[dead], &ls->shared);
-			ls->shared = (struct moe_slot){0};
-		}
-		if (ls->router_dev)
-			e->ranks[dead].ops->layer_fini(&e->ranks[dead], ls);
-	}
-	pthread_mutex_lock(&e->slot_lock);
-	for (uint32_t l = 0; l < m->n_moe_layers; l++)
-		for (uint32_t s = 0; s < e->stride; s++) {
-			size_t k = slot_index(e, dead, l, s);
-
-			if (e->slot_expert[k] < 0 || e->slot_drop[k])
-				continue;
-			moved++;
-			e->slot_drop[k] = true;
-			if (!e->slot_refs[k])
-				free_slot(e, k, dead);
-		}
-	pthread_mutex_unlock(&e->slot_lock);
-	moe_log(LOG_WARNING, "rank %u lost (%s): taken out; %u of its %u experts read again from "
-		"the checkpoint onto the other ranks, the rest served by their replicas; epoch %u",
-		dead, why, reread, moved, id);
-out:
-	moe_place_free(p);
-	pthread_mutex_unlock(&e->publish_lock);
-	if (ret)
-		return moe_err(err, ret, "rank %u lost (%s), and it cannot be replaced: %s", dead,
-			       why, msg);
-	return 0;
-}
-
 /* The batch on the ranks, a chunk at a time: each alive rank's share of
  * the chunk dispatched, exchanged, run, returned and combined. No output
  * is written before every rank's dispatch and experts have succeeded; a
@@ -1106,7 +607,7 @@ static int forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			char why[96];
 
 			snprintf(why, sizeof(why), "its expert stage failed: %s", strerror(-ret));
-			ret = lose_rank(e, (uint32_t)e->failed_rank, why, err);
+			ret = eng_lose_rank(e, (uint32_t)e->failed_rank, why, err);
 			if (ret)
 				break;
 			if (own)

@@ -1,0 +1,111 @@
+/* daemon/engine/engine_internal.h — the engine's state, shared by its files:
+ * engine.c (create, load, a batch over the ranks), replicas.c (slots,
+ * publishing placements, copying and dropping replicas) and lost_rank.c
+ * (taking a failed rank out). Not for anyone else: the API is engine.h.
+ */
+#ifndef MOE_ENGINE_INTERNAL_H
+#define MOE_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
+
+#include "daemon/engine/engine.h"
+#include "daemon/engine/transport.h"
+
+#define CHUNK_TOKENS	   MOE_CHUNK_TOKENS
+#define DEFAULT_MAX_TOKENS 4096
+
+struct moe_engine {
+	struct moe_model *m;
+	uint32_t max_tokens, chunk;
+	struct moe_pool **rank_pool; /* [n_ranks]: each rank's own threads */
+	struct moe_pool *driver;     /* n_ranks > 1: one thread per rank runs its stages */
+	struct moe_transport *tr;    /* n_ranks > 1 */
+	uint32_t n_ranks;
+	struct moe_rank *ranks;
+	struct moe_slot *slots; /* [(rank * n_moe_layers + layer) * slots_per_rank + slot] */
+	struct moe_layer_state *ls; /* [rank * n_moe_layers + layer]: each rank's copy */
+	struct layer_host *lh;	    /* [n_moe_layers]: the host arrays the ranks share */
+	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
+	uint32_t slots_per_rank; /* in use (the placements'), <= stride */
+	uint32_t stride;	 /* slots per (rank, layer) in the table */
+	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
+	atomic_bool dead[MOE_MAX_RANKS]; /* lost ranks (written under fwd_lock) */
+	uint32_t n_dead;
+	int failed_rank; /* the rank whose stage failed in on_ranks, -1 */
+	/* Slot bookkeeping for replicas (slot_lock): how many live epochs name
+	 * each slot, and which slots are to be freed once none does. Publishes
+	 * are serialized by publish_lock (outer; the retire hook, which a
+	 * publish may run, takes slot_lock only). */
+	pthread_mutex_t slot_lock, publish_lock;
+	uint32_t *slot_refs;
+	bool *slot_drop;
+	_Atomic uint64_t weight_bytes; /* router, shared experts and every slot held */
+
+	struct moe_epochs *epochs;
+
+	pthread_mutex_t fwd_lock;
+	uint32_t *ids;	  /* [max_tokens, K]: the batch's routing */
+	float *w;	  /* [max_tokens, K] */
+	struct moe_stage st[MOE_MAX_RANKS]; /* this round's, per rank */
+	struct moe_stats *stats; /* load statistics (written here, read by status) */
+	_Atomic uint64_t transport_ns; /* time in the transport's calls */
+
+	bool device;	  /* the backend runs whole batches (ops->forward) */
+	bool sizing;	  /* alloc_workspaces counts and allocates nothing */
+	uint64_t ws_bytes; /* host workspaces, the engine's and its ranks' */
+	const struct moe_slot **slot_tab; /* [E]: device backends */
+	uint32_t *ecount; /* [E]: device backends */
+	float last_ms, last_kernel_ms;
+	atomic_bool lost;
+	unsigned long fault_at, calls; /* MOED_TEST_ENGINE_FAULT */
+	uint32_t rank_fault;	      /* MOED_TEST_RANK_FAULT: rank, */
+	unsigned long rank_fault_at, batches; /* its batch, batches so far */
+};
+
+/* A layer's host arrays: read from the checkpoint once, shared read-only
+ * by the ranks (each makes its own device copy in layer_init). */
+struct layer_host {
+	float *router, *bias, *shared_gate;
+};
+
+static inline size_t slot_index(const struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
+{
+	return ((size_t)rank * e->m->n_moe_layers + layer) * e->stride + s;
+}
+
+static inline struct moe_slot *slot_at(struct moe_engine *e, uint32_t rank, uint32_t layer, uint32_t s)
+{
+	return &e->slots[slot_index(e, rank, layer, s)];
+}
+
+static inline uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* engine.c: reads an expert into a slot it allocates ("expert 5" or "the
+ * shared expert" as `what`, for a message naming what did not fit). */
+int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
+	       const struct moe_expert_src *src, uint32_t layer, const char *what, char *err);
+
+/* replicas.c */
+/* Frees a replica's slot (slot_lock held; no live epoch names it). */
+void eng_free_slot(struct moe_engine *e, size_t i, uint32_t rank);
+/* Adds delta to the reference count of every slot p names (slot_lock held). */
+void eng_count_slots(struct moe_engine *e, const struct moe_placement *p, int delta);
+/* The epochs' retire hook. */
+void eng_retire_epoch(void *arg, const struct moe_epoch *ep);
+/* moe_engine_publish with publish_lock held. */
+int eng_publish_locked(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
+		       uint32_t *id, char *err);
+
+/* lost_rank.c: takes rank `dead` out (fwd_lock held); 0 or
+ * -ENOTRECOVERABLE with err. */
+int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *err);
+
+#endif
