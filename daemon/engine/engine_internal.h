@@ -1,5 +1,6 @@
 /* daemon/engine/engine_internal.h — the engine's state, shared by its files:
- * engine.c (create, load, a batch over the ranks), replicas.c (slots,
+ * engine.c (create, load, the forward call), steps.c (a batch over the
+ * ranks: stages and exchanges), replicas.c (slots,
  * publishing placements, copying and dropping replicas) and lost_rank.c
  * (taking a failed rank out). Not for anyone else: the API is engine.h.
  */
@@ -103,6 +104,11 @@ void eng_retire_epoch(void *arg, const struct moe_epoch *ep);
 /* moe_engine_publish with publish_lock held. */
 int eng_publish_locked(struct moe_engine *e, struct moe_placement *p, const uint32_t *versions,
 		       uint32_t *id, char *err);
+
+/* steps.c: the batch on the ranks of a step backend (fwd_lock held). */
+int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
+		      const struct moe_batch *b, const struct moe_seg *segs, uint32_t n_segs,
+		      char *err);
 
 /* lost_rank.c: takes rank `dead` out (fwd_lock held); 0 or
  * -ENOTRECOVERABLE with err. */
