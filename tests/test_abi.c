@@ -87,6 +87,23 @@ static void test_completion_and_admin(void **state)
 	FIELD(moe_admin_res, job, 4088, sizeof(struct moe_admin_job));
 	assert_int_equal(sizeof(struct moe_admin_job), 160);
 	assert_int_equal(sizeof(struct moe_admin_epoch_info), 24);
+	/* the placement commands' payloads and result */
+	FIELD(struct moe_admin_replica, layer, 0, 4);
+	FIELD(struct moe_admin_replica, expert, 4, 4);
+	FIELD(struct moe_admin_replica, rank, 8, 4);
+	FIELD(struct moe_admin_replica, reserved, 12, 4);
+	FIELD(struct moe_admin_rebalance, layer, 0, 4);
+	FIELD(struct moe_admin_rebalance, mode, 4, 4);
+	assert_int_equal(sizeof(struct moe_admin_rebalance), 8);
+	FIELD(struct moe_admin_plan, layers, 0, 4);
+	FIELD(struct moe_admin_plan, layers_changed, 4, 4);
+	FIELD(struct moe_admin_plan, added, 8, 4);
+	FIELD(struct moe_admin_plan, dropped, 12, 4);
+	FIELD(struct moe_admin_plan, moved, 16, 4);
+	FIELD(struct moe_admin_plan, copy_bytes, 24, 8);
+	FIELD(struct moe_admin_plan, before, 32, 8);
+	FIELD(struct moe_admin_plan, after, 40, 8);
+	assert_int_equal(sizeof(struct moe_admin_plan), 48);
 }
 
 int main(void)

@@ -84,6 +84,54 @@ class EpochInfo(C.Structure):
     ]
 
 
+class AdminReq(C.Structure):
+    _fields_ = [
+        ("op", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("payload", C.c_void_p),
+        ("payload_len", C.c_uint32),
+        ("timeout_ms", C.c_int32),
+        ("wait_job", C.c_uint32),
+    ]
+
+
+class AdminRes(C.Structure):
+    _fields_ = [
+        ("status", C.c_int32),
+        ("message", C.c_char * 244),
+        ("result_len", C.c_uint32),
+        ("result", C.c_ubyte * 3832),
+        ("job", AdminJob),
+    ]
+
+
+class AdminReplica(C.Structure):
+    _fields_ = [("layer", C.c_uint32), ("expert", C.c_uint32), ("rank", C.c_uint32),
+                ("reserved", C.c_uint32)]
+
+
+class AdminRebalance(C.Structure):
+    _fields_ = [("layer", C.c_uint32), ("mode", C.c_uint32)]
+
+
+class AdminPlan(C.Structure):
+    _fields_ = [
+        ("layers", C.c_uint32),
+        ("layers_changed", C.c_uint32),
+        ("added", C.c_uint32),
+        ("dropped", C.c_uint32),
+        ("moved", C.c_uint32),
+        ("reserved", C.c_uint32),
+        ("copy_bytes", C.c_uint64),
+        ("before", C.c_double),
+        ("after", C.c_double),
+    ]
+
+
+ADMIN_REPLICATE, ADMIN_UNREPLICATE, ADMIN_REBALANCE = 9, 10, 11
+ADMIN_DRY_RUN = 0x2
+ADMIN_ALL_LAYERS = 0xFFFFFFFF
+
 # (name, offset, size) per field, as tests/test_abi.c asserts them in C
 LAYOUT = {
     ModelInfo: ([("family", 0, 16), ("hidden", 16, 4), ("moe_layers", 36, 1024),
@@ -98,4 +146,13 @@ LAYOUT = {
     Completion: ([("tag", 0, 8), ("status", 8, 4), ("epoch", 12, 4)], 16),
     AdminJob: ([("job", 0, 4), ("result", 12, 4), ("done", 16, 8), ("message", 32, 128)], 160),
     EpochInfo: ([("id", 0, 4), ("placement_gen", 8, 8), ("n_layers", 16, 4)], 24),
+    AdminReq: ([("op", 0, 4), ("flags", 4, 4), ("payload", 8, 8), ("payload_len", 16, 4),
+                ("timeout_ms", 20, 4), ("wait_job", 24, 4)], 32),
+    AdminRes: ([("status", 0, 4), ("message", 4, 244), ("result_len", 248, 4),
+                ("result", 252, 3832), ("job", 4088, 160)], 4248),
+    AdminReplica: ([("layer", 0, 4), ("expert", 4, 4), ("rank", 8, 4), ("reserved", 12, 4)], 16),
+    AdminRebalance: ([("layer", 0, 4), ("mode", 4, 4)], 8),
+    AdminPlan: ([("layers", 0, 4), ("layers_changed", 4, 4), ("added", 8, 4), ("dropped", 12, 4),
+                 ("moved", 16, 4), ("copy_bytes", 24, 8), ("before", 32, 8), ("after", 40, 8)],
+                48),
 }

@@ -24,6 +24,10 @@ _DTYPE_NAMES = {DTYPE_F32: "float32", DTYPE_BF16: "bfloat16", DTYPE_F16: "float1
 _DTYPE_SIZE = {DTYPE_F32: 4, DTYPE_BF16: 2, DTYPE_F16: 2}
 
 
+def _abi_op_name(op: int) -> str:
+    return {9: "replicate", 10: "unreplicate", 11: "rebalance"}.get(op, f"admin op {op}")
+
+
 def error_name(code: int) -> str:
     """The MOE_E* name of a (negative) code, e.g. error_name(-11) == "MOE_EBUSY"."""
     return _ERROR_NAMES.get(code, f"MOE_E({code})")
@@ -349,6 +353,57 @@ class Client:
     def reload_config(self) -> str:
         """Re-reads moed's configuration file (admin)."""
         return self._admin(3)
+
+    # ---- where experts live (CPU ranks; the admin privilege) ----------------
+
+    def _admin_call(self, op: int, payload, flags: int = 0, wait: bool = False,
+                    timeout_ms: int = -1):
+        res = _abi.AdminRes()
+        req = _abi.AdminReq(op, flags, C.cast(C.byref(payload), C.c_void_p), C.sizeof(payload),
+                            timeout_ms, 1 if wait else 0)
+        r = self._lib.moe_admin_call(self._handle(), C.byref(req), C.byref(res))
+        _check(r, _abi_op_name(op), res.message.decode(errors="replace"))
+        return res
+
+    @staticmethod
+    def _job_dict(j) -> dict:
+        return {"job": j.job, "op": j.op, "state": j.state, "result": j.result,
+                "done": j.done, "total": j.total, "message": j.message.decode(errors="replace")}
+
+    def replicate(self, layer: int, expert: int, rank: int, wait: bool = False) -> dict:
+        """One more replica of `expert` of decoder layer `layer` on `rank`:
+        a job that copies its weights off the serving path and publishes the
+        placement. Returns {"message", "job": {...}} (the job as it ended
+        with wait=True). Refusals (unknown layer/expert/rank, no free slot,
+        a change running) raise MoeError with moed's reason."""
+        res = self._admin_call(_abi.ADMIN_REPLICATE, _abi.AdminReplica(layer, expert, rank, 0),
+                               wait=wait)
+        return {"message": res.message.decode(errors="replace"), "job": self._job_dict(res.job)}
+
+    def unreplicate(self, layer: int, expert: int, rank: int, wait: bool = False) -> dict:
+        """Drops that replica (never an expert's last one); as replicate()."""
+        res = self._admin_call(_abi.ADMIN_UNREPLICATE,
+                               _abi.AdminReplica(layer, expert, rank, 0), wait=wait)
+        return {"message": res.message.decode(errors="replace"), "job": self._job_dict(res.job)}
+
+    def rebalance(self, layer: Optional[int] = None, full: bool = False, dry_run: bool = False,
+                  wait: bool = False) -> dict:
+        """Plans from the load window (all layers, or one) and, unless
+        dry_run, moves there as a job. Returns {"message"} plus "plan"
+        (dry run, or nothing to change: layers, layers_changed, added,
+        dropped, moved, copy_bytes, before, after) or "job"."""
+        p = _abi.AdminRebalance(_abi.ADMIN_ALL_LAYERS if layer is None else layer,
+                                1 if full else 0)
+        res = self._admin_call(_abi.ADMIN_REBALANCE, p, _abi.ADMIN_DRY_RUN if dry_run else 0,
+                               wait=wait)
+        out = {"message": res.message.decode(errors="replace")}
+        if res.result_len == C.sizeof(_abi.AdminPlan):
+            plan = _abi.AdminPlan.from_buffer_copy(bytes(res.result[:res.result_len]))
+            out["plan"] = {f: getattr(plan, f) for f, _ in _abi.AdminPlan._fields_
+                           if f != "reserved"}
+        else:
+            out["job"] = self._job_dict(res.job)
+        return out
 
     def reconnect(self) -> None:
         """After MOE_EDAEMON: connects again (buffers keep their contents)."""

@@ -63,6 +63,7 @@ def _declare(h):
         "moe_admin": (I, [P, U32, U32, I, C.c_char_p, C.c_size_t]),
         "moe_epoch_info": (I, [P, U32, C.POINTER(_abi.EpochInfo), C.POINTER(U32), U32]),
         "moe_job": (I, [P, U32, I, C.POINTER(_abi.AdminJob)]),
+        "moe_admin_call": (I, [P, C.POINTER(_abi.AdminReq), C.POINTER(_abi.AdminRes)]),
         "moe_strerror": (C.c_char_p, [I]),
     }
     for name, (res, args) in sigs.items():

@@ -172,6 +172,36 @@ class Daemon(unittest.TestCase):
             small.stop()
             big.stop()
 
+    @unittest.skipUnless(os.geteuid() == 0, "the placement commands need moed's admin (root)")
+    def test_placement_commands(self):
+        """replicate / unreplicate / rebalance from Python, on 2 CPU ranks."""
+        d = moedtest.Moed(OLMOE, "devices: cpu:2\nplacement:\n  spare_slots: 1\n").wait_ready()
+        try:
+            with moeclient.Client(d.sock) as c:
+                L = LAYERS[0]
+                x = np.random.default_rng(9).standard_normal(
+                    (16, c.model_info().hidden)).astype(np.float32)
+                ref = c.forward(L, x)
+                r = c.replicate(L, 0, 1, wait=True)
+                self.assertEqual(r["job"]["state"], 2, r)  # done
+                placement = c.status()["layers"][0]["placement"][0]
+                self.assertEqual(sorted(p[0] for p in placement), [0, 1])
+                np.testing.assert_array_equal(c.forward(L, x), ref)
+                with self.assertRaises(moeclient.MoeError) as e:
+                    c.replicate(L, 0, 1)
+                self.assertIn("already holds", str(e.exception))
+                r = c.unreplicate(L, 0, 1, wait=True)
+                self.assertEqual(r["job"]["state"], 2, r)
+                with self.assertRaises(moeclient.MoeError) as e:
+                    c.unreplicate(L, 0, 0)
+                self.assertIn("last replica", str(e.exception))
+                plan = c.rebalance(dry_run=True)["plan"]
+                self.assertGreaterEqual(plan["before"], plan["after"])
+                self.assertEqual(plan["layers"], len(c.model_info().moe_layers))
+                np.testing.assert_array_equal(c.forward(L, x), ref)
+        finally:
+            d.stop()
+
     def test_connect_timeout(self):
         """A client that starts before moed connects once moed listens."""
         m = moedtest.Moed.__new__(moedtest.Moed)
