@@ -9,6 +9,8 @@
  * valid placement; a cancelled move stops with -ECANCELED and leaves no
  * half-copied slot; a paced copy counts every byte. No timing asserted. */
 #include <errno.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -225,12 +227,80 @@ static void test_pace_and_cancel(void **state)
 	free(want), free(now), free(before);
 }
 
+struct bg_move {
+	struct moe_engine *e;
+	const uint64_t *want;
+	struct moe_migrate_opts o;
+	struct moe_migrate_result res;
+	int ret;
+	char err[MOE_ERRLEN];
+};
+
+static void *bg_move_main(void *arg)
+{
+	struct bg_move *b = arg;
+
+	b->ret = moe_engine_migrate(b->e, b->want, &b->o, &b->res, b->err);
+	return NULL;
+}
+
+/* Cancelled in the middle of a round, after one of its copies: what was
+ * copied is published (or dropped), never left in a slot nothing names. */
+static void test_cancel_mid_round(void **state)
+{
+	struct moe_model *m;
+	struct moe_engine *e = open_engine("mixtral_bf16", 2, 2, &m);
+	uint32_t L = m->n_moe_layers, E = m->n_experts;
+	uint64_t *want = malloc(sizeof(uint64_t) * L * E), *before = malloc(sizeof(uint64_t) * L * E);
+	uint64_t *now = malloc(sizeof(uint64_t) * L * E), base = moe_engine_weight_bytes(e), slot;
+	_Atomic uint64_t copied = 0;
+	atomic_bool cancel = false;
+	struct bg_move b = {.e = e, .want = want};
+	struct moe_migrate_result res;
+	char err[MOE_ERRLEN];
+	uint32_t extra = 0;
+	pthread_t th;
+
+	(void)state;
+	assert_true(want && before && now);
+	moe_engine_placement_masks(e, before);
+	/* the size of one slot */
+	memcpy(want, before, sizeof(uint64_t) * L * E);
+	want[0] = 3;
+	assert_int_equal(moe_engine_migrate(e, want, NULL, &res, err), 0);
+	slot = moe_engine_weight_bytes(e) - base;
+	assert_int_equal(moe_engine_migrate(e, before, NULL, &res, err), 0);
+	/* two copies into rank 1, paced: cancelled once the first is done */
+	want[0] = 3, want[1] = 3;
+	b.o = (struct moe_migrate_opts){.bytes_per_s = 64 << 10, .cancel = &cancel,
+					.copied = &copied};
+	assert_int_equal(pthread_create(&th, NULL, bg_move_main, &b), 0);
+	while (atomic_load(&copied) < slot + slot / 4)
+		usleep(1000);
+	atomic_store(&cancel, true);
+	pthread_join(th, NULL);
+	printf("cancelled after %llu bytes: %s\n", (unsigned long long)atomic_load(&copied), b.err);
+	assert_int_equal(b.ret, -ECANCELED);
+	moe_engine_placement_masks(e, now);
+	for (uint32_t i = 0; i < L * E; i++)
+		extra += (uint32_t)__builtin_popcountll(now[i]) - 1;
+	/* the completed copy is published; no other slot holds memory */
+	assert_int_equal(extra, 1);
+	assert_int_equal(moe_engine_weight_bytes(e), base + slot);
+	assert_int_equal(moe_engine_migrate(e, before, NULL, &res, err), 0);
+	assert_int_equal(moe_engine_weight_bytes(e), base);
+	moe_engine_destroy(e);
+	moe_model_free(m);
+	free(want), free(before), free(now);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_targets),
 		cmocka_unit_test(test_refusals),
 		cmocka_unit_test(test_pace_and_cancel),
+		cmocka_unit_test(test_cancel_mid_round),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

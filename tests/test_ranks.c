@@ -315,9 +315,14 @@ static void lost_rank_case(const char *fixture, uint32_t R, uint32_t spare, uint
 	assert_true(in && want && got);
 	for (size_t i = 0; i < (size_t)n * H; i++)
 		in[i] = (float)moe_rng_normal(&rng);
+	struct moe_epoch *old = NULL;
+
 	for (int b = 1; b <= 5; b++) {
 		uint32_t layer = m->layers[(uint32_t)b % m->n_moe_layers].index;
 		uint32_t nt = b == 3 ? n : 1 + (uint32_t)b * 37;
+
+		if (b == 3) /* pinned before the loss, used after it (as a split request) */
+			old = moe_epoch_acquire(e);
 
 		run(e1, layer, in, want, nt, NULL);
 		/* the batch that hits the fault is in place (output over its
@@ -334,8 +339,20 @@ static void lost_rank_case(const char *fixture, uint32_t R, uint32_t spare, uint
 				 R, dead, b);
 		assert_int_equal(moe_engine_rank_lost(e, dead), b >= 3);
 	}
+	{
+		uint32_t layer = m->layers[0].index;
+		struct moe_batch bt = {layer, 300, MOE_DT_F32, in, got, NULL, NULL, 0, NULL};
+
+		run(e1, layer, in, want, 300, NULL);
+		memset(got, 0xa5, sizeof(float) * 300 * H);
+		if (moe_engine_forward(e, old, &bt, err))
+			fail_msg("forward on the epoch pinned before the loss: %s", err);
+		if (memcmp(got, want, sizeof(float) * 300 * H))
+			fail_msg("%s: a batch on the epoch pinned before the loss differs", fixture);
+		moe_epoch_release(old);
+	}
 	printf("%s on %u ranks (%u spare): rank %u lost in batch 3 (1100 tokens in place, 2 rounds): "
-	       "every batch bit-identical to one rank; weights %llu -> %llu bytes\n", fixture, R,
+	       "every batch, and one on the epoch pinned before, bit-identical to one rank; weights %llu -> %llu bytes\n", fixture, R,
 	       spare, dead, (unsigned long long)loaded,
 	       (unsigned long long)moe_engine_weight_bytes(e));
 	/* the lost rank's memory is freed (its shared-expert copies now, its

@@ -116,7 +116,13 @@ int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
 			       "weights loaded so far)", r->ops->name, r->id, layer, what, why,
 			       (double)e->weight_bytes / (1 << 30));
 	e->weight_bytes += s->bytes;
-	return r->ops->slot_upload(r, s, e->m, src, err);
+	ret = r->ops->slot_upload(r, s, e->m, src, err);
+	if (ret) { /* (no half-filled slot keeps its memory) */
+		e->weight_bytes -= s->bytes;
+		r->ops->slot_free(r, s);
+		*s = (struct moe_slot){0};
+	}
+	return ret;
 }
 
 static int load_layer(struct moe_engine *e, uint32_t l, char *err)
@@ -191,13 +197,15 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 	return ret;
 }
 
-/* The table's slots per (rank, layer): those in use plus room for a lost
- * rank's primaries spread over the others. */
+/* The table's slots per (rank, layer): those in use plus room for everything
+ * a lost rank may hold alone (as many as its slots, after a rebalance)
+ * spread over the others. Only table entries: memory is allocated when a
+ * slot is filled. */
 static uint32_t stride_for(uint32_t E, uint32_t R, uint32_t spare)
 {
-	uint32_t P = (E + R - 1) / R;
+	uint32_t S = (E + R - 1) / R + spare;
 
-	return P + spare + (R > 1 ? (P + R - 2) / (R - 1) : 0);
+	return S + (R > 1 ? (S + R - 2) / (R - 1) : 0);
 }
 
 static uint32_t opts_threads(const struct moe_engine_opts *o)
@@ -287,10 +295,13 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 	e->slots = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slots));
 	e->slot_expert = malloc((size_t)R * m->n_moe_layers * e->stride * sizeof(*e->slot_expert));
 	e->slot_refs = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slot_refs));
+	e->slot_reading = calloc((size_t)R * m->n_moe_layers * e->stride,
+				 sizeof(*e->slot_reading));
 	e->slot_drop = calloc((size_t)R * m->n_moe_layers * e->stride, sizeof(*e->slot_drop));
 	e->ls = calloc((size_t)R * m->n_moe_layers, sizeof(*e->ls));
 	e->lh = calloc(m->n_moe_layers, sizeof(*e->lh));
-	if (!e->ranks || !e->slots || !e->slot_expert || !e->slot_refs || !e->slot_drop || !e->ls ||
+	if (!e->ranks || !e->slots || !e->slot_expert || !e->slot_refs || !e->slot_reading ||
+	    !e->slot_drop || !e->ls ||
 	    !e->lh || alloc_workspaces(e)) {
 		ret = moe_err(err, -ENOMEM, "out of memory for the engine's workspaces (%u tokens)",
 			      e->max_tokens);
@@ -392,6 +403,7 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e->slots);
 	free(e->slot_expert);
 	free(e->slot_refs);
+	free(e->slot_reading);
 	free(e->slot_drop);
 	free(e->ls);
 	free(e->lh);

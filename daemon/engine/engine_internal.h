@@ -29,11 +29,12 @@ struct moe_engine {
 	struct moe_layer_state *ls; /* [rank * n_moe_layers + layer]: each rank's copy */
 	struct layer_host *lh;	    /* [n_moe_layers]: the host arrays the ranks share */
 	struct moe_placement *placement; /* the loaded one, until epoch 1 takes it */
-	uint32_t slots_per_rank; /* in use (the placements'), <= stride */
+	_Atomic uint32_t slots_per_rank; /* in use (the placements'), <= stride */
 	uint32_t stride;	 /* slots per (rank, layer) in the table */
 	int32_t *slot_expert; /* [like slots]: the expert a slot holds, -1 none */
 	atomic_bool dead[MOE_MAX_RANKS]; /* lost ranks (written under fwd_lock) */
 	uint32_t n_dead;
+	uint32_t loss_epoch; /* the epoch published after the last rank lost */
 	int failed_rank; /* the rank whose stage failed in on_ranks, -1 */
 	/* Slot bookkeeping for replicas (slot_lock): how many live epochs name
 	 * each slot, and which slots are to be freed once none does. Publishes
@@ -41,6 +42,7 @@ struct moe_engine {
 	 * publish may run, takes slot_lock only). */
 	pthread_mutex_t slot_lock, publish_lock;
 	uint32_t *slot_refs;
+	uint32_t *slot_reading; /* [like slots]: copies reading it now */
 	bool *slot_drop;
 	_Atomic uint64_t weight_bytes; /* router, shared experts and every slot held */
 
@@ -95,6 +97,12 @@ int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
 	       const struct moe_expert_src *src, uint32_t layer, const char *what, char *err);
 
 /* replicas.c */
+/* A dropped slot that no live epoch names and no copy reads: free it
+ * (slot_lock held). */
+static inline bool eng_slot_unused(const struct moe_engine *e, size_t k)
+{
+	return e->slot_drop[k] && !e->slot_refs[k] && !e->slot_reading[k];
+}
 /* Frees a replica's slot (slot_lock held; no live epoch names it). */
 void eng_free_slot(struct moe_engine *e, size_t i, uint32_t rank);
 /* Adds delta to the reference count of every slot p names (slot_lock held). */

@@ -122,6 +122,8 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 		goto out;
 	e->slots_per_rank = e->stride;
 	ret = eng_publish_locked(e, p, NULL, &id, msg);
+	if (!ret)
+		e->loss_epoch = id;
 	p = NULL;
 	if (ret) {
 		ret = -ENOTRECOVERABLE;
@@ -149,7 +151,7 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 				continue;
 			moved++;
 			e->slot_drop[k] = true;
-			if (!e->slot_refs[k])
+			if (eng_slot_unused(e, k))
 				eng_free_slot(e, k, dead);
 		}
 	pthread_mutex_unlock(&e->slot_lock);

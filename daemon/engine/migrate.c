@@ -153,6 +153,31 @@ static int publish(struct moe_engine *e, struct moe_placement *cur, struct moe_m
 	return ret;
 }
 
+/* The replicas of cur that the current epoch does not name (copies of a
+ * round not published): dropped, so their slots are freed at once. */
+static void drop_unpublished(struct moe_engine *e, const struct moe_placement *cur)
+{
+	struct moe_epoch *ep = moe_epoch_acquire(e);
+	char err[MOE_ERRLEN];
+
+	for (uint32_t l = 0; l < cur->n_layers; l++)
+		for (uint32_t x = 0; x < cur->n_experts; x++) {
+			uint32_t n, m;
+			const struct moe_replica *r = moe_place_get(cur, l, x, &n);
+			const struct moe_replica *q = moe_place_get(ep->placement, l, x, &m);
+
+			for (uint32_t i = 0; i < n; i++) {
+				bool named = false;
+
+				for (uint32_t j = 0; j < m; j++)
+					named |= q[j].rank == r[i].rank && q[j].slot == r[i].slot;
+				if (!named)
+					moe_engine_drop_replica(e, l, r[i].rank, r[i].slot, err);
+			}
+		}
+	moe_epoch_release(ep);
+}
+
 /* Rank r of layer l is full and must receive a replica: one of its
  * experts that the target does not want there and that has no other
  * replica gets a copy elsewhere (on a rank that wants it if one has an
@@ -330,6 +355,16 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 				}
 			}
 		}
+		if (ret && (added || moved)) {
+			/* stopped (cancelled, say) after some copies of the round:
+			 * they are complete, so what was reached is published; if
+			 * even that fails, they are dropped (no epoch names them) */
+			char why[MOE_ERRLEN];
+
+			if (publish(e, cur, res, why))
+				drop_unpublished(e, cur);
+			break;
+		}
 		if (ret)
 			break;
 		if (added || moved)
@@ -358,6 +393,7 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 				      blocked_x);
 		}
 	}
+	res->bytes = atomic_load(pace.copied) - copied0;
 	moe_place_free(cur);
 	free(gone);
 	free(gone_l);

@@ -4,9 +4,13 @@
  * (paced, cancellable; nothing published names the slot meanwhile), and
  * dropping a replica (its slot freed when no live epoch names it: each
  * slot counts the live epochs whose placement names it, released by the
- * epochs' retire hook). Publish, replicate and drop are serialized by
- * publish_lock; slot_lock guards the counts and is never held during a
- * copy, so a batch retiring an epoch never waits for one.
+ * epochs' retire hook, and the copies reading it: a copy pins its source
+ * so that a drop meanwhile frees it only when the copy is done). Publish
+ * and drop are serialized by publish_lock, which a copy holds only to
+ * choose and mark its slots, not while it copies (a paced copy may take
+ * seconds, and a lost rank's recovery, inside a batch, takes that lock);
+ * slot_lock guards the counts and states and is never held during a copy,
+ * so a batch retiring an epoch never waits for one.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -39,7 +43,7 @@ void eng_count_slots(struct moe_engine *e, const struct moe_placement *p, int de
 				size_t k = slot_index(e, r[i].rank, l, r[i].slot);
 
 				e->slot_refs[k] += (uint32_t)delta;
-				if (!e->slot_refs[k] && e->slot_drop[k])
+				if (eng_slot_unused(e, k))
 					eng_free_slot(e, k, r[i].rank);
 			}
 		}
@@ -143,7 +147,7 @@ int moe_engine_drop_replica(struct moe_engine *e, uint32_t l, uint32_t rank, uin
 			      rank, slot);
 	else if (!e->slot_drop[k]) {
 		e->slot_drop[k] = true;
-		if (!e->slot_refs[k])
+		if (eng_slot_unused(e, k))
 			eng_free_slot(e, k, rank);
 	}
 	pthread_mutex_unlock(&e->slot_lock);
@@ -177,12 +181,15 @@ static int paced_copy(void *dst, const void *src, size_t bytes, const struct moe
 		if (pace->copied)
 			atomic_fetch_add(pace->copied, n);
 		due = t0 + (uint64_t)((double)done * 1e9 / (double)pace->bytes_per_s);
-		now = now_ns();
-		if (due > now) {
-			struct timespec ts = {(time_t)((due - now) / 1000000000u),
-					      (long)((due - now) % 1000000000u)};
+		/* naps of at most 20 ms, the cancel flag looked at after each:
+		 * a very low rate still stops at once */
+		while ((now = now_ns()) < due) {
+			uint64_t d = due - now < 20000000u ? due - now : 20000000u;
+			struct timespec ts = {0, (long)d};
 
 			nanosleep(&ts, NULL);
+			if (pace->cancel && atomic_load(pace->cancel))
+				return -ECANCELED;
 		}
 	}
 	return 0;
@@ -199,7 +206,8 @@ int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uin
 {
 	const struct moe_model *m = e->m;
 	struct moe_slot *src = NULL, *dst;
-	size_t k;
+	size_t k, ks = 0;
+	uint32_t src_rank = 0;
 	int ret = 0;
 	bool fresh = false;
 
@@ -213,25 +221,35 @@ int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uin
 		return moe_err(err, -ENODEV, "rank %u is lost", rank);
 	k = slot_index(e, rank, l, slot);
 	dst = &e->slots[k];
-	/* publish_lock: no drop (so no free) of the source meanwhile;
-	 * slot_lock only to look and to mark: the copy runs without it, so a
-	 * batch retiring an epoch (the hook) does not wait for it */
+	/* the locks only to choose and mark: the destination "being filled"
+	 * (nothing may name or take it), the source pinned (a drop meanwhile
+	 * frees it only after the copy) */
 	pthread_mutex_lock(&e->publish_lock);
 	pthread_mutex_lock(&e->slot_lock);
 	if (e->slot_expert[k] != -1)
 		ret = moe_err(err, -EBUSY, "MoE layer %u: rank %u slot %u holds expert %d", l,
 			      rank, slot, e->slot_expert[k]);
-	for (uint32_t r = 0; r < e->n_ranks && !src && !ret; r++)
-		for (uint32_t s = 0; s < e->slots_per_rank && !src; s++)
-			if (e->slot_expert[slot_index(e, r, l, s)] == (int32_t)x &&
-			    !e->slot_drop[slot_index(e, r, l, s)])
-				src = slot_at(e, r, l, s);
+	for (uint32_t r = 0; r < e->n_ranks && !src && !ret; r++) {
+		if (atomic_load(&e->dead[r]))
+			continue;
+		for (uint32_t s = 0; s < e->stride && !src; s++) {
+			size_t i = slot_index(e, r, l, s);
+
+			if (e->slot_expert[i] == (int32_t)x && !e->slot_drop[i])
+				src = &e->slots[i], ks = i, src_rank = r;
+		}
+	}
 	if (!ret && !src)
 		ret = moe_err(err, -ENOENT, "MoE layer %u: no slot holds expert %u", l, x);
-	if (!ret)
-		e->slot_expert[k] = -2; /* being filled: nothing may name it */
+	if (!ret) {
+		e->slot_expert[k] = -2;
+		e->slot_reading[ks]++;
+	}
 	pthread_mutex_unlock(&e->slot_lock);
-	if (!ret && !dst->mem) {
+	pthread_mutex_unlock(&e->publish_lock);
+	if (ret)
+		return ret;
+	if (!dst->mem) {
 		char why[MOE_ERRLEN];
 
 		ret = e->ranks[rank].ops->slot_alloc(&e->ranks[rank], m, src->inter, dst, why);
@@ -249,12 +267,16 @@ int moe_engine_replicate_paced(struct moe_engine *e, uint32_t l, uint32_t x, uin
 		ret = moe_err(err, -ECANCELED, "the copy of layer %u's expert %u to rank %u was "
 			      "cancelled", l, x, rank);
 	pthread_mutex_lock(&e->slot_lock);
-	if (e->slot_expert[k] == -2)
-		e->slot_expert[k] = ret ? -1 : (int32_t)x;
-	if (ret && fresh) /* an empty slot holds no memory */
+	if (!ret && atomic_load(&e->dead[rank]))
+		ret = moe_err(err, -ENODEV, "rank %u was lost during the copy", rank);
+	e->slot_expert[k] = ret ? -1 : (int32_t)x;
+	if (ret && dst->mem) /* an empty slot holds no memory */
 		eng_free_slot(e, k, rank);
+	(void)fresh;
+	e->slot_reading[ks]--;
+	if (eng_slot_unused(e, ks)) /* dropped while we read it */
+		eng_free_slot(e, ks, src_rank);
 	pthread_mutex_unlock(&e->slot_lock);
-	pthread_mutex_unlock(&e->publish_lock);
 	return ret;
 }
 

@@ -155,6 +155,11 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 	int ret = 0;
 
 	e->batches++;
+	/* an epoch pinned before a rank was lost still names it (a request
+	 * split in pieces, a batch gathered meanwhile): the batch runs on the
+	 * placement without it */
+	if (e->n_dead && ep->id < e->loss_epoch)
+		ep = own = moe_epoch_acquire(e);
 	for (uint32_t c0 = 0; c0 < n && !ret;) {
 		uint32_t nc, chunk, alive[MOE_MAX_RANKS], na = 0;
 
@@ -201,6 +206,16 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			memcpy(e->ranks[0].xb.recv_counts, e->ranks[0].xb.send_counts,
 			       S * sizeof(uint32_t));
 		}
+		/* (never rows for a lost rank: its stages do not run) */
+		for (uint32_t r = 0; r < R && e->n_dead; r++) {
+			if (!atomic_load_explicit(&e->dead[r], memory_order_relaxed))
+				continue;
+			for (uint32_t s = 0; s < R * S; s++)
+				if (e->ranks[r].xb.recv_counts[s]) {
+					ret = moe_err(err, -EPROTO, "rows for lost rank %u", r);
+					goto out;
+				}
+		}
 		ret = on_ranks(e, ST_EXPERTS);
 		/* a rank lost (-EIO: the test hook; a device rank's sticky
 		 * error), not a refusal of the work itself */
@@ -243,6 +258,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 		on_ranks(e, ST_COMBINE);
 		c0 += nc;
 	}
+out:
 	if (own)
 		moe_epoch_release(own);
 	return ret;

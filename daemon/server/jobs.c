@@ -78,11 +78,11 @@ static uint64_t next_rand(uint64_t *state)
  * initial one plus, per layer, rank and free spare slot, with probability
  * 1/2 a copy of a random expert the rank does not hold as a primary.
  * used[] gets the slots filled. */
-static int random_placement(struct moe_engine *e, uint64_t *rng, const bool *busy,
+static int random_placement(struct moe_engine *e, uint32_t S, uint64_t *rng, const bool *busy,
 			    bool *used, struct moe_placement **out, char *err)
 {
 	const struct moe_model *m = moe_engine_model(e);
-	uint32_t E = m->n_experts, R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+	uint32_t E = m->n_experts, R = moe_engine_ranks(e);
 	uint32_t P = (E + R - 1) / R;
 	struct moe_placement *p;
 	int ret = moe_place_initial(m->n_moe_layers, E, R, S - P, &p);
@@ -120,9 +120,9 @@ static int random_placement(struct moe_engine *e, uint64_t *rng, const bool *bus
 }
 
 /* Drops the spare slots marked in `used` (no longer in the placement). */
-static void drop_used(struct moe_engine *e, bool *used, size_t n)
+static void drop_used(struct moe_engine *e, uint32_t S, bool *used, size_t n)
 {
-	uint32_t R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+	uint32_t R = moe_engine_ranks(e);
 	char err[MOE_ERRLEN];
 
 	for (size_t k = 0; k < n; k++) {
@@ -139,7 +139,9 @@ static void *placement_cycle(void *arg)
 	struct job *j = arg;
 	struct moe_engine *e = j->e;
 	const struct moe_model *m = moe_engine_model(e);
-	size_t n = (size_t)m->n_moe_layers * moe_engine_ranks(e) * moe_engine_slots_per_rank(e);
+	/* the slots per rank once: a lost rank changes them (the job then stops) */
+	uint32_t S = moe_engine_slots_per_rank(e);
+	size_t n = (size_t)m->n_moe_layers * moe_engine_ranks(e) * S;
 	bool *prev = calloc(n ? n : 1, 1), *now = calloc(n ? n : 1, 1);
 	uint64_t rng = j->pcycle.seed;
 	char err[MOE_ERRLEN];
@@ -164,16 +166,22 @@ static void *placement_cycle(void *arg)
 
 		if (atomic_load(&j->cancel))
 			break;
+		if (moe_engine_slots_per_rank(e) != S) {
+			snprintf(j->message, sizeof(j->message), "a rank was lost: stopped after %u "
+				 "placements", i);
+			drop_used(e, S, prev, n);
+			goto fail;
+		}
 		/* the slots the current placement names are busy this round */
-		if (random_placement(e, &rng, prev, now, &p, err) ||
+		if (random_placement(e, S, &rng, prev, now, &p, err) ||
 		    moe_engine_publish(e, p, NULL, &id, err)) {
 			snprintf(j->message, sizeof(j->message), "%.120s", err);
-			drop_used(e, now, n);
+			drop_used(e, S, now, n);
 			goto fail;
 		}
 		for (size_t k = 0; k < n; k++)
 			replicas += now[k];
-		drop_used(e, prev, n); /* not named any more: freed after their epoch */
+		drop_used(e, S, prev, n); /* not named any more: freed after their epoch */
 		memcpy(prev, now, n);
 		atomic_store(&j->done, (uint64_t)i + 1);
 		j->last_epoch = id;
@@ -183,7 +191,7 @@ static void *placement_cycle(void *arg)
 	/* back to the initial placement, every replica dropped */
 	{
 		struct moe_placement *p;
-		uint32_t R = moe_engine_ranks(e), S = moe_engine_slots_per_rank(e);
+		uint32_t R = moe_engine_ranks(e);
 
 		if (moe_place_initial(m->n_moe_layers, m->n_experts, R,
 				      S - (m->n_experts + R - 1) / R, &p) ||
@@ -192,7 +200,7 @@ static void *placement_cycle(void *arg)
 			goto fail;
 		}
 		j->last_epoch = id;
-		drop_used(e, prev, n);
+		drop_used(e, S, prev, n);
 	}
 	if (i < j->pcycle.count) {
 		snprintf(j->message, sizeof(j->message), "cancelled after %u of %u placements", i,

@@ -292,10 +292,28 @@ static int plan_rebalance(struct server *s, bool all, uint32_t pos, uint32_t mod
 		ret = MOE_ENOMEM;
 		goto out;
 	}
-	for (uint32_t r = 0; r < R; r++) /* the surviving ranks, numbered for the planner */
+	for (uint32_t r = 0; r < R; r++) { /* the surviving ranks, numbered for the planner */
+		to_plan[r] = UINT32_MAX;
 		if (!moe_engine_rank_lost(s->e, r))
 			to_plan[r] = na, from_plan[na++] = r;
+	}
 	ep = moe_epoch_acquire(s->e);
+	/* a rank being taken out right now: its experts are still in the
+	 * current placement until the engine publishes one without it */
+	for (uint32_t l = 0; l < m->n_moe_layers && !ret; l++)
+		for (uint32_t x = 0; x < E && !ret; x++) {
+			uint32_t n;
+			const struct moe_replica *rp = moe_place_get(ep->placement, l, x, &n);
+
+			for (uint32_t i = 0; i < n; i++)
+				if (to_plan[rp[i].rank] == UINT32_MAX)
+					ret = MOE_EAGAIN;
+		}
+	if (ret) {
+		moe_epoch_release(ep);
+		snprintf(msg, mlen, "a lost rank is being replaced: try again in a moment");
+		goto out;
+	}
 	for (uint32_t l = all ? 0 : pos; l < (all ? m->n_moe_layers : pos + 1) && !ret; l++) {
 		struct moe_load_in in = {E, na, S, load};
 		uint32_t most = compact_layer(ep->placement, l, to_plan, cn, cr);
