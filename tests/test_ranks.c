@@ -368,6 +368,18 @@ static void lost_rank_case(const char *fixture, uint32_t R, uint32_t spare, uint
 	free(in), free(want), free(got);
 }
 
+static void copy_file(const char *src, const char *dst)
+{
+	FILE *f = fopen(src, "rb"), *g = fopen(dst, "wb");
+	char buf[65536];
+	size_t k;
+
+	assert_true(f && g);
+	while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
+		assert_int_equal(fwrite(buf, 1, k, g), k);
+	fclose(f), fclose(g);
+}
+
 static void test_lost_rank(void **state)
 {
 	(void)state;
@@ -388,34 +400,17 @@ static void test_lost_rank(void **state)
 		float *in, *out;
 
 		for (int i = 0; i < 2; i++) {
-			FILE *f, *g;
-			char buf[65536];
-			size_t k;
-
 			snprintf(src, sizeof(src), "%s/olmoe_f32/%s", MOE_FIXTURES_DIR, files[i]);
 			snprintf(dst, sizeof(dst), "%s/%s", tmp, files[i]);
-			f = fopen(src, "rb"), g = fopen(dst, "wb");
-			assert_true(f && g);
-			while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
-				assert_int_equal(fwrite(buf, 1, k, g), k);
-			fclose(f), fclose(g);
+			copy_file(src, dst);
 		}
 		if (moe_model_open(tmp, NULL, &m, err) || moe_engine_create(m, &o, &e, err))
 			fail_msg("%s", err);
 		/* the same bytes, a new file: another inode and mtime */
 		snprintf(src, sizeof(src), "%s/model.safetensors", tmp);
 		snprintf(dst, sizeof(dst), "%s/model.safetensors.new", tmp);
-		{
-			FILE *f = fopen(src, "rb"), *g = fopen(dst, "wb");
-			char buf[65536];
-			size_t k;
-
-			assert_true(f && g);
-			while ((k = fread(buf, 1, sizeof(buf), f)) > 0)
-				assert_int_equal(fwrite(buf, 1, k, g), k);
-			fclose(f), fclose(g);
-			assert_int_equal(rename(dst, src), 0);
-		}
+		copy_file(src, dst);
+		assert_int_equal(rename(dst, src), 0);
 		in = calloc(m->hidden * 8, sizeof(float)), out = calloc(m->hidden * 8, sizeof(float));
 		assert_true(in && out);
 		for (uint32_t i = 0; i < m->hidden * 8; i++)
