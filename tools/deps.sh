@@ -8,7 +8,7 @@
 # available without a password); otherwise names the packages and stops.
 set -euo pipefail
 
-want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev)
+want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev libssl-dev)
 if [ "${1:-build}" = test ]; then
 	# systemd: systemd-analyze verify and systemd-socket-activate in the tests
 	want+=(libcmocka-dev clang libclang-rt-14-dev systemd)

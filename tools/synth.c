@@ -238,6 +238,19 @@ out:
 	free(cnt);
 }
 
+/* The generator of expert x of layer l: its own with expert_seed, else r. */
+static struct moe_rng *expert_rng(const struct moe_synth_opts *o, struct moe_rng *r,
+				  struct moe_rng *own, uint32_t l, uint32_t x)
+{
+	uint64_t seed = o->alt && o->alt(o->alt_arg, l, x) ? o->expert_seed_alt : o->expert_seed;
+
+	if (!o->expert_seed)
+		return r;
+	own->s = seed * 0x9e3779b97f4a7c15ull ^ ((uint64_t)l << 32 | x) * 0xbf58476d1ce4e5b9ull;
+	moe_rng_next(own);
+	return own;
+}
+
 static int add_layer(struct tlist *tl, struct moe_rng *r, const struct moe_synth_opts *o,
 		     uint32_t l, const float *router_scale, const float *zbias)
 {
@@ -271,18 +284,22 @@ static int add_layer(struct tlist *tl, struct moe_rng *r, const struct moe_synth
 		if (!gu || !dn)
 			return -ENOMEM;
 		for (uint32_t e = 0; e < E; e++) {
-			fill(r, o->dtype, (char *)gu + (size_t)e * 2 * I * H * esz, 2ull * I, H, sh,
+			struct moe_rng own, *er = expert_rng(o, r, &own, l, e);
+
+			fill(er, o->dtype, (char *)gu + (size_t)e * 2 * I * H * esz, 2ull * I, H, sh,
 			     NULL);
-			fill(r, o->dtype, (char *)dn + (size_t)e * H * I * esz, H, I, si, NULL);
+			fill(er, o->dtype, (char *)dn + (size_t)e * H * I * esz, H, I, si, NULL);
 		}
 	} else {
 		for (uint32_t e = 0; e < E && !ret; e++) {
+			struct moe_rng own, *er = expert_rng(o, r, &own, l, e);
+
 			NAME(MOE_T_GATE, e);
-			ret = add_mat(tl, r, o, name, I, H, sh, NULL);
+			ret = add_mat(tl, er, o, name, I, H, sh, NULL);
 			NAME(MOE_T_UP, e);
-			ret = ret ? ret : add_mat(tl, r, o, name, I, H, sh, NULL);
+			ret = ret ? ret : add_mat(tl, er, o, name, I, H, sh, NULL);
 			NAME(MOE_T_DOWN, e);
-			ret = ret ? ret : add_mat(tl, r, o, name, H, I, si, NULL);
+			ret = ret ? ret : add_mat(tl, er, o, name, H, I, si, NULL);
 		}
 	}
 	if (!ret && Is) {

@@ -44,6 +44,15 @@ struct moe_synth_opts {
 	float zipf; /* DeepSeek-V3: Zipf exponent of the experts' selection; 0: off */
 	uint64_t seed;
 	uint32_t shards;	/* 1: model.safetensors; >1: index + shards */
+	/* Routed experts from their own generators (reload tests mix
+	 * checkpoints): with expert_seed != 0, expert x of decoder layer l is
+	 * drawn from a generator seeded by (expert_seed, l, x), or by
+	 * (expert_seed_alt, l, x) where alt(alt_arg, l, x) says so; the
+	 * routers, biases and shared experts still come from `seed`. 0: one
+	 * stream for everything. */
+	uint64_t expert_seed, expert_seed_alt;
+	bool (*alt)(void *alt_arg, uint32_t layer, uint32_t expert);
+	void *alt_arg;
 };
 
 void moe_synth_defaults(struct moe_synth_opts *o, enum moe_family f);

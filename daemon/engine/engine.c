@@ -108,15 +108,22 @@ static struct moe_rank_shape rank_shape(const struct moe_engine *e, uint32_t thr
 int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
 	       const struct moe_expert_src *src, uint32_t layer, const char *what, char *err)
 {
+	return eng_upload_from(e, e->m, r, s, src, layer, what, err);
+}
+
+int eng_upload_from(struct moe_engine *e, struct moe_model *m, struct moe_rank *r,
+		    struct moe_slot *s, const struct moe_expert_src *src, uint32_t layer,
+		    const char *what, char *err)
+{
 	char why[MOE_ERRLEN];
-	int ret = r->ops->slot_alloc(r, e->m, src->gate.rows, s, why);
+	int ret = r->ops->slot_alloc(r, m, src->gate.rows, s, why);
 
 	if (ret)
 		return moe_err(err, ret, "%s rank %u: cannot hold layer %u's %s: %s (%.1f GiB of "
 			       "weights loaded so far)", r->ops->name, r->id, layer, what, why,
 			       (double)e->weight_bytes / (1 << 30));
 	e->weight_bytes += s->bytes;
-	ret = r->ops->slot_upload(r, s, e->m, src, err);
+	ret = r->ops->slot_upload(r, s, m, src, err);
 	if (ret) { /* (no half-filled slot keeps its memory) */
 		e->weight_bytes -= s->bytes;
 		r->ops->slot_free(r, s);
@@ -125,18 +132,17 @@ int eng_upload(struct moe_engine *e, struct moe_rank *r, struct moe_slot *s,
 	return ret;
 }
 
-static int load_layer(struct moe_engine *e, uint32_t l, char *err)
+int eng_read_host(struct moe_engine *e, struct moe_model *m, uint32_t l, struct layer_host *lh,
+		  char *err)
 {
-	struct moe_model *m = e->m;
 	const struct moe_layer_desc *d = &m->layers[l];
-	struct layer_host *lh = &e->lh[l];
 	size_t EH = (size_t)m->n_experts * m->hidden;
 	int ret;
 
 	lh->router = malloc(EH * sizeof(float));
 	if (!lh->router)
 		return moe_err(err, -ENOMEM, "out of memory for layer %u's router", d->index);
-	e->weight_bytes += EH * sizeof(float);
+	atomic_fetch_add(&e->weight_bytes, EH * sizeof(float));
 	ret = moe_model_read_f32(m, &d->router, lh->router, err);
 	/* Outside DeepSeek the router is an nn.Linear of the model's dtype:
 	 * transformers casts a router stored in another dtype to it on load.
@@ -163,6 +169,16 @@ static int load_layer(struct moe_engine *e, uint32_t l, char *err)
 		ret = lh->shared_gate ? moe_model_read_f32(m, &d->shared_gate, lh->shared_gate, err)
 				      : moe_err(err, -ENOMEM, "out of memory");
 	}
+	return ret;
+}
+
+static int load_layer(struct moe_engine *e, uint32_t l, char *err)
+{
+	struct moe_model *m = e->m;
+	const struct moe_layer_desc *d = &m->layers[l];
+	struct layer_host *lh = &e->lh[l];
+	int ret = eng_read_host(e, m, l, lh, err);
+
 	/* Every rank its own copy of the router (its layout) and of the shared
 	 * expert, as a GPU rank would hold them: each routes its share of the
 	 * tokens and runs the shared expert over them. */
@@ -349,12 +365,22 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 		goto err_destroy;
 	}
 	eng_count_slots(e, e->placement, 1);
+	ret = eng_versions_init(e);
+	if (ret) {
+		moe_place_free(e->placement);
+		e->placement = NULL;
+		ret = moe_err(err, ret, "out of memory");
+		goto err_destroy;
+	}
 	ret = moe_epochs_create(e->placement, m->n_moe_layers, eng_retire_epoch, e, &e->epochs);
 	e->placement = NULL; /* epoch 1's now, whatever the outcome */
 	if (ret) {
 		ret = moe_err(err, ret, "out of memory");
 		goto err_destroy;
 	}
+	e->lv_ready = true;
+	for (uint32_t l = 0; l < m->n_moe_layers; l++)
+		e->lv[l].cur_refs = 1; /* epoch 1 */
 	*out = e;
 	return 0;
 
@@ -368,6 +394,8 @@ void moe_engine_destroy(struct moe_engine *e)
 	if (!e)
 		return;
 	moe_epochs_destroy(e->epochs);
+	e->lv_ready = false;
+	eng_versions_free(e);
 	for (uint32_t r = 0; e->ls && e->ranks && r < e->n_ranks; r++) {
 		for (uint32_t l = 0; l < e->m->n_moe_layers; l++) {
 			struct moe_layer_state *ls = &e->ls[(size_t)r * e->m->n_moe_layers + l];
@@ -418,6 +446,11 @@ void moe_engine_destroy(struct moe_engine *e)
 	free(e);
 }
 
+uint32_t moe_engine_last_epoch(const struct moe_engine *e)
+{
+	return e->ran_epoch;
+}
+
 struct moe_epoch *moe_epoch_acquire(struct moe_engine *e)
 {
 	return moe_epochs_acquire(e->epochs);
@@ -464,15 +497,18 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 	struct moe_fwd f = {b->n_tokens, n_segs, segs, e->slot_tab,
 			    seg_routing ? e->ids : b->topk_ids,
 			    seg_routing ? e->w : b->topk_weights, e->ecount, -1.0f, -1.0f};
+	struct layer_view view;
 	int ret;
 
+	eng_view(e, ep, l, &view);
 	for (uint32_t x = 0; x < m->n_experts; x++) {
 		uint32_t nr;
 		const struct moe_replica *rep = moe_place_get(ep->placement, l, x, &nr);
 
-		e->slot_tab[x] = slot_at(e, rep[0].rank, l, rep[0].slot);
+		e->slot_tab[x] = &view.slots[rep[0].rank][rep[0].slot];
 	}
-	ret = r->ops->forward(r, m, &e->ls[l], &f, err);
+	e->ran_epoch = ep->id;
+	ret = r->ops->forward(r, m, view.ls[0], &f, err);
 	if (ret)
 		return ret;
 	if (seg_routing)

@@ -159,6 +159,10 @@ float moe_engine_last_device_ms(const struct moe_engine *e);
 float moe_engine_last_kernel_ms(const struct moe_engine *e);
 /* Non-zero once a device was lost (see moe_engine_forward). */
 bool moe_engine_lost(const struct moe_engine *e);
+/* The epoch the last batch ran on: the one it was given, or, when a rank
+ * was lost since that one was published, the one published without it
+ * (the worker reports this id in completions). */
+uint32_t moe_engine_last_epoch(const struct moe_engine *e);
 /* Pins host memory that batch segments will point into (client regions)
  * for device backends: 0 when pinned, -ENOTSUP when the backend has no use
  * for it (CPU), another -errno with err when pinning failed (copies then

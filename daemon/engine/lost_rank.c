@@ -4,6 +4,7 @@
  * without it is published, and its memory freed.
  */
 #include <errno.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -39,6 +40,42 @@ static int roomiest_rank(struct moe_engine *e, uint32_t l)
 	return best;
 }
 
+/* The checkpoint the current version of layer l's expert x came from,
+ * open for reading: the loaded one reopened, another opened anew (a
+ * reload may be reading its own object) and checked unchanged. *opened
+ * ([n_src]) keeps what was opened. */
+static struct moe_model *open_source(struct moe_engine *e, uint32_t l, uint32_t x,
+				     struct moe_model **opened, char *err)
+{
+	const struct ver_rec *rec;
+	uint32_t i;
+	char path[4096];
+	uint64_t ident;
+	struct moe_model_opts mo = {.family = moe_family_name(e->m->family)};
+
+	pthread_mutex_lock(&e->slot_lock);
+	rec = eng_ver_rec(e, l, e->lv[l].cur);
+	i = rec ? rec->esrc[x] : 0;
+	snprintf(path, sizeof(path), "%s", e->src[i].path);
+	ident = e->src[i].identity;
+	pthread_mutex_unlock(&e->slot_lock);
+	if (opened[i])
+		return opened[i];
+	if (i == 0) {
+		if (moe_model_reopen_files(e->m, err))
+			return NULL;
+		return opened[0] = e->m;
+	}
+	if (moe_model_open(path, &mo, &opened[i], err))
+		return NULL;
+	if (opened[i]->identity != ident) {
+		moe_err(err, -ESTALE, "%s changed on disk since it was read", path);
+		moe_model_free(opened[i]);
+		return opened[i] = NULL;
+	}
+	return opened[i];
+}
+
 /* Takes rank `dead` out (see the top of the file): its experts that no
  * other rank holds are read from the checkpoint into surviving ranks'
  * empty slots, and the current placement without it is published. 0, or
@@ -50,7 +87,8 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 	struct moe_placement *p = NULL;
 	struct moe_epoch *cur;
 	char msg[MOE_ERRLEN];
-	bool reopened = false;
+	struct moe_model **opened = calloc(e->n_src, sizeof(*opened));
+	uint32_t n_src = e->n_src;
 	int ret = 0;
 
 	pthread_mutex_lock(&e->publish_lock);
@@ -95,14 +133,20 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 					      "ranks for layer %u's expert %u", m->layers[l].index, x);
 				break;
 			}
-			if (!reopened && (ret = moe_model_reopen_files(m, msg))) {
-				ret = -ENOTRECOVERABLE;
-				break;
-			}
-			reopened = true;
 			snprintf(what, sizeof(what), "expert %u", x);
-			ret = eng_upload(e, &e->ranks[rank], slot_at(e, (uint32_t)rank, l, (uint32_t)slot),
-				     &m->layers[l].experts[x], m->layers[l].index, what, msg);
+			{
+				struct moe_model *sm = opened ? open_source(e, l, x, opened, msg)
+							      : NULL;
+
+				if (!opened)
+					moe_err(msg, -ENOMEM, "out of memory");
+				ret = !sm ? -ENOTRECOVERABLE
+					  : eng_upload_from(e, sm, &e->ranks[rank],
+							    slot_at(e, (uint32_t)rank, l,
+								    (uint32_t)slot),
+							    &sm->layers[l].experts[x],
+							    m->layers[l].index, what, msg);
+			}
 			pthread_mutex_lock(&e->slot_lock);
 			e->slot_expert[slot_index(e, (uint32_t)rank, l, (uint32_t)slot)] =
 				ret ? -1 : (int32_t)x;
@@ -116,8 +160,13 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 			reread++;
 		}
 	}
-	if (reopened)
-		moe_model_close_files(m, NULL);
+	for (uint32_t i = 0; opened && i < n_src; i++) {
+		if (opened[i])
+			moe_model_close_files(opened[i], NULL);
+		if (opened[i] && opened[i] != e->m)
+			moe_model_free(opened[i]);
+	}
+	free(opened);
 	if (ret)
 		goto out;
 	e->slots_per_rank = e->stride;

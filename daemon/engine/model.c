@@ -847,12 +847,39 @@ int moe_model_layer_pos(const struct moe_model *m, uint32_t index)
 	return -1;
 }
 
+/* The first element of x[n] (dtype) that is a NaN or an Inf, or n. */
+static size_t first_nonfinite(enum moe_dtype dt, const void *x, size_t n)
+{
+	if (dt == MOE_DT_F32) {
+		const uint32_t *u = x;
+
+		for (size_t i = 0; i < n; i++)
+			if ((u[i] & 0x7f800000u) == 0x7f800000u)
+				return i;
+	} else {
+		const uint16_t *h = x;
+		uint16_t mask = dt == MOE_DT_BF16 ? 0x7f80 : 0x7c00;
+
+		for (size_t i = 0; i < n; i++)
+			if ((h[i] & mask) == mask)
+				return i;
+	}
+	return n;
+}
+
 int moe_model_read(struct moe_model *m, const struct moe_mat_src *s, void *dst, char *err)
 {
+	size_t n = (size_t)s->rows * s->cols, bad;
+	int ret;
+
 	if (!m->ckpt)
 		return moe_err(err, -EBADF, "%s: checkpoint files are closed", m->dir);
-	return moe_ckpt_read(m->ckpt, &s->at, s->off,
-			     (uint64_t)s->rows * s->cols * moe_dtype_size(s->dtype), dst, err);
+	ret = moe_ckpt_read(m->ckpt, &s->at, s->off, n * moe_dtype_size(s->dtype), dst, err);
+	if (ret || !m->check_finite || (bad = first_nonfinite(s->dtype, dst, n)) == n)
+		return ret;
+	bad += s->off / moe_dtype_size(s->dtype);
+	return moe_err(err, -EDOM, "%s: tensor '%s' holds a NaN or an Inf (element %zu)", m->dir,
+		       s->at.t->name, bad);
 }
 
 int moe_model_read_f32(struct moe_model *m, const struct moe_mat_src *s, float *dst, char *err)

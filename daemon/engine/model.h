@@ -91,6 +91,7 @@ struct moe_model {
 	uint64_t expert_bytes;	/* one routed expert's weights */
 	uint64_t layer_fixed_bytes; /* router, bias, shared expert(s) of one layer */
 	uint64_t identity;	/* hash of all shards' identities */
+	bool check_finite;	/* moe_model_read refuses a NaN or an Inf (-EDOM) */
 	struct moe_ckpt *ckpt;	/* open until moe_model_close_files() */
 };
 

@@ -57,6 +57,8 @@ void eng_retire_epoch(void *arg, const struct moe_epoch *ep)
 
 	pthread_mutex_lock(&e->slot_lock);
 	eng_count_slots(e, ep->placement, -1);
+	if (e->lv_ready)
+		eng_count_versions(e, ep->weights_version, -1);
 	pthread_mutex_unlock(&e->slot_lock);
 }
 
@@ -115,6 +117,7 @@ int eng_publish_locked(struct moe_engine *e, struct moe_placement *p, const uint
 	ep = moe_epoch_acquire(e);
 	pthread_mutex_lock(&e->slot_lock);
 	eng_count_slots(e, ep->placement, 1);
+	eng_count_versions(e, ep->weights_version, 1);
 	pthread_mutex_unlock(&e->slot_lock);
 	moe_epoch_release(ep);
 	return 0;

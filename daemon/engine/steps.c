@@ -152,6 +152,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 	const struct moe_model *m = e->m;
 	uint32_t R = e->n_ranks, S = e->stride, K = m->top_k, n = b->n_tokens;
 	struct moe_epoch *own = NULL; /* after a lost rank */
+	struct layer_view view;
 	int ret = 0;
 
 	e->batches++;
@@ -160,6 +161,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 	 * placement without it */
 	if (e->n_dead && ep->id < e->loss_epoch)
 		ep = own = moe_epoch_acquire(e);
+	eng_view(e, ep, l, &view);
 	for (uint32_t c0 = 0; c0 < n && !ret;) {
 		uint32_t nc, chunk, alive[MOE_MAX_RANKS], na = 0;
 
@@ -179,7 +181,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			uint32_t z = c0 + (uint32_t)((uint64_t)nc * (i + 1) / na);
 
 			e->st[r] = (struct moe_stage){
-				.ls = &e->ls[(size_t)r * m->n_moe_layers + l],
+				.ls = view.ls[r],
 				.segs = segs,
 				.n_segs = n_segs,
 				.t0 = a,
@@ -188,7 +190,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 				.w = e->w + (size_t)a * K,
 				.place = ep->placement,
 				.layer = l,
-				.slots = slot_at(e, r, l, 0),
+				.slots = view.slots[r],
 			};
 		}
 		ret = on_ranks(e, ST_DISPATCH);
@@ -230,6 +232,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			if (own)
 				moe_epoch_release(own);
 			ep = own = moe_epoch_acquire(e);
+			eng_view(e, ep, l, &view);
 			continue; /* the same chunk again */
 		}
 		if (ret) {
@@ -259,6 +262,7 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 		c0 += nc;
 	}
 out:
+	e->ran_epoch = ep->id;
 	if (own)
 		moe_epoch_release(own);
 	return ret;
