@@ -11,6 +11,9 @@
  *   moectl [-s SOCKET] replicate|unreplicate --layer L --expert E --rank R [--wait]
  *   moectl [-s SOCKET] rebalance [--layer L] [--full] [--dry-run] [--wait]
  *   (the placement commands: client/moectl_placement.c)
+ *   moectl [-s SOCKET] reload [--model PATH] [--layers LIST] [--experts LIST]
+ *                      [--atomic] [--max-parallel N] [--wait] | --cancel | --rollback
+ *   (client/moectl_reload.c)
  *
  * Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable.
  */
@@ -47,6 +50,11 @@ void usage(FILE *f)
 	           "       moectl [-s SOCKET] unreplicate --layer L --expert E --rank R [--wait]\n"
 	           "       moectl [-s SOCKET] rebalance [--layer L] [--full] [--dry-run] [--wait]\n"
 	           "                          from the load window; --dry-run shows the plan\n"
+	           "       moectl [-s SOCKET] reload [--model PATH] [--layers LIST] [--experts LIST]\n"
+	           "                          [--atomic] [--max-parallel N] [--wait]\n"
+	           "                          new expert weights while serving, layer by layer\n"
+	           "                          (LIST: 0-3,7; --experts: only those, routers kept)\n"
+	           "       moectl [-s SOCKET] reload --rollback [--wait] | --cancel\n"
 	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
 }
 
@@ -207,6 +215,7 @@ static void print_status(const cJSON *j)
 		           num(c, "pid"), num(c, "uid"), str(c, "name"), num(c, "inflight"),
 		           num(c, "requests"), num(c, "errors"));
 	}
+	print_weights(obj(j, "weights"));
 	print_layers(obj(j, "layers"));
 	print_load(obj(j, "load"));
 }
@@ -711,6 +720,8 @@ int main(int argc, char **argv)
 		return cmd_replicate(argc, argv, MOE_ADMIN_UNREPLICATE);
 	if (!strcmp(cmd, "rebalance"))
 		return cmd_rebalance(argc, argv);
+	if (!strcmp(cmd, "reload"))
+		return cmd_reload(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

@@ -48,7 +48,13 @@ enum moe_admin_op {
 				      and in words in the message), else a job that moves
 				      to it (the plan in words in the message); a plan that
 				      changes nothing: moe_admin_plan, no job */
-	MOE_ADMIN_OP_MAX = 11
+	MOE_ADMIN_RELOAD = 12,	   /* moe_admin_reload: job: new expert weights, layer by
+				      layer (daemon/engine/reload.h), or a rollback, or
+				      the running reload cancelled */
+	MOE_ADMIN_VERSION_INFO = 13, /* moe_admin_version_ref -> moe_admin_version: what a
+					layer's weights version is (any forwarding
+					client, as EPOCH_INFO) */
+	MOE_ADMIN_OP_MAX = 13
 };
 
 /* flags */
@@ -89,6 +95,44 @@ enum moe_plan_kind { MOE_PLAN_KIND_KEEP = 0, MOE_PLAN_KIND_FULL = 1 };
 struct moe_admin_rebalance {
 	uint32_t layer; /* or MOE_ADMIN_ALL_LAYERS */
 	uint32_t mode;	/* enum moe_plan_kind: KEEP moves as few weights as it can */
+};
+
+/* reload: flags */
+#define MOE_RELOAD_ATOMIC   0x1 /* stage everything, switch in one epoch */
+#define MOE_RELOAD_ROLLBACK 0x2 /* back to the weights the last reload replaced */
+#define MOE_RELOAD_CANCEL   0x4 /* stop the running reload (its job ends cancelled) */
+#define MOE_RELOAD_FLAGS    (MOE_RELOAD_ATOMIC | MOE_RELOAD_ROLLBACK | MOE_RELOAD_CANCEL)
+#define MOE_RELOAD_MAX_LAYER  255  /* decoder-layer indices a reload can name */
+#define MOE_RELOAD_MAX_EXPERT 1023 /* expert indices a reload can name */
+
+struct moe_admin_reload {
+	uint32_t flags;	       /* MOE_RELOAD_* */
+	uint32_t max_parallel; /* layers staged at once, 0..64 (0: 1) */
+	uint64_t layers[4];    /* bit i: decoder layer i; none: every MoE layer */
+	uint64_t experts[16];  /* bit x: expert x (experts steps); none: whole layers */
+	char model[1024];      /* an absolute checkpoint directory, NUL-terminated;
+				  "": the configured model.path, read again */
+};
+
+/* version-info: version 0 asks for the current one; experts from
+ * first_expert on, as many as fit (n_experts in the result). */
+struct moe_admin_version_ref {
+	uint32_t layer; /* decoder-layer index */
+	uint32_t version;
+	uint32_t first_expert;
+	uint32_t reserved; /* 0 */
+};
+
+#define MOE_VERSION_ROLLBACK 0x1 /* made by a rollback */
+
+struct moe_admin_version {
+	uint32_t layer, version;
+	uint32_t router_version; /* router, correction bias, shared experts */
+	uint32_t router_source;	 /* source ids: status' weights.sources */
+	uint32_t flags;		 /* MOE_VERSION_* */
+	uint32_t total_experts;
+	uint32_t first_expert, n_experts;
+	/* uint32_t expert_version[n_experts]; uint32_t expert_source[n_experts]; */
 };
 
 struct moe_admin_job_ref {

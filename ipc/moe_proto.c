@@ -159,6 +159,8 @@ static const struct {
 	[MOE_ADMIN_REPLICATE] = {"replicate", sizeof(struct moe_admin_replica)},
 	[MOE_ADMIN_UNREPLICATE] = {"unreplicate", sizeof(struct moe_admin_replica)},
 	[MOE_ADMIN_REBALANCE] = {"rebalance", sizeof(struct moe_admin_rebalance)},
+	[MOE_ADMIN_RELOAD] = {"reload", sizeof(struct moe_admin_reload)},
+	[MOE_ADMIN_VERSION_INFO] = {"version-info", sizeof(struct moe_admin_version_ref)},
 };
 
 int moe_admin_payload_size(uint32_t op)

@@ -302,7 +302,7 @@ static void test_unknown_keys(void **state)
 	(void)state;
 	EXPECT_ERR("model: {path: /m}\nmodle: {}\n",
 	           "t.yaml:2:1: modle: unknown key (expected one of: model, devices, cpu, "
-	           "placement, scheduler, server, metrics, log)");
+	           "placement, reload, scheduler, server, metrics, log)");
 	EXPECT_ERR("model:\n  path: /m\n  familly: olmoe\n",
 	           "t.yaml:3:3: model.familly: unknown key (expected one of: path, family)");
 	EXPECT_ERR("model: {path: /m}\ncpu:\n  threads: 2\n  cores: 4\n",
@@ -969,17 +969,18 @@ static void test_reload_flags(void **state)
 	assert_int_equal(load("model: {path: /other}\ncpu: {threads: 4}\n"
 			      "server: {max_clients: 9, admin_group: wheel, socket: /a.sock}\n"
 			      "devices: cpu\nlog: {level: debug}\n", &next, err), 0);
-	assert_int_equal(moe_cfg_reload(&live, &next, restart, sizeof(restart)), 3);
-	assert_string_equal(restart, "model.path, cpu.threads");
+	assert_int_equal(moe_cfg_reload(&live, &next, restart, sizeof(restart)), 4);
+	assert_string_equal(restart, "cpu.threads");
 	assert_int_equal(live.server.max_clients, 9);
 	assert_string_equal(live.server.admin_group, "wheel");
 	assert_int_equal(live.log.level, MOE_CFG_LOG_DEBUG);
-	assert_string_equal(live.model.path, "/m"); /* needs a restart: unchanged */
+	/* a new model.path is taken (moed rolls its weights in) */
+	assert_string_equal(live.model.path, "/other");
 	assert_int_equal(live.cpu.threads, 2);
 	assert_string_equal(next.server.admin_group, "ops"); /* swapped, freed with next */
 	moe_cfg_free(&next);
 	/* the same file again: nothing changes, nothing to restart */
-	assert_int_equal(load("model: {path: /m}\ncpu: {threads: 2}\n"
+	assert_int_equal(load("model: {path: /other}\ncpu: {threads: 2}\n"
 			      "server: {max_clients: 9, admin_group: wheel, socket: /a.sock}\n"
 			      "log: {level: debug}\n", &next, err), 0);
 	assert_int_equal(moe_cfg_reload(&live, &next, restart, sizeof(restart)), 0);

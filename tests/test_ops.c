@@ -605,6 +605,51 @@ static void admin_reload(moe_client *c, char *msg, size_t n)
 		fail_msg("moe_admin(reload-config): %s: %s", moe_strerror(r), msg);
 }
 
+/* A changed model.path at a configuration reload: READY=1 once the file is
+ * accepted, then the weights roll in from the new path while serving (the
+ * same fixture copied elsewhere: same outputs, a new source and version). */
+static void test_notify_model_path(void **state)
+{
+	struct daemon *d = daemon_new(NULL, NULL, true);
+	char msg[4096], v[512], copy[600], cmd[1400];
+	moe_client *c;
+	cJSON *j = NULL, *w = NULL, *l;
+	double done = 0;
+
+	(void)state;
+	dh_daemon_start(d);
+	notify_expect(d, "READY", "1", NULL, 0, READY_MS, "start");
+	c = cl_open(d->sock, "test_ops");
+	forward_ok(c, 0, 3, 20, "before the new model.path");
+	snprintf(copy, sizeof(copy), "%s/model-copy", d->dir);
+	snprintf(cmd, sizeof(cmd), "cp -r '%s' '%s'", FIXTURE, copy);
+	assert_int_equal(system(cmd), 0);
+	free(d->model);
+	d->model = strdup(copy);
+	daemon_set_cfg(d, NULL, NULL);
+	sighup_reload(d, msg, sizeof(msg), "SIGHUP with a new model.path");
+	if (note_get(msg, "STATUS", v, sizeof(v)) && strstr(v, "refused"))
+		fail_msg("a new model.path was refused: %s", v);
+	for (uint64_t t0 = dh_now_ms(); dh_now_ms() - t0 < DH_WAIT_MS && done < 1; dh_nap_ms(20)) {
+		cJSON_Delete(j);
+		j = dh_status(c, true);
+		w = dh_jget(j, "weights", cJSON_Object);
+		done = dh_jnum(w, "reloads_done");
+		assert_int_equal(dh_jnum(w, "reloads_failed"), 0);
+	}
+	assert_true(done == 1);
+	cJSON_ArrayForEach(l, dh_jget(w, "layers", cJSON_Array)) {
+		assert_int_equal(dh_jnum(l, "version"), 2);
+		assert_int_equal(dh_jnum(l, "source"), 1);
+	}
+	l = cJSON_GetArrayItem(dh_jget(w, "sources", cJSON_Array), 1);
+	assert_string_equal(dh_jget(l, "path", cJSON_String)->valuestring, copy);
+	cJSON_Delete(j);
+	forward_ok(c, 2, 5, 21, "after the reload from the new model.path");
+	dh_daemon_stop(d);
+	g_passed = true;
+}
+
 static void test_reload_limits(void **state)
 {
 	/* the old handshake timeout: the longest there is */
@@ -1241,6 +1286,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test_setup_teardown(test_notify_watchdog, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_notify_reload, dh_setup, dh_teardown),
+		cmocka_unit_test_setup_teardown(test_notify_model_path, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_reload_limits, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_drain, dh_setup, dh_teardown),
 		cmocka_unit_test_setup_teardown(test_auth_privileges, dh_setup, dh_teardown),

@@ -132,7 +132,7 @@ static void test_refusals(void **state)
 	assert_int_equal(call(c, MOE_ADMIN_REPLICATE, 0,
 			      &(struct moe_admin_replica){L0, P, 0, 0}, 16, 0, res), 0);
 	refused(c, MOE_ADMIN_UNREPLICATE, 0, &(struct moe_admin_replica){L0, 0, 1, 0}, 16,
-		MOE_EBUSY, "placement change runs");
+		MOE_EBUSY, "busy: replicate runs");
 	{
 		uint32_t job = res->job.job;
 		struct moe_admin_job jd;

@@ -30,10 +30,20 @@ void srv_admin_reply(struct client *c, uint32_t seq, int status, const char *msg
 
 void srv_status_line(struct server *s)
 {
-	srv_notify("STATUS=%s %s on %s (%s kernels): %llu requests served, %u clients",
+	struct job *j = srv_reload_running(s);
+	char rl[80] = "";
+
+	if (j) {
+		uint64_t done, total;
+
+		srv_reload_progress(j, &done, &total);
+		snprintf(rl, sizeof(rl), "; reloading weights (job %u): %llu/%llu steps", j->id,
+			 (unsigned long long)done, (unsigned long long)total);
+	}
+	srv_notify("STATUS=%s %s on %s (%s kernels): %llu requests served, %u clients%s",
 	       s->draining ? "draining" : "serving", moe_family_name(s->m->family),
 	       moe_engine_backend(s->e), moe_engine_kernels(s->e),
-	       (unsigned long long)s->completed, s->n_clients);
+	       (unsigned long long)s->completed, s->n_clients, rl);
 }
 
 /* Re-reads the configuration through the caller's hook; serving goes on
@@ -41,9 +51,11 @@ void srv_status_line(struct server *s)
 int srv_reload_config(struct server *s, char *msg, size_t n)
 {
 	struct timespec t;
+	char *old_path = s->o.model_path ? strdup(s->o.model_path) : NULL;
 	int ret;
 
 	if (!s->o.reload) {
+		free(old_path);
 		snprintf(msg, n, "no configuration file to reload (started without -c)");
 		return -ENOENT;
 	}
@@ -55,11 +67,23 @@ int srv_reload_config(struct server *s, char *msg, size_t n)
 		s->reloads_refused++;
 		moe_log(LOG_ERR, "configuration reload refused, serving on: %s", msg);
 		srv_notify("READY=1\nSTATUS=configuration reload refused: %.400s", msg);
+		free(old_path);
 		return ret;
 	}
 	s->reloads++;
 	moe_log_set_level(s->o.log_level);
 	moe_log(LOG_NOTICE, "configuration reloaded: %s", msg);
+	/* a new model.path: its weights rolled in while serving */
+	if (old_path && s->o.model_path && strcmp(old_path, s->o.model_path)) {
+		char rmsg[400];
+		size_t len = strlen(msg);
+
+		ret = srv_reload_model_path(s, rmsg, sizeof(rmsg));
+		moe_log(ret ? LOG_ERR : LOG_NOTICE, "%s", rmsg);
+		snprintf(msg + len, n - len, "; %s", rmsg);
+		ret = 0;
+	}
+	free(old_path);
 	srv_notify("READY=1");
 	srv_status_line(s);
 	return 0;
@@ -172,7 +196,8 @@ static void op_start_job(const struct admin_call *a)
 	char msg[120];
 
 	if (busy) {
-		snprintf(msg, sizeof(msg), "a placement change runs (job %u): wait for it", busy->id);
+		snprintf(msg, sizeof(msg), "busy: %s runs (job %u): wait for it",
+			 moe_admin_op_name(busy->op), busy->id);
 		srv_admin_reply(a->c, a->seq, st, msg);
 		return;
 	}
@@ -229,6 +254,8 @@ static const struct admin_op {
 	[MOE_ADMIN_REPLICATE] = {MOE_AUTH_ADMIN, srv_check_replica, srv_op_replicate},
 	[MOE_ADMIN_UNREPLICATE] = {MOE_AUTH_ADMIN, srv_check_replica, srv_op_replicate},
 	[MOE_ADMIN_REBALANCE] = {MOE_AUTH_ADMIN, srv_check_rebalance, srv_op_rebalance},
+	[MOE_ADMIN_RELOAD] = {MOE_AUTH_ADMIN, srv_check_reload, srv_op_reload},
+	[MOE_ADMIN_VERSION_INFO] = {MOE_AUTH_FORWARD, srv_check_version, srv_op_version_info},
 };
 
 /* One ADMIN message (buf, n: the whole datagram, header valid). */

@@ -289,6 +289,9 @@ int moe_cfg_defaults(struct moe_config *c)
 	c->placement.rebalance_threshold = 1.5;
 	c->placement.rebalance_interval_s = 60;
 	c->placement.stats_window_s = 60;
+	c->reload.max_staging_bytes = 0;
+	c->reload.keep_previous = true;
+	c->reload.bytes_per_s = 0;
 	c->scheduler.max_batch_tokens = 4096;
 	c->scheduler.batch_window_us = 200;
 	c->scheduler.max_queue_requests = 4096;

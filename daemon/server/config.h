@@ -99,6 +99,15 @@ struct moe_config {
 	} placement;
 
 	struct {
+		uint64_t max_staging_bytes; /* a reload's second copy plus the kept
+					       previous weights: at most this; 0 (the
+					       default): a quarter of the host's memory */
+		bool keep_previous;	    /* keep what a reload replaced (rollback);
+					       default true */
+		uint64_t bytes_per_s;	    /* a reload's reads, at most; 0 (default): unpaced */
+	} reload;
+
+	struct {
 		unsigned int max_batch_tokens;   /* 1..1048576, default 4096 */
 		unsigned int batch_window_us;    /* 0..1000000, default 200 */
 		unsigned int max_queue_requests; /* 1..1000000, default 4096 */

@@ -43,7 +43,8 @@ static const int cfg_log_values[] = {
  * reported as needing a restart.
  */
 const struct cfg_key cfg_keys[] = {
-    {"model.path", STR(model.path, 1, PATH_MAX - 1), .supported = true},
+    /* a changed path starts a rolling reload from it (server/reload_ops.c) */
+    {"model.path", STR(model.path, 1, PATH_MAX - 1), .supported = true, .reload = true},
     {"model.family", CHOICE(model.family, cfg_families), .supported = true},
     {"devices", DEVICES(devices), .supported = true},
     {"cpu.threads", UINT(cpu.threads, 0, 1024), .supported = true},
@@ -58,6 +59,11 @@ const struct cfg_key cfg_keys[] = {
     {"placement.stats_window_s", UINT(placement.stats_window_s, 1, 86400), .supported = true},
     {"placement.rebalance_interval_s", UINT(placement.rebalance_interval_s, 1, 86400),
      .supported = true, .reload = true},
+    {"reload.max_staging_bytes", SIZE(reload.max_staging_bytes, 0, 1LL << 50),
+     .supported = true, .reload = true},
+    {"reload.keep_previous", BOOL(reload.keep_previous), .supported = true, .reload = true},
+    {"reload.bytes_per_s", SIZE(reload.bytes_per_s, 0, 1LL << 40), .supported = true,
+     .reload = true},
     {"scheduler.max_batch_tokens", UINT(scheduler.max_batch_tokens, 1, 1048576), .supported = true},
     {"scheduler.batch_window_us", UINT(scheduler.batch_window_us, 0, 1000000), .supported = false},
     {"scheduler.max_queue_requests", UINT(scheduler.max_queue_requests, 1, 1000000),

@@ -179,6 +179,7 @@ struct job {
 	struct moe_admin_cycle cycle;		  /* MOE_ADMIN_EPOCH_CYCLE */
 	struct moe_admin_placement_cycle pcycle; /* MOE_ADMIN_PLACEMENT_CYCLE */
 	struct placement_change *change;	  /* REPLICATE, UNREPLICATE, REBALANCE */
+	struct reload_req *reload;		  /* RELOAD (reload_ops.c) */
 	uint64_t copy_bytes_per_s;
 	uint32_t last_epoch;
 };
@@ -217,6 +218,9 @@ struct server {
 	/* counters */
 	uint64_t completed, errors, timeouts, cancelled, tokens, batches, refused, refused_auth;
 	uint64_t reloads, reloads_refused;
+	/* weight reloads (reload_ops.c), counted as their jobs end */
+	uint64_t wreloads_done, wreloads_failed, wreloads_cancelled;
+	char wreload_last[200];
 	uint64_t admin_calls, admin_refused;
 	/* admin jobs (jobs.c) */
 	struct job *jobs[MAX_JOBS];
@@ -312,12 +316,32 @@ const char *srv_check_rebalance(const void *payload);
 void srv_op_replicate(const struct admin_call *a);
 void srv_op_rebalance(const struct admin_call *a);
 void *srv_placement_job(void *job);
-/* A placement change (a job of these ops, or placement-cycle) running. */
+/* A change running: a placement change (a job of these ops, or
+ * placement-cycle) or a weight reload; they never run together. */
 struct job *srv_placement_busy(struct server *s);
 /* The tick: placement.auto_rebalance's check (and its run, as a job). */
 void srv_auto_rebalance(struct server *s);
 uint64_t srv_placement_change_steps(const struct placement_change *pc);
 void srv_placement_change_free(struct placement_change *pc);
+
+/* reload_ops.c: reload (and rollback, cancel) and version-info (admin ops),
+ * the reload job, and the reload a changed model.path starts */
+const char *srv_check_reload(const void *payload);
+const char *srv_check_version(const void *payload);
+void srv_op_reload(const struct admin_call *a);
+void srv_op_version_info(const struct admin_call *a);
+void *srv_reload_job(void *job);
+/* The reload job running, or NULL. */
+struct job *srv_reload_running(struct server *s);
+/* A changed model.path (configuration reload): a rolling reload from it;
+ * 0, or -1 with msg. */
+int srv_reload_model_path(struct server *s, char *msg, size_t n);
+/* The job's progress (steps done, total) and the end counted (loop). */
+void srv_reload_progress(const struct job *j, uint64_t *done, uint64_t *total);
+void srv_reload_ended(struct server *s, const struct job *j);
+void srv_reload_req_free(struct reload_req *r);
+/* status.c's "weights" object */
+void srv_status_weights(struct server *s, cJSON *root);
 
 /* jobs.c: asynchronous admin jobs, one thread each */
 int srv_jobs_init(struct server *s);

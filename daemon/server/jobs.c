@@ -224,8 +224,10 @@ fail:
 
 static void job_free(struct job *j)
 {
-	if (j)
+	if (j) {
 		srv_placement_change_free(j->change);
+		srv_reload_req_free(j->reload);
+	}
 	free(j);
 }
 
@@ -269,6 +271,7 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 {
 	void *(*fn)(void *) = op == MOE_ADMIN_PLACEMENT_CYCLE ? placement_cycle
 			      : op == MOE_ADMIN_EPOCH_CYCLE ? epoch_cycle
+			      : op == MOE_ADMIN_RELOAD	    ? srv_reload_job
 							    : srv_placement_job;
 	struct job **slot = free_slot(s), *j;
 
@@ -285,6 +288,8 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	} else if (op == MOE_ADMIN_EPOCH_CYCLE) {
 		j->cycle = *(const struct moe_admin_cycle *)payload;
 		j->total = j->cycle.count;
+	} else if (op == MOE_ADMIN_RELOAD) {
+		j->reload = (struct reload_req *)payload; /* (taken over) */
 	} else {
 		j->change = (struct placement_change *)payload; /* (taken over) */
 		j->total = srv_placement_change_steps(j->change);
@@ -295,6 +300,7 @@ int srv_job_start(struct server *s, struct client *c, uint32_t op, uint32_t seq,
 	atomic_init(&j->cancel, false);
 	if (pthread_create(&j->thread, NULL, fn, j)) {
 		j->change = NULL; /* (the caller keeps it) */
+		j->reload = NULL;
 		free(j);
 		return *why = "cannot start a thread", MOE_ENOMEM;
 	}
@@ -317,6 +323,8 @@ void srv_job_describe(const struct job *j, struct moe_admin_job *d)
 	*d = (struct moe_admin_job){.job = j->id, .op = j->op, .state = state,
 				    .done = atomic_load(&((struct job *)j)->done),
 				    .total = j->total};
+	if (j->op == MOE_ADMIN_RELOAD && j->reload)
+		srv_reload_progress(j, &d->done, &d->total);
 	if (d->done > d->total) /* (a move's steps are estimated: temporary homes add some) */
 		d->total = d->done;
 	if (state != MOE_JOB_RUNNING) {
@@ -346,6 +354,8 @@ void srv_jobs_collect(struct server *s)
 		j->joined = true;
 		if (j->id == s->autob.job)
 			s->autob.ended_ns = srv_now_ns();
+		if (j->op == MOE_ADMIN_RELOAD)
+			srv_reload_ended(s, j);
 		srv_job_describe(j, &d);
 		moe_log(d.result ? LOG_WARNING : LOG_NOTICE, "job %u (%s): %s", j->id,
 			moe_admin_op_name(j->op), j->message);

@@ -147,16 +147,21 @@ static int load_progress(void *arg, uint32_t done, uint32_t total)
 	return sigismember(&pend, SIGTERM) || sigismember(&pend, SIGINT);
 }
 
-/* server.max_total_shm_bytes, or by default a quarter of the host's memory
- * (at least 64 MiB): what the clients' regions may make moed hold. */
-static uint64_t total_shm(const struct moe_config *c)
+/* A quarter of the host's memory (at least 64 MiB): the default of
+ * server.max_total_shm_bytes and reload.max_staging_bytes. */
+static uint64_t quarter_of_memory(void)
 {
 	long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
 	uint64_t q = pages > 0 && page > 0 ? (uint64_t)pages * (uint64_t)page / 4 : 1ULL << 30;
 
-	if (c->server.max_total_shm_bytes)
-		return c->server.max_total_shm_bytes;
 	return q > (64ULL << 20) ? q : 64ULL << 20;
+}
+
+/* server.max_total_shm_bytes: what the clients' regions may make moed hold. */
+static uint64_t total_shm(const struct moe_config *c)
+{
+	return c->server.max_total_shm_bytes ? c->server.max_total_shm_bytes
+					     : quarter_of_memory();
 }
 
 static int group_id(const char *name, const char *key, gid_t *gid)
@@ -224,6 +229,11 @@ static void server_opts(const struct moe_config *c, struct moe_server_opts *o)
 	o->rebalance_threshold = c->placement.rebalance_threshold;
 	o->rebalance_interval_s = c->placement.rebalance_interval_s;
 	o->model_path = c->model.path;
+	o->reload_max_staging_bytes = c->reload.max_staging_bytes
+					      ? c->reload.max_staging_bytes
+					      : quarter_of_memory();
+	o->reload_keep_previous = c->reload.keep_previous;
+	o->reload_bytes_per_s = c->reload.bytes_per_s;
 	o->admin_group = c->server.admin_group;
 	o->log_level = (int)c->log.level;
 }

@@ -48,7 +48,8 @@ struct job *srv_placement_busy(struct server *s)
 		struct job *j = s->jobs[i];
 
 		if (j && (j->op == MOE_ADMIN_PLACEMENT_CYCLE || j->op == MOE_ADMIN_REPLICATE ||
-			  j->op == MOE_ADMIN_UNREPLICATE || j->op == MOE_ADMIN_REBALANCE) &&
+			  j->op == MOE_ADMIN_UNREPLICATE || j->op == MOE_ADMIN_REBALANCE ||
+			  j->op == MOE_ADMIN_RELOAD) &&
 		    atomic_load(&j->state) == MOE_JOB_RUNNING)
 			return j;
 	}
@@ -115,8 +116,9 @@ static int common_checks(const struct admin_call *a, uint32_t layer, bool any_la
 			 "backend serves one rank", moe_engine_backend(s->e));
 		pos = -1;
 	} else if (busy) {
-		snprintf(msg, sizeof(msg), "a placement change runs (job %u): wait for it or "
-			 "cancel it (moectl job %u --cancel)", busy->id, busy->id);
+		snprintf(msg, sizeof(msg), "busy: %s runs (job %u): wait for it or cancel it "
+			 "(moectl job %u --cancel)", moe_admin_op_name(busy->op), busy->id,
+			 busy->id);
 		srv_admin_reply(a->c, a->seq, MOE_EBUSY, msg);
 		s->admin_refused++;
 		return -1;

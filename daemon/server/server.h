@@ -42,6 +42,9 @@ struct moe_server_opts {
 	bool auto_rebalance;		/* rebalance when the window's max/mean >= threshold */
 	double rebalance_threshold;
 	uint32_t rebalance_interval_s;	/* at least this between two runs */
+	uint64_t reload_max_staging_bytes; /* staged + kept weights of a reload; 0: none */
+	bool reload_keep_previous;	/* keep replaced weights for rollback */
+	uint64_t reload_bytes_per_s;	/* a reload's reads; 0: unpaced */
 	const char *model_path;
 	const char *gpu; /* for status: the GPU served, or why none */
 	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */

@@ -225,6 +225,7 @@ static char *status_json(struct server *s)
 	if (ep)
 		moe_epoch_release(ep);
 	load_summary(s, j);
+	srv_status_weights(s, j);
 	out = cJSON_PrintUnformatted(j);
 	cJSON_Delete(j);
 	return out;

@@ -78,6 +78,9 @@ static void run_batch(struct worker *w, struct work *b)
 		b->ret = run_pieces(w, ep, b);
 	else
 		b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
+	/* (after a lost rank: the epoch published without it) */
+	if (!b->ret && moe_engine_last_epoch(w->e))
+		b->epoch = moe_engine_last_epoch(w->e);
 	moe_epoch_release(ep);
 	b->device_ms = moe_engine_last_device_ms(w->e);
 	/* the results are in the clients' regions: tell them now */

@@ -5,11 +5,13 @@
  * segment the server let point outside a region faults, and nothing else.
  * Only the functions server.c calls are here. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "daemon/engine/engine.h"
 #include "daemon/engine/model.h"
+#include "daemon/engine/reload.h"
 #include "kernels/cpu/convert.h"
 
 #define FZ_HIDDEN 64
@@ -232,4 +234,80 @@ bool moe_engine_rank_lost(const struct moe_engine *e, uint32_t rank)
 {
 	(void)e, (void)rank;
 	return false;
+}
+
+/* reload: the stand-in serves one weights version and never reloads */
+uint32_t moe_engine_last_epoch(const struct moe_engine *e)
+{
+	(void)e;
+	return g_epoch.id;
+}
+
+int moe_engine_reload(struct moe_engine *e, const struct moe_reload_opts *o,
+		      struct moe_reload_result *r, char *err)
+{
+	(void)e, (void)o;
+	*r = (struct moe_reload_result){0};
+	return moe_err(err, -ENOTSUP, "the fuzz engine does not reload");
+}
+
+int moe_engine_rollback(struct moe_engine *e, const struct moe_reload_opts *o,
+			struct moe_reload_result *r, char *err)
+{
+	return moe_engine_reload(e, o, r, err);
+}
+
+int moe_engine_can_rollback(struct moe_engine *e, char *why, size_t n)
+{
+	(void)e;
+	snprintf(why, n, "no reload to roll back");
+	return -ENOENT;
+}
+
+uint32_t moe_engine_layer_version(struct moe_engine *e, uint32_t pos)
+{
+	(void)e;
+	return pos < g_model.n_moe_layers ? 1 : 0;
+}
+
+int moe_engine_version_info(struct moe_engine *e, uint32_t pos, uint32_t version,
+			    struct moe_layer_version *info, uint32_t *expert_version,
+			    uint32_t *expert_source)
+{
+	(void)e;
+	if (pos >= g_model.n_moe_layers || version != 1)
+		return -ENOENT;
+	if (info)
+		*info = (struct moe_layer_version){1, 1, 0, false};
+	for (uint32_t x = 0; x < g_model.n_experts; x++) {
+		if (expert_version)
+			expert_version[x] = 1;
+		if (expert_source)
+			expert_source[x] = 0;
+	}
+	return 0;
+}
+
+uint32_t moe_engine_sources(struct moe_engine *e)
+{
+	(void)e;
+	return 1;
+}
+
+int moe_engine_source(struct moe_engine *e, uint32_t i, char *path, size_t n, uint64_t *identity)
+{
+	(void)e;
+	if (i)
+		return -ENOENT;
+	if (path)
+		snprintf(path, n, "/fuzz/model");
+	if (identity)
+		*identity = 1;
+	return 0;
+}
+
+uint64_t moe_engine_kept_bytes(struct moe_engine *e)
+{
+	(void)e;
+	return 0;
 }
