@@ -15,6 +15,7 @@
 
 #include <getopt.h>
 #include <limits.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -75,12 +76,18 @@ int cmd_reload(int argc, char **argv)
 
 		switch (ch) {
 		case 'm': {
-			char abs[PATH_MAX];
+			/* absolute as given (moed says if it is missing) */
+			char abs[PATH_MAX], cwd[PATH_MAX];
+			int n = 0;
 
-			if (!realpath(optarg, abs) || strlen(abs) >= sizeof(x->model))
-				bad = "--model: no such directory (or its path is too long)";
-			else
-				memcpy(x->model, abs, strlen(abs) + 1);
+			if (realpath(optarg, abs))
+				n = snprintf(x->model, sizeof(x->model), "%s", abs);
+			else if (optarg[0] == '/')
+				n = snprintf(x->model, sizeof(x->model), "%s", optarg);
+			else if (getcwd(cwd, sizeof(cwd)))
+				n = snprintf(x->model, sizeof(x->model), "%s/%s", cwd, optarg);
+			if (n <= 0 || (size_t)n >= sizeof(x->model))
+				bad = "--model: the path is too long";
 			break;
 		}
 		case 'l':
