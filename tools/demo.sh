@@ -5,7 +5,9 @@
 # with `moed -t`; start moed on a temporary socket; drive it with 4
 # concurrent client processes (moe-load: mixed sizes and dtypes, every
 # output checked bit for bit against an in-process engine); show
-# `moectl status`; stop the daemon with SIGTERM.
+# `moectl status`; rebalance while serving; roll in the weights of a second
+# checkpoint of the same architecture (demo-model-b) layer by layer while
+# serving, and roll them back; stop the daemon with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/deps.sh build
@@ -18,6 +20,11 @@ if [ ! -f $model/config.json ]; then
 	./build/bin/moe-mkmodel --family qwen2_moe --out $model --hidden 1024 --inter 512 \
 		--shared-inter 2048 --experts 32 --top-k 4 --layers 4 --dtype bf16 --skew 1 --seed 7
 fi
+# the same architecture, other weights: what a fine-tuned update looks like
+if [ ! -f $model-b/config.json ]; then
+	./build/bin/moe-mkmodel --family qwen2_moe --out $model-b --hidden 1024 --inter 512 \
+		--shared-inter 2048 --experts 32 --top-k 4 --layers 4 --dtype bf16 --skew 1 --seed 8
+fi
 tmp=$(mktemp -d)
 sock=$tmp/moed.sock
 # two CPU ranks (as a host with two GPUs has two), room for replicas, and a
@@ -29,6 +36,8 @@ devices: cpu:2
 placement:
   spare_slots: 2
   stats_window_s: 5
+reload:
+  bytes_per_s: 256M
 server:
   socket: $sock
 EOF
@@ -68,6 +77,24 @@ echo
 echo "== after: the same load, the ranks even"
 ./build/bin/moe-load --socket "$sock" --clients 4 --requests 300 --max-tokens 256 --no-check
 ./build/bin/moectl -s "$sock" placement --layer 0
+echo
+echo "== rolling reload: demo-model-b's weights, layer by layer, while 4 clients keep"
+echo "   sending (staging paced at reload.bytes_per_s = 256M)"
+./build/bin/moectl -s "$sock" status | grep -A1 '^weights'
+./build/bin/moe-load --socket "$sock" --clients 4 --requests 400 --max-tokens 64 --no-check \
+	>"$tmp/during.log" 2>&1 &
+load=$!
+sleep 0.3
+./build/bin/moectl -s "$sock" reload --model $model-b --wait
+wait $load
+cat "$tmp/during.log"
+./build/bin/moectl -s "$sock" status | grep -A3 '^weights'
+echo
+echo "== moectl reload --rollback: back to demo-model's weights (kept in memory), then"
+echo "   every output checked against an in-process engine on demo-model"
+./build/bin/moectl -s "$sock" reload --rollback --wait
+./build/bin/moe-load --socket "$sock" --model $model --clients 4 --requests 50 \
+	--max-tokens 64
 echo
 echo "== moectl status"
 ./build/bin/moectl -s "$sock" status
