@@ -104,6 +104,28 @@ static void test_completion_and_admin(void **state)
 	FIELD(struct moe_admin_plan, before, 32, 8);
 	FIELD(struct moe_admin_plan, after, 40, 8);
 	assert_int_equal(sizeof(struct moe_admin_plan), 48);
+	/* reload and version-info */
+	FIELD(struct moe_admin_reload, flags, 0, 4);
+	FIELD(struct moe_admin_reload, max_parallel, 4, 4);
+	FIELD(struct moe_admin_reload, layers, 8, 32);
+	FIELD(struct moe_admin_reload, experts, 40, 128);
+	FIELD(struct moe_admin_reload, model, 168, 1024);
+	assert_int_equal(sizeof(struct moe_admin_reload), 1192);
+	FIELD(struct moe_admin_version_ref, layer, 0, 4);
+	FIELD(struct moe_admin_version_ref, version, 4, 4);
+	FIELD(struct moe_admin_version_ref, first_expert, 8, 4);
+	assert_int_equal(sizeof(struct moe_admin_version_ref), 16);
+	FIELD(struct moe_admin_version, layer, 0, 4);
+	FIELD(struct moe_admin_version, version, 4, 4);
+	FIELD(struct moe_admin_version, router_version, 8, 4);
+	FIELD(struct moe_admin_version, router_source, 12, 4);
+	FIELD(struct moe_admin_version, flags, 16, 4);
+	FIELD(struct moe_admin_version, total_experts, 20, 4);
+	FIELD(struct moe_admin_version, first_expert, 24, 4);
+	FIELD(struct moe_admin_version, n_experts, 28, 4);
+	assert_int_equal(sizeof(struct moe_admin_version), 32);
+	assert_int_equal(MOE_ADMIN_RELOAD, 12);
+	assert_int_equal(MOE_ADMIN_VERSION_INFO, 13);
 }
 
 int main(void)

@@ -128,7 +128,37 @@ class AdminPlan(C.Structure):
     ]
 
 
+class AdminReload(C.Structure):
+    _fields_ = [
+        ("flags", C.c_uint32),
+        ("max_parallel", C.c_uint32),
+        ("layers", C.c_uint64 * 4),
+        ("experts", C.c_uint64 * 16),
+        ("model", C.c_char * 1024),
+    ]
+
+
+class AdminVersionRef(C.Structure):
+    _fields_ = [("layer", C.c_uint32), ("version", C.c_uint32), ("first_expert", C.c_uint32),
+                ("reserved", C.c_uint32)]
+
+
+class AdminVersion(C.Structure):
+    _fields_ = [
+        ("layer", C.c_uint32),
+        ("version", C.c_uint32),
+        ("router_version", C.c_uint32),
+        ("router_source", C.c_uint32),
+        ("flags", C.c_uint32),
+        ("total_experts", C.c_uint32),
+        ("first_expert", C.c_uint32),
+        ("n_experts", C.c_uint32),
+    ]
+
+
 ADMIN_REPLICATE, ADMIN_UNREPLICATE, ADMIN_REBALANCE = 9, 10, 11
+ADMIN_RELOAD, ADMIN_VERSION_INFO = 12, 13
+RELOAD_ATOMIC, RELOAD_ROLLBACK, RELOAD_CANCEL = 0x1, 0x2, 0x4
 ADMIN_DRY_RUN = 0x2
 ADMIN_ALL_LAYERS = 0xFFFFFFFF
 
@@ -155,4 +185,10 @@ LAYOUT = {
     AdminPlan: ([("layers", 0, 4), ("layers_changed", 4, 4), ("added", 8, 4), ("dropped", 12, 4),
                  ("moved", 16, 4), ("copy_bytes", 24, 8), ("before", 32, 8), ("after", 40, 8)],
                 48),
+    AdminReload: ([("flags", 0, 4), ("max_parallel", 4, 4), ("layers", 8, 32),
+                   ("experts", 40, 128), ("model", 168, 1024)], 1192),
+    AdminVersionRef: ([("layer", 0, 4), ("version", 4, 4), ("first_expert", 8, 4)], 16),
+    AdminVersion: ([("layer", 0, 4), ("version", 4, 4), ("router_version", 8, 4),
+                    ("router_source", 12, 4), ("flags", 16, 4), ("total_experts", 20, 4),
+                    ("first_expert", 24, 4), ("n_experts", 28, 4)], 32),
 }

@@ -2,6 +2,7 @@
 
 import ctypes as C
 import json
+import os
 import threading
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
@@ -25,7 +26,8 @@ _DTYPE_SIZE = {DTYPE_F32: 4, DTYPE_BF16: 2, DTYPE_F16: 2}
 
 
 def _abi_op_name(op: int) -> str:
-    return {9: "replicate", 10: "unreplicate", 11: "rebalance"}.get(op, f"admin op {op}")
+    return {9: "replicate", 10: "unreplicate", 11: "rebalance", 12: "reload",
+            13: "version_info"}.get(op, f"admin op {op}")
 
 
 def error_name(code: int) -> str:
@@ -404,6 +406,64 @@ class Client:
         else:
             out["job"] = self._job_dict(res.job)
         return out
+
+    # ---- weights versions (reload: the admin privilege) ---------------------
+
+    def reload(self, model: Optional[str] = None, layers=None, experts=None,
+               atomic: bool = False, max_parallel: int = 0, wait: bool = False) -> dict:
+        """New expert weights while serving (moectl reload): from `model`
+        (a checkpoint of the same architecture; None: moed's model.path read
+        again), the decoder `layers` given (None: all), only `experts` of
+        each (routers must be unchanged), or everything in one epoch
+        (atomic). A job: returns {"message", "job"} (as it ended with
+        wait=True; a failed job's reason is in job["message"])."""
+        p = _abi.AdminReload()
+        p.max_parallel = max_parallel
+        if atomic:
+            p.flags |= _abi.RELOAD_ATOMIC
+        if model is not None:
+            path = os.path.abspath(model).encode()
+            if len(path) >= 1024:  # (char model[1024], NUL-terminated)
+                raise ValueError("model path too long")
+            p.model = path
+        for bits, items, limit in ((p.layers, layers, 256), (p.experts, experts, 1024)):
+            for i in items or ():
+                if not 0 <= i < limit:
+                    raise ValueError(f"{i}: out of range")
+                bits[i // 64] |= 1 << (i % 64)
+        res = self._admin_call(_abi.ADMIN_RELOAD, p, wait=wait)
+        return {"message": res.message.decode(errors="replace"), "job": self._job_dict(res.job)}
+
+    def rollback(self, wait: bool = False) -> dict:
+        """Back to the weights the last reload replaced (kept by moed while
+        reload.keep_previous is on); as reload()."""
+        p = _abi.AdminReload()
+        p.flags = _abi.RELOAD_ROLLBACK
+        res = self._admin_call(_abi.ADMIN_RELOAD, p, wait=wait)
+        return {"message": res.message.decode(errors="replace"), "job": self._job_dict(res.job)}
+
+    def version_info(self, layer: int, version: int = 0) -> dict:
+        """What weights version `version` of decoder layer `layer` is (0: the
+        current one): router_version, router_source, rollback, and each
+        expert's version and source (source ids: status()["weights"]
+        ["sources"]). With epoch_info() it tells which weights a request
+        ran on. Any client may ask."""
+        out = {"layer": layer, "expert_versions": [], "expert_sources": []}
+        first = 0
+        while True:
+            res = self._admin_call(_abi.ADMIN_VERSION_INFO,
+                                   _abi.AdminVersionRef(layer, version, first, 0))
+            raw = bytes(res.result[:res.result_len])
+            v = _abi.AdminVersion.from_buffer_copy(raw)
+            n, base = v.n_experts, C.sizeof(_abi.AdminVersion)
+            words = np.frombuffer(raw[base:base + 8 * n], dtype=np.uint32)
+            out["expert_versions"] += words[:n].tolist()
+            out["expert_sources"] += words[n:2 * n].tolist()
+            out.update(version=v.version, router_version=v.router_version,
+                       router_source=v.router_source, rollback=bool(v.flags & 1))
+            first += n
+            if not n or first >= v.total_experts:
+                return out
 
     def reconnect(self) -> None:
         """After MOE_EDAEMON: connects again (buffers keep their contents)."""

@@ -6,8 +6,10 @@ Run: MOED_BIN_DIR=build-rel/bin python -m unittest discover client/python/tests
 import ctypes as C
 import json
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import threading
 import time
 import unittest
@@ -201,6 +203,46 @@ class Daemon(unittest.TestCase):
                 np.testing.assert_array_equal(c.forward(L, x), ref)
         finally:
             d.stop()
+
+    def test_reload_commands(self):
+        """reload / rollback / version_info from Python: the fixture copied
+        elsewhere (same weights, a new source), rolled in and back."""
+        d = moedtest.Moed(OLMOE).wait_ready()
+        tmp = tempfile.mkdtemp()
+        try:
+            copy = os.path.join(tmp, "copy")
+            shutil.copytree(OLMOE, copy)
+            with moeclient.Client(d.sock) as c:
+                L = LAYERS[0]
+                x = np.random.default_rng(11).standard_normal(
+                    (8, c.model_info().hidden)).astype(np.float32)
+                ref = c.forward(L, x)
+                self.assertEqual(c.version_info(L)["version"], 1)
+                r = c.reload(copy, wait=True)
+                self.assertEqual(r["job"]["state"], 2, r)  # done
+                v = c.version_info(L)
+                self.assertEqual((v["version"], v["router_source"]), (2, 1), v)
+                self.assertEqual(v["expert_sources"], [1] * len(v["expert_sources"]))
+                self.assertEqual(len(v["expert_versions"]), len(c.status()["layers"][0]
+                                                                ["expert_tokens"]))
+                src = c.status()["weights"]["sources"]
+                self.assertEqual(src[1]["path"], copy)
+                np.testing.assert_array_equal(c.forward(L, x), ref)
+                old = c.version_info(L, 1)
+                self.assertEqual(old["router_source"], 0)
+                r = c.rollback(wait=True)
+                self.assertEqual(r["job"]["state"], 2, r)
+                v = c.version_info(L)
+                self.assertTrue(v["rollback"])
+                self.assertEqual((v["version"], v["router_source"]), (3, 0), v)
+                r = c.reload(os.path.join(tmp, "missing"), wait=True)
+                self.assertEqual(r["job"]["state"], 4, r)  # failed
+                self.assertIn("No such file", r["job"]["message"])
+                with self.assertRaises(moeclient.MoeError):
+                    c.version_info(L, 99)
+        finally:
+            d.stop()
+            shutil.rmtree(tmp)
 
     def test_connect_timeout(self):
         """A client that starts before moed connects once moed listens."""
