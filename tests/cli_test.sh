@@ -81,5 +81,27 @@ check "mkmodel" 0 "wrote" "$bin/moe-mkmodel" --family deepseek_v2 --out "$tmp/ds
 check "moed accepts mkmodel output" 0 "moe layers: +2 of 3: 1,2" "$bin/moed" -t --model "$tmp/ds2"
 check "load-only" 0 "loaded 2 MoE layers" "$bin/moed" --load-only --model "$tmp/ds2"
 
+# moectl reload: its exit code and moed's reason, for refusals and failures
+sock=$tmp/moed.sock
+cp -r "$fix/qwen2_moe_bf16" "$tmp/same"
+"$bin/moed" --model "$fix/qwen2_moe_bf16" --socket "$sock" 2>"$tmp/moed.log" &
+mpid=$!
+for _ in $(seq 300); do [ -S "$sock" ] && break; sleep 0.1; done
+ctl() { "$bin/moectl" -s "$sock" "$@"; }
+check "reload: nothing to roll back" 1 "no reload to roll back" ctl reload --rollback --wait
+check "reload: a missing checkpoint" 1 "reload failed: .*No such file" \
+	ctl reload --model "$tmp/missing" --wait
+check "reload: another architecture" 1 "reload failed: .*not the same architecture" \
+	ctl reload --model "$fix/olmoe_f32" --wait
+check "reload: not an MoE layer" 1 "not an MoE layer" ctl reload --layers 1 --wait
+check "reload: bad list" 2 "--layers: a list" ctl reload --layers 1-x
+check "reload: a copy, layer by layer" 0 "done, 2 of 2: 2 layers in 2 epochs" \
+	ctl reload --model "$tmp/same" --wait
+check "reload: status counts" 0 "1 reloads done, 2 failed, 0 cancelled; rollback: possible" \
+	ctl status
+check "reload: rollback" 0 "done, 2 of 2" ctl reload --rollback --wait
+kill -TERM $mpid
+wait $mpid || { echo "FAIL moed exit $?"; fail=$((fail + 1)); }
+
 echo "$((n - fail)) passed, $fail failed"
 [ "$fail" -eq 0 ]

@@ -121,10 +121,18 @@ static int add_source(struct rl_job *j, char *err)
 static int open_new(struct rl_job *j, const struct moe_reload_opts *o, char *err)
 {
 	struct moe_engine *e = j->e;
-	struct moe_model_opts mo = {.family = moe_family_name(e->m->family), .hook = o->hook,
-				    .hook_arg = o->hook_arg};
-	int ret = moe_model_open(o->dir ? o->dir : e->m->dir, &mo, &j->nm, err);
+	const char *dir = o->dir ? o->dir : e->m->dir;
+	struct moe_model_opts mo = {.hook = o->hook, .hook_arg = o->hook_arg};
+	char why[MOE_ERRLEN];
+	int ret;
 
+	/* its own family first (another family is "not the same
+	 * architecture"); the served one's name where config.json needs it */
+	ret = moe_model_open(dir, &mo, &j->nm, why);
+	if (ret) {
+		mo.family = moe_family_name(e->m->family);
+		ret = moe_model_open(dir, &mo, &j->nm, err);
+	}
 	if (ret)
 		return ret;
 	j->nm->check_finite = true;

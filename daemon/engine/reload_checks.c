@@ -25,8 +25,14 @@ int rl_same_arch(const struct moe_model *a, const struct moe_model *b, char *err
 		return moe_err(err, -EINVAL, "%s: %s is %llu, the served model's %llu: not the " \
 			       "same architecture", b->dir, what, (unsigned long long)(y),      \
 			       (unsigned long long)(x))
-	DIFF("the family", a->family, b->family);
-	DIFF("the weights' dtype", a->dtype, b->dtype);
+	if (a->family != b->family)
+		return moe_err(err, -EINVAL, "%s: a %s model, the served one is %s: not the same "
+			       "architecture", b->dir, moe_family_name(b->family),
+			       moe_family_name(a->family));
+	if (a->dtype != b->dtype)
+		return moe_err(err, -EINVAL, "%s: %s weights, the served ones are %s: not the same "
+			       "architecture", b->dir, moe_dtype_name(b->dtype),
+			       moe_dtype_name(a->dtype));
 	DIFF("hidden_size", a->hidden, b->hidden);
 	DIFF("the experts' intermediate size", a->inter, b->inter);
 	DIFF("the shared experts' intermediate size", a->shared_inter, b->shared_inter);
