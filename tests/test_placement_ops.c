@@ -190,7 +190,10 @@ static int one_change(moe_client *c, struct moe_rng *rng, uint32_t R, struct cha
 		op = kind < 2 ? MOE_ADMIN_REPLICATE : MOE_ADMIN_UNREPLICATE;
 		ret = call(c, op, 0, &rp, sizeof(rp), 1, res);
 	}
-	if (ret == MOE_EINVAL || ret == MOE_ENOENT || ret == MOE_ELIMIT || ret == MOE_EAGAIN) {
+	if (ret == MOE_EINVAL || ret == MOE_ENOENT || ret == MOE_ELIMIT || ret == MOE_EAGAIN ||
+	    /* a rank lost between the plan and the job: to be planned again */
+	    (!ret && res->result_len == sizeof(struct moe_admin_job) &&
+	     res->job.result == MOE_EAGAIN)) {
 		ch->refusals++;
 		return 0;
 	}

@@ -87,7 +87,7 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 	struct moe_placement *p = NULL;
 	struct moe_epoch *cur;
 	char msg[MOE_ERRLEN];
-	struct moe_model **opened = calloc(e->n_src, sizeof(*opened));
+	struct moe_model **opened = NULL; /* [n_src]: checkpoints opened to re-read */
 	uint32_t n_src = e->n_src;
 	int ret = 0;
 
@@ -107,6 +107,7 @@ int eng_lose_rank(struct moe_engine *e, uint32_t dead, const char *why, char *er
 		goto out;
 	}
 	p->slots_per_rank = e->stride; /* the room kept for this, from now on */
+	opened = calloc(n_src, sizeof(*opened));
 	for (uint32_t l = 0; l < m->n_moe_layers && !ret; l++) {
 		for (uint32_t x = 0; x < E && !ret; x++) {
 			size_t k = (size_t)l * E + x;

@@ -58,9 +58,11 @@ static int check_want(struct moe_engine *e, const uint64_t *want, char *err)
 					       __builtin_popcountll(mask), MOE_MAX_REPLICAS);
 			for (uint32_t r = 0; r < R; r++) {
 				per_rank[r] += (mask >> r) & 1;
+				/* (lost after the target was planned: plan again) */
 				if (((mask >> r) & 1) && moe_engine_rank_lost(e, r))
-					return moe_err(err, -EINVAL, "MoE layer %u: expert %u on "
-						       "rank %u, which is lost", l, x, r);
+					return moe_err(err, -EAGAIN, "MoE layer %u: expert %u on "
+						       "rank %u, which is lost: plan again", l, x,
+						       r);
 			}
 		}
 		for (uint32_t r = 0; r < R; r++)

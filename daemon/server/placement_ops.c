@@ -80,7 +80,8 @@ void *srv_placement_job(void *arg)
 			 (double)(srv_now_ns() - t0) / 1e9, r.dropped, r.epoch);
 	srv_job_end(j, ret == -ECANCELED ? MOE_JOB_CANCELLED : ret ? MOE_JOB_FAILED : MOE_JOB_DONE,
 		    ret == -ECANCELED ? MOE_ECANCELED : ret == -ENOSPC ? MOE_ELIMIT
-						       : ret ? MOE_EINTERNAL : 0);
+		    : ret == -EAGAIN ? MOE_EAGAIN /* a rank lost since it was planned */
+		    : ret ? MOE_EINTERNAL : 0);
 	return NULL;
 }
 
