@@ -1,6 +1,7 @@
 #include "bench/hwlimits.h"
 
 #include <immintrin.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -151,11 +152,54 @@ __attribute__((target("avx512f,avx512bf16"))) static double dp_bf16(void)
 #undef SUM
 }
 
+/* AMX: tdpbf16ps on tiles kept in registers (the physical limit): four
+ * 16x16 fp32 accumulators (tmm0-3), two A tiles (16 rows of 32 bf16, tmm4-5)
+ * and two B tiles (16 rows of 16 bf16 pairs, tmm6-7); each instruction does
+ * 16 x 16 x 32 multiply-adds. The tile configuration is per thread. */
+#define AMX_ITERS 2000000u
+
+struct amx_cfg {
+	uint8_t palette, start_row, reserved[14];
+	uint16_t colsb[16];
+	uint8_t rows[16];
+};
+
+__attribute__((target("amx-tile,amx-bf16"))) static double dp_amx(void)
+{
+	struct amx_cfg cfg = {.palette = 1};
+	static const uint16_t one[16 * 32] __attribute__((aligned(64))) = {0};
+	float out[16 * 16] __attribute__((aligned(64)));
+
+	for (int t = 0; t < 8; t++) {
+		cfg.rows[t] = 16;
+		cfg.colsb[t] = 64;
+	}
+	_tile_loadconfig(&cfg);
+	_tile_zero(0);
+	_tile_zero(1);
+	_tile_zero(2);
+	_tile_zero(3);
+	_tile_loadd(4, one, 64);
+	_tile_loadd(5, one, 64);
+	_tile_loadd(6, one, 64);
+	_tile_loadd(7, one, 64);
+	for (uint32_t it = 0; it < AMX_ITERS; it++) {
+		_tile_dpbf16ps(0, 4, 6);
+		_tile_dpbf16ps(1, 4, 7);
+		_tile_dpbf16ps(2, 5, 6);
+		_tile_dpbf16ps(3, 5, 7);
+	}
+	_tile_stored(0, out, 64);
+	_tile_release();
+	return out[0];
+}
+
 static void fma_task(void *arg, uint32_t task, uint32_t worker)
 {
 	struct fma_ctx *c = arg;
 
-	c->sink[worker & 63] += c->isa == 3	? dp_bf16()
+	c->sink[worker & 63] += c->isa == 4	? dp_amx()
+				: c->isa == 3	? dp_bf16()
 				: c->isa == 2 ? fma_avx512()
 						  : fma_avx2();
 }
@@ -171,7 +215,9 @@ static double run_peak(struct moe_pool *pool, int isa, double flop_per_op_lane, 
 		double t0 = moe_bench_now(), r;
 
 		moe_pool_run(pool, n, fma_task, &c);
-		r = (double)n * FMA_ITERS * 12 * lanes * flop_per_op_lane / (moe_bench_now() - t0);
+		r = isa == 4 ? (double)n * AMX_ITERS * 4 * flop_per_op_lane / (moe_bench_now() - t0)
+			     : (double)n * FMA_ITERS * 12 * lanes * flop_per_op_lane /
+				       (moe_bench_now() - t0);
 		best = r > best ? r : best;
 	}
 	return best;
@@ -189,6 +235,37 @@ double moe_bench_fma_peak(struct moe_pool *pool, int isa, const char **what)
 	}
 	*what = "none (scalar path: no vector FMA measured)";
 	return 0;
+}
+
+double moe_bench_amx_peak(struct moe_pool *pool, char *why, size_t n)
+{
+	if (moe_cpu_amx_enable(why, n))
+		return 0;
+	/* one tdpbf16ps: 16 x 16 x 32 multiply-adds = 16384 FLOP */
+	return run_peak(pool, 4, 16384, 1);
+}
+
+uint64_t moe_bench_llc_bytes(void)
+{
+	uint64_t best = 0;
+
+	/* the largest cache level cpu0 reports (sysfs: "32768K") */
+	for (int i = 0; i < 8; i++) {
+		char path[96], buf[32], unit = 0;
+		unsigned long long v = 0;
+		FILE *f;
+
+		snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+		f = fopen(path, "r");
+		if (!f)
+			continue;
+		if (fgets(buf, sizeof(buf), f) && sscanf(buf, "%llu%c", &v, &unit) >= 1) {
+			v *= unit == 'K' ? 1024ull : unit == 'M' ? 1ull << 20 : 1;
+			best = v > best ? v : best;
+		}
+		fclose(f);
+	}
+	return best;
 }
 
 double moe_bench_bf16_peak(struct moe_pool *pool)

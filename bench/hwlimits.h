@@ -21,6 +21,13 @@ double moe_bench_fma_peak(struct moe_pool *pool, int isa, const char **what);
 /* Peak of vdpbf16ps (2 FLOP per bf16 pair), or 0 without AVX512_BF16. */
 double moe_bench_bf16_peak(struct moe_pool *pool);
 
+/* Peak of AMX tdpbf16ps with every pool thread (tiles in registers), or 0
+ * with why (no AMX-BF16, or the kernel refused the tile state). */
+double moe_bench_amx_peak(struct moe_pool *pool, char *why, size_t n);
+
+/* The last-level cache's size (the largest level sysfs lists for cpu0), or 0. */
+uint64_t moe_bench_llc_bytes(void);
+
 double moe_bench_now(void);
 
 #endif

@@ -162,7 +162,8 @@ int main(int argc, char **argv)
 	const char *model = NULL, *isa = NULL, *tokens = "1,4,16,64,256,1024";
 	struct moe_engine_opts eo = {.max_batch_tokens = 1024};
 	char dirbuf[4096], err[MOE_ERRLEN];
-	double min_time = 0.5, bw, peak, bf16_peak;
+	double min_time = 0.5, bw, peak, bf16_peak, amx_peak;
+	char amx_why[160];
 	const char *peak_what;
 	int layer = -1, c;
 	uint32_t ranks = 1;
@@ -269,6 +270,7 @@ int main(int argc, char **argv)
 		peak = f > peak ? f : peak;
 	}
 	bf16_peak = moe_bench_bf16_peak(pool);
+	amx_peak = moe_bench_amx_peak(pool, amx_why, sizeof(amx_why));
 	moe_pool_destroy(pool);
 
 	printf("moe-bench: %s layer %d of %s: hidden %u, inter %u, %u experts, top-%u, %s\n",
@@ -282,7 +284,11 @@ int main(int argc, char **argv)
 		printf("; bf16 dot product (vdpbf16ps) %.1f GFLOP/s", bf16_peak / 1e9);
 	else
 		printf("; no AVX512_BF16 on this CPU");
-	printf("\n");
+	if (amx_peak > 0)
+		printf("; AMX tdpbf16ps %.1f GFLOP/s", amx_peak / 1e9);
+	else
+		printf("; AMX: %s", amx_why);
+	printf("; last-level cache %.0f MiB\n", (double)moe_bench_llc_bytes() / (1 << 20));
 	moe_engine_destroy(e);
 	/* the same layer on 1 rank, then (--devices cpu:R) on R ranks: each
 	 * rank its own threads (the same total) and copy of its experts */

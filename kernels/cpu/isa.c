@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 static const char *const names[MOE_ISA_COUNT] = {"scalar", "avx2", "avx512"};
 
@@ -23,7 +25,7 @@ static uint64_t xcr0(void)
 }
 
 struct features {
-	bool avx2, fma, f16c, avx512, bf16;
+	bool avx2, fma, f16c, avx512, bf16, amx_bf16;
 };
 
 static struct features detect(void)
@@ -49,6 +51,9 @@ static struct features detect(void)
 	/* F, BW, VL and the opmask/ZMM state */
 	f.avx512 = f.avx2 && (b & (1u << 16)) && (b & (1u << 30)) && (b & (1u << 31)) &&
 		   (x & 0xe0) == 0xe0;
+	/* AMX-TILE (EDX 24) and AMX-BF16 (EDX 22), XTILECFG and XTILEDATA
+	 * state enabled by the OS (XCR0 bits 17, 18) */
+	f.amx_bf16 = (d & (1u << 24)) && (d & (1u << 22)) && (x & 0x60000) == 0x60000;
 	if (f.avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d))
 		f.bf16 = a & (1u << 5);
 	return f;
@@ -73,6 +78,29 @@ bool moe_cpu_isa_supported(enum moe_cpu_isa isa)
 bool moe_cpu_has_avx512_bf16(void)
 {
 	return detect().bf16;
+}
+
+bool moe_cpu_has_amx_bf16(void)
+{
+	return detect().amx_bf16;
+}
+
+int moe_cpu_amx_enable(char *err, size_t n)
+{
+	enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+
+	if (!detect().amx_bf16) {
+		snprintf(err, n, "this CPU (or its OS) has no AMX-BF16");
+		return -ENOTSUP;
+	}
+	/* Linux >= 5.16: the tile data state is granted per process */
+	if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) {
+		int e = errno;
+
+		snprintf(err, n, "the kernel refused AMX tile data (arch_prctl: %s)", strerror(e));
+		return -e;
+	}
+	return 0;
 }
 
 enum moe_cpu_isa moe_cpu_isa_best(void)

@@ -18,6 +18,11 @@ const char *moe_cpu_isa_name(enum moe_cpu_isa isa);
 bool moe_cpu_isa_supported(enum moe_cpu_isa isa);
 /* True if the CPU has AVX512_BF16 (vdpbf16ps); reported by moe-bench. */
 bool moe_cpu_has_avx512_bf16(void);
+/* True if the CPU and OS have AMX-TILE and AMX-BF16 (tdpbf16ps). */
+bool moe_cpu_has_amx_bf16(void);
+/* Asks Linux for the AMX tile data state (per process: call once, before
+ * threads use tiles). 0, or -ENOTSUP / -errno with err. */
+int moe_cpu_amx_enable(char *err, size_t n);
 enum moe_cpu_isa moe_cpu_isa_best(void);
 
 /* Resolves a request ("auto", "scalar", "avx2", "avx512" or NULL = auto);
