@@ -396,15 +396,6 @@ static void check_serves(struct world *w, int ck)
 	}
 }
 
-/* A copy of checkpoint dir `from` at `to`. */
-static void copy_ck(const char *from, const char *to)
-{
-	char cmd[2048];
-
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -r '%s' '%s'", to, from, to);
-	assert_int_equal(system(cmd), 0);
-}
-
 /* Rewrites a shard's header with one more __metadata__ entry. */
 static void add_meta(const char *path, const char *key, const char *val)
 {
@@ -460,25 +451,6 @@ static void shard_of(const char *dir, const char *tensor, char *out, size_t n)
 		 cJSON_GetObjectItem(cJSON_GetObjectItem(j, "weight_map"), tensor)->valuestring);
 	cJSON_Delete(j);
 	free(js);
-}
-
-/* Writes bytes into a tensor's data, in place. */
-static void poke(const char *dir, const char *tensor, uint64_t off, const void *p, size_t n)
-{
-	char shard[700], err[MOE_ERRLEN];
-	struct moe_ckpt *c;
-	struct moe_ckpt_tensor t;
-	FILE *f;
-
-	assert_int_equal(moe_ckpt_open(dir, &c, err), 0);
-	assert_int_equal(moe_ckpt_find(c, tensor, &t), 0);
-	snprintf(shard, sizeof(shard), "%s", c->shards[t.shard]->path);
-	f = fopen(shard, "r+b");
-	assert_non_null(f);
-	fseek(f, (long)(c->shards[t.shard]->data_start + t.t->begin + off), SEEK_SET);
-	fwrite(p, 1, n, f);
-	fclose(f);
-	moe_ckpt_close(c);
 }
 
 struct hook_arg {
@@ -542,14 +514,14 @@ static void failures(void **state)
 
 	/* a missing checkpoint, a missing shard */
 	expect_failure(&w, &o, -ENOENT, "bad");
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	moe_model_tensor_name(w.fam, MOE_LAYOUT_PER_EXPERT, 1, MOE_T_UP, 3, name, sizeof(name));
 	shard_of(bad, name, shard, sizeof(shard));
 	unlink(shard);
 	expect_failure(&w, &o, -ENOENT, "safetensors");
 
 	/* a missing tensor: the index does not name it */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	{
 		char p[700], *js, err[MOE_ERRLEN];
 		size_t len;
@@ -587,9 +559,9 @@ static void failures(void **state)
 
 	/* a NaN in an expert of the last layer: the first layers switch,
 	 * the last keeps A */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	moe_model_tensor_name(w.fam, MOE_LAYOUT_PER_EXPERT, 2, MOE_T_DOWN, 5, name, sizeof(name));
-	poke(bad, name, 2 * 17, &nan, 2);
+	tu_poke_tensor(bad, name, 2 * 17, &nan, 2);
 	{
 		struct moe_reload_result r;
 		char err[MOE_ERRLEN];
@@ -609,7 +581,7 @@ static void failures(void **state)
 	}
 
 	/* a wrong checksum, then a right one (which passes) */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	moe_model_tensor_name(w.fam, MOE_LAYOUT_PER_EXPERT, 1, MOE_T_GATE, 2, name, sizeof(name));
 	shard_of(bad, name, shard, sizeof(shard));
 	{
@@ -621,7 +593,7 @@ static void failures(void **state)
 #ifdef MOE_TEST_HAVE_OPENSSL
 	expect_failure(&w, &o, -EBADMSG, "SHA-256");
 	/* the right one passes (layer 1 only, then back) */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	{
 		char key[300], err[MOE_ERRLEN];
 		struct moe_ckpt *c;
@@ -656,14 +628,14 @@ static void failures(void **state)
 	(void)hex;
 
 	/* modified while read */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	h = (struct hook_arg){.at = 3, .touch = "yes"};
 	o.hook = hook;
 	o.hook_arg = &h;
 	expect_failure(&w, &o, -ESTALE, "changed");
 
 	/* staging memory */
-	copy_ck(w.dir[CK_B], bad);
+	tu_copy_dir(w.dir[CK_B], bad);
 	o.hook = NULL;
 	o.max_staging_bytes = 4096;
 	expect_failure(&w, &o, -ENOSPC, "max_staging_bytes");

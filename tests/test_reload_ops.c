@@ -405,32 +405,6 @@ static void test_rolling(void **state)
 
 /* ---- failures ------------------------------------------------------------- */
 
-static void copy_ck(const char *from, const char *to)
-{
-	char cmd[2048];
-
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -r '%s' '%s'", to, from, to);
-	assert_int_equal(system(cmd), 0);
-}
-
-/* The tensor's data offset in its shard, then bytes written there. */
-static void poke(const char *dir, const char *tensor, uint64_t off, const void *p, size_t n)
-{
-	char err[MOE_ERRLEN];
-	struct moe_ckpt *ck;
-	struct moe_ckpt_tensor t;
-	FILE *f;
-
-	assert_int_equal(moe_ckpt_open(dir, &ck, err), 0);
-	assert_int_equal(moe_ckpt_find(ck, tensor, &t), 0);
-	f = fopen(ck->shards[t.shard]->path, "r+b");
-	assert_non_null(f);
-	fseek(f, (long)(ck->shards[t.shard]->data_start + t.t->begin + off), SEEK_SET);
-	fwrite(p, 1, n, f);
-	fclose(f);
-	moe_ckpt_close(ck);
-}
-
 /* The reload fails with `says` in the job's message; nothing changed. */
 static void fails(moe_client *c, const char *dir, uint32_t flags, const char *says,
 		  double base_bytes)
@@ -494,13 +468,13 @@ static void test_failures(void **state)
 	cJSON_Delete(root);
 	snprintf(bad, sizeof(bad), "%s/bad", g_tmp);
 	fails(c, bad, 0, "No such file", base);
-	copy_ck(g_dir[CK_B], bad);
+	tu_copy_dir(g_dir[CK_B], bad);
 	moe_model_tensor_name(MOE_FAM_DEEPSEEK_V3, MOE_LAYOUT_PER_EXPERT, 0, MOE_T_DOWN, 5, name,
 			      sizeof(name));
-	poke(bad, name, 2 * 33, &nan, 2);
+	tu_poke_tensor(bad, name, 2 * 33, &nan, 2);
 	fails(c, bad, 0, "NaN", base);
 	/* a staged second copy larger than reload.max_staging_bytes: --atomic */
-	copy_ck(g_dir[CK_B], bad);
+	tu_copy_dir(g_dir[CK_B], bad);
 	fails(c, bad, MOE_RELOAD_ATOMIC, "max_staging_bytes", base);
 	serves_a(c);
 	dh_daemon_stop(d);

@@ -9,6 +9,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "daemon/engine/checkpoint.h"
+#include "daemon/engine/log.h"
+
 char *tu_tmpdir(void)
 {
 	char tmpl[] = "/tmp/moe-test-XXXXXX";
@@ -131,4 +134,30 @@ unsigned tu_ncpu(void)
 	long n = sysconf(_SC_NPROCESSORS_ONLN);
 
 	return n > 0 ? (unsigned)n : 1;
+}
+
+void tu_copy_dir(const char *from, const char *to)
+{
+	char cmd[2048];
+
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s' && cp -r '%s' '%s'", to, from, to);
+	assert_int_equal(system(cmd), 0);
+}
+
+void tu_poke_tensor(const char *ckpt_dir, const char *tensor, uint64_t off, const void *p,
+		    size_t n)
+{
+	char err[MOE_ERRLEN];
+	struct moe_ckpt *c;
+	struct moe_ckpt_tensor t;
+	FILE *f;
+
+	assert_int_equal(moe_ckpt_open(ckpt_dir, &c, err), 0);
+	assert_int_equal(moe_ckpt_find(c, tensor, &t), 0);
+	f = fopen(c->shards[t.shard]->path, "r+b");
+	assert_non_null(f);
+	fseek(f, (long)(c->shards[t.shard]->data_start + t.t->begin + off), SEEK_SET);
+	assert_int_equal(fwrite(p, 1, n, f), n);
+	fclose(f);
+	moe_ckpt_close(c);
 }

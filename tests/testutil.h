@@ -30,6 +30,12 @@ double tu_check_rows(const char *what, const double *y, const double *ref, size_
 /* Widen n values of dtype dt to double. */
 void tu_to_f64(enum moe_dtype dt, const void *src, double *dst, size_t n);
 
+/* A copy of directory `from` at `to` (replacing it); fails the test on error. */
+void tu_copy_dir(const char *from, const char *to);
+/* Writes n bytes at byte `off` of a checkpoint tensor's data, in place. */
+void tu_poke_tensor(const char *ckpt_dir, const char *tensor, uint64_t off, const void *p,
+		    size_t n);
+
 /* The number of online CPUs (>= 1). */
 unsigned tu_ncpu(void);
 

@@ -41,7 +41,7 @@
 /* Bytes a step of layer l stages (the slots it replaces, as served). */
 static uint64_t stage_estimate(struct moe_engine *e, uint32_t l, const bool *sel, bool whole)
 {
-	uint32_t R = e->n_ranks, S = e->stride, L = e->m->n_moe_layers;
+	uint32_t R = e->n_ranks, L = e->m->n_moe_layers;
 	uint64_t b = whole ? (uint64_t)e->m->n_experts * e->m->hidden * sizeof(float) : 0;
 	struct moe_epoch *ep = moe_epoch_acquire(e);
 
@@ -57,7 +57,6 @@ static uint64_t stage_estimate(struct moe_engine *e, uint32_t l, const bool *sel
 		b += e->ls[(size_t)r * L + l].shared.bytes;
 	pthread_mutex_unlock(&e->slot_lock);
 	moe_epoch_release(ep);
-	(void)S;
 	return b;
 }
 

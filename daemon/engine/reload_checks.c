@@ -220,49 +220,51 @@ static int check_sum(struct moe_model *m, const struct moe_ckpt_tensor *t, char 
 #endif
 }
 
+/* A matrix's tensor's checksum, unless seen[] has that tensor already (fused
+ * layouts hold every expert's matrices in one tensor); seen may be NULL for
+ * tensors that cannot repeat. */
+static int check_once(struct rl_job *j, const struct moe_mat_src *s,
+		      const struct moe_st_tensor **seen, uint32_t *n_seen, char *err)
+{
+	for (uint32_t i = 0; seen && i < *n_seen; i++)
+		if (seen[i] == s->at.t)
+			return 0;
+	if (seen)
+		seen[(*n_seen)++] = s->at.t;
+	return check_sum(j->nm, &s->at, err);
+}
+
 /* The checksums of every tensor a step of layer l reads (each once). */
 int rl_check_sums(struct rl_job *j, uint32_t l, char *err)
 {
 	const struct moe_layer_desc *d = &j->nm->layers[l];
+	/* router, bias, 3 shared, shared gate, fused gate_up and down */
 	const struct moe_st_tensor *seen[8];
-	uint32_t n_seen = 0;
+	uint32_t n = 0;
+	bool fused = d->layout == MOE_LAYOUT_FUSED;
 	int ret = 0;
 
-#define CHECK(src)                                                                               \
-	do {                                                                                    \
-		bool dup = false;                                                               \
-		for (uint32_t i = 0; i < n_seen; i++)                                           \
-			dup |= seen[i] == (src).at.t;                                           \
-		if (!dup && !ret) {                                                             \
-			ret = check_sum(j->nm, &(src).at, err);                                 \
-			if (n_seen < 8)                                                         \
-				seen[n_seen++] = (src).at.t;                                    \
-		}                                                                               \
-	} while (0)
 	if (j->whole) {
-		CHECK(d->router);
-		if (d->has_bias)
-			CHECK(d->bias);
-		if (d->has_shared) {
-			CHECK(d->shared.gate);
-			CHECK(d->shared.up);
-			CHECK(d->shared.down);
-		}
-		if (d->has_shared_gate)
-			CHECK(d->shared_gate);
+		ret = check_once(j, &d->router, seen, &n, err);
+		if (!ret && d->has_bias)
+			ret = check_once(j, &d->bias, seen, &n, err);
+		if (!ret && d->has_shared)
+			ret = check_once(j, &d->shared.gate, seen, &n, err);
+		if (!ret && d->has_shared)
+			ret = check_once(j, &d->shared.up, seen, &n, err);
+		if (!ret && d->has_shared)
+			ret = check_once(j, &d->shared.down, seen, &n, err);
+		if (!ret && d->has_shared_gate)
+			ret = check_once(j, &d->shared_gate, seen, &n, err);
 	}
 	for (uint32_t x = 0; x < j->nm->n_experts && !ret; x++) {
 		if (!j->sel[x])
 			continue;
-		/* (fused layouts: one tensor for all experts, checked once) */
-		if (d->layout == MOE_LAYOUT_FUSED && n_seen >= 8)
-			break;
-		CHECK(d->experts[x].gate);
-		CHECK(d->experts[x].up);
-		CHECK(d->experts[x].down);
-		if (d->layout != MOE_LAYOUT_FUSED)
-			n_seen = j->whole ? n_seen : 0; /* per-expert tensors never repeat */
+		ret = check_once(j, &d->experts[x].gate, fused ? seen : NULL, &n, err);
+		if (!ret)
+			ret = check_once(j, &d->experts[x].up, fused ? seen : NULL, &n, err);
+		if (!ret)
+			ret = check_once(j, &d->experts[x].down, fused ? seen : NULL, &n, err);
 	}
-#undef CHECK
 	return ret;
 }
