@@ -32,7 +32,7 @@ static int cmp_double(const void *a, const void *b)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
-		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512]\n"
+		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512|avx512bf16|amx]\n"
 		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
 		   "                 [--devices cpu:R]   (R CPU ranks: the table for 1 rank, then R)\n"
 		   "       moe-bench --device cuda[:N] [--shape mixtral|olmoe|all] [--model DIR]\n"

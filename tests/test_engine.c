@@ -66,11 +66,12 @@ static const char *isa_under_test;
 /* test_device_fault: the batch that fails as a lost device would */
 static unsigned long fault_at;
 
-static struct moe_engine *open_engine(const char *dir, uint32_t threads, uint32_t max_tokens,
-				      struct moe_model **mp)
+static struct moe_engine *open_engine_p(const char *dir, uint32_t threads, uint32_t max_tokens,
+					const char *precision, struct moe_model **mp)
 {
 	struct moe_engine_opts o = {.threads = threads, .max_batch_tokens = max_tokens,
-				    .tuning.isa = isa_under_test, .test_fault_at = fault_at};
+				    .tuning.isa = isa_under_test, .tuning.precision = precision,
+				    .test_fault_at = fault_at};
 	struct moe_engine *e;
 	char err[MOE_ERRLEN];
 
@@ -79,6 +80,129 @@ static struct moe_engine *open_engine(const char *dir, uint32_t threads, uint32_
 	if (moe_engine_create(*mp, &o, &e, err))
 		fail_msg("%s", err);
 	return e;
+}
+
+/* cpu.precision auto: bf16 for bf16 models */
+static struct moe_engine *open_engine(const char *dir, uint32_t threads, uint32_t max_tokens,
+				      struct moe_model **mp)
+{
+	return open_engine_p(dir, threads, max_tokens, NULL, mp);
+}
+
+static float *read_mat(struct moe_model *m, const struct moe_mat_src *s);
+
+/* h of a bf16-precision expert, rounded as the engine rounds it, and
+ * whether the engine's fp32 h (within delta of the exact one) could round
+ * to the other neighbour. */
+static double round_h_bf16(double h, double delta, bool *near)
+{
+	float f = (float)h;
+	uint32_t b;
+	double lo, hi;
+
+	memcpy(&b, &f, 4);
+	b &= 0xffff0000u; /* the neighbour toward zero, and the next one out */
+	memcpy(&f, &b, 4);
+	lo = f;
+	b += 0x10000u;
+	memcpy(&f, &b, 4);
+	hi = f;
+	*near = fabs(fabs(h) - (fabs(lo) + fabs(hi)) / 2) <= delta;
+	return moe_bf16_to_f32(moe_f32_to_bf16((float)h));
+}
+
+/* One expert in float64 with h rounded to bf16 (cpu.precision bf16):
+ * y += w * down(bf16(h)); slack[j] += |w d_ji| 2^-7 |h_i| (a bf16 ulp) for
+ * the h_i that could round the other way. */
+static void ffn_bf16h(struct moe_model *m, const struct moe_expert_src *xs, uint32_t I, double w,
+		      const double *x, double *y, double *slack)
+{
+	uint32_t H = m->hidden;
+	float *g = read_mat(m, &xs->gate), *u = read_mat(m, &xs->up), *d = read_mat(m, &xs->down);
+	double *h = malloc(I * sizeof(double)), *ulp = malloc(I * sizeof(double));
+
+	for (uint32_t i = 0; i < I; i++) {
+		double a = 0, b = 0, ma = 0, mb = 0, e = (H + 2) * ldexp(1, -24), sa, delta;
+		bool near;
+
+		for (uint32_t j = 0; j < H; j++) {
+			a += (double)g[(size_t)i * H + j] * x[j];
+			b += (double)u[(size_t)i * H + j] * x[j];
+			ma += fabs((double)g[(size_t)i * H + j] * x[j]);
+			mb += fabs((double)u[(size_t)i * H + j] * x[j]);
+		}
+		/* the fp32 sums' error (check_panels' bound) through silu(a) * b,
+		 * plus a few ulps for exp and the products */
+		sa = a / (1 + exp(-a));
+		delta = 1.1 * e * ma * fabs(b) + fabs(sa) * e * mb + 1e-6 * fabs(sa * b) + 1e-37;
+		h[i] = round_h_bf16(sa * b, delta, &near);
+		ulp[i] = near ? fabs(h[i]) * ldexp(1, -7) + 1e-38 : 0;
+	}
+	for (uint32_t j = 0; j < H; j++) {
+		double s = 0, e = 0;
+
+		for (uint32_t i = 0; i < I; i++) {
+			s += (double)d[(size_t)j * I + i] * h[i];
+			e += fabs((double)d[(size_t)j * I + i]) * ulp[i];
+		}
+		y[j] += w * s;
+		slack[j] += fabs(w) * e;
+	}
+	free(g), free(u), free(d), free(h), free(ulp);
+}
+
+/* A bf16-precision engine's fp32 output against float64 with h rounded
+ * to bf16, on transformers' routing (ids and weights, checked equal to the
+ * engine's in run_case). Tolerance per element: 2e-5 x the row's rms +
+ * 1e-5 x |ref| (as fp32 vs ref64) + the h roundings that could go the
+ * other way (slack). */
+static void check_bf16_precision(const char *what, struct moe_model *m, uint32_t l,
+				 const double *in, const double *fid, const double *fw,
+				 const double *y, uint32_t n)
+{
+	const struct moe_layer_desc *d = &m->layers[l];
+	uint32_t H = m->hidden, K = m->top_k;
+	double *ref = calloc(H, 8), *slack = calloc(H, 8), worst = 0;
+	float *sg = d->has_shared_gate ? read_mat(m, &d->shared_gate) : NULL;
+	uint32_t flagged = 0;
+
+	for (uint32_t t = 0; t < n; t++) {
+		const double *x = in + (size_t)t * H;
+		double rms = 0, gate = 1;
+
+		memset(ref, 0, H * 8);
+		memset(slack, 0, H * 8);
+		for (uint32_t k = 0; k < K; k++)
+			ffn_bf16h(m, &d->experts[(uint32_t)fid[(size_t)t * K + k]], m->inter,
+				  fw[(size_t)t * K + k], x, ref, slack);
+		if (d->has_shared) {
+			if (sg) {
+				double z = 0;
+
+				for (uint32_t j = 0; j < H; j++)
+					z += (double)sg[j] * x[j];
+				gate = 1 / (1 + exp(-z));
+			}
+			ffn_bf16h(m, &d->shared, m->shared_inter, gate, x, ref, slack);
+		}
+		for (uint32_t j = 0; j < H; j++)
+			rms += ref[j] * ref[j];
+		rms = sqrt(rms / H);
+		for (uint32_t j = 0; j < H; j++) {
+			double err = fabs(y[(size_t)t * H + j] - ref[j]);
+			double tol = 2e-5 * rms + 1e-5 * fabs(ref[j]) + slack[j];
+
+			flagged += slack[j] > 0;
+			if (!(err <= tol))
+				fail_msg("%s: [%u,%u] = %.9g, want %.9g (tolerance %.3g, of which "
+					 "%.3g for h roundings)", what, t, j, y[(size_t)t * H + j],
+					 ref[j], tol, slack[j]);
+			worst = fmax(worst, err / tol);
+		}
+	}
+	print_message("%s: worst %.2f of the tolerance, %u of %u outputs with a h rounding "
+		      "allowance\n", what, worst, flagged, n * H);
+	free(ref), free(slack), free(sg);
 }
 
 static void forward(struct moe_engine *e, uint32_t layer, enum moe_dtype dt, const void *in,
@@ -97,12 +221,21 @@ static void run_case(const char *name)
 {
 	char dir[1024], ref[1100], err[MOE_ERRLEN], key[128];
 	struct moe_st_file *rf;
-	struct moe_model *m;
-	struct moe_engine *e;
+	struct moe_model *m, *mb = NULL, *mr = NULL;
+	struct moe_engine *e, *eb = NULL;
+	bool bf16 = false;
 
 	snprintf(dir, sizeof(dir), "%s/%s", MOE_FIXTURES_DIR, name);
 	snprintf(ref, sizeof(ref), "%s/reference.safetensors", dir);
-	e = open_engine(dir, 2, 64, &m);
+	/* e: fp32 activations, against the float64 reference; eb (bf16
+	 * models): bf16 precision, what serves them by default */
+	e = open_engine_p(dir, 2, 64, "fp32", &m);
+	bf16 = m->dtype == MOE_DT_BF16;
+	if (bf16) {
+		eb = open_engine(dir, 2, 64, &mb);
+		if (moe_model_open(dir, NULL, &mr, err)) /* to read weights from */
+			fail_msg("%s", err);
+	}
 	if (moe_st_open(ref, &rf, err))
 		fail_msg("%s", err);
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
@@ -174,9 +307,24 @@ static void run_case(const char *name)
 			}
 		}
 
-		/* 3. model-dtype request: against transformers' own output, and
-		 *    bit-for-bit the fp32 result rounded once */
-		forward(e, L, m->dtype, in_m, out_m, n, NULL, NULL);
+		/* 3. bf16 precision (bf16 models): the same routing, against
+		 *    float64 with h rounded to bf16 */
+		if (bf16) {
+			uint32_t *ids_b = malloc(nid * sizeof(uint32_t));
+
+			forward(eb, L, MOE_DT_F32, in32, out32, n, ids_b, NULL);
+			assert_memory_equal(ids_b, ids, nid * sizeof(uint32_t));
+			tu_to_f64(MOE_DT_F32, out32, y, ni);
+			snprintf(key, sizeof(key), "%s layer %u fp32 (bf16 precision, %s kernels) vs "
+				 "ref64 with bf16 h", name, L, moe_engine_kernels(eb));
+			check_bf16_precision(key, mr, l, in, fid, fw, y, n);
+			free(ids_b);
+		}
+
+		/* 4. model-dtype request (the default precision): against
+		 *    transformers' own output, and bit-for-bit the fp32 result
+		 *    rounded once */
+		forward(bf16 ? eb : e, L, m->dtype, in_m, out_m, n, NULL, NULL);
 		tu_to_f64(m->dtype, out_m, y, ni);
 		snprintf(key, sizeof(key), "%s layer %u %s vs transformers", name, L,
 			 moe_dtype_name(m->dtype));
@@ -191,6 +339,11 @@ static void run_case(const char *name)
 	moe_st_close(rf);
 	moe_engine_destroy(e);
 	moe_model_free(m);
+	if (eb) {
+		moe_engine_destroy(eb);
+		moe_model_free(mb);
+		moe_model_free(mr);
+	}
 }
 
 static void test_fixture(void **state)

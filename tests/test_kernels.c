@@ -14,6 +14,7 @@
 
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
+#include "kernels/cpu/pairs.h"
 #include "kernels/cpu/panel.h"
 #include "kernels/cpu/route.h"
 #include "kernels/cpu/swiglu.h"
@@ -345,6 +346,8 @@ static void test_panels(void **state)
 	int ran = 0;
 
 	for (int isa = 0; isa < MOE_ISA_COUNT; isa++) {
+		if (moe_cpu_isa_bf16((enum moe_cpu_isa)isa))
+			continue; /* their fp32 kernels are avx512's; test_pairs */
 		if (!moe_cpu_isa_supported((enum moe_cpu_isa)isa)) {
 			print_message("panel kernels: %s path SKIPPED (this CPU lacks it)\n",
 				      moe_cpu_isa_name((enum moe_cpu_isa)isa));
@@ -362,6 +365,137 @@ static void test_panels(void **state)
 							     ns[c], &r);
 	}
 	assert_true(ran >= 1);
+}
+
+static uint16_t bf16_normal(struct moe_rng *r)
+{
+	return moe_f32_to_bf16((float)moe_rng_normal(r));
+}
+
+/* One bf16 path's kernels (pairs.h) against float64 on bf16 data: token
+ * counts across the tile heights (12 for avx512bf16, 16/32 for amx), K with
+ * tails (padded to 32), partial last panels. Tolerances: the sums as in
+ * check_panels ((K + 2) * 2^-24 * sum |x_k w_k|, whatever the order, plus
+ * K * 2^-126 for the denormals both instructions flush); h is rounded to
+ * bf16, which adds at most 2^-8 * |h|, and its exp is within 2e-6.
+ * Then batch invariance: every token alone gives the same bits. */
+static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t K, uint32_t n,
+			struct moe_rng *r)
+{
+	uint32_t kp = moe_pairs_kp(K), ldh = (n + 15) / 16 * 16 + 16;
+	size_t xrows = m + MOE_PAIRS_SLACK_ROWS;
+	uint16_t *x = calloc(xrows * kp, 2), *w = malloc((size_t)2 * n * K * 2);
+	uint16_t *h = malloc((size_t)m * ldh * 2), *h1 = malloc((size_t)ldh * 2);
+	void *pr = aligned_alloc(64, moe_pairs_rows_bytes(n, K));
+	void *pg = aligned_alloc(64, moe_pairs_gate_up_bytes(n, K));
+	float *y = malloc((size_t)m * (n + 1) * 4), *y1 = malloc((size_t)(n + 1) * 4);
+	float *sc = malloc(m * 4);
+	double bound = (K + 2) * ldexp(1, -24), tiny = K * ldexp(1, -126);
+
+	for (uint32_t t = 0; t < m; t++) {
+		for (uint32_t k = 0; k < K; k++)
+			x[(size_t)t * kp + k] = bf16_normal(r);
+		sc[t] = (float)moe_rng_uniform(r) + 0.5f;
+	}
+	for (size_t i = m * (size_t)kp; i < xrows * kp; i++) /* slack: anything */
+		x[i] = bf16_normal(r);
+	for (size_t i = 0; i < (size_t)2 * n * K; i++)
+		w[i] = bf16_normal(r);
+	moe_pairs_pack_rows(w, n, K, pr);
+	moe_pairs_pack_gate_up(w, w + (size_t)n * K, n, K, pg);
+
+	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
+		y[i] = -7.0f;
+	kn->rows(x, kp, m, pr, K, n, y, n + 1, sc);
+	for (uint32_t t = 0; t < m; t++) {
+		for (uint32_t j = 0; j < n; j++) {
+			double ref = 0, mag = 0;
+
+			for (uint32_t k = 0; k < K; k++) {
+				double v = (double)moe_bf16_to_f32(x[(size_t)t * kp + k]) *
+					   moe_bf16_to_f32(w[(size_t)j * K + k]);
+
+				ref += v;
+				mag += fabs(v);
+			}
+			ref *= sc[t];
+			if (fabs(y[(size_t)t * (n + 1) + j] - ref) >
+			    (bound * mag * 1.0001 + tiny) * sc[t] + 1e-30)
+				fail_msg("%s rows m%u K%u n%u: y[%u,%u] = %.9g, want %.9g",
+					 moe_cpu_isa_name(kn->isa), m, K, n, t, j,
+					 (double)y[(size_t)t * (n + 1) + j], ref);
+		}
+		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
+		for (uint32_t j = 0; j <= n; j++)
+			y1[j] = -7.0f;
+		kn->rows(x + (size_t)t * kp, kp, 1, pr, K, n, y1, n + 1, sc + t);
+		if (memcmp(y1, y + (size_t)t * (n + 1), (n + 1) * 4))
+			fail_msg("%s rows m%u K%u n%u: token %u alone differs", moe_cpu_isa_name(kn->isa),
+				 m, K, n, t);
+	}
+
+	for (size_t i = 0; i < (size_t)m * ldh; i++)
+		h[i] = 0x7fc1; /* a NaN: the guard */
+	kn->gate_up(x, kp, m, pg, K, n, h, ldh);
+	for (uint32_t t = 0; t < m; t++) {
+		for (uint32_t j = 0; j < n; j++) {
+			double g = 0, u = 0, mg = 0, mu = 0, ref, dg, du;
+			const uint16_t *wg = w + (size_t)j * K, *wu = w + ((size_t)n + j) * K;
+			double got = moe_bf16_to_f32(h[(size_t)t * ldh + j]);
+
+			for (uint32_t k = 0; k < K; k++) {
+				double xv = moe_bf16_to_f32(x[(size_t)t * kp + k]);
+
+				g += xv * moe_bf16_to_f32(wg[k]);
+				u += xv * moe_bf16_to_f32(wu[k]);
+				mg += fabs(xv * moe_bf16_to_f32(wg[k]));
+				mu += fabs(xv * moe_bf16_to_f32(wu[k]));
+			}
+			ref = g / (1 + exp(-g)) * u;
+			dg = 1.1 * (bound * mg + tiny) * fabs(u);
+			du = fabs(g / (1 + exp(-g))) * (bound * mu + tiny);
+			if (fabs(got - ref) > (dg + du) * 1.01 + (ldexp(1, -8) + 2e-6) * fabs(ref) + 1e-30)
+				fail_msg("%s gate_up m%u K%u n%u: h[%u,%u] = %.9g, want %.9g",
+					 moe_cpu_isa_name(kn->isa), m, K, n, t, j, got, ref);
+		}
+		for (uint32_t j = n; j < (n + 15) / 16 * 16; j++) /* the block's tail: zero */
+			assert_int_equal(h[(size_t)t * ldh + j], 0);
+		for (uint32_t j = (n + 15) / 16 * 16; j < ldh; j++) /* past it: untouched */
+			assert_int_equal(h[(size_t)t * ldh + j], 0x7fc1);
+		kn->gate_up(x + (size_t)t * kp, kp, 1, pg, K, n, h1, ldh);
+		if (memcmp(h1, h + (size_t)t * ldh, (n + 15) / 16 * 16 * 2))
+			fail_msg("%s gate_up m%u K%u n%u: token %u alone differs",
+				 moe_cpu_isa_name(kn->isa), m, K, n, t);
+	}
+	free(x), free(w), free(h), free(h1), free(pr), free(pg), free(y), free(y1), free(sc);
+}
+
+static void test_pairs(void **state)
+{
+	static const uint32_t ms[] = {1, 2, 5, 12, 13, 16, 17, 31, 32, 33, 50};
+	static const uint32_t ks[] = {1, 32, 33, 100, 300}, ns[] = {1, 15, 16, 17, 40, 70};
+	static const enum moe_cpu_isa paths[] = {MOE_ISA_AVX512BF16, MOE_ISA_AMX};
+	struct moe_rng r = {9};
+	char err[200];
+
+	for (size_t i = 0; i < 2; i++) {
+		const char *name = moe_cpu_isa_name(paths[i]);
+
+		if (!moe_cpu_isa_supported(paths[i])) {
+			print_message("pairs kernels: %s path SKIPPED (this CPU lacks it)\n", name);
+			continue;
+		}
+		if (paths[i] == MOE_ISA_AMX && moe_cpu_amx_enable(err, sizeof(err))) {
+			print_message("pairs kernels: amx path SKIPPED (%s)\n", err);
+			continue;
+		}
+		print_message("pairs kernels: %s path tested\n", name);
+		for (size_t a = 0; a < sizeof(ms) / 4; a++)
+			for (size_t b = 0; b < sizeof(ks) / 4; b++)
+				for (size_t c = 0; c < sizeof(ns) / 4; c++)
+					check_pairs(moe_pairs_kernels_for(paths[i]), ms[a], ks[b],
+						    ns[c], &r);
+	}
 }
 
 /* Forcing a path: by name (from cpu.isa or MOE_CPU_ISA, as the message
@@ -404,6 +538,7 @@ int main(void)
 		cmocka_unit_test(test_route_softmax),
 		cmocka_unit_test(test_route_groups),
 		cmocka_unit_test(test_panels),
+		cmocka_unit_test(test_pairs),
 		cmocka_unit_test(test_isa_resolve),
 	};
 

@@ -88,8 +88,12 @@ struct moe_fwd {
  * configuration or, in the mains, the environment: moe_engine_opts_from_env).
  * NULL/0 fields: the defaults. */
 struct moe_backend_tuning {
-	const char *isa;	/* CPU kernels: "auto", "scalar", "avx2", "avx512" */
+	const char *isa;	/* CPU kernels: "auto", "scalar", "avx2", "avx512",
+				 * "avx512bf16", "amx" */
 	const char *isa_from;	/* what named it, for messages ("cpu.isa", "MOE_CPU_ISA") */
+	const char *precision;	/* CPU activations: "auto" (bf16 for bf16 models, fp32
+				 * otherwise), "bf16" (h rounded to bf16 before the down
+				 * projection, as transformers does), "fp32" */
 	const char *cuda_gemm;	/* "auto", "cublas", "small", "grouped" (MOE_CUDA_GEMM) */
 	bool cuda_no_graphs;	/* MOE_CUDA_GRAPHS=0: small batches launch kernel by kernel */
 	bool cuda_fused;	/* MOE_CUDA_FUSED=1: the fused small front */
@@ -159,7 +163,8 @@ struct moe_backend_ops {
 	/* Bytes of workspaces rank_init allocates for this shape (host memory
 	 * for the CPU, device memory for a device backend), from the same
 	 * list rank_init allocates: moed -t prints what is allocated. */
-	uint64_t (*workspace_bytes)(const struct moe_model *m, const struct moe_rank_shape *s);
+	uint64_t (*workspace_bytes)(const struct moe_model *m, const struct moe_rank_shape *s,
+				    const struct moe_backend_tuning *t);
 	void (*rank_fini)(struct moe_rank *r);
 	/* Makes ls->router_dev from ls->router; layer_fini frees it. */
 	int (*layer_init)(struct moe_rank *r, const struct moe_model *m, struct moe_layer_state *ls);

@@ -3,6 +3,13 @@
  * kernels (scalar, AVX2, AVX-512) spread over the rank's thread pool. The
  * stages over the exchange buffers are in backend_cpu_stages.c.
  *
+ * On the bf16 paths (avx512bf16, amx) a bf16 model's experts are packed in
+ * pairs along K (kernels/cpu/pairs.h) and computed with bf16 activations:
+ * a first pass copies every group's x to bf16 (exact: x was rounded to the
+ * model dtype on arrival), the FFN passes read that and keep h in bf16.
+ * cpu.precision fp32, or an f32/f16 model, runs the avx512 kernels there
+ * instead, which the rank's description says.
+ *
  * The expert FFNs run in two passes so that every task writes rows nobody
  * else writes: pass 1 computes h = silu(x Wgᵀ) * (x Wuᵀ) in tiles of
  * (token block x 8 intermediate rows x PB panels), pass 2 computes
@@ -18,6 +25,7 @@
 #include <sys/mman.h>
 
 #include "daemon/engine/backend_cpu.h"
+#include "daemon/engine/log.h"
 #include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/panel.h"
@@ -28,6 +36,60 @@
 #define TOK_BLOCK	48
 #define PANELS_PER_TILE 4
 #define ROUTE_BLOCK	16
+/* The bf16 kernels' tiles: up to PAIRS_TOK tokens (a task streams its
+ * weights once, then reuses them from L2) x PAIRS_GU 16-column blocks of
+ * gate/up or PAIRS_DOWN 16-column panels of down. */
+#define PAIRS_TOK  256
+#define PAIRS_GU   2
+#define PAIRS_DOWN 4
+#define CONV_ROWS  64 /* rows per task of the bf16 copy of x */
+
+/* Which kernels a rank runs for this model and tuning: isa resolved (and
+ * amx's permission asked), kb set for the bf16 paths on a bf16 model at
+ * bf16 precision. note: why a bf16 path does not run them (or ""). */
+struct cpu_choice {
+	enum moe_cpu_isa isa;
+	const struct moe_pairs_kernels *kb;
+	bool round_h;
+	char note[MOE_ERRLEN];
+};
+
+static int cpu_choose(const struct moe_model *m, const struct moe_backend_tuning *t,
+		      struct cpu_choice *ch, char *err)
+{
+	const char *prec = t && t->precision ? t->precision : "auto";
+	bool bf16;
+	int ret;
+
+	*ch = (struct cpu_choice){0};
+	ret = moe_cpu_isa_resolve(t ? t->isa : NULL, t ? t->isa_from : NULL, &ch->isa, err,
+				  MOE_ERRLEN);
+	if (ret)
+		return ret;
+	if (err[0]) /* auto, amx refused: taken the next path */
+		snprintf(ch->note, sizeof(ch->note), "%s", err);
+	err[0] = 0;
+	if (strcmp(prec, "auto") == 0)
+		bf16 = m->dtype == MOE_DT_BF16;
+	else if (strcmp(prec, "bf16") == 0)
+		bf16 = true;
+	else if (strcmp(prec, "fp32") == 0)
+		bf16 = false;
+	else
+		return moe_err(err, -EINVAL, "cpu.precision=%s: unknown (auto, bf16, fp32)", prec);
+	if (moe_cpu_isa_bf16(ch->isa)) {
+		if (m->dtype == MOE_DT_BF16 && bf16)
+			ch->kb = moe_pairs_kernels_for(ch->isa);
+		else if (!ch->note[0])
+			snprintf(ch->note, sizeof(ch->note),
+				 "%s kernels run bf16 models at bf16 precision; this %s model at "
+				 "%s precision runs the avx512 kernels",
+				 moe_cpu_isa_name(ch->isa), moe_dtype_name(m->dtype),
+				 bf16 ? "bf16" : "fp32");
+	}
+	ch->round_h = bf16 && !ch->kb;
+	return 0;
+}
 
 /* The rank's workspaces, one list for sizing (moed -t) and allocating, so
  * that the stages never allocate (and never fail halfway through a batch
@@ -49,12 +111,28 @@ static void *buf(struct cpu_list *L, size_t bytes)
 	return p;
 }
 
+/* Zeroed and 64-byte aligned (the bf16 copies: their pad columns stay 0). */
+static void *zbuf(struct cpu_list *L, size_t bytes)
+{
+	void *p;
+
+	bytes = (bytes + 63) & ~(size_t)63;
+	L->bytes += bytes;
+	if (!L->alloc)
+		return NULL;
+	p = aligned_alloc(64, bytes ? bytes : 64);
+	if (p)
+		memset(p, 0, bytes ? bytes : 64);
+	L->failed |= !p;
+	return p;
+}
+
 /* Per round a rank routes at most share_cap = ceil(chunk / R) tokens and
  * receives at most recv_cap rows: every (token, k) row of the chunk when
  * several ranks send, its own share's otherwise. The most tiles: per group
  * ceil(rows / TOK_BLOCK) token blocks, groups one per slot plus shared. */
 static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct moe_model *m,
-			const struct moe_rank_shape *s, struct cpu_list *L)
+			const struct moe_rank_shape *s, bool pairs, struct cpu_list *L)
 {
 	size_t H = m->hidden, K = m->top_k, E = m->n_experts, R = s->n_ranks;
 	size_t S = s->slots_per_rank, MR = MOE_MAX_REPLICAS;
@@ -82,9 +160,24 @@ static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct mo
 		c->xs = buf(L, rc * H * sizeof(float));
 		c->xs_scale = buf(L, rc * sizeof(float));
 	}
-	c->hs = buf(L, rc * m->inter * sizeof(float));
+	if (pairs) {
+		size_t slack = MOE_PAIRS_SLACK_ROWS;
+
+		/* rows padded by 64 bytes: a 16-row tile of rows 4 KiB apart
+		 * would fall in one L1 set (measured 3x slower) */
+		c->ldxb = moe_pairs_kp(m->hidden) + MOE_PAIRS_K;
+		c->ldhb = moe_pairs_kp(m->inter) + MOE_PAIRS_K;
+		c->ldshb = moe_pairs_kp(m->shared_inter ? m->shared_inter : 1) + MOE_PAIRS_K;
+		c->xb16 = zbuf(L, (rc + sc + slack) * c->ldxb * 2);
+		c->hb16 = zbuf(L, (rc + slack) * c->ldhb * 2);
+		if (m->shared_inter)
+			c->shb16 = zbuf(L, (sc + slack) * c->ldshb * 2);
+	} else {
+		c->hs = buf(L, rc * m->inter * sizeof(float));
+	}
 	if (m->shared_inter) {
-		c->sh_h = buf(L, sc * m->shared_inter * sizeof(float));
+		if (!pairs)
+			c->sh_h = buf(L, sc * m->shared_inter * sizeof(float));
 		c->sh_y = buf(L, sc * H * sizeof(float));
 		c->sh_sc = buf(L, sc * sizeof(float));
 	}
@@ -111,13 +204,18 @@ static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct mo
 	xb->recv_rows = buf(L, R * sizeof(uint32_t));
 }
 
-static uint64_t cpu_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s)
+static uint64_t cpu_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s,
+				    const struct moe_backend_tuning *t)
 {
 	struct cpu_rank c;
 	struct moe_xbuf xb;
 	struct cpu_list L = {0};
+	struct cpu_choice ch;
+	char err[MOE_ERRLEN];
 
-	cpu_buffers(&c, &xb, m, s, &L);
+	if (cpu_choose(m, t, &ch, err))
+		ch.kb = NULL; /* (rank_init will say why) */
+	cpu_buffers(&c, &xb, m, s, ch.kb != NULL, &L);
 	return L.bytes;
 }
 
@@ -141,6 +239,9 @@ static void cpu_rank_fini(struct moe_rank *r)
 	free(c->xs);
 	free(c->xs_scale);
 	free(c->hs);
+	free(c->xb16);
+	free(c->hb16);
+	free(c->shb16);
 	free(c->sh_h);
 	free(c->sh_y);
 	free(c->sh_sc);
@@ -169,23 +270,33 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m,
 	struct cpu_rank *c = calloc(1, sizeof(*c));
 	struct cpu_list L = {.alloc = true};
 	struct moe_rank_shape s = r->shape;
-	enum moe_cpu_isa chosen;
+	struct cpu_choice ch;
 	int ret;
 
 	if (!c)
 		return moe_err(err, -ENOMEM, "cpu rank: out of memory");
 	r->priv = c;
-	ret = moe_cpu_isa_resolve(t->isa, t->isa_from, &chosen, err, MOE_ERRLEN);
+	ret = cpu_choose(m, t, &ch, err);
 	if (ret) {
 		cpu_rank_fini(r);
 		return ret;
 	}
-	c->k = moe_cpu_kernels_for(chosen);
-	r->kernels = moe_cpu_isa_name(chosen);
-	snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels", r->kernels);
+	c->k = moe_cpu_kernels_for(ch.isa);
+	c->kb = ch.kb;
+	c->round_h = ch.round_h;
+	/* what runs the experts: a bf16 path without its kernels runs avx512's */
+	r->kernels = moe_cpu_isa_name(c->kb ? ch.isa : c->k->isa);
+	if (ch.note[0]) {
+		moe_log(LOG_WARNING, "cpu rank %u: %s", r->id, ch.note);
+		snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels (%.140s)", r->kernels,
+			 ch.note);
+	} else {
+		snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels, %s activations",
+			 r->kernels, c->kb || c->round_h ? "bf16" : "fp32");
+	}
 	c->n_workers = moe_pool_threads(r->pool);
 	s.threads = c->n_workers;
-	cpu_buffers(c, &r->xb, m, &s, &L);
+	cpu_buffers(c, &r->xb, m, &s, c->kb != NULL, &L);
 	if (L.failed) {
 		cpu_rank_fini(r);
 		return moe_err(err, -ENOMEM, "cpu rank %u: out of memory for its %.1f MiB of "
@@ -211,14 +322,19 @@ static void cpu_layer_fini(struct moe_rank *r, struct moe_layer_state *ls)
 }
 
 /* The down panels follow the gate/up panels, 64-byte aligned. */
-static size_t gate_up_bytes_dt(enum moe_dtype dt, uint32_t hidden, uint32_t inter)
+static size_t gate_up_bytes(const struct cpu_rank *c, enum moe_dtype dt, uint32_t hidden,
+			    uint32_t inter)
 {
+	if (c->kb)
+		return moe_pairs_gate_up_bytes(inter, hidden); /* (a multiple of 1 KiB) */
 	return (moe_pack_gate_up_bytes(inter, hidden, dt) + 63) & ~(size_t)63;
 }
 
-static size_t gate_up_bytes(const struct moe_model *m, uint32_t inter)
+static size_t slot_bytes(const struct cpu_rank *c, const struct moe_model *m, uint32_t inter)
 {
-	return gate_up_bytes_dt(m->dtype, m->hidden, inter);
+	return gate_up_bytes(c, m->dtype, m->hidden, inter) +
+	       (c->kb ? moe_pairs_rows_bytes(m->hidden, inter)
+		      : moe_pack_rows_bytes(m->hidden, inter, m->dtype));
 }
 
 /* Slots are pages of their own (mmap): long-lived, large, and freed whole
@@ -228,10 +344,9 @@ static size_t gate_up_bytes(const struct moe_model *m, uint32_t inter)
 static int cpu_slot_alloc(struct moe_rank *r, const struct moe_model *m, uint32_t inter,
 			  struct moe_slot *s, char *err)
 {
-	size_t bytes = gate_up_bytes(m, inter) + moe_pack_rows_bytes(m->hidden, inter, m->dtype);
+	size_t bytes = slot_bytes(r->priv, m, inter);
 	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
-	(void)r;
 	s->mem = p == MAP_FAILED ? NULL : p;
 	s->bytes = bytes;
 	s->inter = inter;
@@ -254,6 +369,7 @@ static void cpu_slot_free(struct moe_rank *r, struct moe_slot *s)
 static int cpu_slot_upload(struct moe_rank *r, struct moe_slot *s, struct moe_model *m,
 			   const struct moe_expert_src *src, char *err)
 {
+	const struct cpu_rank *c = r->priv;
 	uint32_t I = src->gate.rows, H = m->hidden;
 	size_t mat = (size_t)I * H * moe_dtype_size(m->dtype);
 	char *stage = malloc(3 * mat);
@@ -269,9 +385,15 @@ static int cpu_slot_upload(struct moe_rank *r, struct moe_slot *s, struct moe_mo
 		ret = moe_model_read(m, &src->up, stage + mat, err);
 	if (!ret)
 		ret = moe_model_read(m, &src->down, stage + 2 * mat, err);
-	if (!ret) {
+	if (!ret && c->kb) {
+		moe_pairs_pack_gate_up((const uint16_t *)stage, (const uint16_t *)(stage + mat), I, H,
+				       s->mem);
+		moe_pairs_pack_rows((const uint16_t *)(stage + 2 * mat), H, I,
+				    (char *)s->mem + gate_up_bytes(c, m->dtype, H, I));
+	} else if (!ret) {
 		moe_pack_gate_up(stage, stage + mat, I, H, m->dtype, s->mem);
-		moe_pack_rows(stage + 2 * mat, H, I, m->dtype, (char *)s->mem + gate_up_bytes(m, I));
+		moe_pack_rows(stage + 2 * mat, H, I, m->dtype,
+			      (char *)s->mem + gate_up_bytes(c, m->dtype, H, I));
 	}
 	free(stage);
 	return ret;
@@ -343,10 +465,14 @@ static void gate_up_task(void *arg, uint32_t task, uint32_t worker)
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
 	uint32_t n_inter = min_u32(PANELS_PER_TILE * 8, I - t->p0 * 8);
 	size_t panel = moe_pack_gate_up_bytes(8, H, fc->dt);
+	float *h = g->h + (size_t)t->t0 * I + (size_t)t->p0 * 8;
 
 	fc->c->k->gate_up(g->x + (size_t)t->t0 * H, H, nt,
 			  (const char *)g->slot->mem + (size_t)t->p0 * panel, fc->dt, H, n_inter,
-			  g->h + (size_t)t->t0 * I + (size_t)t->p0 * 8, I);
+			  h, I);
+	if (fc->c->round_h) /* cpu.precision bf16: as the bf16 kernels store h */
+		for (uint32_t r = 0; r < nt; r++)
+			moe_cpu_round(MOE_DT_BF16, h + (size_t)r * I, n_inter);
 }
 
 static void down_task(void *arg, uint32_t task, uint32_t worker)
@@ -358,25 +484,70 @@ static void down_task(void *arg, uint32_t task, uint32_t worker)
 	uint32_t nt = min_u32(TOK_BLOCK, g->n - t->t0);
 	uint32_t n_rows = min_u32(PANELS_PER_TILE * MOE_PANEL, H - t->p0 * MOE_PANEL);
 	size_t panel = moe_pack_rows_bytes(MOE_PANEL, I, fc->dt);
-	const char *down = (const char *)g->slot->mem + gate_up_bytes_dt(fc->dt, H, I);
+	const char *down = (const char *)g->slot->mem + gate_up_bytes(fc->c, fc->dt, H, I);
 
 	fc->c->k->rows(g->h + (size_t)t->t0 * I, I, nt, down + (size_t)t->p0 * panel, fc->dt, I,
 		       n_rows, g->y + (size_t)t->t0 * H + (size_t)t->p0 * MOE_PANEL, H,
 		       g->scale ? g->scale + t->t0 : NULL);
 }
 
-/* Tiles of every group: token blocks x blocks of PANELS_PER_TILE panels. */
-static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, uint32_t hidden,
-			   bool down, struct cpu_tile *out)
+/* The bf16 kernels: x to bf16, then the same two passes. */
+static void conv_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct ffn_ctx *fc = arg;
+	const struct cpu_tile *t = &fc->c->tiles[task];
+	const struct cpu_group *g = &fc->groups[t->group];
+	uint32_t H = fc->hidden, nt = min_u32(CONV_ROWS, g->n - t->t0);
+
+	for (uint32_t r = t->t0; r < t->t0 + nt; r++)
+		moe_cpu_from_f32(MOE_DT_BF16, g->x + (size_t)r * H, g->xb + (size_t)r * g->ldxb, H);
+}
+
+static void pairs_gate_up_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct ffn_ctx *fc = arg;
+	const struct cpu_tile *t = &fc->c->tiles[task];
+	const struct cpu_group *g = &fc->groups[t->group];
+	uint32_t H = fc->hidden, I = g->slot->inter;
+	uint32_t nt = min_u32(PAIRS_TOK, g->n - t->t0);
+	uint32_t n_inter = min_u32(PAIRS_GU * MOE_PAIRS_N, I - t->p0 * MOE_PAIRS_N);
+	size_t block = 2 * moe_pairs_panel_bytes(H);
+
+	fc->c->kb->gate_up(g->xb + (size_t)t->t0 * g->ldxb, g->ldxb, nt,
+			   (const char *)g->slot->mem + (size_t)t->p0 * block, H, n_inter,
+			   g->hb + (size_t)t->t0 * g->ldhb + (size_t)t->p0 * MOE_PAIRS_N, g->ldhb);
+}
+
+static void pairs_down_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct ffn_ctx *fc = arg;
+	const struct cpu_tile *t = &fc->c->tiles[task];
+	const struct cpu_group *g = &fc->groups[t->group];
+	uint32_t H = fc->hidden, I = g->slot->inter;
+	uint32_t nt = min_u32(PAIRS_TOK, g->n - t->t0);
+	uint32_t n_rows = min_u32(PAIRS_DOWN * MOE_PAIRS_N, H - t->p0 * MOE_PAIRS_N);
+	const char *down = (const char *)g->slot->mem + gate_up_bytes(fc->c, fc->dt, H, I);
+
+	fc->c->kb->rows(g->hb + (size_t)t->t0 * g->ldhb, g->ldhb, nt,
+			down + (size_t)t->p0 * moe_pairs_panel_bytes(I), I, n_rows,
+			g->y + (size_t)t->t0 * H + (size_t)t->p0 * MOE_PAIRS_N, H,
+			g->scale ? g->scale + t->t0 : NULL);
+}
+
+/* Tiles of every group: blocks of `tok` tokens x blocks of `per` of the
+ * group's np panels (np from the panel width `width` over the columns). */
+static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, uint32_t cols_h,
+			   uint32_t tok, uint32_t width, uint32_t per, struct cpu_tile *out)
 {
 	uint32_t n = 0;
 
 	for (uint32_t gi = 0; gi < n_groups; gi++) {
 		const struct cpu_group *g = &groups[gi];
-		uint32_t np = down ? (hidden + MOE_PANEL - 1) / MOE_PANEL : (g->slot->inter + 7) / 8;
+		uint32_t cols = cols_h ? cols_h : g->slot->inter;
+		uint32_t np = (cols + width - 1) / width;
 
-		for (uint32_t t0 = 0; t0 < g->n; t0 += TOK_BLOCK)
-			for (uint32_t p0 = 0; p0 < np; p0 += PANELS_PER_TILE) {
+		for (uint32_t t0 = 0; t0 < g->n; t0 += tok)
+			for (uint32_t p0 = 0; p0 < np; p0 += per) {
 				if (out)
 					out[n] = (struct cpu_tile){gi, t0, p0};
 				n++;
@@ -385,21 +556,42 @@ static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, ui
 	return n;
 }
 
+/* One pass over the tiles of (tok x per panels of width) */
+static int pass(struct moe_rank *r, struct ffn_ctx *fc, uint32_t n_groups, uint32_t cols_h,
+		uint32_t tok, uint32_t width, uint32_t per, void (*fn)(void *, uint32_t, uint32_t))
+{
+	struct cpu_rank *c = r->priv;
+	uint32_t n = make_tiles(fc->groups, n_groups, cols_h, tok, width, per, NULL);
+
+	if (n > c->tiles_cap) /* cannot happen: sized for a round */
+		return -EOVERFLOW;
+	make_tiles(fc->groups, n_groups, cols_h, tok, width, per, c->tiles);
+	moe_pool_run(r->pool, n, fn, fc);
+	return 0;
+}
+
 int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 		   const struct cpu_group *g, uint32_t n_groups)
 {
 	struct cpu_rank *c = r->priv;
 	struct ffn_ctx fc = {c, g, hidden, wdt};
-	uint32_t n1 = make_tiles(g, n_groups, hidden, false, NULL);
-	uint32_t n2 = make_tiles(g, n_groups, hidden, true, NULL);
+	int ret;
 
-	if ((n1 > n2 ? n1 : n2) > c->tiles_cap) /* cannot happen: sized for a round */
-		return -EOVERFLOW;
-	make_tiles(g, n_groups, hidden, false, c->tiles);
-	moe_pool_run(r->pool, n1, gate_up_task, &fc);
-	make_tiles(g, n_groups, hidden, true, c->tiles);
-	moe_pool_run(r->pool, n2, down_task, &fc);
-	return 0;
+	if (c->kb) {
+		ret = pass(r, &fc, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
+		if (!ret)
+			ret = pass(r, &fc, n_groups, 0, PAIRS_TOK, MOE_PAIRS_N, PAIRS_GU,
+				   pairs_gate_up_task);
+		if (!ret)
+			ret = pass(r, &fc, n_groups, hidden, PAIRS_TOK, MOE_PAIRS_N, PAIRS_DOWN,
+				   pairs_down_task);
+		return ret;
+	}
+	ret = pass(r, &fc, n_groups, 0, TOK_BLOCK, 8, PANELS_PER_TILE, gate_up_task);
+	if (!ret)
+		ret = pass(r, &fc, n_groups, hidden, TOK_BLOCK, MOE_PANEL, PANELS_PER_TILE,
+			   down_task);
+	return ret;
 }
 
 const struct moe_backend_ops moe_backend_cpu = {

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 
 #include "daemon/engine/backend.h"
+#include "kernels/cpu/pairs.h"
 
 /* One expert FFN over the rows given to it:
  *   y[r] = scale[r] * down(silu(gate x[r]) * up x[r])   for r < n */
@@ -19,6 +20,10 @@ struct cpu_group {
 	float *h;	    /* [n, inter] scratch */
 	float *y;	    /* [n, H] */
 	const float *scale; /* [n] or NULL (1) */
+	/* the bf16 kernels' copies (pairs.h; rows of ldxb / ldhb elements) */
+	uint16_t *xb; /* [n, ldxb] x in bf16 */
+	uint16_t *hb; /* [n, ldhb] h in bf16 */
+	uint32_t ldxb, ldhb;
 };
 
 struct cpu_tile {
@@ -26,7 +31,9 @@ struct cpu_tile {
 };
 
 struct cpu_rank {
-	const struct moe_cpu_kernels *k;
+	const struct moe_cpu_kernels *k;	/* fp32 activations (and the router) */
+	const struct moe_pairs_kernels *kb; /* bf16 activations, or NULL */
+	bool round_h;			    /* k rounds h to bf16 (cpu.precision bf16) */
 	uint32_t n_workers;
 	uint32_t share_cap; /* tokens of a chunk one rank routes: ceil(chunk / R) */
 	uint32_t recv_cap;  /* rows a rank may receive in a round */
@@ -47,6 +54,11 @@ struct cpu_rank {
 	float *hs;	      /* [recv_cap, I] */
 	float *sh_h, *sh_y, *sh_sc; /* shared: [share_cap, Is], [.., H], [..] */
 	bool permuted;	      /* this round's rows went through xs */
+	/* kb only: x of every group then of the share, h of the routed groups
+	 * and of the shared expert, in bf16 (zeroed: the columns past H / I
+	 * stay zero; MOE_PAIRS_SLACK_ROWS rows past each) */
+	uint16_t *xb16, *hb16, *shb16;
+	uint32_t ldxb, ldhb, ldshb;
 	struct cpu_group *groups; /* [S + 1] */
 	/* combine */
 	float *acc; /* [H] */

@@ -231,20 +231,28 @@ int cpu_experts(struct moe_rank *r, const struct moe_model *m, struct moe_stage 
 			continue;
 		if (!st->slots[s].mem || st->slots[s].inter != I)
 			return -EINVAL; /* a placement naming an empty slot */
-		c->groups[ng++] = (struct cpu_group){
+		c->groups[ng] = (struct cpu_group){
 			.slot = &st->slots[s],
 			.n = n,
 			.x = x + (size_t)rows * H,
-			.h = c->hs + (size_t)rows * I,
 			.y = y + (size_t)rows * H,
 			.scale = sc + rows,
 		};
+		if (c->kb) {
+			c->groups[ng].xb = c->xb16 + (size_t)rows * c->ldxb;
+			c->groups[ng].hb = c->hb16 + (size_t)rows * c->ldhb;
+			c->groups[ng].ldxb = c->ldxb;
+			c->groups[ng].ldhb = c->ldhb;
+		} else {
+			c->groups[ng].h = c->hs + (size_t)rows * I;
+		}
+		ng++;
 		rows += n;
 	}
 	if (ls->shared.mem && st->n) {
 		if (ls->shared_gate)
 			shared_gate(c, m, ls->shared_gate, st->n);
-		c->groups[ng++] = (struct cpu_group){
+		c->groups[ng] = (struct cpu_group){
 			.slot = &ls->shared,
 			.n = st->n,
 			.x = c->x,
@@ -252,6 +260,13 @@ int cpu_experts(struct moe_rank *r, const struct moe_model *m, struct moe_stage 
 			.y = c->sh_y,
 			.scale = ls->shared_gate ? c->sh_sc : NULL,
 		};
+		if (c->kb) { /* its x after the routed rows' (recv_cap of them) */
+			c->groups[ng].xb = c->xb16 + (size_t)c->recv_cap * c->ldxb;
+			c->groups[ng].hb = c->shb16;
+			c->groups[ng].ldxb = c->ldxb;
+			c->groups[ng].ldhb = c->ldshb;
+		}
+		ng++;
 	}
 	ret = ng ? cpu_run_groups(r, m->dtype, H, c->groups, ng) : 0;
 	if (!ret && c->permuted)

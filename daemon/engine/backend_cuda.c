@@ -204,7 +204,8 @@ static int alloc_workspaces(struct cuda_rank *c, const struct moe_model *m, char
 
 
 /* Device memory alloc_workspaces takes: the same list, counted. */
-static uint64_t cuda_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s)
+static uint64_t cuda_workspace_bytes(const struct moe_model *m, const struct moe_rank_shape *s,
+				     const struct moe_backend_tuning *t)
 {
 	struct cuda_rank c = {.sizing = true, .max_tokens = s->max_tokens};
 	char err[MOE_ERRLEN];

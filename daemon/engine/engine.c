@@ -334,7 +334,7 @@ int moe_engine_create(struct moe_model *m, const struct moe_engine_opts *o,
 						.pool = e->rank_pool[r], .shape = sh};
 		ret = ops->rank_init(&e->ranks[r], m, &tuning, err);
 		if (!ret && !e->device && ops->workspace_bytes)
-			e->ws_bytes += ops->workspace_bytes(m, &sh);
+			e->ws_bytes += ops->workspace_bytes(m, &sh, &tuning);
 		if (ret) {
 			e->ranks[r].ops = NULL; /* rank_init cleaned up */
 			goto err_destroy;
@@ -601,7 +601,7 @@ uint64_t moe_engine_workspace_bytes(const struct moe_model *m, const struct moe_
 		uint32_t t = T / e.n_ranks + (r < T % e.n_ranks);
 		struct moe_rank_shape sh = rank_shape(&e, t ? t : 1);
 
-		e.ws_bytes += ops->workspace_bytes(m, &sh);
+		e.ws_bytes += ops->workspace_bytes(m, &sh, o ? &o->tuning : &(struct moe_backend_tuning){0});
 	}
 	return e.ws_bytes;
 }
@@ -619,7 +619,7 @@ uint64_t moe_engine_device_workspace_bytes(const struct moe_model *m,
 	    !ops->workspace_bytes)
 		return 0;
 	sh.chunk = sh.max_tokens < CHUNK_TOKENS ? sh.max_tokens : CHUNK_TOKENS;
-	return ops->workspace_bytes(m, &sh);
+	return ops->workspace_bytes(m, &sh, o ? &o->tuning : &(struct moe_backend_tuning){0});
 }
 
 uint64_t moe_engine_allocated_workspace_bytes(const struct moe_engine *e)

@@ -2,6 +2,7 @@
 
 #include <cpuid.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,7 +10,18 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-static const char *const names[MOE_ISA_COUNT] = {"scalar", "avx2", "avx512"};
+static const char *const names[MOE_ISA_COUNT] = {"scalar", "avx2", "avx512", "avx512bf16",
+						 "amx"};
+
+/* Paths the whole suite has passed with on a CPU that has them (which CPU
+ * and when: bench/RESULTS.md, "CPU paths verified"). */
+static const bool verified[MOE_ISA_COUNT] = {
+	[MOE_ISA_SCALAR] = true,
+	[MOE_ISA_AVX2] = true,
+	[MOE_ISA_AVX512] = true,
+	[MOE_ISA_AVX512BF16] = false,
+	[MOE_ISA_AMX] = false,
+};
 
 const char *moe_cpu_isa_name(enum moe_cpu_isa isa)
 {
@@ -70,6 +82,10 @@ bool moe_cpu_isa_supported(enum moe_cpu_isa isa)
 		return f.avx2;
 	case MOE_ISA_AVX512:
 		return f.avx512;
+	case MOE_ISA_AVX512BF16:
+		return f.avx512 && f.bf16;
+	case MOE_ISA_AMX:
+		return f.avx512 && f.bf16 && f.amx_bf16;
 	default:
 		return false;
 	}
@@ -85,28 +101,51 @@ bool moe_cpu_has_amx_bf16(void)
 	return detect().amx_bf16;
 }
 
-int moe_cpu_amx_enable(char *err, size_t n)
+/* Asked once per process: the answer does not change. */
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static int amx_ret;
+static char amx_err[160];
+
+static void amx_ask(void)
 {
 	enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
 
 	if (!detect().amx_bf16) {
-		snprintf(err, n, "this CPU (or its OS) has no AMX-BF16");
-		return -ENOTSUP;
+		snprintf(amx_err, sizeof(amx_err), "this CPU (or its OS) has no AMX-BF16");
+		amx_ret = -ENOTSUP;
+		return;
 	}
-	/* Linux >= 5.16: the tile data state is granted per process */
+	/* Linux >= 5.16: the tile data state is granted per process (every
+	 * thread, those already running included) */
 	if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) {
-		int e = errno;
-
-		snprintf(err, n, "the kernel refused AMX tile data (arch_prctl: %s)", strerror(e));
-		return -e;
+		amx_ret = -errno;
+		snprintf(amx_err, sizeof(amx_err), "the kernel refused AMX tile data (arch_prctl: %s)",
+			 strerror(-amx_ret));
 	}
-	return 0;
+}
+
+int moe_cpu_amx_enable(char *err, size_t n)
+{
+	pthread_once(&amx_once, amx_ask);
+	if (amx_ret)
+		snprintf(err, n, "%s", amx_err);
+	return amx_ret;
+}
+
+bool moe_cpu_isa_verified(enum moe_cpu_isa isa)
+{
+	return (unsigned)isa < MOE_ISA_COUNT && verified[isa];
+}
+
+bool moe_cpu_isa_bf16(enum moe_cpu_isa isa)
+{
+	return isa == MOE_ISA_AVX512BF16 || isa == MOE_ISA_AMX;
 }
 
 enum moe_cpu_isa moe_cpu_isa_best(void)
 {
 	for (int i = MOE_ISA_COUNT - 1; i > 0; i--)
-		if (moe_cpu_isa_supported((enum moe_cpu_isa)i))
+		if (verified[i] && moe_cpu_isa_supported((enum moe_cpu_isa)i))
 			return (enum moe_cpu_isa)i;
 	return MOE_ISA_SCALAR;
 }
@@ -119,8 +158,16 @@ int moe_cpu_isa_resolve(const char *request, const char *what, enum moe_cpu_isa 
 	if (!what)
 		what = "cpu.isa";
 
+	if (errlen)
+		err[0] = 0;
 	if (!s || strcmp(s, "auto") == 0) {
+		char why[160];
+
 		*out = moe_cpu_isa_best();
+		if (*out == MOE_ISA_AMX && moe_cpu_amx_enable(why, sizeof(why))) {
+			*out = MOE_ISA_AVX512BF16;
+			snprintf(err, errlen, "amx not used: %s; running avx512bf16", why);
+		}
 		return 0;
 	}
 	for (int i = 0; i < MOE_ISA_COUNT; i++) {
@@ -131,9 +178,19 @@ int moe_cpu_isa_resolve(const char *request, const char *what, enum moe_cpu_isa 
 				 what, s, s, names[moe_cpu_isa_best()]);
 			return -ENOTSUP;
 		}
+		if (i == MOE_ISA_AMX) {
+			char why[160];
+			int ret = moe_cpu_amx_enable(why, sizeof(why));
+
+			if (ret) {
+				snprintf(err, errlen, "%s=amx: %s", what, why);
+				return ret;
+			}
+		}
 		*out = (enum moe_cpu_isa)i;
 		return 0;
 	}
-	snprintf(err, errlen, "%s=%s: unknown (auto, scalar, avx2, avx512)", what, s);
+	snprintf(err, errlen, "%s=%s: unknown (auto, scalar, avx2, avx512, avx512bf16, amx)",
+		 what, s);
 	return -EINVAL;
 }

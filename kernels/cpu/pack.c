@@ -64,6 +64,8 @@ void moe_pack_gate_up(const void *gate, const void *up, uint32_t inter, uint32_t
 const struct moe_cpu_kernels *moe_cpu_kernels_for(enum moe_cpu_isa isa)
 {
 	switch (isa) {
+	case MOE_ISA_AMX:	 /* their f32/f16 models and the router run */
+	case MOE_ISA_AVX512BF16: /* the avx512 kernels */
 	case MOE_ISA_AVX512:
 		return &moe_cpu_kernels_avx512;
 	case MOE_ISA_AVX2:

@@ -50,7 +50,8 @@ struct moe_cpu_kernels {
 		     uint32_t k, uint32_t n_rows, float *y, size_t ldy, const float *scale);
 };
 
-/* The kernels of a path (the path must be supported by the CPU). */
+/* The fp32-activation kernels of a path (the path must be supported by
+ * the CPU); the bf16 paths (amx, avx512bf16) give the avx512 ones. */
 const struct moe_cpu_kernels *moe_cpu_kernels_for(enum moe_cpu_isa isa);
 
 extern const struct moe_cpu_kernels moe_cpu_kernels_scalar;

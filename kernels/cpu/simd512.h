@@ -1,0 +1,49 @@
+/* kernels/cpu/simd512.h — AVX-512 helpers shared by the bf16 paths (only
+ * included by files compiled with AVX-512 F and AVX512_BF16 enabled).
+ *
+ * moe_exp512: e^x for 16 floats, Cody-Waite range reduction x = n ln2 + r
+ * and a degree-6 polynomial on |r| <= ln2/2, scaled by 2^n with scalef
+ * (overflow gives +inf, underflow 0): within 2 ulp of expf over the fp32
+ * range, so the SwiGLU it feeds differs from the scalar one's by rounding.
+ */
+#ifndef MOE_CPU_SIMD512_H
+#define MOE_CPU_SIMD512_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline __attribute__((always_inline)) __m512 moe_exp512(__m512 x)
+{
+	const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+	const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+	__m512 n, r, p;
+
+	x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+	n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+	r = _mm512_fnmadd_ps(n, ln2_hi, x);
+	r = _mm512_fnmadd_ps(n, ln2_lo, r);
+	p = _mm512_set1_ps(1.9875691500e-4f);
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+	p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+	return _mm512_scalef_ps(p, n);
+}
+
+/* silu(g) * u = g / (1 + e^-g) * u */
+static inline __attribute__((always_inline)) __m512 moe_silu_mul512(__m512 g, __m512 u)
+{
+	__m512 e = moe_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+
+	return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
+}
+
+/* 16 floats to bf16, round to nearest even (vcvtneps2bf16) */
+static inline __attribute__((always_inline)) __m256i moe_to_bf16_512(__m512 v)
+{
+	return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+#endif
