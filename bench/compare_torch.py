@@ -24,8 +24,17 @@ few 1e-3 and a max ratio of one or two bf16 steps of the largest outputs
 (~0.02-0.1); a wrong one shows ratios near 1.
 
 --device cpu (the default): times with time.perf_counter, default impls
-hf_eager, and runs moe-bench on the same model beside it (when the binary
-exists) for a speed-up column. --device cuda: bf16 weights on the GPU, times
+hf_eager,hf_grouped_mm, and runs moe-bench on the same model beside it
+(when the binary exists) for a speed-up column against the faster
+transformers implementation at each size. Cold weights: without --layer,
+every MoE layer of the checkpoint is loaded and the calls rotate over them
+(as moe-bench does), so that a layer's experts leave the last-level cache
+between two visits. Interleaved: the transformers implementations are timed,
+then moe-bench, then the transformers implementations again; each keeps the
+better of its two passes (on a shared machine noise only slows). Also timed:
+PyTorch's own bf16 GEMM (F.linear, oneDNN) on the per-expert shape
+(tokens x K / experts rows x hidden x 2 inter), the practical rate a bf16
+expert GEMM reaches on this CPU. --device cuda: bf16 weights on the GPU, times
 with CUDA events (median of repeated runs after a warm-up), default impls
 hf_eager,hf_grouped_mm,grouped_mm; moe-bench is not run.
 
@@ -37,7 +46,7 @@ DIR is a checkpoint written by moe-mkmodel / moe-bench (config.json +
 model.safetensors, or shards + model.safetensors.index.json), family olmoe
 or mixtral, per-expert or fused layout; weights are used in bf16. It defaults
 to moe-bench's cached synthetic OLMoE-1B-7B-shaped layer
-(/tmp/moe-bench-olmoe-2048x1024x64x8-bf16, written by moe-bench). Needs
+(/tmp/moe-bench-olmoe-2048x1024x64x8-bf16-5l, 5 layers, written by moe-bench). Needs
 torch, transformers (5.x: experts fused as gate_up_proj [E, 2I, H] and
 down_proj [E, H, I]) and safetensors (PyPI); moed itself never needs them.
 """
@@ -55,7 +64,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors import safe_open
 
-DEFAULT = "/tmp/moe-bench-olmoe-2048x1024x64x8-bf16"
+DEFAULT = "/tmp/moe-bench-olmoe-2048x1024x64x8-bf16-5l"
 IMPLS = ("hf_eager", "hf_grouped_mm", "grouped_mm")
 
 
@@ -201,18 +210,31 @@ def grouped_mm_unavailable(device):
     return None
 
 
-def time_cpu(fn, xs, min_time):
-    for x in xs:
-        fn(x)
+def time_cpu(fns, xs, min_time):
+    """Median ms per call, rotating over the layers' fns (and the inputs)."""
+    L = len(fns)
+    for i in range(L * len(xs)):
+        fns[i % L](xs[(i // L) % len(xs)])
     times, total = [], 0.0
-    while len(times) < 8 or total < min_time:
-        x = xs[len(times) % len(xs)]
+    while len(times) < max(8, 2 * L) or total < min_time:
+        k = len(times)
+        fn, x = fns[k % L], xs[(k // L) % len(xs)]
         t0 = time.perf_counter()
         fn(x)
         dt = time.perf_counter() - t0
         times.append(dt)
         total += dt
     return statistics.median(times) * 1e3
+
+
+def gemm_rate(n, info, min_time):
+    """GFLOP/s of F.linear in bf16 on the per-expert shape of n tokens
+    (n * top_k / experts rows, at least 1) x hidden -> 2 * inter."""
+    t = max(1, round(n * info["top_k"] / info["experts"]))
+    a = torch.randn(t, info["hidden"]).to(torch.bfloat16)
+    w = torch.randn(2 * info["inter"], info["hidden"]).to(torch.bfloat16)
+    ms = time_cpu([lambda x: F.linear(x, w)], [a], min_time / 4)
+    return t, 2.0 * t * info["hidden"] * 2 * info["inter"] / (ms * 1e-3) / 1e9
 
 
 def time_cuda(fn, xs, min_time, reps, device):
@@ -237,7 +259,8 @@ def time_cuda(fn, xs, min_time, reps, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=DEFAULT)
-    ap.add_argument("--layer", type=int, default=0)
+    ap.add_argument("--layer", type=int, default=None,
+                    help="one MoE layer (default: every MoE layer, in rotation)")
     ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ap.add_argument("--impls", default=None,
                     help=f"comma-separated, of {','.join(IMPLS)} (default: cpu hf_eager, cuda all)")
@@ -252,6 +275,8 @@ def main():
     ap.add_argument("--tol-max", type=float, default=0.25,
                     help="largest max|diff| / rms(reference) accepted (default 0.25)")
     ap.add_argument("--moe-bench", default="build/bin/moe-bench")
+    ap.add_argument("--moe-args", default="",
+                    help="extra moe-bench arguments, e.g. '--isa amx'")
     a = ap.parse_args()
 
     device = torch.device(a.device)
@@ -260,10 +285,11 @@ def main():
         sys.exit(f"--device {a.device}: torch {torch.__version__} sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
         sys.exit(f"--device {a.device}: only cpu and cuda are supported")
-    tokens = a.tokens or ("1,16,64,256,1024,4096" if cuda else "1,4,16,64,256,1024")
+    tokens = a.tokens or ("1,16,64,256,1024,4096" if cuda else "1,4,16,64,256,1024,4096")
     tokens = [int(t) for t in tokens.split(",")]
     min_time = a.min_time if a.min_time is not None else (0.2 if cuda else 1.0)
-    impls = (a.impls or ("hf_eager,hf_grouped_mm,grouped_mm" if cuda else "hf_eager")).split(",")
+    impls = (a.impls or ("hf_eager,hf_grouped_mm,grouped_mm" if cuda else
+                         "hf_eager,hf_grouped_mm")).split(",")
     for i in impls:
         if i not in IMPLS:
             sys.exit(f"--impls: unknown implementation {i!r} (known: {', '.join(IMPLS)})")
@@ -274,7 +300,16 @@ def main():
         if device.index is None:  # "cuda": the first GPU, as moe-bench --device cuda
             device = torch.device("cuda", 0)
         torch.cuda.set_device(device)  # CUDA events record on the current device's stream
-    block, info = load_block(a.model, a.layer, device)
+    cfg = json.load(open(os.path.join(a.model, "config.json")))
+    if a.layer is not None or cuda:
+        layers = [a.layer or 0]
+    else:
+        ck = Checkpoint(a.model)
+        layers = [l for l in range(cfg["num_hidden_layers"])
+                  if any(ck.has(f"model.layers.{l}.{b}.gate.weight")
+                         for b in ("mlp", "block_sparse_moe"))]
+    loaded = [load_block(a.model, l, device) for l in layers]
+    block, info = loaded[0]
     why = grouped_mm_unavailable(device)
     if not why and (info["hidden"] % 8 or info["inter"] % 8):
         why = (f"torch._grouped_mm needs 16-byte row strides: hidden {info['hidden']} and "
@@ -288,67 +323,86 @@ def main():
         sys.exit("no implementation left to run")
     where = (torch.cuda.get_device_name(device) if cuda else f"cpu, {a.threads} threads")
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {where}; "
-          f"{info['family']} layer {a.layer} ({info['layout']}): hidden {info['hidden']}, "
+          f"{info['family']} layers {','.join(map(str, layers))} in rotation ({info['layout']}): "
+          f"hidden {info['hidden']}, "
           f"inter {info['inter']}, {info['experts']} experts top-{info['top_k']}, bf16")
-    fns = {i: make_impl(i, block, info) for i in impls}
+    fns = {i: [make_impl(i, b, inf) for b, inf in loaded] for i in impls}
 
     ms = {i: {} for i in impls}
     rel = {i: {} for i in impls}
+    gemm = {}
     failed = []
     g = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        for n in tokens:
-            xs = [torch.randn(n, info["hidden"], generator=g).to(torch.bfloat16).to(device)
-                  for _ in range(4)]
-            ref = fns["hf_eager"](xs[0]).float() if "hf_eager" in impls else None
-            for i in impls:
-                if ref is not None and i != "hf_eager":
-                    out = fns[i](xs[0]).float()
-                    rms = ref.pow(2).mean().sqrt().item() or 1.0
-                    d = out - ref
-                    rmax, rrms = d.abs().max().item() / rms, d.pow(2).mean().sqrt().item() / rms
-                    rel[i][n] = (rmax, rrms)
-                    ok = rrms <= a.tol and rmax <= a.tol_max  # NaN fails both
-                    print(f"check {i:>14} vs hf_eager, {n:>5} tokens: max|diff|/rms {rmax:.3e}, "
-                          f"rms(diff)/rms {rrms:.3e} {'ok' if ok else 'FAIL'}")
-                    if not ok:
-                        failed.append((i, n))
-                if cuda:
-                    t = time_cuda(fns[i], xs, min_time, a.reps, device)
-                else:
-                    t = time_cpu(fns[i], xs, min_time)
-                ms[i][n] = t
-                line = {"impl": i, "tokens": n, "median_ms": round(t, 6)}
-                if n in rel[i]:
-                    line["max_rel"], line["rms_rel"] = (
-                        float(f"{v:.3e}") if math.isfinite(v) else None for v in rel[i][n])
-                print(json.dumps(line), flush=True)
+    inputs = {n: [torch.randn(n, info["hidden"], generator=g).to(torch.bfloat16).to(device)
+                  for _ in range(4)] for n in tokens}
 
+    def torch_pass(check):
+        with torch.inference_mode():
+            for n in tokens:
+                xs = inputs[n]
+                ref = fns["hf_eager"][0](xs[0]).float() if check and "hf_eager" in impls else None
+                for i in impls:
+                    if ref is not None and i != "hf_eager":
+                        out = fns[i][0](xs[0]).float()
+                        rms = ref.pow(2).mean().sqrt().item() or 1.0
+                        d = out - ref
+                        rmax, rrms = d.abs().max().item() / rms, d.pow(2).mean().sqrt().item() / rms
+                        rel[i][n] = (rmax, rrms)
+                        ok = rrms <= a.tol and rmax <= a.tol_max  # NaN fails both
+                        print(f"check {i:>14} vs hf_eager, {n:>5} tokens: max|diff|/rms {rmax:.3e}, "
+                              f"rms(diff)/rms {rrms:.3e} {'ok' if ok else 'FAIL'}")
+                        if not ok:
+                            failed.append((i, n))
+                    if cuda:
+                        t = time_cuda(fns[i][0], xs, min_time, a.reps, device)
+                    else:
+                        t = time_cpu(fns[i], xs, min_time)
+                    ms[i][n] = min(t, ms[i].get(n, t))  # the better of the passes
+                    line = {"impl": i, "tokens": n, "median_ms": round(t, 6)}
+                    if n in rel[i]:
+                        line["max_rel"], line["rms_rel"] = (
+                            float(f"{v:.3e}") if math.isfinite(v) else None for v in rel[i][n])
+                    print(json.dumps(line), flush=True)
+                if not cuda:
+                    t_rows, rate = gemm_rate(n, info, min_time)
+                    gemm[n] = (t_rows, max(rate, gemm.get(n, (0, 0))[1]))
+
+    torch_pass(True)
     ours = {}
     if not cuda and os.path.exists(a.moe_bench):
-        out = subprocess.run([a.moe_bench, "--model", a.model, "--threads", str(a.threads),
-                              "--tokens", ",".join(map(str, tokens))],
-                             capture_output=True, text=True).stdout
+        cmd = [a.moe_bench, "--model", a.model, "--threads", str(a.threads),
+               "--tokens", ",".join(map(str, tokens))] + a.moe_args.split()
+        if a.layer is not None:
+            cmd += ["--layer", str(a.layer)]
+        print(" ".join(cmd), flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
         print(out)
         for line in out.splitlines():
             f = line.split()
-            if len(f) >= 2 and f[0].isdigit():
+            if len(f) >= 6 and f[0].isdigit():
                 try:
-                    ours[int(f[0])] = float(f[1])
+                    ours[int(f[0])] = (float(f[1]), float(f[5]))  # ms, GFLOP/s
                 except ValueError:
                     pass
+        torch_pass(False)  # the second pass, after moed
     head = f"{'tokens':>7}" + "".join(f" {i + ' ms':>17}" for i in impls)
     if ours:
-        head += f" {'moed ms':>10} {'speed-up':>9}"
+        head += f" {'moed ms':>10} {'speed-up':>9} {'moed GFLOP/s':>13}"
+    if gemm:
+        head += f" {'torch GEMM GFLOP/s (rows)':>26}"
     print(head)
     for n in tokens:
         row = f"{n:>7}" + "".join(f" {ms[i][n]:>17.3f}" for i in impls)
+        best = min(ms[i][n] for i in impls)
         if ours:
-            o, t = ours.get(n), ms[impls[0]][n]
-            row += f" {o if o else float('nan'):>10.3f} {(t / o) if o else float('nan'):>8.2f}x"
+            o, rate = ours.get(n, (float("nan"), float("nan")))
+            row += f" {o:>10.3f} {best / o:>8.2f}x {rate:>13.1f}"
+        if gemm:
+            row += f" {gemm[n][1]:>18.1f} ({gemm[n][0]:>4})"
         print(row)
     if ours:
-        print(f"(speed-up: {impls[0]} ms / moed ms)")
+        print(f"(speed-up: the faster of {', '.join(impls)} ms / moed ms; each side the better "
+              f"of its passes; moed GFLOP/s: the whole layer's, routing included)")
     if failed:
         print(f"FAILED checks (rms ratio > {a.tol} or max ratio > {a.tol_max}): "
               + ", ".join(f"{i}@{n}" for i, n in failed))

@@ -33,12 +33,16 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
 		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512|avx512bf16|amx]\n"
-		   "                 [--tokens 1,4,16,64,256,1024] [--min-time SECONDS]\n"
+		   "                 [--precision auto|bf16|fp32]\n"
+		   "                 [--tokens 1,4,16,64,256,1024,4096] [--min-time SECONDS]\n"
 		   "                 [--devices cpu:R]   (R CPU ranks: the table for 1 rank, then R)\n"
 		   "       moe-bench --device cuda[:N] [--shape mixtral|olmoe|all] [--model DIR]\n"
 		   "                 [--tokens 1,16,64,256,1024,4096]   (the CUDA backend on GPU N)\n"
-		   "Without --model: a synthetic OLMoE-1B-7B-shaped layer (hidden 2048, inter 1024,\n"
-		   "64 experts, top-8, bf16), cached in $MOE_BENCH_CACHE or /tmp.\n");
+		   "Without --model: a synthetic OLMoE-1B-7B-shaped model (hidden 2048, inter 1024,\n"
+		   "64 experts, top-8, bf16, 5 MoE layers), cached in $MOE_BENCH_CACHE or /tmp.\n"
+		   "Calls rotate over the MoE layers (--layer: one layer) so that the weights\n"
+		   "come from memory as in a real model; the 'reuse' column is the bytes of\n"
+		   "experts read between two visits of a layer, over the last-level cache.\n");
 }
 
 static const char *default_model(char *buf, size_t n)
@@ -48,12 +52,14 @@ static const char *default_model(char *buf, size_t n)
 	char err[MOE_ERRLEN], probe[4200];
 	struct stat st;
 
-	snprintf(buf, n, "%s/moe-bench-olmoe-2048x1024x64x8-bf16", cache ? cache : "/tmp");
+	snprintf(buf, n, "%s/moe-bench-olmoe-2048x1024x64x8-bf16-5l", cache ? cache : "/tmp");
 	snprintf(probe, sizeof(probe), "%s/model.safetensors", buf);
 	if (stat(probe, &st) == 0)
 		return buf;
 	moe_synth_defaults(&o, MOE_FAM_OLMOE);
-	o.hidden = 2048, o.inter = 1024, o.experts = 64, o.top_k = 8, o.layers = 1;
+	/* 5 layers (4 GB): decode rotates over them, so that a layer's experts
+	 * are evicted from the last-level cache between two visits */
+	o.hidden = 2048, o.inter = 1024, o.experts = 64, o.top_k = 8, o.layers = 5;
 	o.dtype = MOE_DT_BF16, o.seed = 2026;
 	fprintf(stderr, "moe-bench: writing the synthetic layer to %s (once)\n", buf);
 	if (moe_synth_write(buf, &o, err)) {
@@ -63,31 +69,37 @@ static const char *default_model(char *buf, size_t n)
 	return buf;
 }
 
+#define MAX_BENCH_LAYERS 256
+
 int moe_bench_ipc(int argc, char **argv);
 int moe_bench_ep(int argc, char **argv);
 int moe_bench_cuda(const char *shape, const char *model, const char *tokens, int device,
 		   double min_reps);
 
 /* One table: median time per batch of each size on engine e, against the
- * machine's limits. */
-static int run_table(struct moe_engine *e, const struct moe_model *m, uint32_t layer,
-		     const char *tokens, double min_time, double bw, double peak,
+ * machine's limits. The calls rotate over the nl layers (and NSETS inputs
+ * per layer), so that between two visits of a layer the other layers'
+ * experts have gone through the cache: the reuse column says by how much
+ * that exceeds the last-level cache (>= 1: the weights come from DRAM). */
+static int run_table(struct moe_engine *e, const struct moe_model *m, const uint32_t *layers,
+		     uint32_t nl, const char *tokens, double min_time, double bw, double peak,
 		     struct moe_rng *rp)
 {
 	struct moe_rng r = *rp;
 	char err[MOE_ERRLEN];
+	double llc = (double)moe_bench_llc_bytes();
 
-	printf("%7s %10s %8s %10s %6s %10s %6s %10s\n", "tokens", "median ms", "experts",
-	       "GB/s", "%bw", "GFLOP/s", "%peak", "transport");
+	printf("%7s %10s %8s %10s %6s %10s %6s %10s %7s\n", "tokens", "median ms", "experts",
+	       "GB/s", "%bw", "GFLOP/s", "%peak", "transport", "reuse");
 
 	for (const char *p = tokens; *p;) {
 		uint32_t n = (uint32_t)strtoul(p, (char **)&p, 10), K = m->top_k;
-		/* NSETS different inputs, cycled: each call touches other experts,
-		 * so the weights come from memory, not from the last call's cache */
+		/* NSETS different inputs per layer, cycled */
 		enum { NSETS = 8 };
+		uint32_t calls = nl * NSETS;
 		uint16_t *in, *out;
-		uint32_t *ids, distinct[NSETS] = {0};
-		double *bws, *times, t_total = 0, avg_distinct = 0, flops;
+		uint32_t *ids, *distinct;
+		double *bws, *times, t_total = 0, avg_distinct = 0, flops, reuse;
 		uint64_t tr0 = 0;
 		int reps = 0, max_reps = 1000;
 
@@ -98,12 +110,14 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, uint32_t l
 		in = malloc((size_t)NSETS * n * m->hidden * 2);
 		out = malloc((size_t)n * m->hidden * 2);
 		ids = malloc((size_t)n * K * sizeof(uint32_t));
+		distinct = calloc(calls, sizeof(uint32_t));
 		times = malloc(max_reps * sizeof(double));
 		bws = malloc(max_reps * sizeof(double));
 		for (size_t i = 0; i < (size_t)NSETS * n * m->hidden; i++)
 			in[i] = moe_f32_to_bf16((float)moe_rng_normal(&r));
-		for (int rep = -NSETS; rep < max_reps; rep++) {
-			int set = (rep + NSETS) % NSETS;
+		for (int rep = -(int)calls; rep < max_reps; rep++) {
+			uint32_t call = (uint32_t)(rep + (int)calls) % calls;
+			uint32_t layer = layers[call % nl], set = call / nl;
 			struct moe_epoch *ep = moe_epoch_acquire(e);
 			struct moe_batch b = {layer, n, MOE_DT_BF16,
 					      in + (size_t)set * n * m->hidden, out,
@@ -120,30 +134,35 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, uint32_t l
 			}
 			dt = moe_bench_now() - t0;
 			moe_epoch_release(ep);
-			if (rep < 0) { /* warm-up: count the experts each set touches */
+			if (rep < 0) { /* warm-up: count the experts each call touches */
 				unsigned char seen[MOE_MAX_EXPERTS] = {0};
 
 				for (size_t i = 0; i < (size_t)n * K; i++)
 					if (!seen[ids[i]]++)
-						distinct[set]++;
-				avg_distinct += (double)distinct[set] / NSETS;
+						distinct[call]++;
+				avg_distinct += (double)distinct[call] / calls;
 				continue;
 			}
 			times[reps] = dt;
-			bws[reps++] = (double)distinct[set] * (double)m->expert_bytes / dt;
+			bws[reps++] = (double)distinct[call] * (double)m->expert_bytes / dt;
 			t_total += dt;
-			if (reps >= 2 * NSETS && t_total >= min_time)
+			if (reps >= 2 * (int)calls && t_total >= min_time)
 				break;
 		}
 		qsort(times, reps, sizeof(double), cmp_double);
 		qsort(bws, reps, sizeof(double), cmp_double);
 		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
-		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%% %9.1f%%\n", n,
+		/* bytes read between two visits of a layer: the other layers'
+		 * calls, or the layer's own when it reads every expert */
+		reuse = avg_distinct * (double)m->expert_bytes *
+			(nl > 1 ? nl - 1 : avg_distinct >= m->n_experts ? 1 : 0);
+		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%% %9.1f%% %6.1fx\n", n,
 		       times[reps / 2] * 1e3, avg_distinct, bws[reps / 2] / 1e9,
 		       100 * bws[reps / 2] / bw, flops / times[reps / 2] / 1e9,
 		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0,
-		       100.0 * (double)(moe_engine_transport_ns(e) - tr0) / 1e9 / t_total);
-		free(in), free(out), free(ids), free(times), free(bws);
+		       100.0 * (double)(moe_engine_transport_ns(e) - tr0) / 1e9 / t_total,
+		       llc > 0 ? reuse / llc : 0.0);
+		free(in), free(out), free(ids), free(distinct), free(times), free(bws);
 	}
 	*rp = r;
 	return 0;
@@ -153,20 +172,21 @@ int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
-		{"isa", 1, NULL, 'i'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
+		{"isa", 1, NULL, 'i'},	   {"precision", 1, NULL, 'P'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
 		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'}, {"devices", 1, NULL, 'D'},
 		{"help", 0, NULL, 'h'},	   {0},
 	};
 	const char *device = "cpu", *shape = "all";
 	bool tokens_given = false;
-	const char *model = NULL, *isa = NULL, *tokens = "1,4,16,64,256,1024";
+	const char *model = NULL, *isa = NULL, *precision = NULL,
+		   *tokens = "1,4,16,64,256,1024,4096";
 	struct moe_engine_opts eo = {.max_batch_tokens = 1024};
 	char dirbuf[4096], err[MOE_ERRLEN];
 	double min_time = 0.5, bw, peak, bf16_peak, amx_peak;
 	char amx_why[160];
 	const char *peak_what;
 	int layer = -1, c;
-	uint32_t ranks = 1;
+	uint32_t ranks = 1, layers[MAX_BENCH_LAYERS], nl;
 	struct moe_model *m;
 	struct moe_engine *e;
 	struct moe_pool *pool;
@@ -186,6 +206,9 @@ int main(int argc, char **argv)
 			break;
 		case 't':
 			eo.threads = (uint32_t)atoi(optarg);
+			break;
+		case 'P':
+			precision = optarg;
 			break;
 		case 'i':
 			isa = optarg;
@@ -238,17 +261,31 @@ int main(int argc, char **argv)
 	if (!model)
 		model = default_model(dirbuf, sizeof(dirbuf));
 	moe_engine_opts_from_env(&eo);
+	for (const char *q = tokens; *q;) { /* batches up to the largest size asked */
+		unsigned long t = strtoul(q, (char **)&q, 10);
+
+		if (t > eo.max_batch_tokens && t <= 65536)
+			eo.max_batch_tokens = (uint32_t)t;
+		if (*q)
+			q++;
+	}
 	if (isa)
 		eo.tuning.isa = isa;
+	eo.tuning.precision = precision;
 	if (moe_model_open(model, NULL, &m, err) || moe_engine_create(m, &eo, &e, err)) {
 		fprintf(stderr, "moe-bench: %s\n", err);
 		return 1;
 	}
-	if (layer < 0)
-		layer = (int)m->layers[0].index;
-	if (moe_model_layer_pos(m, (uint32_t)layer) < 0) {
+	if (layer >= 0 && moe_model_layer_pos(m, (uint32_t)layer) < 0) {
 		fprintf(stderr, "moe-bench: layer %d is not an MoE layer\n", layer);
 		return 1;
+	}
+	if (layer >= 0) {
+		layers[0] = (uint32_t)layer;
+		nl = 1;
+	} else {
+		for (nl = 0; nl < m->n_moe_layers && nl < MAX_BENCH_LAYERS; nl++)
+			layers[nl] = m->layers[nl].index;
 	}
 
 	/* hardware limits, same threads as the engine */
@@ -273,9 +310,10 @@ int main(int argc, char **argv)
 	amx_peak = moe_bench_amx_peak(pool, amx_why, sizeof(amx_why));
 	moe_pool_destroy(pool);
 
-	printf("moe-bench: %s layer %d of %s: hidden %u, inter %u, %u experts, top-%u, %s\n",
-	       moe_family_name(m->family), layer, model, m->hidden, m->inter, m->n_experts, m->top_k,
-	       moe_dtype_name(m->dtype));
+	printf("moe-bench: %s, %u MoE layer%s of %s in rotation: hidden %u, inter %u, %u experts, "
+	       "top-%u, %s\n",
+	       moe_family_name(m->family), nl, nl > 1 ? "s" : "", model, m->hidden, m->inter,
+	       m->n_experts, m->top_k, moe_dtype_name(m->dtype));
 	printf("engine: backend %s, %s kernels, %u threads\n", moe_engine_backend(e),
 	       moe_engine_kernels(e), moe_engine_threads(e));
 	printf("limits: read bandwidth %.1f GB/s (1 GiB, all threads); peak %.1f GFLOP/s %s",
@@ -305,7 +343,7 @@ int main(int argc, char **argv)
 		       R > 1 ? "; transport: local (memcpy between the ranks' own buffers); "
 			       "transport = its share of the time"
 			     : "; no transport");
-		if (run_table(e, m, (uint32_t)layer, tokens, min_time, bw, peak, &r))
+		if (run_table(e, m, layers, nl, tokens, min_time, bw, peak, &r))
 			return 1;
 		moe_engine_destroy(e);
 	}

@@ -43,7 +43,7 @@ check "bad value names file:line:column" 1 "bad.yaml:4:12: cpu.threads:" \
 	"$bin/moed" -t -c "$tmp/bad.yaml"
 printf 'model:\n  path: /x\n  colour: red\n' >"$tmp/unknown.yaml"
 check "unknown key" 1 "unknown.yaml:3:3: model.colour:" "$bin/moed" -t -c "$tmp/unknown.yaml"
-check "plan names the kernels" 0 "kernels: +(avx2|avx512|scalar)" \
+check "plan names the kernels" 0 "kernels: +(avx2|avx512|scalar|avx512bf16|amx)" \
 	"$bin/moed" -t --model "$fix/olmoe_f32"
 MOE_CPU_ISA=scalar check "MOE_CPU_ISA forces a path" 0 "kernels: +scalar" \
 	"$bin/moed" -t --model "$fix/olmoe_f32"

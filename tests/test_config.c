@@ -424,7 +424,7 @@ static void test_bad_enum(void **state)
 {
 	(void)state;
 	EXPECT_ERR("model: {path: /m}\ncpu:\n  isa: sse4\n",
-	           "t.yaml:3:8: cpu.isa: expected one of auto, scalar, avx2, avx512, got 'sse4'");
+	           "t.yaml:3:8: cpu.isa: expected one of auto, scalar, avx2, avx512, avx512bf16, amx, got 'sse4'");
 	EXPECT_ERR("model: {path: /m}\ncpu:\n  isa: AVX2\n",
 	           "t.yaml:3:8: cpu.isa: expected one of");
 	EXPECT_ERR("model: {path: /m}\nlog: {level: warn}\n",

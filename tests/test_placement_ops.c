@@ -191,9 +191,11 @@ static int one_change(moe_client *c, struct moe_rng *rng, uint32_t R, struct cha
 		ret = call(c, op, 0, &rp, sizeof(rp), 1, res);
 	}
 	if (ret == MOE_EINVAL || ret == MOE_ENOENT || ret == MOE_ELIMIT || ret == MOE_EAGAIN ||
-	    /* a rank lost between the plan and the job: to be planned again */
+	    /* a rank lost between the plan and the job: to be planned again;
+	     * or its experts, moved onto the spare slots meanwhile, took the
+	     * room the plan counted on (seen under ASan) */
 	    (!ret && res->result_len == sizeof(struct moe_admin_job) &&
-	     res->job.result == MOE_EAGAIN)) {
+	     (res->job.result == MOE_EAGAIN || res->job.result == MOE_ELIMIT))) {
 		ch->refusals++;
 		return 0;
 	}

@@ -197,6 +197,11 @@ struct moe_backend_ops {
 };
 
 extern const struct moe_backend_ops moe_backend_cpu;
+/* The kernels a CPU rank runs this model's experts with under tuning t
+ * ("amx", or "avx512" for an f32 model on amx...), and in note why a bf16
+ * path does not run (or ""); NULL and err when t is refused. */
+const char *moe_backend_cpu_kernels(const struct moe_model *m, const struct moe_backend_tuning *t,
+				    char *note, size_t n, char *err);
 #ifdef MOE_HAVE_CUDA
 extern const struct moe_backend_ops moe_backend_cuda;
 #endif

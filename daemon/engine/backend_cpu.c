@@ -91,6 +91,17 @@ static int cpu_choose(const struct moe_model *m, const struct moe_backend_tuning
 	return 0;
 }
 
+const char *moe_backend_cpu_kernels(const struct moe_model *m, const struct moe_backend_tuning *t,
+				    char *note, size_t n, char *err)
+{
+	struct cpu_choice ch;
+
+	if (cpu_choose(m, t, &ch, err))
+		return NULL;
+	snprintf(note, n, "%s", ch.note);
+	return moe_cpu_isa_name(ch.kb ? ch.isa : moe_cpu_kernels_for(ch.isa)->isa);
+}
+
 /* The rank's workspaces, one list for sizing (moed -t) and allocating, so
  * that the stages never allocate (and never fail halfway through a batch
  * whose outputs are being written). */
@@ -284,7 +295,8 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m,
 	c->k = moe_cpu_kernels_for(ch.isa);
 	c->kb = ch.kb;
 	c->round_h = ch.round_h;
-	/* what runs the experts: a bf16 path without its kernels runs avx512's */
+	/* what runs the experts: a bf16 path without its kernels runs avx512's
+	 * (moe_backend_cpu_kernels says the same) */
 	r->kernels = moe_cpu_isa_name(c->kb ? ch.isa : c->k->isa);
 	if (ch.note[0]) {
 		moe_log(LOG_WARNING, "cpu rank %u: %s", r->id, ch.note);

@@ -46,6 +46,15 @@ enum moe_cfg_isa {
 	MOE_CFG_ISA_SCALAR,
 	MOE_CFG_ISA_AVX2,
 	MOE_CFG_ISA_AVX512,
+	MOE_CFG_ISA_AVX512BF16,
+	MOE_CFG_ISA_AMX,
+};
+
+/* cpu.precision: the activations of the CPU experts (backend.h) */
+enum moe_cfg_precision {
+	MOE_CFG_PRECISION_AUTO = 0, /* bf16 for bf16 models, fp32 otherwise */
+	MOE_CFG_PRECISION_BF16,
+	MOE_CFG_PRECISION_FP32,
 };
 
 /* log.level: the values are the syslog priorities (LOG_ERR ... LOG_DEBUG),
@@ -86,6 +95,7 @@ struct moe_config {
 	struct {
 		unsigned int threads; /* 0..1024; 0 = all online cores */
 		enum moe_cfg_isa isa; /* default auto */
+		enum moe_cfg_precision precision; /* default auto */
 	} cpu;
 
 	struct {
@@ -175,6 +185,7 @@ void moe_cfg_free(struct moe_config *c);
 int moe_cfg_reload(struct moe_config *live, struct moe_config *next, char *restart, size_t n);
 
 const char *moe_cfg_isa_name(enum moe_cfg_isa isa);
+const char *moe_cfg_precision_name(enum moe_cfg_precision p);
 const char *moe_cfg_log_level_name(enum moe_cfg_log_level level);
 
 #endif /* MOE_DAEMON_CONFIG_H */

@@ -10,12 +10,17 @@
 static const char *const cfg_families[] = {
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", NULL,
 };
-static const char *const cfg_isa_names[] = {"auto", "scalar", "avx2", "avx512", NULL};
+static const char *const cfg_isa_names[] = {"auto",	    "scalar", "avx2", "avx512",
+					    "avx512bf16", "amx",    NULL};
 static const int cfg_isa_values[] = {
-    MOE_CFG_ISA_AUTO,
-    MOE_CFG_ISA_SCALAR,
-    MOE_CFG_ISA_AVX2,
-    MOE_CFG_ISA_AVX512,
+    MOE_CFG_ISA_AUTO,	MOE_CFG_ISA_SCALAR,	MOE_CFG_ISA_AVX2,
+    MOE_CFG_ISA_AVX512, MOE_CFG_ISA_AVX512BF16, MOE_CFG_ISA_AMX,
+};
+static const char *const cfg_precision_names[] = {"auto", "bf16", "fp32", NULL};
+static const int cfg_precision_values[] = {
+    MOE_CFG_PRECISION_AUTO,
+    MOE_CFG_PRECISION_BF16,
+    MOE_CFG_PRECISION_FP32,
 };
 static const char *const cfg_log_names[] = {"debug", "info", "notice", "warning", "err", NULL};
 static const int cfg_log_values[] = {
@@ -49,6 +54,8 @@ const struct cfg_key cfg_keys[] = {
     {"devices", DEVICES(devices), .supported = true},
     {"cpu.threads", UINT(cpu.threads, 0, 1024), .supported = true},
     {"cpu.isa", ENUM(cpu.isa, cfg_isa_names, cfg_isa_values), .supported = true},
+    {"cpu.precision", ENUM(cpu.precision, cfg_precision_names, cfg_precision_values),
+     .supported = true},
     {"placement.spare_slots", UINT(placement.spare_slots, 0, 1024), .supported = true},
     {"placement.auto_rebalance", BOOL(placement.auto_rebalance), .supported = true,
      .reload = true},
@@ -92,6 +99,7 @@ const struct cfg_key cfg_keys[] = {
 
 _Static_assert(ARRAY_SIZE(cfg_keys) <= 32, "grow cfg_parser.seen_key");
 _Static_assert(sizeof(enum moe_cfg_isa) == sizeof(int), "enums are stored as int");
+_Static_assert(sizeof(enum moe_cfg_precision) == sizeof(int), "enums are stored as int");
 _Static_assert(sizeof(enum moe_cfg_log_level) == sizeof(int), "enums are stored as int");
 
 /* Is table key @k called @key (@len bytes) in section @sec (NULL: top)? */
@@ -167,6 +175,16 @@ const char *moe_cfg_isa_name(enum moe_cfg_isa isa)
 	for (i = 0; i < ARRAY_SIZE(cfg_isa_values); i++)
 		if (cfg_isa_values[i] == (int)isa)
 			return cfg_isa_names[i];
+	return "?";
+}
+
+const char *moe_cfg_precision_name(enum moe_cfg_precision p)
+{
+	size_t i;
+
+	for (i = 0; i < ARRAY_SIZE(cfg_precision_values); i++)
+		if (cfg_precision_values[i] == (int)p)
+			return cfg_precision_names[i];
 	return "?";
 }
 

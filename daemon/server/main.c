@@ -298,6 +298,7 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 
 	if (!eo.tuning.isa)
 		eo.tuning.isa = moe_cfg_isa_name(c->cpu.isa);
+	eo.tuning.precision = moe_cfg_precision_name(c->cpu.precision);
 	if (strcmp(plan->backend, "cuda"))
 		moe_log(LOG_NOTICE, "serving on the CPU; GPU: %s", plan->device_note);
 	clock_gettime(CLOCK_MONOTONIC, &t0);

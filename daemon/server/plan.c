@@ -84,7 +84,9 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m,
 	struct moe_engine_opts o = {.threads = c->cpu.threads,
 				    .max_batch_tokens = c->scheduler.max_batch_tokens,
 				    .n_ranks = c->devices.n_ranks ? c->devices.n_ranks : 1,
-				    .spare_slots = c->placement.spare_slots};
+				    .spare_slots = c->placement.spare_slots,
+				    .tuning.isa = isa_request ? isa_request : moe_cfg_isa_name(c->cpu.isa),
+				    .tuning.precision = moe_cfg_precision_name(c->cpu.precision)};
 	uint64_t per = (m->n_experts + o.n_ranks - 1) / o.n_ranks;
 
 	memset(p, 0, sizeof(*p));
@@ -112,6 +114,14 @@ void moe_plan_compute(const struct moe_config *c, const struct moe_model *m,
 					     sizeof(p->isa_err))
 				 ? -1
 				 : (int)isa;
+		if (p->isa >= 0) {
+			const char *k = moe_backend_cpu_kernels(m, &o.tuning, p->kernels_note,
+								sizeof(p->kernels_note), p->isa_err);
+
+			snprintf(p->kernels, sizeof(p->kernels), "%s", k ? k : "?");
+			if (!k)
+				p->isa = -1;
+		}
 	}
 }
 
@@ -156,9 +166,12 @@ void moe_plan_print(FILE *f, const struct moe_config *c, const struct moe_model 
 		fprintf(f, "backend:     cpu (GPU: %s)\n", p->device_note);
 	if (strcmp(p->backend, "cuda")) {
 		if (p->isa >= 0)
-			fprintf(f, "kernels:     %s (cpu.isa %s; best on this CPU: %s)\n",
-				moe_cpu_isa_name((enum moe_cpu_isa)p->isa),
-				moe_cfg_isa_name(c->cpu.isa), moe_cpu_isa_name(moe_cpu_isa_best()));
+			fprintf(f, "kernels:     %s%s%s%s (cpu.isa %s, cpu.precision %s; best verified "
+				"on this CPU: %s)\n", p->kernels,
+				p->kernels_note[0] ? " (" : "", p->kernels_note,
+				p->kernels_note[0] ? ")" : "",
+				moe_cfg_isa_name(c->cpu.isa), moe_cfg_precision_name(c->cpu.precision),
+				moe_cpu_isa_name(moe_cpu_isa_best()));
 		else
 			fprintf(f, "kernels:     ERROR: %s\n", p->isa_err);
 	}

@@ -16,6 +16,8 @@ struct moe_plan {
 	uint64_t mem_available; /* host MemAvailable, 0 if unknown */
 	bool fits;
 	int isa;		/* enum moe_cpu_isa chosen, or -1 */
+	char kernels[16];	/* what runs the experts (an f32 model on amx: avx512) */
+	char kernels_note[MOE_ERRLEN]; /* why not the chosen path's own, or "" */
 	char isa_err[256];	/* why the requested kernels cannot run */
 	/* devices: which backend serves. cuda only when asked for (devices:
 	 * cuda | [id]); a GPU that was asked for and is not there is an error,

@@ -19,8 +19,8 @@ static const bool verified[MOE_ISA_COUNT] = {
 	[MOE_ISA_SCALAR] = true,
 	[MOE_ISA_AVX2] = true,
 	[MOE_ISA_AVX512] = true,
-	[MOE_ISA_AVX512BF16] = false,
-	[MOE_ISA_AMX] = false,
+	[MOE_ISA_AVX512BF16] = true,
+	[MOE_ISA_AMX] = true,
 };
 
 const char *moe_cpu_isa_name(enum moe_cpu_isa isa)
