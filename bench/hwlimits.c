@@ -37,6 +37,20 @@ __attribute__((target("avx2"))) static double sum_avx2(const char *p, size_t n)
 	return (double)_mm256_extract_epi64(a, 0);
 }
 
+__attribute__((target("avx512f"))) static double sum_avx512(const char *p, size_t n)
+{
+	__m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;
+
+	for (size_t i = 0; i + 256 <= n; i += 256) {
+		a = _mm512_xor_si512(a, _mm512_load_si512((const void *)(p + i)));
+		b = _mm512_xor_si512(b, _mm512_load_si512((const void *)(p + i + 64)));
+		c = _mm512_xor_si512(c, _mm512_load_si512((const void *)(p + i + 128)));
+		d = _mm512_xor_si512(d, _mm512_load_si512((const void *)(p + i + 192)));
+	}
+	a = _mm512_xor_si512(_mm512_xor_si512(a, b), _mm512_xor_si512(c, d));
+	return (double)_mm_cvtsi128_si64(_mm512_castsi512_si128(a));
+}
+
 static double sum_scalar(const char *p, size_t n)
 {
 	const uint64_t *q = (const uint64_t *)p;
@@ -54,8 +68,9 @@ static void bw_task(void *arg, uint32_t task, uint32_t worker)
 	struct bw_ctx *c = arg;
 	const char *p = c->buf + (size_t)task * c->chunk;
 
-	c->sink[worker & 63] += moe_cpu_isa_supported(MOE_ISA_AVX2) ? sum_avx2(p, c->chunk)
-								    : sum_scalar(p, c->chunk);
+	c->sink[worker & 63] += moe_cpu_isa_supported(MOE_ISA_AVX512) ? sum_avx512(p, c->chunk)
+				: moe_cpu_isa_supported(MOE_ISA_AVX2)	? sum_avx2(p, c->chunk)
+									: sum_scalar(p, c->chunk);
 }
 
 double moe_bench_read_bw(struct moe_pool *pool, size_t bytes)
