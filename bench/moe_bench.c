@@ -333,8 +333,14 @@ int main(int argc, char **argv)
 		bw = b > bw ? b : bw;
 		peak = f > peak ? f : peak;
 	}
-	bf16_peak = moe_bench_bf16_peak(pool);
-	amx_peak = moe_bench_amx_peak(pool, amx_why, sizeof(amx_why));
+	bf16_peak = amx_peak = 0;
+	for (int round = 0; round < 2; round++) { /* (the better of two, as above) */
+		double b = moe_bench_bf16_peak(pool), a = moe_bench_amx_peak(pool, amx_why,
+									      sizeof(amx_why));
+
+		bf16_peak = b > bf16_peak ? b : bf16_peak;
+		amx_peak = a > amx_peak ? a : amx_peak;
+	}
 	moe_pool_destroy(pool);
 
 	printf("moe-bench: %s, %u MoE layer%s of %s in rotation: hidden %u, inter %u, %u experts, "
@@ -354,6 +360,12 @@ int main(int argc, char **argv)
 	else
 		printf("; AMX: %s", amx_why);
 	printf("; last-level cache %.0f MiB\n", (double)moe_bench_llc_bytes() / (1 << 20));
+	/* %peak against the instruction family the experts run on */
+	if (!strcmp(moe_engine_kernels(e), "amx") && amx_peak > 0)
+		peak = amx_peak, peak_what = "AMX tdpbf16ps";
+	else if (!strcmp(moe_engine_kernels(e), "avx512bf16") && bf16_peak > 0)
+		peak = bf16_peak, peak_what = "vdpbf16ps";
+	printf("%%peak: against the %s peak (the experts' instructions)\n", peak_what);
 	moe_engine_destroy(e);
 	/* the same layer on 1 rank, then (--devices cpu:R) on R ranks: each
 	 * rank its own threads (the same total) and copy of its experts */
