@@ -29,7 +29,9 @@ hf_eager,hf_grouped_mm, and runs moe-bench on the same model beside it
 transformers implementation at each size. Cold weights: without --layer,
 every MoE layer of the checkpoint is loaded and the calls rotate over them
 (as moe-bench does), so that a layer's experts leave the last-level cache
-between two visits. Interleaved: the transformers implementations are timed,
+between two visits; where the other layers' experts are fewer than twice
+the LLC's bytes, a buffer is read between calls to make up the rest (as
+moe-bench does). Interleaved: the transformers implementations are timed,
 then moe-bench, then the transformers implementations again; each keeps the
 better of its two passes (on a shared machine noise only slows). Also timed:
 PyTorch's own bf16 GEMM (F.linear, oneDNN) on the per-expert shape
@@ -210,15 +212,38 @@ def grouped_mm_unavailable(device):
     return None
 
 
-def time_cpu(fns, xs, min_time):
-    """Median ms per call, rotating over the layers' fns (and the inputs)."""
+def llc_bytes():
+    """The last-level cache's size from sysfs (0 if unknown)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for d in os.listdir(base) if os.path.isdir(base) else []:
+        try:
+            v = open(os.path.join(base, d, "size")).read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
+        best = max(best, int(v.rstrip("KMG")) * mult)
+    return best
+
+
+EVICT = {}
+
+
+def time_cpu(fns, xs, min_time, evict_bytes=0):
+    """Median ms per call, rotating over the layers' fns (and the inputs);
+    evict_bytes of a buffer are read between calls (untimed), as moe-bench
+    does, where the other layers' experts fall short of twice the LLC."""
     L = len(fns)
+    if evict_bytes and "buf" not in EVICT:
+        EVICT["buf"] = torch.ones(2 * llc_bytes() // 8 + 1, dtype=torch.int64)
     for i in range(L * len(xs)):
         fns[i % L](xs[(i // L) % len(xs)])
     times, total = [], 0.0
     while len(times) < max(8, 2 * L) or total < min_time:
         k = len(times)
         fn, x = fns[k % L], xs[(k // L) % len(xs)]
+        if evict_bytes:
+            EVICT["buf"][:evict_bytes // 8].sum()
         t0 = time.perf_counter()
         fn(x)
         dt = time.perf_counter() - t0
@@ -356,7 +381,13 @@ def main():
                     if cuda:
                         t = time_cuda(fns[i][0], xs, min_time, a.reps, device)
                     else:
-                        t = time_cpu(fns[i], xs, min_time)
+                        # expected distinct experts per call, their bytes
+                        E, K = info["experts"], info["top_k"]
+                        touched = E * (1 - (1 - 1 / E) ** (n * K)) * 3 * info["hidden"] * info["inter"] * 2
+                        L = len(fns[i])
+                        reuse = touched * (L - 1 if L > 1 else (1 if n * K >= 4 * E else 0))
+                        ev = max(0, int((2 * llc_bytes() - reuse) / L))
+                        t = time_cpu(fns[i], xs, min_time, ev)
                     ms[i][n] = min(t, ms[i].get(n, t))  # the better of the passes
                     line = {"impl": i, "tokens": n, "median_ms": round(t, 6)}
                     if n in rel[i]:

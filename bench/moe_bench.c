@@ -33,7 +33,7 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
 		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512|avx512bf16|amx]\n"
-		   "                 [--precision auto|bf16|fp32]\n"
+		   "                 [--precision auto|bf16|fp32] [--warm]\n"
 		   "                 [--tokens 1,4,16,64,256,1024,4096] [--min-time SECONDS]\n"
 		   "                 [--devices cpu:R]   (R CPU ranks: the table for 1 rank, then R)\n"
 		   "       moe-bench --device cuda[:N] [--shape mixtral|olmoe|all] [--model DIR]\n"
@@ -42,7 +42,9 @@ static void usage(FILE *f)
 		   "64 experts, top-8, bf16, 5 MoE layers), cached in $MOE_BENCH_CACHE or /tmp.\n"
 		   "Calls rotate over the MoE layers (--layer: one layer) so that the weights\n"
 		   "come from memory as in a real model; the 'reuse' column is the bytes of\n"
-		   "experts read between two visits of a layer, over the last-level cache.\n");
+		   "experts read between two visits of a layer, over the last-level cache.\n"
+		   "--warm: no buffer read between calls (the fixed cost of a call on a small\n"
+		   "layer whose weights stay in cache).\n");
 }
 
 static const char *default_model(char *buf, size_t n)
@@ -96,11 +98,11 @@ static void evict(const volatile char *buf, size_t bytes)
  * from DRAM, as in a model with many layers). */
 static int run_table(struct moe_engine *e, const struct moe_model *m, const uint32_t *layers,
 		     uint32_t nl, const char *tokens, double min_time, double bw, double peak,
-		     struct moe_rng *rp)
+		     bool warm, struct moe_rng *rp)
 {
 	struct moe_rng r = *rp;
 	char err[MOE_ERRLEN];
-	double llc = (double)moe_bench_llc_bytes();
+	double llc = warm ? 0 : (double)moe_bench_llc_bytes();
 	size_t evict_cap = (size_t)(2 * llc);
 	char *ebuf = evict_cap ? malloc(evict_cap) : NULL;
 
@@ -201,10 +203,10 @@ int main(int argc, char **argv)
 		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
 		{"isa", 1, NULL, 'i'},	   {"precision", 1, NULL, 'P'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
 		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'}, {"devices", 1, NULL, 'D'},
-		{"help", 0, NULL, 'h'},	   {0},
+		{"warm", 0, NULL, 'w'},	   {"help", 0, NULL, 'h'},    {0},
 	};
 	const char *device = "cpu", *shape = "all";
-	bool tokens_given = false;
+	bool tokens_given = false, warm = false;
 	const char *model = NULL, *isa = NULL, *precision = NULL,
 		   *tokens = "1,4,16,64,256,1024,4096";
 	struct moe_engine_opts eo = {.max_batch_tokens = 1024};
@@ -261,6 +263,9 @@ int main(int argc, char **argv)
 			break;
 		case 'T':
 			min_time = atof(optarg);
+			break;
+		case 'w':
+			warm = true;
 			break;
 		case 'h':
 			usage(stdout);
@@ -382,7 +387,7 @@ int main(int argc, char **argv)
 		       R > 1 ? "; transport: local (memcpy between the ranks' own buffers); "
 			       "transport = its share of the time"
 			     : "; no transport");
-		if (run_table(e, m, layers, nl, tokens, min_time, bw, peak, &r))
+		if (run_table(e, m, layers, nl, tokens, min_time, bw, peak, warm, &r))
 			return 1;
 		moe_engine_destroy(e);
 	}

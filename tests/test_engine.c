@@ -995,6 +995,7 @@ int main(void)
 			printf("engine (%s kernels): SKIPPED, this CPU lacks %s\n", name, name);
 			continue;
 		}
+		printf("engine (%s kernels): run\n", name);
 		failed += run_all(name);
 	}
 	return failed;

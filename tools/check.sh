@@ -52,8 +52,10 @@ echo
 echo "== summary"
 for s in "${summary[@]}"; do echo "$s"; done
 echo "CPU kernel paths (each supported path runs the kernel and engine suites):"
-build-ci/release/tests/test_kernels 2>&1 | grep "panel kernels:" | sed 's/^/  /'
-build-ci/release/tests/test_engine 2>&1 | grep -E "SKIPPED" | sed 's/^/  /' || true
+echo "  CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+# (from the release run's log: the suites print which paths ran)
+grep -hE "(panel|pairs) kernels: |^engine \(.* kernels\): " \
+	build-ci/release/Testing/Temporary/LastTest.log | sort -u | sed 's/^/  /' || true
 if [ "$cuda" = ON ]; then
 	echo "CUDA: backend compiled and linked; GPU tests (ctest label gpu):"
 	build-ci/release/tests/test_cuda 2>&1 | grep -E "SKIPPED|PASSED|FAILED" | sed 's/^/  /' ||

@@ -43,6 +43,9 @@
 #define PAIRS_GU   2
 #define PAIRS_DOWN 4
 #define CONV_ROWS  64 /* rows per task of the bf16 copy of x */
+/* A round whose groups' weights are at most this many bytes (and tokens x
+ * bytes at most 4 times it) runs on the calling thread (cpu_run_groups). */
+#define INLINE_BYTES (2u << 20)
 
 /* Which kernels a rank runs for this model and tuning: isa resolved (and
  * amx's permission asked), kb set for the bf16 paths on a bf16 model at
@@ -461,6 +464,7 @@ struct ffn_ctx {
 	const struct cpu_group *groups;
 	uint32_t hidden;
 	enum moe_dtype dt;
+	bool inline_run;
 };
 
 static uint32_t min_u32(uint32_t a, uint32_t b)
@@ -568,7 +572,8 @@ static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, ui
 	return n;
 }
 
-/* One pass over the tiles of (tok x per panels of width) */
+/* One pass over the tiles of (tok x per panels of width); on the calling
+ * thread alone when the round is small (fc->inline_run). */
 static int pass(struct moe_rank *r, struct ffn_ctx *fc, uint32_t n_groups, uint32_t cols_h,
 		uint32_t tok, uint32_t width, uint32_t per, void (*fn)(void *, uint32_t, uint32_t))
 {
@@ -578,7 +583,11 @@ static int pass(struct moe_rank *r, struct ffn_ctx *fc, uint32_t n_groups, uint3
 	if (n > c->tiles_cap) /* cannot happen: sized for a round */
 		return -EOVERFLOW;
 	make_tiles(fc->groups, n_groups, cols_h, tok, width, per, c->tiles);
-	moe_pool_run(r->pool, n, fn, fc);
+	if (fc->inline_run)
+		for (uint32_t t = 0; t < n; t++)
+			fn(fc, t, 0);
+	else
+		moe_pool_run(r->pool, n, fn, fc);
 	return 0;
 }
 
@@ -586,8 +595,20 @@ int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 		   const struct cpu_group *g, uint32_t n_groups)
 {
 	struct cpu_rank *c = r->priv;
-	struct ffn_ctx fc = {c, g, hidden, wdt};
+	struct ffn_ctx fc = {c, g, hidden, wdt, false};
+	uint64_t bytes = 0, work = 0;
 	int ret;
+
+	/* On the bf16 paths a small round (decode on a small layer) runs on the
+	 * calling thread: waking a sleeping helper costs more than the math
+	 * (tens of µs on a VM), and the tokens' weights are read either way.
+	 * (The fp32 kernels' decode is bound by FMA latency, not bandwidth:
+	 * there two threads still win, 63 against 94 µs on the tiny layer.) */
+	for (uint32_t i = 0; i < n_groups; i++) {
+		bytes += g[i].slot->bytes;
+		work += (uint64_t)g[i].n * g[i].slot->bytes;
+	}
+	fc.inline_run = c->kb && bytes <= INLINE_BYTES && work <= 4 * INLINE_BYTES;
 
 	if (c->kb) {
 		ret = pass(r, &fc, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
