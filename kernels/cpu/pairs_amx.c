@@ -203,23 +203,12 @@ static void amx_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pane
 			uint32_t mt = m - t0 < 32 ? m - t0 : 32;
 
 			run_blocks(x, ldx, t0, mt, steps, &bl, c);
-			for (uint32_t q = 0; q < 2 * bl.n; q++) {
-				uint32_t j0 = (p0 + q) * MOE_PAIRS_N;
-				uint32_t nv, i = q / 2;
-				__mmask16 mask;
-
-				if (j0 >= n_rows)
-					break;
-				nv = n_rows - j0 < MOE_PAIRS_N ? n_rows - j0 : MOE_PAIRS_N;
-				mask = (__mmask16)((1u << nv) - 1);
-				for (uint32_t t = 0; t < mt; t++) {
-					__m512 v = _mm512_load_ps(c[i][2 * (q % 2) + t / 16][t % 16]);
-
-					if (scale)
-						v = _mm512_mul_ps(v, _mm512_set1_ps(scale[t0 + t]));
-					_mm512_mask_storeu_ps(y + (t0 + t) * ldy + j0, mask, v);
-				}
-			}
+			/* panel q of the call: block q / 2, weight tile q % 2 */
+			for (uint32_t q = 0; q < 2 * bl.n && (p0 + q) * MOE_PAIRS_N < n_rows; q++)
+				for (uint32_t t = 0; t < mt; t++)
+					moe_store_rows512(y + (t0 + t) * ldy, (p0 + q) * MOE_PAIRS_N,
+							  n_rows, c[q / 2][2 * (q % 2) + t / 16][t % 16],
+							  scale ? scale + t0 + t : NULL);
 		}
 	}
 }

@@ -137,19 +137,11 @@ static void bf16_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pan
 
 			(two ? dot2 : dot1)[mr](x + (size_t)t0 * ldx, ldx, w, w + pel, TILE_ELEMS,
 						steps, out);
-			for (uint32_t q = 0; q < (two ? 2u : 1u); q++) {
-				uint32_t j0 = (p + q) * MOE_PAIRS_N;
-				uint32_t nv = n_rows - j0 < MOE_PAIRS_N ? n_rows - j0 : MOE_PAIRS_N;
-				__mmask16 mask = (__mmask16)((1u << nv) - 1);
-
-				for (uint32_t t = 0; t < mr; t++) {
-					__m512 v = _mm512_load_ps(out[q][t]);
-
-					if (scale)
-						v = _mm512_mul_ps(v, _mm512_set1_ps(scale[t0 + t]));
-					_mm512_mask_storeu_ps(y + (t0 + t) * ldy + j0, mask, v);
-				}
-			}
+			for (uint32_t q = 0; q < (two ? 2u : 1u); q++)
+				for (uint32_t t = 0; t < mr; t++)
+					moe_store_rows512(y + (t0 + t) * ldy, (p + q) * MOE_PAIRS_N,
+							  n_rows, out[q][t],
+							  scale ? scale + t0 + t : NULL);
 		}
 	}
 }

@@ -4,7 +4,11 @@
  *
  * Micro-kernel: 12 tokens x 16 panel columns = 12 zmm accumulators; per k,
  * one 32-byte load of bf16/f16 weights widened to a zmm, 12 broadcasts and
- * 12 FMAs. fp32 FMA rather than vdpbf16ps: the dot-product instruction needs
+ * 12 FMAs. With 1-7 tokens (decode) that would leave fewer independent FMA
+ * chains than latency x throughput (4 x 2): the kernel then works on 2 or
+ * 4 panels at once (4-16 chains), each output still one sum in k order,
+ * the same operations as the 12-token tile, so results do not depend on m
+ * (a 1-token call on a small layer: 54 -> 28 µs, bench/RESULTS.md). fp32 FMA rather than vdpbf16ps: the dot-product instruction needs
  * the activations in bf16 too, which would round the SwiGLU output before
  * the down projection; this path keeps the fp32 semantics of the others. */
 #include <immintrin.h>
@@ -53,6 +57,75 @@ static inline __attribute__((always_inline)) void tile(const float *x, size_t ld
 
 typedef void (*tile_fn)(const float *, size_t, const void *, uint32_t, float[MR][MOE_PANEL]);
 
+/* The small-batch tiles: mr tokens x np panels (ps bytes apart). */
+#define NPMAX 4
+#define MMAX  7
+static inline __attribute__((always_inline)) void multi(const float *x, size_t ldx, const void *p,
+							 size_t ps, enum moe_dtype dt, uint32_t k,
+							 const int mr, const int np,
+							 float out[NPMAX][MR][MOE_PANEL])
+{
+	__m512 acc[NPMAX][MMAX];
+
+#pragma GCC unroll 4
+	for (int j = 0; j < NPMAX; j++)
+#pragma GCC unroll 7
+		for (int t = 0; t < MMAX; t++)
+			acc[j][t] = _mm512_setzero_ps();
+	for (uint32_t c = 0; c < k; c++) {
+		__m512 w[NPMAX];
+
+#pragma GCC unroll 4
+		for (int j = 0; j < NPMAX; j++)
+			w[j] = j < np ? load_w(dt, (const char *)p + j * ps, c) : _mm512_setzero_ps();
+#pragma GCC unroll 7
+		for (int t = 0; t < MMAX; t++) {
+			if (t >= mr)
+				break;
+			__m512 xb = _mm512_set1_ps(x[t * ldx + c]);
+
+#pragma GCC unroll 4
+			for (int j = 0; j < NPMAX; j++)
+				if (j < np)
+					acc[j][t] = _mm512_fmadd_ps(xb, w[j], acc[j][t]);
+		}
+	}
+#pragma GCC unroll 4
+	for (int j = 0; j < NPMAX; j++)
+#pragma GCC unroll 7
+		for (int t = 0; t < MMAX; t++)
+			if (j < np && t < mr)
+				_mm512_storeu_ps(out[j][t], acc[j][t]);
+}
+
+typedef void (*multi_fn)(const float *, size_t, const void *, size_t, uint32_t,
+			 float[NPMAX][MR][MOE_PANEL]);
+
+#define MULTI(DT, NAME, M, N)                                                              \
+	static void multi_##NAME##_##M(const float *x, size_t ldx, const void *p, size_t ps,  \
+				       uint32_t k, float out[NPMAX][MR][MOE_PANEL])        \
+	{                                                                                  \
+		multi(x, ldx, p, ps, DT, k, M, N, out);                                    \
+	}
+#define MULTIS(DT, NAME)                                                                   \
+	MULTI(DT, NAME, 1, 4) MULTI(DT, NAME, 2, 4) MULTI(DT, NAME, 3, 4)                  \
+	MULTI(DT, NAME, 4, 2) MULTI(DT, NAME, 5, 2) MULTI(DT, NAME, 6, 2) MULTI(DT, NAME, 7, 2)
+MULTIS(MOE_DT_F32, f32)
+MULTIS(MOE_DT_BF16, bf16)
+MULTIS(MOE_DT_F16, f16)
+#define MROW(NAME)                                                                         \
+	{                                                                                  \
+		NULL, multi_##NAME##_1, multi_##NAME##_2, multi_##NAME##_3,                \
+			multi_##NAME##_4, multi_##NAME##_5, multi_##NAME##_6,              \
+			multi_##NAME##_7                                                   \
+	}
+static const multi_fn multis[3][MMAX + 1] = {
+	[MOE_DT_F32] = MROW(f32),
+	[MOE_DT_BF16] = MROW(bf16),
+	[MOE_DT_F16] = MROW(f16),
+};
+static const int multi_np[MMAX + 1] = {0, 4, 4, 4, 2, 2, 2, 2};
+
 #define TILE(DT, N, NAME)                                                                  \
 	static void tile_##NAME##_##N(const float *x, size_t ldx, const void *p, uint32_t k, \
 				      float out[MR][MOE_PANEL])                            \
@@ -80,50 +153,83 @@ static const tile_fn tiles[3][MR + 1] = {
 	[MOE_DT_F16] = ROW(f16),
 };
 
+/* Every panel of n_panels for every token of m: emit(ctx, panel, token,
+ * its 16 sums). Tiles of 12 tokens x 1 panel, or for the last 1-7 tokens
+ * the multi-panel tiles while np panels remain. */
+static inline __attribute__((always_inline)) void
+for_tiles(const float *x, size_t ldx, uint32_t m, const void *panels, enum moe_dtype dt,
+	  uint32_t k, uint32_t n_panels, void (*emit)(void *, uint32_t, uint32_t, const float *),
+	  void *ctx)
+{
+	size_t ps = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
+	float out[MR][MOE_PANEL], mo[NPMAX][MR][MOE_PANEL];
+
+	for (uint32_t t0 = 0; t0 < m; t0 += MR) {
+		uint32_t mr = m - t0 < MR ? m - t0 : MR, p = 0;
+
+		if (mr <= MMAX)
+			for (int np = multi_np[mr]; p + (uint32_t)np <= n_panels; p += (uint32_t)np) {
+				multis[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, ps, k,
+					       mo);
+				for (int j = 0; j < np; j++)
+					for (uint32_t t = 0; t < mr; t++)
+						emit(ctx, p + (uint32_t)j, t0 + t, mo[j][t]);
+			}
+		for (; p < n_panels; p++) {
+			tiles[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, k, out);
+			for (uint32_t t = 0; t < mr; t++)
+				emit(ctx, p, t0 + t, out[t]);
+		}
+	}
+}
+
+struct gu_ctx {
+	float *h;
+	size_t ldh;
+	uint32_t n_inter;
+};
+
+static inline void emit_gate_up(void *arg, uint32_t p, uint32_t t, const float *s)
+{
+	struct gu_ctx *g = arg;
+	uint32_t nv = g->n_inter - p * 8 < 8 ? g->n_inter - p * 8 : 8;
+
+	for (uint32_t j = 0; j < nv; j++)
+		g->h[t * g->ldh + p * 8 + j] = moe_silu_mul(s[j], s[8 + j]);
+}
+
 static void avx512_gate_up(const float *x, size_t ldx, uint32_t m, const void *panels,
 			   enum moe_dtype dt, uint32_t k, uint32_t n_inter, float *h, size_t ldh)
 {
-	size_t ps = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
-	float out[MR][MOE_PANEL];
+	struct gu_ctx g = {h, ldh, n_inter};
 
-	for (uint32_t p = 0; p * 8 < n_inter; p++) {
-		uint32_t nv = n_inter - p * 8 < 8 ? n_inter - p * 8 : 8;
+	for_tiles(x, ldx, m, panels, dt, k, (n_inter + 7) / 8, emit_gate_up, &g);
+}
 
-		for (uint32_t t0 = 0; t0 < m; t0 += MR) {
-			uint32_t mr = m - t0 < MR ? m - t0 : MR;
+struct rows_ctx {
+	float *y;
+	size_t ldy;
+	uint32_t n_rows;
+	const float *scale;
+};
 
-			tiles[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, k, out);
-			for (uint32_t t = 0; t < mr; t++)
-				for (uint32_t j = 0; j < nv; j++)
-					h[(t0 + t) * ldh + p * 8 + j] =
-						moe_silu_mul(out[t][j], out[t][8 + j]);
-		}
-	}
+static inline void emit_rows(void *arg, uint32_t p, uint32_t t, const float *s)
+{
+	struct rows_ctx *r = arg;
+	uint32_t nv = r->n_rows - p * MOE_PANEL < MOE_PANEL ? r->n_rows - p * MOE_PANEL : MOE_PANEL;
+	float sc = r->scale ? r->scale[t] : 1.0f;
+
+	for (uint32_t j = 0; j < nv; j++)
+		r->y[t * r->ldy + p * MOE_PANEL + j] = r->scale ? sc * s[j] : s[j];
 }
 
 static void avx512_rows(const float *x, size_t ldx, uint32_t m, const void *panels,
 			enum moe_dtype dt, uint32_t k, uint32_t n_rows, float *y, size_t ldy,
 			const float *scale)
 {
-	size_t ps = (size_t)k * MOE_PANEL * moe_dtype_size(dt);
-	float out[MR][MOE_PANEL];
+	struct rows_ctx r = {y, ldy, n_rows, scale};
 
-	for (uint32_t p = 0; p * MOE_PANEL < n_rows; p++) {
-		uint32_t nv = n_rows - p * MOE_PANEL < MOE_PANEL ? n_rows - p * MOE_PANEL : MOE_PANEL;
-
-		for (uint32_t t0 = 0; t0 < m; t0 += MR) {
-			uint32_t mr = m - t0 < MR ? m - t0 : MR;
-
-			tiles[dt][mr](x + t0 * ldx, ldx, (const char *)panels + p * ps, k, out);
-			for (uint32_t t = 0; t < mr; t++) {
-				float sc = scale ? scale[t0 + t] : 1.0f;
-
-				for (uint32_t j = 0; j < nv; j++)
-					y[(t0 + t) * ldy + p * MOE_PANEL + j] =
-						scale ? sc * out[t][j] : out[t][j];
-			}
-		}
-	}
+	for_tiles(x, ldx, m, panels, dt, k, (n_rows + MOE_PANEL - 1) / MOE_PANEL, emit_rows, &r);
 }
 
 const struct moe_cpu_kernels moe_cpu_kernels_avx512 = {

@@ -46,4 +46,19 @@ static inline __attribute__((always_inline)) __m256i moe_to_bf16_512(__m512 v)
 	return (__m256i)_mm512_cvtneps_pbh(v);
 }
 
+/* The first n_rows - j0 (at most 16) of 16 sums, times scale (or 1), to y
+ * at column j0: the store of a row kernel (pairs.h). */
+static inline __attribute__((always_inline)) void moe_store_rows512(float *y, uint32_t j0,
+								     uint32_t n_rows,
+								     const float *sums,
+								     const float *scale)
+{
+	uint32_t nv = n_rows - j0 < 16 ? n_rows - j0 : 16;
+	__m512 v = _mm512_load_ps(sums);
+
+	if (scale)
+		v = _mm512_mul_ps(v, _mm512_set1_ps(*scale));
+	_mm512_mask_storeu_ps(y + j0, (__mmask16)((1u << nv) - 1), v);
+}
+
 #endif
