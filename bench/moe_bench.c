@@ -201,7 +201,8 @@ int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
 		{"model", 1, NULL, 'm'},   {"layer", 1, NULL, 'l'}, {"threads", 1, NULL, 't'},
-		{"isa", 1, NULL, 'i'},	   {"precision", 1, NULL, 'P'},	   {"tokens", 1, NULL, 'n'}, {"min-time", 1, NULL, 'T'},
+		{"isa", 1, NULL, 'i'},	   {"precision", 1, NULL, 'P'},
+		{"tokens", 1, NULL, 'n'},  {"min-time", 1, NULL, 'T'},
 		{"device", 1, NULL, 'd'},  {"shape", 1, NULL, 's'}, {"devices", 1, NULL, 'D'},
 		{"warm", 0, NULL, 'w'},	   {"help", 0, NULL, 'h'},    {0},
 	};

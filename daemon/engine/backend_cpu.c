@@ -49,10 +49,12 @@
 
 /* Which kernels a rank runs for this model and tuning: isa resolved (and
  * amx's permission asked), kb set for the bf16 paths on a bf16 model at
- * bf16 precision. note: why a bf16 path does not run them (or ""). */
+ * bf16 precision; kernels names what runs the experts (a bf16 path without
+ * kb runs avx512's); note: why a bf16 path does not run its own (or ""). */
 struct cpu_choice {
 	enum moe_cpu_isa isa;
 	const struct moe_pairs_kernels *kb;
+	const char *kernels;
 	bool round_h;
 	char note[MOE_ERRLEN];
 };
@@ -91,6 +93,7 @@ static int cpu_choose(const struct moe_model *m, const struct moe_backend_tuning
 				 bf16 ? "bf16" : "fp32");
 	}
 	ch->round_h = bf16 && !ch->kb;
+	ch->kernels = moe_cpu_isa_name(ch->kb ? ch->isa : moe_cpu_kernels_for(ch->isa)->isa);
 	return 0;
 }
 
@@ -102,7 +105,7 @@ const char *moe_backend_cpu_kernels(const struct moe_model *m, const struct moe_
 	if (cpu_choose(m, t, &ch, err))
 		return NULL;
 	snprintf(note, n, "%s", ch.note);
-	return moe_cpu_isa_name(ch.kb ? ch.isa : moe_cpu_kernels_for(ch.isa)->isa);
+	return ch.kernels;
 }
 
 /* The rank's workspaces, one list for sizing (moed -t) and allocating, so
@@ -227,8 +230,7 @@ static uint64_t cpu_workspace_bytes(const struct moe_model *m, const struct moe_
 	struct cpu_choice ch;
 	char err[MOE_ERRLEN];
 
-	if (cpu_choose(m, t, &ch, err))
-		ch.kb = NULL; /* (rank_init will say why) */
+	cpu_choose(m, t, &ch, err); /* refused: kb NULL (rank_init says why) */
 	cpu_buffers(&c, &xb, m, s, ch.kb != NULL, &L);
 	return L.bytes;
 }
@@ -298,9 +300,7 @@ static int cpu_rank_init(struct moe_rank *r, const struct moe_model *m,
 	c->k = moe_cpu_kernels_for(ch.isa);
 	c->kb = ch.kb;
 	c->round_h = ch.round_h;
-	/* what runs the experts: a bf16 path without its kernels runs avx512's
-	 * (moe_backend_cpu_kernels says the same) */
-	r->kernels = moe_cpu_isa_name(c->kb ? ch.isa : c->k->isa);
+	r->kernels = ch.kernels;
 	if (ch.note[0]) {
 		moe_log(LOG_WARNING, "cpu rank %u: %s", r->id, ch.note);
 		snprintf(r->desc, sizeof(r->desc), "the host CPU, %s kernels (%.140s)", r->kernels,
