@@ -473,7 +473,8 @@ static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t
 static void test_pairs(void **state)
 {
 	static const uint32_t ms[] = {1, 2, 5, 12, 13, 16, 17, 31, 32, 33, 50};
-	static const uint32_t ks[] = {1, 32, 33, 100, 300}, ns[] = {1, 15, 16, 17, 40, 70};
+	/* 2100: past 64 steps, where the AMX kernel parks its accumulators */
+	static const uint32_t ks[] = {1, 32, 33, 100, 300, 2100}, ns[] = {1, 15, 16, 17, 40, 70};
 	static const enum moe_cpu_isa paths[] = {MOE_ISA_AVX512BF16, MOE_ISA_AMX};
 	struct moe_rng r = {9};
 	char err[200];

@@ -125,8 +125,8 @@ static void slab_any(const uint16_t *x, size_t ldx, const uint16_t *b0, const ui
 }
 
 /* Blocks of one call, MAX_BLOCKS at a time: per 32 tokens, per slab of K,
- * every block (the activations of the slab stay in L1). Block q's weights:
- * w0(q), w1(q) (w1 NULL: one weight tile per step). */
+ * every block. Block q's weights: w0(q), w1(q) (w1 NULL: one weight tile
+ * per step). */
 struct blocks {
 	const uint16_t *w0[MAX_BLOCKS], *w1[MAX_BLOCKS];
 	uint32_t n;
