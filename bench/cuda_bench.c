@@ -130,7 +130,7 @@ static int bench_one(const char *model, const char *tokens, int device, double m
 			int set = (rep + NSETS) % NSETS;
 			struct moe_epoch *ep = moe_epoch_acquire(e);
 			struct moe_batch b = {layer, n, MOE_DT_BF16, in + (size_t)set * n * m->hidden,
-					      out, rep < 0 ? ids : NULL, NULL, 0, NULL};
+					      out, rep < 0 ? ids : NULL, NULL, 0, NULL, NULL};
 
 			if (moe_engine_forward(e, ep, &b, err)) {
 				fprintf(stderr, "moe-bench: %s\n", err);

@@ -64,7 +64,7 @@ static double one(struct load *L)
 	uint32_t layer = L->m->layers[moe_rng_next(&L->rng) % L->m->n_moe_layers].index;
 	size_t off = (size_t)(moe_rng_next(&L->rng) % 8) * L->max_tokens * L->m->hidden;
 	struct moe_epoch *ep;
-	struct moe_batch b = {layer, n, MOE_DT_BF16, L->in + off, L->out, NULL, NULL, 0, NULL};
+	struct moe_batch b = {layer, n, MOE_DT_BF16, L->in + off, L->out, NULL, NULL, 0, NULL, NULL};
 	char err[MOE_ERRLEN];
 	double t0 = moe_bench_now();
 

@@ -142,7 +142,7 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 			struct moe_epoch *ep = moe_epoch_acquire(e);
 			struct moe_batch b = {layer, n, MOE_DT_BF16,
 					      in + (size_t)set * n * m->hidden, out,
-					      rep < 0 ? ids : NULL, NULL, 0, NULL};
+					      rep < 0 ? ids : NULL, NULL, 0, NULL, NULL};
 			double t0, dt;
 
 			if (rep == 0) { /* (the transport's time over the timed calls) */

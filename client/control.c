@@ -101,8 +101,10 @@ bool mc_file_reply(struct moe_client *c, int type, const struct moe_msg_hdr *h, 
 
 		if (!k->want || k->seq != h->seq)
 			continue;
-		if (type == MOE_MSG_STATUS_REPLY && k->want == type && !k->have &&
-		    !moe_msg_decode_status_reply(buf, n, &k->status)) {
+		if (((type == MOE_MSG_STATUS_REPLY && !moe_msg_decode_status_reply(buf, n, &k->status)) ||
+		     (type == MOE_MSG_METRICS_REPLY &&
+		      !moe_msg_decode_metrics_reply(buf, n, &k->status))) &&
+		    k->want == type && !k->have) {
 			k->have = 1;
 			k->fd = n_fds ? fds[0] : -1;
 			close_fds(fds + 1, n_fds ? n_fds - 1 : 0);
@@ -193,7 +195,8 @@ static int call(struct moe_client *c, uint16_t type, const void *p, uint32_t len
 	return 0;
 }
 
-MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
+/* STATUS or METRICS: a text in a sealed memfd. */
+static int text_call(moe_client *c, uint16_t ask, uint16_t want, char **json, size_t *len)
 {
 	uint64_t deadline = deadline_after(CONTROL_MS);
 	struct call *k;
@@ -203,7 +206,7 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 		return MOE_EINVAL;
 	*json = NULL;
 	pthread_mutex_lock(&c->mu);
-	r = call(c, MOE_MSG_STATUS, NULL, 0, MOE_MSG_STATUS_REPLY, false, deadline, &k);
+	r = call(c, ask, NULL, 0, want, false, deadline, &k);
 	if (!r) {
 		if (k->status.status)
 			r = wire_status(k->status.status);
@@ -215,6 +218,16 @@ MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
 	}
 	pthread_mutex_unlock(&c->mu);
 	return r;
+}
+
+MOE_API int moe_status_json(moe_client *c, char **json, size_t *len)
+{
+	return text_call(c, MOE_MSG_STATUS, MOE_MSG_STATUS_REPLY, json, len);
+}
+
+MOE_API int moe_metrics_text(moe_client *c, char **text, size_t *len)
+{
+	return text_call(c, MOE_MSG_METRICS, MOE_MSG_METRICS_REPLY, text, len);
 }
 
 MOE_API int moe_admin_call(moe_client *c, const moe_admin_req *req, moe_admin_res *res)

@@ -59,7 +59,7 @@ enum slot_state { SLOT_FREE, SLOT_PENDING, SLOT_DONE };
 #define MAX_CALLS 8
 struct call {
 	uint32_t seq;
-	uint16_t want;	   /* MOE_MSG_STATUS_REPLY or _ADMIN_REPLY; 0: a free entry */
+	uint16_t want;	   /* MOE_MSG_STATUS_REPLY, _METRICS_REPLY or _ADMIN_REPLY; 0: free */
 	uint8_t have;	   /* the reply is here */
 	uint8_t want_job;  /* then the job's JOB_DONE too */
 	uint8_t have_job;

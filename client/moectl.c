@@ -55,6 +55,9 @@ void usage(FILE *f)
 	           "                          new expert weights while serving, layer by layer\n"
 	           "                          (LIST: 0-3,7; --experts: only those, routers kept)\n"
 	           "       moectl [-s SOCKET] reload --rollback [--wait] | --cancel\n"
+	           "       moectl [-s SOCKET] metrics   the metrics, Prometheus text format\n"
+	           "                          (docs/metrics.md; for node_exporter's textfile\n"
+	           "                          collector or hosts without a TCP listener)\n"
 	           "SOCKET defaults to $MOED_SOCKET, else /run/moed/moed.sock.\n");
 }
 
@@ -200,6 +203,15 @@ static void print_status(const cJSON *j)
 	if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(b, "device_lost")))
 		printf("; DEVICE LOST");
 	printf("\n");
+	{
+		const cJSON *mt = obj(j, "metrics");
+		const char *addr = str(mt, "address");
+
+		if (addr[0])
+			printf("metrics:  http://%s/metrics (and moectl metrics)\n", addr);
+		else
+			printf("metrics:  no HTTP endpoint (metrics.listen unset); moectl metrics\n");
+	}
 	printf("queue:    %.0f requests, %.0f tokens pending\n", num(q, "pending_requests"),
 	       num(q, "pending_tokens"));
 	printf("requests: %.0f completed, %.0f errors, %.0f timeouts, %.0f cancelled;"
@@ -266,6 +278,34 @@ static int cmd_status(int argc, char **argv)
 	print_status(j);
 	cJSON_Delete(j);
 	return EXIT_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* metrics                                                                  */
+
+static int cmd_metrics(int argc, char **argv)
+{
+	moe_client *c;
+	char *text;
+	size_t len;
+	int r, rc;
+
+	if (argc > 1) {
+		int help = !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help");
+
+		usage(help ? stdout : stderr);
+		return help ? EXIT_OK : EXIT_USAGE;
+	}
+	rc = connect_or_complain(&c);
+	if (rc)
+		return rc;
+	r = moe_metrics_text(c, &text, &len);
+	moe_disconnect(c);
+	if (r)
+		return fail(r, "metrics");
+	fwrite(text, 1, len, stdout);
+	free(text);
+	return fflush(stdout) ? EXIT_ERR : EXIT_OK;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -722,6 +762,8 @@ int main(int argc, char **argv)
 		return cmd_rebalance(argc, argv);
 	if (!strcmp(cmd, "reload"))
 		return cmd_reload(argc, argv);
+	if (!strcmp(cmd, "metrics"))
+		return cmd_metrics(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

@@ -113,6 +113,11 @@ int moe_msg_decode_status_reply(const void *buf, size_t n, struct moe_msg_status
 	return decode(buf, n, MOE_MSG_STATUS_REPLY, out, sizeof(*out));
 }
 
+int moe_msg_decode_metrics_reply(const void *buf, size_t n, struct moe_msg_status_reply *out)
+{
+	return decode(buf, n, MOE_MSG_METRICS_REPLY, out, sizeof(*out));
+}
+
 int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out)
 {
 	int r = decode(buf, n, MOE_MSG_ERROR, out, sizeof(*out));

@@ -39,6 +39,8 @@ enum moe_msg_type {
 	MOE_MSG_ADMIN = 8,	 /* c->d: an operator command (ipc/moe_admin.h) */
 	MOE_MSG_ADMIN_REPLY = 9, /* d->c: its outcome (+ the op's result) */
 	MOE_MSG_JOB_DONE = 10,	 /* d->c: a job the session started is over */
+	MOE_MSG_METRICS = 11,	 /* c->d: ask for the metrics (Prometheus text) */
+	MOE_MSG_METRICS_REPLY = 12, /* d->c: moe_msg_status_reply + sealed memfd of text */
 };
 
 struct moe_msg_hdr {
@@ -80,10 +82,11 @@ struct moe_msg_cancel {
 	uint64_t tag;
 };
 
+/* STATUS_REPLY and METRICS_REPLY */
 struct moe_msg_status_reply {
 	int32_t status;
 	uint32_t reserved;
-	uint64_t json_bytes; /* length of the JSON in the attached memfd */
+	uint64_t json_bytes; /* length of the JSON (metrics: the text) in the memfd */
 };
 
 /* + the op's payload, exactly moe_admin_payload_size(op) bytes */
@@ -121,6 +124,7 @@ int moe_msg_decode_hello(const void *buf, size_t n, struct moe_msg_hello *out);
 int moe_msg_decode_hello_reply(const void *buf, size_t n, struct moe_msg_hello_reply *out);
 int moe_msg_decode_cancel(const void *buf, size_t n, struct moe_msg_cancel *out);
 int moe_msg_decode_status_reply(const void *buf, size_t n, struct moe_msg_status_reply *out);
+int moe_msg_decode_metrics_reply(const void *buf, size_t n, struct moe_msg_status_reply *out);
 int moe_msg_decode_error(const void *buf, size_t n, struct moe_msg_error *out);
 /* ADMIN: a known op and flags, and exactly the op's payload (copied to
  * `payload`, which has room for MOE_ADMIN_DATA_MAX bytes; *plen its size);
@@ -131,7 +135,7 @@ int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, v
 int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out,
 			       void *result, uint32_t cap, uint32_t *rlen);
 int moe_msg_decode_job_done(const void *buf, size_t n, struct moe_admin_job *out);
-/* DOORBELL and STATUS carry no payload. */
+/* DOORBELL, STATUS and METRICS carry no payload. */
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type);
 
 #endif

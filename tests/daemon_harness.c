@@ -81,7 +81,7 @@ int dh_group_teardown(void **state)
 void dh_ref_forward(uint32_t layer, int dt, const void *in, void *out, uint32_t n)
 {
 	struct moe_epoch *ep = moe_epoch_acquire(g_eng);
-	struct moe_batch b = {layer, n, (enum moe_dtype)dt, in, out, NULL, NULL, 0, NULL};
+	struct moe_batch b = {layer, n, (enum moe_dtype)dt, in, out, NULL, NULL, 0, NULL, NULL};
 	char err[MOE_ERRLEN];
 	int r = moe_engine_forward(g_eng, ep, &b, err);
 

@@ -179,6 +179,8 @@ static void test_example_documents_every_key(void **state)
 	    "max_inflight_tokens:",
 	    "metrics:",
 	    "listen:",
+	    "per_expert:",
+	    "slo_p99_ms:",
 	    "log:",
 	    "level:",
 	};
@@ -662,7 +664,6 @@ static void test_not_supported_yet(void **state)
 	    {"scheduler", "batch_window_us", "0", "1000001",
 	     "expected an integer between 0 and "
 	     "1000000, got 1000001"},
-	    {"metrics", "listen", "127.0.0.1:9464", "{}", "expected a string, got a mapping"},
 	};
 	char yaml[256], want[256];
 	size_t i;
@@ -685,6 +686,53 @@ static void test_not_supported_yet(void **state)
 	EXPECT_ERR(
 	    "model: {path: /m}\nscheduler:\n  max_batch_tokens: 64\n  batch_window_us: 200\n",
 	    "t.yaml:4:3: scheduler.batch_window_us: not supported yet");
+}
+
+/* metrics.*: the listen address is checked at the value, with the reason. */
+static void test_metrics_keys(void **state)
+{
+	static const struct {
+		const char *v, *msg; /* msg NULL: accepted */
+	} listen[] = {
+	    {"127.0.0.1:9464", NULL},
+	    {"0.0.0.0:0", NULL},
+	    {"localhost:9464", NULL},
+	    {"\"[::1]:9464\"", NULL},
+	    {"\"\"", NULL},
+	    {"127.0.0.1", "expected ADDR:PORT"},
+	    {"127.0.0.1:65536", "port \"65536\" is not a number in 0..65535"},
+	    {"127.0.0.1:-1", "port \"-1\" is not a number"},
+	    {"\"127.0.0.1:\"", "port \"\" is not a number"},
+	    {"example.com:80", "address \"example.com\" is not a numeric IPv4 address"},
+	    {"\"[::1:9464\"", "address \"[::1\" is not a numeric IPv4 address"},
+	    {"{}", "expected a string, got a mapping"},
+	};
+	struct moe_config c;
+	char yaml[256], want[256];
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(listen) / sizeof(listen[0]); i++) {
+		snprintf(yaml, sizeof(yaml), "model: {path: /m}\nmetrics:\n  listen: %s\n",
+		         listen[i].v);
+		if (!listen[i].msg) {
+			LOAD_OK(yaml, &c);
+			moe_cfg_free(&c);
+			continue;
+		}
+		/* the value at line 3, column 11 */
+		snprintf(want, sizeof(want), "t.yaml:3:11: metrics.listen: %s", listen[i].msg);
+		EXPECT_ERR(yaml, want);
+	}
+	LOAD_OK("model: {path: /m}\nmetrics:\n  per_expert: true\n  slo_p99_ms: 80\n", &c);
+	assert_true(c.metrics.per_expert);
+	assert_int_equal(c.metrics.slo_p99_ms, 80);
+	moe_cfg_free(&c);
+	LOAD_OK("model: {path: /m}\n", &c);
+	assert_false(c.metrics.per_expert);
+	assert_int_equal(c.metrics.slo_p99_ms, 250);
+	moe_cfg_free(&c);
+	EXPECT_ERR("model: {path: /m}\nmetrics:\n  slo_p99_ms: 0\n",
+	           "t.yaml:3:15: metrics.slo_p99_ms: expected an integer between 1 and 3600000");
 }
 
 /* The daemon's keys (server, scheduler limits): good values are stored,
@@ -1015,6 +1063,7 @@ int main(void)
 	    cmocka_unit_test(test_anchors_aliases_tags),
 	    cmocka_unit_test(test_nul_in_string),
 	    cmocka_unit_test(test_devices),
+	    cmocka_unit_test(test_metrics_keys),
 	    cmocka_unit_test(test_not_supported_yet),
 	    cmocka_unit_test(test_server_keys),
 	    cmocka_unit_test(test_sizes),

@@ -88,7 +88,7 @@ static int fwd(struct moe_engine *e, uint32_t layer, enum moe_dtype dt, const vo
 	       uint32_t n, uint32_t *ids, float *w, char *err)
 {
 	struct moe_epoch *ep = moe_epoch_acquire(e);
-	struct moe_batch b = {layer, n, dt, in, out, ids, w, 0, NULL};
+	struct moe_batch b = {layer, n, dt, in, out, ids, w, 0, NULL, NULL};
 	int ret = moe_engine_forward(e, ep, &b, err);
 
 	moe_epoch_release(ep);

@@ -209,7 +209,7 @@ static void forward(struct moe_engine *e, uint32_t layer, enum moe_dtype dt, con
 		    void *out, uint32_t n, uint32_t *ids, float *w)
 {
 	struct moe_epoch *ep = moe_epoch_acquire(e);
-	struct moe_batch b = {layer, n, dt, in, out, ids, w, 0, NULL};
+	struct moe_batch b = {layer, n, dt, in, out, ids, w, 0, NULL, NULL};
 	char err[MOE_ERRLEN];
 
 	if (moe_engine_forward(e, ep, &b, err))
@@ -662,10 +662,10 @@ static void test_forward_errors(void **state)
 	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
 	e = open_engine(dir, 1, 4, &m);
 	ep = moe_epoch_acquire(e);
-	struct moe_batch dense = {1, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL}; /* dense layer */
-	struct moe_batch big = {0, 5, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
-	struct moe_batch none = {99, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
-	struct moe_batch bad = {0, 1, (enum moe_dtype)7, x, y, NULL, NULL, 0, NULL};
+	struct moe_batch dense = {1, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL, NULL}; /* dense layer */
+	struct moe_batch big = {0, 5, MOE_DT_F32, x, y, NULL, NULL, 0, NULL, NULL};
+	struct moe_batch none = {99, 1, MOE_DT_F32, x, y, NULL, NULL, 0, NULL, NULL};
+	struct moe_batch bad = {0, 1, (enum moe_dtype)7, x, y, NULL, NULL, 0, NULL, NULL};
 	struct moe_seg segs[2] = {{x, y, MOE_DT_F32, 2, NULL, NULL}, {x, y, MOE_DT_F32, 0, NULL, NULL}};
 	struct moe_batch sum = {.layer = 0, .n_tokens = 3, .n_segs = 1, .segs = segs};
 	struct moe_batch empty = {.layer = 0, .n_tokens = 2, .n_segs = 2, .segs = segs};
@@ -801,7 +801,7 @@ static void test_lost_device(void **state)
 	assert_true(m->hidden <= 128);
 	for (size_t i = 0; i < sizeof(x) / sizeof(x[0]); i++)
 		x[i] = (float)moe_rng_normal(&r);
-	struct moe_batch b = {0, 2, MOE_DT_F32, x, y, NULL, NULL, 0, NULL};
+	struct moe_batch b = {0, 2, MOE_DT_F32, x, y, NULL, NULL, 0, NULL, NULL};
 	ep = moe_epoch_acquire(e);
 	assert_int_equal(moe_engine_forward(e, ep, &b, err), 0);
 	assert_false(moe_engine_lost(e));

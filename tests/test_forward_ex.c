@@ -46,7 +46,7 @@ static void ref_routing(uint32_t layer, int dt, const void *in, uint32_t n, uint
 {
 	struct moe_epoch *ep = moe_epoch_acquire(g_eng);
 	void *out = malloc((size_t)n * g_H * dh_dt_size(dt));
-	struct moe_batch b = {layer, n, (enum moe_dtype)dt, in, out, ids, w, 0, NULL};
+	struct moe_batch b = {layer, n, (enum moe_dtype)dt, in, out, ids, w, 0, NULL, NULL};
 	char err[MOE_ERRLEN];
 	int r;
 

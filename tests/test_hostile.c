@@ -123,7 +123,7 @@ static void *victim_main(void *arg)
 		rc = moe_forward(g_v.c, L, (moe_dtype)dt, in, out, n);
 		ep = moe_epoch_acquire(g_eng);
 		{
-			struct moe_batch b = {L, n, (enum moe_dtype)dt, in, ref, NULL, NULL, 0, NULL};
+			struct moe_batch b = {L, n, (enum moe_dtype)dt, in, ref, NULL, NULL, 0, NULL, NULL};
 
 			if (moe_engine_forward(g_eng, ep, &b, err))
 				snprintf(g_v.why, sizeof(g_v.why), "reference: %s", err);

@@ -41,7 +41,7 @@ static void forward(struct moe_engine *e, const struct moe_model *m, const float
 	for (uint32_t l = 0; l < m->n_moe_layers; l++) {
 		struct moe_epoch *ep = moe_epoch_acquire(e);
 		struct moe_batch b = {m->layers[l].index, n, MOE_DT_F32, in,
-				      out + (size_t)l * n * m->hidden, NULL, NULL, 0, NULL};
+				      out + (size_t)l * n * m->hidden, NULL, NULL, 0, NULL, NULL};
 
 		if (moe_engine_forward(e, ep, &b, err))
 			fail_msg("forward: %s", err);

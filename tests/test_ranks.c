@@ -41,7 +41,7 @@ static void run(struct moe_engine *e, uint32_t layer, const float *in, float *ou
 		uint32_t *ids)
 {
 	struct moe_epoch *ep = moe_epoch_acquire(e);
-	struct moe_batch b = {layer, n, MOE_DT_F32, in, out, ids, NULL, 0, NULL};
+	struct moe_batch b = {layer, n, MOE_DT_F32, in, out, ids, NULL, 0, NULL, NULL};
 	char err[MOE_ERRLEN];
 
 	if (moe_engine_forward(e, ep, &b, err))
@@ -341,7 +341,7 @@ static void lost_rank_case(const char *fixture, uint32_t R, uint32_t spare, uint
 	}
 	{
 		uint32_t layer = m->layers[0].index;
-		struct moe_batch bt = {layer, 300, MOE_DT_F32, in, got, NULL, NULL, 0, NULL};
+		struct moe_batch bt = {layer, 300, MOE_DT_F32, in, got, NULL, NULL, 0, NULL, NULL};
 
 		run(e1, layer, in, want, 300, NULL);
 		memset(got, 0xa5, sizeof(float) * 300 * H);
@@ -415,7 +415,7 @@ static void test_lost_rank(void **state)
 		assert_true(in && out);
 		for (uint32_t i = 0; i < m->hidden * 8; i++)
 			in[i] = (float)(i % 7) - 3;
-		b = (struct moe_batch){m->layers[0].index, 8, MOE_DT_F32, in, out, NULL, NULL, 0, NULL};
+		b = (struct moe_batch){m->layers[0].index, 8, MOE_DT_F32, in, out, NULL, NULL, 0, NULL, NULL};
 		ep = moe_epoch_acquire(e);
 		assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
 		printf("checkpoint replaced: %s\n", err);
@@ -444,7 +444,7 @@ static void test_lost_rank(void **state)
 		in = calloc(m->hidden, sizeof(float)), out = calloc(m->hidden, sizeof(float));
 		assert_true(in && out);
 		in[0] = 1;
-		b = (struct moe_batch){m->layers[0].index, 1, MOE_DT_F32, in, out, NULL, NULL, 0, NULL};
+		b = (struct moe_batch){m->layers[0].index, 1, MOE_DT_F32, in, out, NULL, NULL, 0, NULL, NULL};
 		ep = moe_epoch_acquire(e);
 		assert_int_equal(moe_engine_forward(e, ep, &b, err), -ENOTRECOVERABLE);
 		printf("one rank: %s\n", err);

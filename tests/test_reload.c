@@ -229,7 +229,7 @@ static void *serve(void *arg)
 		for (uint32_t t0 = 0; t0 < n; t0 += 64) { /* (as moed's worker splits) */
 			uint32_t k = n - t0 < 64 ? n - t0 : 64;
 			struct moe_batch b = {w->m->layers[pos].index, k, MOE_DT_F32, in + (size_t)t0 * H,
-					      out + (size_t)t0 * H, NULL, NULL, 0, NULL};
+					      out + (size_t)t0 * H, NULL, NULL, 0, NULL, NULL};
 
 			if (moe_engine_forward(w->e, ep, &b, err))
 				fail_msg("forward: %s", err);
@@ -261,7 +261,7 @@ static void check_recs(struct server *s, uint32_t *seen)
 		float *want = malloc(sizeof(float) * r->n * H);
 		struct moe_epoch *ep = moe_epoch_acquire(w->ref[ck]);
 		struct moe_batch b = {w->m->layers[r->pos].index, r->n, MOE_DT_F32, r->in, want,
-				      NULL, NULL, 0, NULL};
+				      NULL, NULL, 0, NULL, NULL};
 
 		assert_non_null(want);
 		for (uint32_t t0 = 0; t0 < r->n; t0 += 64) {
@@ -381,7 +381,7 @@ static void check_serves(struct world *w, int ck)
 		in[i] = (float)moe_rng_normal(&rng);
 	for (uint32_t l = 0; l < w->m->n_moe_layers; l++) {
 		struct moe_batch bt = {w->m->layers[l].index, n, MOE_DT_F32, in, a, NULL, NULL, 0,
-				       NULL};
+				       NULL, NULL};
 		struct moe_epoch *ep = moe_epoch_acquire(w->e);
 
 		if (moe_engine_forward(w->e, ep, &bt, err))

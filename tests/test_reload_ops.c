@@ -337,7 +337,7 @@ static void check_records(moe_client *c, struct loads *L, uint32_t *seen)
 		{
 			struct moe_epoch *ep = moe_epoch_acquire(g_ref[ck]);
 			struct moe_batch b = {r->layer, r->n, (enum moe_dtype)r->dt, in, out,
-					      NULL, NULL, 0, NULL};
+					      NULL, NULL, 0, NULL, NULL};
 			char err[MOE_ERRLEN];
 
 			if (moe_engine_forward(g_ref[ck], ep, &b, err))

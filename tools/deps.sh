@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # tools/deps.sh — make sure the Debian packages moed needs are installed.
 #
-#   tools/deps.sh build     compiler, cmake, libcjson, libyaml (+ libsystemd)
-#   tools/deps.sh test      build + cmocka + clang/libFuzzer
+#   tools/deps.sh build     compiler, cmake, libcjson, libyaml, libmicrohttpd (+ libsystemd)
+#   tools/deps.sh test      build + cmocka + clang/libFuzzer + prometheus (promtool)
 #
 # Installs what is missing with apt-get when run as root (or with sudo
 # available without a password); otherwise names the packages and stops.
 set -euo pipefail
 
-want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev libssl-dev)
+want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev libssl-dev
+	libmicrohttpd-dev)
 if [ "${1:-build}" = test ]; then
 	# systemd: systemd-analyze verify and systemd-socket-activate in the tests
-	want+=(libcmocka-dev clang libclang-rt-14-dev systemd)
+	# prometheus: promtool and a real server for the metrics tests; curl
+	want+=(libcmocka-dev clang libclang-rt-14-dev systemd prometheus curl)
 fi
 
 missing=()

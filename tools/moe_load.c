@@ -124,7 +124,7 @@ static void child(const struct opts *o, int id, struct result *res)
 			struct moe_batch b = {layer, n, bf16 ? MOE_DT_BF16 : MOE_DT_F32,
 					      bf16 ? (void *)x16 : (void *)x32,
 					      bf16 ? (void *)ref16 : (void *)ref32, NULL, NULL, 0,
-					      NULL};
+					      NULL, NULL};
 
 			moe_engine_forward(e, ep, &b, err);
 			moe_epoch_release(ep);

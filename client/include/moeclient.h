@@ -205,6 +205,12 @@ MOE_API int moe_ping(moe_client *c, uint64_t *round_trip_ns);
  * it), *len (may be NULL) its length. Waits at most 10 s. */
 MOE_API int moe_status_json(moe_client *c, char **json, size_t *len);
 
+/* The daemon's metrics in the Prometheus text exposition format (what its
+ * HTTP endpoint serves, see docs/metrics.md): *text is malloc'd and
+ * NUL-terminated (free it), *len (may be NULL) its length. Waits at most
+ * 10 s. */
+MOE_API int moe_metrics_text(moe_client *c, char **text, size_t *len);
+
 /* After MOE_EDAEMON: connects again with the same path and options and a
  * new region (buffers keep their addresses and contents). 0 at once if the
  * connection is alive. */

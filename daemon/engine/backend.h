@@ -142,6 +142,8 @@ struct moe_stage {
 	uint32_t layer;			   /* MoE layer position in place */
 	const struct moe_slot *slots;	   /* [slots_per_rank]: this rank's, of the layer */
 	uint64_t busy_ns;		   /* out (experts): time of the expert FFNs */
+	uint64_t convert_ns, route_ns;	   /* out (dispatch): its first two parts,
+					      for moe_stage_times (0: not measured) */
 };
 
 struct moe_rank {

@@ -16,12 +16,21 @@
 #include <errno.h>
 #include <math.h>
 #include <string.h>
+#include <time.h>
 
 #include "daemon/engine/backend_cpu.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
 
 /* The segment holding batch token t, and t's index inside it. */
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static uint32_t seg_of(const struct moe_stage *st, uint32_t t, uint32_t *at)
 {
 	uint32_t si = 0, s0 = 0;
@@ -107,6 +116,7 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 	struct moe_xbuf *xb = &r->xb;
 	uint32_t H = m->hidden, K = m->top_k, E = m->n_experts;
 	uint32_t R = r->shape.n_ranks, S = r->shape.slots_per_rank, at = 0;
+	uint64_t t0, t1;
 	int ret;
 
 	if (st->n > c->share_cap)
@@ -115,10 +125,14 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 		memset(xb->send_counts, 0, (size_t)R * S * sizeof(*xb->send_counts));
 		return 0;
 	}
+	t0 = mono_ns();
 	convert_share(c, m, st);
+	t1 = mono_ns();
 	ret = cpu_route(r, m, st->ls, c->x, st->n, st->ids, st->w);
 	if (ret)
 		return ret;
+	st->convert_ns = t1 - t0;
+	st->route_ns = mono_ns() - t1;
 	memset(c->ecount, 0, E * sizeof(*c->ecount));
 	for (size_t i = 0; i < (size_t)st->n * K; i++)
 		c->ecount[st->ids[i]]++;

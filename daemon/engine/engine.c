@@ -515,6 +515,11 @@ static int forward_device(struct moe_engine *e, struct moe_epoch *ep, uint32_t l
 		scatter_routing(e, b, segs, n_segs);
 	e->last_ms = f.device_ms;
 	e->last_kernel_ms = f.kernel_ms;
+	if (b->times) {
+		*b->times = (struct moe_stage_times){{0}};
+		b->times->ns[MOE_STAGE_DEVICE] =
+			f.device_ms > 0 ? (uint64_t)((double)f.device_ms * 1e6) : 0;
+	}
 	moe_stats_counts(e->stats, l, e->ecount, now_ns());
 	return 0;
 }

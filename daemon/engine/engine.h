@@ -75,6 +75,33 @@ struct moe_batch {
 	 * then unused). The segments' n_tokens must add up to n_tokens. */
 	uint32_t n_segs;
 	const struct moe_seg *segs;
+	/* optional out: where the batch's time went (below) */
+	struct moe_stage_times *times;
+};
+
+/* Where a batch's time went, in ns, summed over its rounds (moe_batch.times;
+ * written only when the call succeeds, else left as it was). Step backends
+ * (the CPU): convert (the inputs read from the segments and converted to
+ * fp32: the copy-in), router (logits, top-k), dispatch (rows sorted into
+ * slots), exchange (the transport between ranks, both ways; 0 with one
+ * rank), experts (the expert FFNs), combine (the K results and the shared
+ * expert summed, converted and written to the segments: the copy-out).
+ * With several ranks each stage counts the slowest rank's time. Device
+ * backends: device only (the whole batch on the device, copies included,
+ * as the device measured it). */
+enum moe_stage_id {
+	MOE_STAGE_CONVERT,
+	MOE_STAGE_ROUTER,
+	MOE_STAGE_DISPATCH,
+	MOE_STAGE_EXCHANGE,
+	MOE_STAGE_EXPERTS,
+	MOE_STAGE_COMBINE,
+	MOE_STAGE_DEVICE,
+	MOE_STAGE_COUNT
+};
+
+struct moe_stage_times {
+	uint64_t ns[MOE_STAGE_COUNT];
 };
 
 /* Loads every MoE layer of `m` into slots (reading the checkpoint with

@@ -140,6 +140,25 @@ static int exchange(struct moe_engine *e, int dir)
 	return ret;
 }
 
+/* The dispatch stage's wall time split into convert, router and dispatch:
+ * the first two as the slowest rank measured them, the rest dispatch. */
+static void stage_split(struct moe_engine *e, struct moe_stage_times *tm, uint64_t wall)
+{
+	uint64_t cv = 0, rt = 0;
+
+	for (uint32_t r = 0; r < e->n_ranks; r++) {
+		if (e->st[r].convert_ns + e->st[r].route_ns > cv + rt) {
+			cv = e->st[r].convert_ns;
+			rt = e->st[r].route_ns;
+		}
+	}
+	if (cv + rt > wall) /* (clock granularity) */
+		wall = cv + rt;
+	tm->ns[MOE_STAGE_CONVERT] += cv;
+	tm->ns[MOE_STAGE_ROUTER] += rt;
+	tm->ns[MOE_STAGE_DISPATCH] += wall - cv - rt;
+}
+
 /* The batch on the ranks, a chunk at a time: each alive rank's share of
  * the chunk dispatched, exchanged, run, returned and combined. No output
  * is written before every rank's dispatch and experts have succeeded; a
@@ -153,6 +172,8 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 	uint32_t R = e->n_ranks, S = e->stride, K = m->top_k, n = b->n_tokens;
 	struct moe_epoch *own = NULL; /* after a lost rank */
 	struct layer_view view;
+	struct moe_stage_times tm = {{0}};
+	uint64_t t0;
 	int ret = 0;
 
 	e->batches++;
@@ -193,13 +214,17 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 				.slots = view.slots[r],
 			};
 		}
+		t0 = now_ns();
 		ret = on_ranks(e, ST_DISPATCH);
+		stage_split(e, &tm, now_ns() - t0);
 		if (ret) {
 			ret = moe_err(err, ret, "routing or dispatch failed");
 			break;
 		}
+		t0 = now_ns();
 		if (R > 1) {
 			ret = exchange(e, 0);
+			tm.ns[MOE_STAGE_EXCHANGE] += now_ns() - t0;
 			if (ret) {
 				ret = moe_err(err, ret, "the %s transport failed", e->tr->ops->name);
 				break;
@@ -218,7 +243,9 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 					goto out;
 				}
 		}
+		t0 = now_ns();
 		ret = on_ranks(e, ST_EXPERTS);
+		tm.ns[MOE_STAGE_EXPERTS] += now_ns() - t0;
 		/* a rank lost (-EIO: the test hook; a device rank's sticky
 		 * error), not a refusal of the work itself */
 		if ((ret == -EIO || ret == -ENOTRECOVERABLE) && e->failed_rank >= 0 &&
@@ -252,15 +279,21 @@ int eng_forward_steps(struct moe_engine *e, struct moe_epoch *ep, uint32_t l,
 			}
 		}
 		if (R > 1) {
+			t0 = now_ns();
 			ret = exchange(e, 1);
+			tm.ns[MOE_STAGE_EXCHANGE] += now_ns() - t0;
 			if (ret) {
 				ret = moe_err(err, ret, "the %s transport failed", e->tr->ops->name);
 				break;
 			}
 		}
+		t0 = now_ns();
 		on_ranks(e, ST_COMBINE);
+		tm.ns[MOE_STAGE_COMBINE] += now_ns() - t0;
 		c0 += nc;
 	}
+	if (!ret && b->times)
+		*b->times = tm;
 out:
 	e->ran_epoch = ep->id;
 	if (own)

@@ -18,6 +18,8 @@ void srv_admin_reply_with(struct client *c, uint32_t seq, int status, const char
 	} m = {.r.status = status};
 
 	snprintf(m.r.message, sizeof(m.r.message), "%s", msg);
+	if (status && c->met)
+		met_add(&c->met->errors[met_status_index(status)], 1);
 	if (len)
 		memcpy(m.data, result, len);
 	srv_send_msg_seq(c->fd, MOE_MSG_ADMIN_REPLY, seq, &m, sizeof(m.r) + len, -1);
@@ -72,6 +74,8 @@ int srv_reload_config(struct server *s, char *msg, size_t n)
 	}
 	s->reloads++;
 	moe_log_set_level(s->o.log_level);
+	atomic_store(&s->met.per_expert, s->o.metrics_per_expert);
+	met_set(&s->met.slo_ns, (uint64_t)s->o.metrics_slo_ms * 1000000u);
 	moe_log(LOG_NOTICE, "configuration reloaded: %s", msg);
 	/* a new model.path: its weights rolled in while serving */
 	if (old_path && s->o.model_path && strcmp(old_path, s->o.model_path)) {

@@ -307,6 +307,7 @@ int moe_cfg_defaults(struct moe_config *c)
 	c->server.group = strdup("");
 	c->server.admin_group = strdup("");
 	c->metrics.listen = strdup("");
+	c->metrics.slo_p99_ms = 250;
 	if (!c->server.socket || !c->server.group || !c->server.admin_group || !c->metrics.listen)
 		return -ENOMEM;
 	return 0;

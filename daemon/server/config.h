@@ -140,7 +140,9 @@ struct moe_config {
 	} server;
 
 	struct {
-		char *listen; /* "host:port", "" = no metrics endpoint */
+		char *listen;	      /* "host:port" (moe_cfg_parse_listen), "" = no endpoint */
+		bool per_expert;      /* per-expert series (layers x experts); default false */
+		unsigned int slo_p99_ms; /* exported for the p99 alert, 1..3600000; 250 */
 	} metrics;
 
 	struct {
@@ -148,6 +150,15 @@ struct moe_config {
 	} log;
 };
 
+/*
+ * metrics.listen: "ADDR:PORT" with ADDR a numeric IPv4 address, a numeric
+ * IPv6 address in brackets ("[::1]:9464") or "localhost" (127.0.0.1), and
+ * PORT 0..65535 (0: any free port). Fills @sa (a struct sockaddr_in or
+ * _in6, @salen bytes) and returns 0, or -EINVAL with what is wrong in @why.
+ */
+struct sockaddr;
+int moe_cfg_parse_listen(const char *s, struct sockaddr *sa, unsigned int *salen, char *why,
+                         size_t whylen);
 /*
  * Fill @c with the defaults (model.path stays NULL). Overwrites @c without
  * freeing it. Returns 0, or -ENOMEM; either way moe_cfg_free(@c) is safe.

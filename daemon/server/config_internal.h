@@ -45,8 +45,8 @@ struct cfg_parser {
 	struct moe_config *c;
 	char *err;
 	size_t errlen;
-	bool seen_key[32];      /* by index in cfg_keys: duplicate keys */
-	bool seen_section[32];  /* by index of a section's first key */
+	bool seen_key[64];      /* by index in cfg_keys: duplicate keys */
+	bool seen_section[64];  /* by index of a section's first key */
 	yaml_mark_t root_mark;  /* where "model.path: required" points... */
 	yaml_mark_t model_mark; /* ...or here, when there is a model: section */
 	bool have_model;
@@ -80,7 +80,7 @@ int cfg_bad_value(struct cfg_parser *p, const char *path, const yaml_event_t *ev
 int cfg_check_node(struct cfg_parser *p, const yaml_event_t *ev, const char *path);
 
 /* config_values.c: one parser per kind of key in cfg_keys[] */
-cfg_parse_fn cfg_parse_uint, cfg_parse_bool, cfg_parse_number, cfg_parse_string, cfg_parse_enum,
+cfg_parse_fn cfg_parse_listen, cfg_parse_uint, cfg_parse_bool, cfg_parse_number, cfg_parse_string, cfg_parse_enum,
     cfg_parse_size, cfg_parse_mode, cfg_parse_devices;
 
 /* config.c: the event stream */

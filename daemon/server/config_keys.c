@@ -93,11 +93,15 @@ const struct cfg_key cfg_keys[] = {
      .supported = true, .reload = true},
     {"server.max_inflight_tokens", UINT(server.max_inflight_tokens, 1, 100000000),
      .supported = true, .reload = true},
-    {"metrics.listen", STR(metrics.listen, 0, 255), .supported = false},
+    {"metrics.listen", .parse = cfg_parse_listen, FIELD(metrics.listen), .min = 0, .max = 255,
+     .supported = true},
+    {"metrics.per_expert", BOOL(metrics.per_expert), .supported = true, .reload = true},
+    {"metrics.slo_p99_ms", UINT(metrics.slo_p99_ms, 1, 3600000), .supported = true,
+     .reload = true},
     {"log.level", ENUM(log.level, cfg_log_names, cfg_log_values), .supported = true, .reload = true},
 };
 
-_Static_assert(ARRAY_SIZE(cfg_keys) <= 32, "grow cfg_parser.seen_key");
+_Static_assert(ARRAY_SIZE(cfg_keys) <= 64, "grow cfg_parser.seen_key");
 _Static_assert(sizeof(enum moe_cfg_isa) == sizeof(int), "enums are stored as int");
 _Static_assert(sizeof(enum moe_cfg_precision) == sizeof(int), "enums are stored as int");
 _Static_assert(sizeof(enum moe_cfg_log_level) == sizeof(int), "enums are stored as int");
@@ -203,7 +207,7 @@ static bool same(const struct cfg_key *k, const struct moe_config *a, const stru
 {
 	const char *fa = (const char *)a + k->offset, *fb = (const char *)b + k->offset;
 
-	if (k->parse == cfg_parse_string) {
+	if (k->parse == cfg_parse_string || k->parse == cfg_parse_listen) {
 		const char *sa = *(char *const *)(const void *)fa, *sb = *(char *const *)(const void *)fb;
 
 		return !strcmp(sa ? sa : "", sb ? sb : "");

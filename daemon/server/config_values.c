@@ -3,7 +3,9 @@
  * (see config_internal.h). */
 #include "daemon/server/config_internal.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -293,5 +295,81 @@ int cfg_parse_devices(struct cfg_parser *p, const struct cfg_key *k, const yaml_
 	if (c->devices.kind == MOE_CFG_DEV_CPU && c->devices.n_ranks > CFG_CPU_RANKS_SUPPORTED)
 		return cfg_error(p, ev->start_mark, k->path,
 		                 "not supported yet (one CPU rank for now)");
+	return 0;
+}
+
+int moe_cfg_parse_listen(const char *s, struct sockaddr *sa, unsigned int *salen, char *why,
+                         size_t whylen)
+{
+	const char *colon = strrchr(s, ':'), *port;
+	char host[64];
+	size_t hl;
+	char *end;
+	unsigned long p;
+
+	if (!colon) {
+		snprintf(why, whylen, "expected ADDR:PORT (e.g. 127.0.0.1:9464), got \"%s\"", s);
+		return -EINVAL;
+	}
+	port = colon + 1;
+	hl = (size_t)(colon - s);
+	errno = 0;
+	p = strtoul(port, &end, 10);
+	if (!*port || *end || *port == '-' || *port == '+' || errno || p > 65535) {
+		snprintf(why, whylen, "port \"%s\" is not a number in 0..65535", port);
+		return -EINVAL;
+	}
+	if (hl >= 2 && s[0] == '[' && s[hl - 1] == ']') {
+		struct sockaddr_in6 *a = (struct sockaddr_in6 *)(void *)sa;
+
+		if (hl - 2 >= sizeof(host))
+			goto bad;
+		memcpy(host, s + 1, hl - 2);
+		host[hl - 2] = '\0';
+		memset(a, 0, sizeof(*a));
+		a->sin6_family = AF_INET6;
+		a->sin6_port = htons((uint16_t)p);
+		if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+			goto bad;
+		*salen = sizeof(*a);
+		return 0;
+	}
+	if (hl >= sizeof(host))
+		goto bad;
+	memcpy(host, s, hl);
+	host[hl] = '\0';
+	{
+		struct sockaddr_in *a = (struct sockaddr_in *)(void *)sa;
+
+		memset(a, 0, sizeof(*a));
+		a->sin_family = AF_INET;
+		a->sin_port = htons((uint16_t)p);
+		if (!strcmp(host, "localhost"))
+			strcpy(host, "127.0.0.1");
+		if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
+			goto bad;
+		*salen = sizeof(*a);
+	}
+	return 0;
+bad:
+	snprintf(why, whylen,
+	         "address \"%.*s\" is not a numeric IPv4 address, [IPv6] address or localhost",
+	         (int)(hl < 80 ? hl : 80), s);
+	return -EINVAL;
+}
+
+int cfg_parse_listen(struct cfg_parser *p, const struct cfg_key *k, const yaml_event_t *ev,
+                     void *field)
+{
+	struct sockaddr_in6 sa;
+	unsigned int len;
+	char why[160];
+	int ret = cfg_parse_string(p, k, ev, field);
+	const char *v = *(char **)field;
+
+	if (ret || !v[0])
+		return ret;
+	if (moe_cfg_parse_listen(v, (struct sockaddr *)&sa, &len, why, sizeof(why)))
+		return cfg_error(p, ev->start_mark, k->path, "%s", why);
 	return 0;
 }

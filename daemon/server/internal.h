@@ -51,6 +51,7 @@
 #include <unistd.h>
 
 #include "daemon/server/auth.h"
+#include "daemon/server/metrics.h"
 #include "daemon/engine/log.h"
 #include "ipc/moe_proto.h"
 #include "ipc/moe_ring.h"
@@ -110,6 +111,7 @@ struct client {
 	uint32_t n_overflow, overflow_cap;
 	bool notify; /* completions posted since the last doorbell (cq_lock) */
 	uint64_t requests, errors;
+	struct srv_metrics *met; /* the server's: error replies are counted */
 	struct moe_peer peer;
 	uint64_t accepted_ns;
 	uint32_t ctrl_loop, ctrl_used; /* control messages in this loop iteration */
@@ -143,6 +145,7 @@ struct work {
 
 struct worker {
 	struct moe_engine *e;
+	struct srv_metrics *met; /* the histograms: the worker is their only writer */
 	uint32_t stall_ms; /* test hook: sleep before each batch */
 	pthread_t thread;
 	bool started;
@@ -246,10 +249,16 @@ struct server {
 		uint32_t lines, suppressed;
 	} log_slots[16];
 	uint64_t log_suppressed;
+	/* metrics (metrics.h): counters written here and by the worker, read
+	 * by the HTTP endpoint's thread (http, NULL when off) */
+	struct srv_metrics met;
+	struct met_http *http;
+	char metrics_addr[80]; /* the endpoint's bound address, "" when off */
 };
 
 /* worker.c: the engine worker */
-int srv_worker_start(struct worker *w, struct moe_engine *e, uint32_t stall_ms);
+int srv_worker_start(struct worker *w, struct moe_engine *e, struct srv_metrics *met,
+		     uint32_t stall_ms);
 void srv_worker_post(struct worker *w, struct work *x);
 struct work *srv_worker_collect(struct worker *w);
 void srv_worker_stop(struct worker *w);
@@ -360,5 +369,11 @@ void srv_jobs_stop(struct server *s);
 
 /* status.c: the status JSON, one snapshot per loop iteration */
 void srv_status_reply(struct server *s, struct client *c, uint32_t seq);
+/* The metrics text (METRICS message), in a sealed memfd as status. */
+void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq);
+/* The loop's gauges and counters copied into s->met (each loop iteration). */
+void srv_metrics_sync(struct server *s);
+/* One request answered (not a no-op): counted by status. */
+void srv_count_request(struct server *s, int status, uint32_t tokens);
 
 #endif

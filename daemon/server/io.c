@@ -70,6 +70,8 @@ void srv_send_error(struct client *c, int status, const char *msg)
 	struct moe_msg_error e = {.status = status};
 
 	snprintf(e.message, sizeof(e.message), "%s", msg);
+	if (c->met)
+		met_add(&c->met->errors[met_status_index(status)], 1);
 	srv_send_msg(c->fd, MOE_MSG_ERROR, &e, sizeof(e), -1);
 }
 

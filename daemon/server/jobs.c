@@ -336,6 +336,30 @@ void srv_job_describe(const struct job *j, struct moe_admin_job *d)
 }
 
 /* The loop: joins the jobs that ended and tells their sessions. */
+/* moed_placement_changes_total / moed_reloads_total, by result */
+static void count_job(struct server *s, const struct moe_admin_job *d)
+{
+	_Atomic uint64_t *by;
+	int r = d->state == MOE_JOB_DONE	? MET_JOB_DONE
+		: d->state == MOE_JOB_CANCELLED ? MET_JOB_CANCELLED
+						: MET_JOB_FAILED;
+
+	switch (d->op) {
+	case MOE_ADMIN_REPLICATE:
+	case MOE_ADMIN_UNREPLICATE:
+	case MOE_ADMIN_REBALANCE:
+	case MOE_ADMIN_PLACEMENT_CYCLE:
+		by = s->met.placement_changes;
+		break;
+	case MOE_ADMIN_RELOAD:
+		by = s->met.reloads;
+		break;
+	default:
+		return;
+	}
+	met_add(&by[r], 1);
+}
+
 void srv_jobs_collect(struct server *s)
 {
 	uint64_t n;
@@ -357,6 +381,7 @@ void srv_jobs_collect(struct server *s)
 		if (j->op == MOE_ADMIN_RELOAD)
 			srv_reload_ended(s, j);
 		srv_job_describe(j, &d);
+		count_job(s, &d);
 		moe_log(d.result ? LOG_WARNING : LOG_NOTICE, "job %u (%s): %s", j->id,
 			moe_admin_op_name(j->op), j->message);
 		for (struct client *c = s->clients; c; c = c->next)

@@ -236,6 +236,9 @@ static void server_opts(const struct moe_config *c, struct moe_server_opts *o)
 	o->reload_bytes_per_s = c->reload.bytes_per_s;
 	o->admin_group = c->server.admin_group;
 	o->log_level = (int)c->log.level;
+	o->metrics_listen = c->metrics.listen;
+	o->metrics_per_expert = c->metrics.per_expert;
+	o->metrics_slo_ms = c->metrics.slo_p99_ms;
 }
 
 /* Applies what can change while serving (the keys the configuration table

@@ -145,6 +145,7 @@ void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch)
 		s->cancelled++;
 	else if (status == 0)
 		s->completed++;
+	srv_count_request(s, status, r->n_tokens);
 	if (!c->gone)
 		complete(s, c, r->tag, status, epoch, r->posted);
 	free(r);
@@ -228,6 +229,9 @@ void srv_poll_sq(struct server *s, struct client *c)
 		if (st || (q.flags & MOE_SQE_NOP) || s->stopping || s->draining) {
 			bool refuse = !(q.flags & MOE_SQE_NOP) && (s->stopping || s->draining);
 
+			if (st || refuse) /* (a no-op is not a request) */
+				srv_count_request(s, st ? st : s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN,
+						  st ? 0 : q.n_tokens);
 			complete(s, c, q.tag,
 				 st	  ? st
 				 : refuse ? (s->lost ? MOE_EDEVICE : MOE_ESHUTDOWN)
@@ -236,6 +240,7 @@ void srv_poll_sq(struct server *s, struct client *c)
 		}
 		r = calloc(1, sizeof(*r));
 		if (!r) {
+			srv_count_request(s, MOE_ENOMEM, 0);
 			complete(s, c, q.tag, MOE_ENOMEM, 0, false);
 			continue;
 		}
@@ -503,7 +508,7 @@ void srv_collect(struct server *s)
  * the worker posts a batch's completions before it hands the batch back,
  * so a client can see its result, then ask for status (or drain) before
  * the loop has counted that batch. Waits out a hand-back in progress (a
- * few instructions: the worker computes nothing between the two) and
+ * few instructions: the worker only posts and updates its histograms) and
  * collects. True if a batch was collected. */
 bool srv_settle(struct server *s)
 {

@@ -152,8 +152,21 @@ static int setup(struct server *s)
 	s->is_moe = calloc(s->m->n_layers, 1);
 	if (!s->is_moe)
 		return -1;
-	if (srv_worker_start(&s->w, s->e, s->o.test_stall_ms) < 0 || srv_jobs_init(s) < 0)
+	met_init(&s->met, s->e, s->o.metrics_per_expert, s->o.metrics_slo_ms);
+	if (srv_worker_start(&s->w, s->e, &s->met, s->o.test_stall_ms) < 0 ||
+	    srv_jobs_init(s) < 0)
 		return -1;
+	if (s->o.metrics_listen && s->o.metrics_listen[0]) {
+		char err[256];
+
+		if (met_http_start(&s->met, s->o.metrics_listen, &s->http, s->metrics_addr,
+				   sizeof(s->metrics_addr), err, sizeof(err))) {
+			moe_log(LOG_ERR, "%s", err);
+			errno = EADDRNOTAVAIL;
+			return -1;
+		}
+		moe_log(LOG_INFO, "metrics on http://%s/metrics", s->metrics_addr);
+	}
 	ev.data.ptr = &s->w.efd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->w.efd, &ev);
 	for (uint32_t i = 0; i < s->m->n_moe_layers; i++)
@@ -281,6 +294,7 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		srv_answer_drain_waiters(&s);
 		srv_notify_clients(&s);
 		reap_dead(&s);
+		srv_metrics_sync(&s);
 		if (s.status_fd >= 0) { /* valid for this iteration only */
 			close(s.status_fd);
 			s.status_fd = -1;
@@ -294,6 +308,8 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		(unsigned long long)s.completed, (unsigned long long)s.errors,
 		(unsigned long long)s.batches);
 out:
+	met_http_stop(s.http); /* (it reads the engine: first) */
+	s.http = NULL;
 	srv_jobs_stop(&s); /* (they publish epochs: before the engine goes) */
 	while (s.clients)
 		srv_drop_client(&s, s.clients);

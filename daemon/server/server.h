@@ -13,6 +13,7 @@
 #ifndef MOE_SERVER_H
 #define MOE_SERVER_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "daemon/server/auth.h"
@@ -46,6 +47,9 @@ struct moe_server_opts {
 	bool reload_keep_previous;	/* keep replaced weights for rollback */
 	uint64_t reload_bytes_per_s;	/* a reload's reads; 0: unpaced */
 	const char *model_path;
+	const char *metrics_listen;	/* "host:port", NULL or "": no HTTP endpoint */
+	bool metrics_per_expert;
+	uint32_t metrics_slo_ms;	/* exported as moed_latency_slo_seconds */
 	const char *gpu; /* for status: the GPU served, or why none */
 	struct moe_auth_policy auth;	/* socket_gid filled in from the socket */
 	const char *admin_group;	/* for messages */

@@ -119,6 +119,7 @@ void srv_accept_clients(struct server *s)
 		c->fd = fd;
 		pthread_mutex_init(&c->cq_lock, NULL);
 		c->refs = 1; /* the session's */
+		c->met = &s->met;
 		c->id = ++s->next_id;
 		c->accepted_ns = srv_now_ns();
 		if (moe_auth_peer(fd, &c->peer) == 0) {
@@ -312,6 +313,8 @@ static bool handle_msg(struct server *s, struct client *c, const char *buf, size
 		}
 	} else if (type == MOE_MSG_STATUS && !moe_msg_decode_empty(buf, n, MOE_MSG_STATUS)) {
 		srv_status_reply(s, c, hdr.seq);
+	} else if (type == MOE_MSG_METRICS && !moe_msg_decode_empty(buf, n, MOE_MSG_METRICS)) {
+		srv_metrics_reply(s, c, hdr.seq);
 	} else if (type == MOE_MSG_ADMIN) {
 		srv_admin(s, c, buf, n, hdr.seq); /* a bad one is answered, not dropped */
 	} else {

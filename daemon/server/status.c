@@ -134,6 +134,13 @@ static char *status_json(struct server *s)
 		cJSON_AddNumberToObject(o, "published", (double)published);
 		cJSON_AddNumberToObject(o, "retired", (double)retired);
 	}
+	o = cJSON_AddObjectToObject(j, "metrics");
+	cJSON_AddStringToObject(o, "listen", s->o.metrics_listen ? s->o.metrics_listen : "");
+	cJSON_AddStringToObject(o, "address", s->metrics_addr);
+	cJSON_AddBoolToObject(o, "per_expert", atomic_load(&s->met.per_expert));
+	cJSON_AddNumberToObject(o, "slo_p99_ms", (double)atomic_load(&s->met.slo_ns) / 1e6);
+	cJSON_AddNumberToObject(o, "scrapes_http", (double)atomic_load(&s->met.scrapes_http));
+	cJSON_AddNumberToObject(o, "scrapes_socket", (double)atomic_load(&s->met.scrapes_socket));
 	o = cJSON_AddObjectToObject(j, "worker");
 	cJSON_AddNumberToObject(o, "batches_held", s->batches_out);
 	cJSON_AddNumberToObject(o, "busy_ms",

@@ -41,7 +41,8 @@
  * epoch the caller pinned. Rows are independent (and the CPU engine is
  * batch-invariant), so the result is the unsplit run's; each piece reads
  * its rows before it writes them, so in == out stays allowed. */
-static int run_pieces(struct worker *w, struct moe_epoch *ep, struct work *b)
+static int run_pieces(struct worker *w, struct moe_epoch *ep, struct work *b,
+		      struct moe_stage_times *tm)
 {
 	const struct moe_model *m = moe_engine_model(w->e);
 	const struct moe_seg *s = &b->segs[0];
@@ -55,27 +56,54 @@ static int run_pieces(struct worker *w, struct moe_epoch *ep, struct work *b)
 			(const char *)s->in + t0 * row, (char *)s->out + t0 * row, s->dtype, n,
 			s->topk_ids ? s->topk_ids + (size_t)t0 * K : NULL,
 			s->topk_weights ? s->topk_weights + (size_t)t0 * K : NULL};
+		struct moe_stage_times t = {{0}};
 		struct moe_batch mb = {.layer = b->layer, .n_tokens = n, .n_segs = 1,
-				       .segs = &part};
+				       .segs = &part, .times = &t};
 
 		ret = moe_engine_forward(w->e, ep, &mb, b->err);
+		for (int i = 0; i < MOE_STAGE_COUNT; i++)
+			tm->ns[i] += t.ns[i];
 	}
 	return ret;
 }
 
+/* The batch's figures (metrics.h: the worker is these histograms' only
+ * writer): queue wait per request, the engine's stages, the batch's size,
+ * and, once the completions are posted, each request's latency. */
+static void observe_start(struct worker *w, const struct work *b, uint64_t now)
+{
+	for (uint32_t i = 0; i < b->n; i++)
+		met_observe(&w->met->stage[MET_STAGE_QUEUE], now - b->reqs[i]->queued_ns);
+	met_observe(&w->met->batch_tokens, b->tokens);
+	met_add(&w->met->batches, 1);
+}
+
+static void observe_end(struct worker *w, const struct work *b, const struct moe_stage_times *t,
+			uint64_t now)
+{
+	if (!b->ret)
+		for (int i = 0; i < MOE_STAGE_COUNT; i++)
+			if (t->ns[i])
+				met_observe(&w->met->stage[1 + i], t->ns[i]);
+	for (uint32_t i = 0; i < b->n; i++)
+		met_observe(&w->met->latency, now - b->reqs[i]->queued_ns);
+}
+
 static void run_batch(struct worker *w, struct work *b)
 {
+	struct moe_stage_times tm = {{0}};
 	struct moe_batch mb = {.layer = b->layer, .n_tokens = b->tokens, .n_segs = b->n,
-			       .segs = b->segs};
+			       .segs = b->segs, .times = &tm};
 	struct moe_epoch *ep;
 
 	if (w->stall_ms)
 		usleep(w->stall_ms * 1000u);
+	observe_start(w, b, srv_now_ns());
 	/* the whole batch, and so each request in it, runs under one epoch */
 	ep = moe_epoch_acquire(w->e);
 	b->epoch = ep->id;
 	if (b->n == 1 && b->tokens > moe_engine_max_tokens(w->e))
-		b->ret = run_pieces(w, ep, b);
+		b->ret = run_pieces(w, ep, b, &tm);
 	else
 		b->ret = moe_engine_forward(w->e, ep, &mb, b->err);
 	/* (after a lost rank: the epoch published without it) */
@@ -86,6 +114,7 @@ static void run_batch(struct worker *w, struct work *b)
 	/* the results are in the clients' regions: tell them now */
 	atomic_store(&w->handing_back, true);
 	srv_post_batch(b, srv_batch_status(b->ret), b->epoch);
+	observe_end(w, b, &tm, srv_now_ns());
 }
 
 static void run(struct worker *w, struct work *x)
@@ -154,9 +183,10 @@ static void *worker_main(void *arg)
 	return NULL;
 }
 
-int srv_worker_start(struct worker *w, struct moe_engine *e, uint32_t stall_ms)
+int srv_worker_start(struct worker *w, struct moe_engine *e, struct srv_metrics *met,
+		     uint32_t stall_ms)
 {
-	*w = (struct worker){.e = e, .stall_ms = stall_ms, .efd = -1};
+	*w = (struct worker){.e = e, .met = met, .stall_ms = stall_ms, .efd = -1};
 	atomic_init(&w->beat_ns, 0);
 	atomic_init(&w->handing_back, false);
 	w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -1,0 +1,65 @@
+/* daemon/server/metrics_loop.c — the loop's side of the metrics: its counts
+ * copied into the registry, requests counted, and the text for `moectl
+ * metrics` (see metrics.h). */
+#include "daemon/server/internal.h"
+
+void srv_count_request(struct server *s, int status, uint32_t tokens)
+{
+	uint32_t i = met_status_index(status);
+
+	met_add(&s->met.requests[i], 1);
+	met_add(&s->met.tokens[i], tokens);
+	if (status)
+		met_add(&s->met.errors[i], 1);
+}
+
+/* Once per loop iteration: a few relaxed stores of what the loop keeps in
+ * its own fields, so the endpoint's thread never reads those. */
+void srv_metrics_sync(struct server *s)
+{
+	struct srv_metrics *m = &s->met;
+
+	met_set(&m->clients, s->n_clients);
+	met_set(&m->queue_requests, s->queued);
+	met_set(&m->pending_requests, s->pending);
+	met_set(&m->pending_tokens, s->pending_tokens);
+	met_set(&m->draining, s->draining);
+	met_set(&m->clients_refused, s->refused);
+	met_set(&m->auth_refusals, s->refused_auth);
+	met_set(&m->config_reloads, s->reloads);
+	met_set(&m->config_reloads_failed, s->reloads_refused);
+}
+
+/* As the status JSON (status.c), in a sealed memfd: no datagram limit,
+ * and the client cannot change it. Rendered for each asker: a scrape is
+ * rare, and the text's figures are atomics, so nothing is gained by
+ * sharing one per loop iteration. */
+void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq)
+{
+	struct moe_msg_status_reply r = {0};
+	size_t len = 0;
+	char *text;
+	int fd = -1;
+
+	srv_settle(s); /* counts past every completion the client can have seen */
+	srv_metrics_sync(s);
+	text = met_render(&s->met, &len);
+	if (text) {
+		fd = memfd_create("moed-metrics", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+		if (fd >= 0 && (write(fd, text, len) != (ssize_t)len ||
+				fcntl(fd, F_ADD_SEALS,
+				      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
+			close(fd);
+			fd = -1;
+		}
+		free(text);
+	}
+	if (fd < 0)
+		r.status = MOE_ENOMEM;
+	else
+		r.json_bytes = len;
+	met_add(&s->met.scrapes_socket, 1);
+	srv_send_msg_seq(c->fd, MOE_MSG_METRICS_REPLY, seq, &r, sizeof(r), fd);
+	if (fd >= 0)
+		close(fd);
+}
