@@ -254,6 +254,9 @@ struct server {
 	struct srv_metrics met;
 	struct met_http *http;
 	char metrics_addr[80]; /* the endpoint's bound address, "" when off */
+	int metrics_fd;	       /* `moectl metrics`' text, shared within a loop iteration
+				  as status_fd is (-1: none yet) */
+	uint64_t metrics_len;
 };
 
 /* worker.c: the engine worker */

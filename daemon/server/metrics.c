@@ -4,7 +4,7 @@
  */
 #include "daemon/server/metrics.h"
 
-#include <stdarg.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,12 +25,18 @@ static const uint64_t lat_bounds[] = {
 	2500000,   5000000,   10000000,	 25000000,   50000000,	 100000000,  250000000,
 	500000000, 1000000000, 2500000000, 5000000000, 10000000000,
 };
+/* Stages: half decades, 10 µs .. 10 s (ns). */
+static const uint64_t stage_bounds[] = {
+	10000,	  31623,    100000,    316228,	  1000000,    3162278,	  10000000,
+	31622777, 100000000, 316227766, 1000000000, 3162277660, 10000000000,
+};
 /* Tokens per batch: powers of two to 64 Ki. */
 static const uint64_t tok_bounds[] = {1,   2,	 4,    8,    16,   32,	  64,	 128,  256,
 				      512, 1024, 2048, 4096, 8192, 16384, 32768, 65536};
 
 #define N(a) ((uint32_t)(sizeof(a) / sizeof((a)[0])))
-_Static_assert(N(lat_bounds) <= MET_BOUNDS_MAX && N(tok_bounds) <= MET_BOUNDS_MAX,
+_Static_assert(N(lat_bounds) <= MET_BOUNDS_MAX && N(tok_bounds) <= MET_BOUNDS_MAX &&
+		       N(stage_bounds) <= MET_BOUNDS_MAX,
 	       "MET_BOUNDS_MAX");
 
 static const char *const status_names[MET_STATUS_N] = {
@@ -56,23 +62,73 @@ const char *met_status_name(uint32_t index)
 	return index < MET_STATUS_N ? status_names[index] : "unknown";
 }
 
-static void hist_init(struct met_hist *h, const uint64_t *bounds, uint32_t n)
+/* scale: of a bound's `le` label (1e-9: ns -> s). The lines' prefixes
+ * are made once the histogram's name and labels are known (hist_lines). */
+static void hist_init(struct met_hist *h, const uint64_t *bounds, uint32_t n, double scale)
 {
 	h->bounds = bounds;
 	h->n = n;
+	for (uint32_t i = 0; i < n; i++)
+		snprintf(h->le[i], sizeof(h->le[i]), "%.9g", (double)bounds[i] * scale);
+	snprintf(h->le[n], sizeof(h->le[n]), "+Inf");
 }
 
-void met_init(struct srv_metrics *m, struct moe_engine *e, bool per_expert, uint32_t slo_ms)
+/* The strings in order (NULL ends them), in one malloc'ed line. */
+static char *join(uint16_t *len, const char *const *parts)
+{
+	char t[256];
+	size_t n = 0;
+
+	for (; *parts; parts++) {
+		size_t k = strlen(*parts);
+
+		if (n + k >= sizeof(t))
+			return NULL;
+		memcpy(t + n, *parts, k);
+		n += k;
+	}
+	t[n] = '\0';
+	*len = (uint16_t)n;
+	return strdup(t);
+}
+
+/* labels: "" or `k="v"` */
+static int hist_lines(struct met_hist *h, const char *name, const char *labels)
+{
+	const char *sep = labels[0] ? "," : "", *open = labels[0] ? "{" : "",
+		   *close = labels[0] ? "}" : "";
+
+	for (uint32_t i = 0; i <= h->n; i++)
+		if (!(h->line[i] = join(&h->line_len[i],
+					(const char *const[]){name, "_bucket{", labels, sep, "le=\"",
+							      h->le[i], "\"} ", NULL})))
+			return -ENOMEM;
+	h->line[h->n + 1] = join(&h->line_len[h->n + 1],
+				 (const char *const[]){name, "_sum", open, labels, close, " ", NULL});
+	h->line[h->n + 2] = join(&h->line_len[h->n + 2],
+				 (const char *const[]){name, "_count", open, labels, close, " ", NULL});
+	return h->line[h->n + 1] && h->line[h->n + 2] ? 0 : -ENOMEM;
+}
+
+static void hist_free(struct met_hist *h)
+{
+	for (uint32_t i = 0; i < h->n + 3; i++) {
+		free(h->line[i]);
+		h->line[i] = NULL;
+	}
+}
+
+int met_init(struct srv_metrics *m, struct moe_engine *e, bool per_expert, uint32_t slo_ms)
 {
 	const struct moe_model *md = moe_engine_model(e);
 	struct timespec ts;
 
 	memset(m, 0, sizeof(*m));
 	m->e = e;
-	hist_init(&m->latency, lat_bounds, N(lat_bounds));
+	hist_init(&m->latency, lat_bounds, N(lat_bounds), 1e-9);
 	for (int i = 0; i < MET_STAGES; i++)
-		hist_init(&m->stage[i], lat_bounds, N(lat_bounds));
-	hist_init(&m->batch_tokens, tok_bounds, N(tok_bounds));
+		hist_init(&m->stage[i], stage_bounds, N(stage_bounds), 1e-9);
+	hist_init(&m->batch_tokens, tok_bounds, N(tok_bounds), 1.0);
 	atomic_store(&m->per_expert, per_expert);
 	met_set(&m->slo_ns, (uint64_t)slo_ms * 1000000u);
 	/* the stages this backend has: a device backend measures only its
@@ -85,12 +141,29 @@ void met_init(struct srv_metrics *m, struct moe_engine *e, bool per_expert, uint
 			if (i != MOE_STAGE_DEVICE && (i != MOE_STAGE_EXCHANGE || moe_engine_ranks(e) > 1))
 				m->stages |= 1u << (1 + i);
 	}
+	for (int i = 0; i < MET_STAGES; i++)
+		snprintf(m->stage_label[i], sizeof(m->stage_label[i]), "stage=\"%s\"", stage_names[i]);
 	clock_gettime(CLOCK_REALTIME, &ts);
 	m->start_time = (double)ts.tv_sec + ts.tv_nsec / 1e9;
 	snprintf(m->build, sizeof(m->build),
 		 "version=\"%s\",backend=\"%s\",kernels=\"%s\",family=\"%s\",dtype=\"%s\"",
 		 MOE_VERSION_STRING, moe_engine_backend(e), moe_engine_kernels(e),
 		 moe_family_name(md->family), moe_dtype_name(md->dtype));
+	if (hist_lines(&m->latency, "moed_request_duration_seconds", "") ||
+	    hist_lines(&m->batch_tokens, "moed_batch_tokens", ""))
+		return -ENOMEM;
+	for (int i = 0; i < MET_STAGES; i++)
+		if (hist_lines(&m->stage[i], "moed_stage_duration_seconds", m->stage_label[i]))
+			return -ENOMEM;
+	return 0;
+}
+
+void met_free(struct srv_metrics *m)
+{
+	hist_free(&m->latency);
+	hist_free(&m->batch_tokens);
+	for (int i = 0; i < MET_STAGES; i++)
+		hist_free(&m->stage[i]);
 }
 
 void met_observe(struct met_hist *h, uint64_t v)
@@ -103,7 +176,13 @@ void met_observe(struct met_hist *h, uint64_t v)
 	met_add(&h->sum, v);
 }
 
-/* ---- the text ------------------------------------------------------------ */
+/* ---- the text ------------------------------------------------------------
+ *
+ * Written without printf: a scrape every 100 ms must cost the daemon next
+ * to nothing (bench/metrics_overhead.sh counts it), and glibc's printf of
+ * a double alone costs more than a whole line here. Counters print as
+ * integers, seconds from integer nanoseconds, ratios with fixed decimals.
+ */
 
 struct buf {
 	char *p;
@@ -111,36 +190,85 @@ struct buf {
 	bool oom;
 };
 
-static void put(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void put(struct buf *b, const char *fmt, ...)
+static bool room(struct buf *b, size_t n)
 {
-	va_list ap;
-	int n;
+	size_t cap;
+	char *p;
 
 	if (b->oom)
-		return;
-	for (;;) {
-		va_start(ap, fmt);
-		n = vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-		va_end(ap);
-		if (n < 0) {
-			b->oom = true;
-			return;
-		}
-		if ((size_t)n < b->cap - b->len) {
-			b->len += (size_t)n;
-			return;
-		}
-		size_t cap = b->cap * 2 > b->len + (size_t)n + 1 ? b->cap * 2 : b->len + (size_t)n + 1;
-		char *p = realloc(b->p, cap);
-
-		if (!p) {
-			b->oom = true;
-			return;
-		}
-		b->p = p;
-		b->cap = cap;
+		return false;
+	if (b->len + n + 1 <= b->cap)
+		return true;
+	cap = b->cap * 2 > b->len + n + 1 ? b->cap * 2 : b->len + n + 1;
+	p = realloc(b->p, cap);
+	if (!p) {
+		b->oom = true;
+		return false;
 	}
+	b->p = p;
+	b->cap = cap;
+	return true;
+}
+
+static void put_n(struct buf *b, const char *s, size_t n)
+{
+	if (!room(b, n))
+		return;
+	memcpy(b->p + b->len, s, n);
+	b->len += n;
+}
+
+static void put_s(struct buf *b, const char *s)
+{
+	put_n(b, s, strlen(s));
+}
+
+static void put_u(struct buf *b, uint64_t v)
+{
+	char t[24];
+	int i = sizeof(t);
+
+	do {
+		t[--i] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	put_n(b, t + i, sizeof(t) - (size_t)i);
+}
+
+/* v >= 0 with `dec` decimals (rounded); negative and NaN print as 0. */
+static void put_fix(struct buf *b, double v, int dec)
+{
+	uint64_t scale = 1, x, f;
+	char t[20];
+
+	for (int i = 0; i < dec; i++)
+		scale *= 10;
+	if (!(v > 0))
+		v = 0;
+	if (v > 1e15)
+		v = 1e15;
+	x = (uint64_t)(v * (double)scale + 0.5);
+	put_u(b, x / scale);
+	if (!dec)
+		return;
+	f = x % scale;
+	t[0] = '.';
+	for (int i = dec; i > 0; i--, f /= 10)
+		t[i] = (char)('0' + f % 10);
+	put_n(b, t, (size_t)dec + 1);
+}
+
+/* ns as seconds, exactly */
+static void put_ns(struct buf *b, uint64_t ns)
+{
+	char t[10];
+	uint64_t f = ns % 1000000000u;
+
+	put_u(b, ns / 1000000000u);
+	t[0] = '.';
+	for (int i = 9; i > 0; i--, f /= 10)
+		t[i] = (char)('0' + f % 10);
+	put_n(b, t, 10);
 }
 
 static uint64_t ld(const _Atomic uint64_t *c)
@@ -148,127 +276,173 @@ static uint64_t ld(const _Atomic uint64_t *c)
 	return atomic_load_explicit(c, memory_order_relaxed);
 }
 
-static void head(struct buf *b, const char *name, const char *type, const char *help)
+/* HELP and TYPE of a family, from string literals: one copy. */
+#define HEAD(b, name, type, help)                                                        \
+	put_n(b, "# HELP " name " " help "\n# TYPE " name " " type "\n",                   \
+	      sizeof("# HELP " name " " help "\n# TYPE " name " " type "\n") - 1)
+
+/* `name{k="v"} ` (labels: NULL, or k1, v1[, k2, v2]) */
+static void series(struct buf *b, const char *name, const char *k1, const char *v1,
+		   const char *k2, const char *v2)
 {
-	put(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+	put_s(b, name);
+	if (k1) {
+		put_n(b, "{", 1);
+		put_s(b, k1);
+		put_s(b, "=\"");
+		put_s(b, v1);
+		if (k2) {
+			put_s(b, "\",");
+			put_s(b, k2);
+			put_s(b, "=\"");
+			put_s(b, v2);
+		}
+		put_n(b, "\"}", 2);
+	}
+	put_n(b, " ", 1);
 }
 
-/* A histogram series: labels "" or `k="v"`; scale: 1e-9 for ns -> s. */
-static void hist(struct buf *b, const char *name, const char *labels, const struct met_hist *h,
-		 double scale)
+static void line_u(struct buf *b, const char *name, const char *k, const char *v, uint64_t x)
+{
+	series(b, name, k, v, NULL, NULL);
+	put_u(b, x);
+	put_n(b, "\n", 1);
+}
+
+/* Decimal digits of v at p (room for 20); returns their count. */
+static size_t digits(char *p, uint64_t v)
+{
+	char t[20];
+	size_t i = sizeof(t), n;
+
+	do {
+		t[--i] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	n = sizeof(t) - i;
+	memcpy(p, t + i, n);
+	return n;
+}
+
+/* A histogram (its lines' prefixes made by hist_lines); ns: the values are
+ * ns, shown as s. Written in place: room for every line is made first. */
+static void hist(struct buf *b, const struct met_hist *h, bool ns)
 {
 	uint64_t cum = 0;
-	const char *sep = labels[0] ? "," : "";
+	size_t need = 0;
+	char *p;
 
+	for (uint32_t i = 0; i < h->n + 3; i++)
+		need += h->line_len[i] + 32u;
+	if (!room(b, need))
+		return;
+	p = b->p + b->len;
 	for (uint32_t i = 0; i <= h->n; i++) {
 		cum += ld(&h->bucket[i]);
-		if (i < h->n)
-			put(b, "%s_bucket{%s%sle=\"%.9g\"} %llu\n", name, labels, sep,
-			    (double)h->bounds[i] * scale, (unsigned long long)cum);
-		else
-			put(b, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep,
-			    (unsigned long long)cum);
+		memcpy(p, h->line[i], h->line_len[i]);
+		p += h->line_len[i];
+		p += digits(p, cum);
+		*p++ = '\n';
 	}
-	if (labels[0]) {
-		put(b, "%s_sum{%s} %.9g\n", name, labels, (double)ld(&h->sum) * scale);
-		put(b, "%s_count{%s} %llu\n", name, labels, (unsigned long long)cum);
-	} else {
-		put(b, "%s_sum %.9g\n", name, (double)ld(&h->sum) * scale);
-		put(b, "%s_count %llu\n", name, (unsigned long long)cum);
-	}
+	b->len = (size_t)(p - b->p);
+	put_n(b, h->line[h->n + 1], h->line_len[h->n + 1]);
+	if (ns)
+		put_ns(b, ld(&h->sum));
+	else
+		put_u(b, ld(&h->sum));
+	put_n(b, "\n", 1);
+	put_n(b, h->line[h->n + 2], h->line_len[h->n + 2]);
+	put_u(b, cum);
+	put_n(b, "\n", 1);
 }
 
 /* Per status: every status that ever happened, and always "ok". */
 static void by_status(struct buf *b, const char *name, const _Atomic uint64_t *v,
-		      const char *label)
+		      const char *label, uint32_t from)
 {
-	for (uint32_t i = 0; i < MET_STATUS_N; i++) {
+	for (uint32_t i = from; i < MET_STATUS_N; i++) {
 		uint64_t x = ld(&v[i]);
 
 		if (x || i == 0)
-			put(b, "%s{%s=\"%s\"} %llu\n", name, label, status_names[i],
-			    (unsigned long long)x);
+			line_u(b, name, label, status_names[i], x);
 	}
 }
 
-static void gauge1(struct buf *b, const char *name, const char *help, double v)
-{
-	head(b, name, "gauge", help);
-	put(b, "%s %.17g\n", name, v);
-}
-
-static void counter1(struct buf *b, const char *name, const char *help, uint64_t v)
-{
-	head(b, name, "counter", help);
-	put(b, "%s %llu\n", name, (unsigned long long)v);
-}
+#define GAUGE_U(b, name, help, v)                                                     \
+	do {                                                                             \
+		HEAD(b, name, "gauge", help);                                            \
+		line_u(b, name, NULL, NULL, v);                                          \
+	} while (0)
+#define COUNTER1(b, name, help, v)                                                    \
+	do {                                                                             \
+		HEAD(b, name, "counter", help);                                          \
+		line_u(b, name, NULL, NULL, v);                                          \
+	} while (0)
 
 static void requests(struct buf *b, struct srv_metrics *m)
 {
-	head(b, "moed_requests_total", "counter",
+	HEAD(b, "moed_requests_total", "counter",
 	     "Requests answered, by status (ok, or the error's name).");
-	by_status(b, "moed_requests_total", m->requests, "status");
-	head(b, "moed_tokens_total", "counter", "Tokens of the requests answered, by status.");
-	by_status(b, "moed_tokens_total", m->tokens, "status");
-	head(b, "moed_errors_total", "counter",
+	by_status(b, "moed_requests_total", m->requests, "status", 0);
+	HEAD(b, "moed_tokens_total", "counter", "Tokens of the requests answered, by status.");
+	by_status(b, "moed_tokens_total", m->tokens, "status", 0);
+	HEAD(b, "moed_errors_total", "counter",
 	     "Error statuses moed returned, to requests and to control messages, by code.");
-	for (uint32_t i = 1; i < MET_STATUS_N; i++) {
-		uint64_t x = ld(&m->errors[i]);
-
-		if (x)
-			put(b, "moed_errors_total{code=\"%s\"} %llu\n", status_names[i],
-			    (unsigned long long)x);
-	}
-	head(b, "moed_request_duration_seconds", "histogram",
+	by_status(b, "moed_errors_total", m->errors, "code", 1);
+	HEAD(b, "moed_request_duration_seconds", "histogram",
 	     "Requests that ran: from taken off the submission ring to completion posted.");
-	hist(b, "moed_request_duration_seconds", "", &m->latency, 1e-9);
-	head(b, "moed_stage_duration_seconds", "histogram",
+	hist(b, &m->latency, true);
+	HEAD(b, "moed_stage_duration_seconds", "histogram",
 	     "Time per stage: queue_wait per request, the engine's stages per batch.");
-	for (int i = 0; i < MET_STAGES; i++) {
-		char l[40];
-
-		if (!(m->stages & (1u << i)))
-			continue;
-		snprintf(l, sizeof(l), "stage=\"%s\"", stage_names[i]);
-		hist(b, "moed_stage_duration_seconds", l, &m->stage[i], 1e-9);
-	}
-	head(b, "moed_batch_tokens", "histogram", "Tokens per batch the engine ran.");
-	hist(b, "moed_batch_tokens", "", &m->batch_tokens, 1.0);
-	counter1(b, "moed_batches_total", "Batches the engine ran.", ld(&m->batches));
-	gauge1(b, "moed_queue_requests", "Requests queued, not yet in a batch on the engine.",
-	       (double)ld(&m->queue_requests));
-	gauge1(b, "moed_pending_requests",
-	       "Requests taken from the rings and not yet answered (queued or on the engine).",
-	       (double)ld(&m->pending_requests));
-	gauge1(b, "moed_pending_tokens", "Tokens of the pending requests.",
-	       (double)ld(&m->pending_tokens));
-	gauge1(b, "moed_clients", "Client sessions connected.", (double)ld(&m->clients));
-	counter1(b, "moed_clients_refused_total",
-		 "Connections refused by a limit (max_clients, shared memory).",
+	for (int i = 0; i < MET_STAGES; i++)
+		if (m->stages & (1u << i))
+			hist(b, &m->stage[i], true);
+	HEAD(b, "moed_batch_tokens", "histogram", "Tokens per batch the engine ran.");
+	hist(b, &m->batch_tokens, false);
+	COUNTER1(b, "moed_batches_total", "Batches the engine ran.", ld(&m->batches));
+	GAUGE_U(b, "moed_queue_requests", "Requests queued, not yet in a batch on the engine.",
+		ld(&m->queue_requests));
+	GAUGE_U(b, "moed_pending_requests",
+		"Requests taken from the rings and not yet answered (queued or on the engine).",
+		ld(&m->pending_requests));
+	GAUGE_U(b, "moed_pending_tokens", "Tokens of the pending requests.",
+		ld(&m->pending_tokens));
+	GAUGE_U(b, "moed_clients", "Client sessions connected.", ld(&m->clients));
+	COUNTER1(b, "moed_clients_refused_total",
+		 "Connections refused at accept (server.max_clients reached, or stopping).",
 		 ld(&m->clients_refused));
-	counter1(b, "moed_auth_refusals_total",
+	COUNTER1(b, "moed_auth_refusals_total",
 		 "Peers or commands refused for lack of permission.", ld(&m->auth_refusals));
-	gauge1(b, "moed_draining", "1 while draining (new requests refused).",
-	       (double)ld(&m->draining));
+	GAUGE_U(b, "moed_draining", "1 while draining (new requests refused).",
+		ld(&m->draining));
 }
 
 static void jobs(struct buf *b, struct srv_metrics *m)
 {
-	head(b, "moed_placement_changes_total", "counter",
+	HEAD(b, "moed_placement_changes_total", "counter",
 	     "Placement changes (replicate, unreplicate, rebalance, placement-cycle jobs) "
 	     "ended, by result.");
 	for (int i = 0; i < MET_JOB_RESULTS; i++)
-		put(b, "moed_placement_changes_total{result=\"%s\"} %llu\n", job_results[i],
-		    (unsigned long long)ld(&m->placement_changes[i]));
-	head(b, "moed_reloads_total", "counter", "Weight reloads ended, by result.");
+		line_u(b, "moed_placement_changes_total", "result", job_results[i],
+		       ld(&m->placement_changes[i]));
+	HEAD(b, "moed_reloads_total", "counter", "Weight reloads ended, by result.");
 	for (int i = 0; i < MET_JOB_RESULTS; i++)
-		put(b, "moed_reloads_total{result=\"%s\"} %llu\n", job_results[i],
-		    (unsigned long long)ld(&m->reloads[i]));
-	head(b, "moed_config_reloads_total", "counter", "Configuration reloads, by result.");
-	put(b, "moed_config_reloads_total{result=\"done\"} %llu\n",
-	    (unsigned long long)ld(&m->config_reloads));
-	put(b, "moed_config_reloads_total{result=\"failed\"} %llu\n",
-	    (unsigned long long)ld(&m->config_reloads_failed));
+		line_u(b, "moed_reloads_total", "result", job_results[i], ld(&m->reloads[i]));
+	HEAD(b, "moed_config_reloads_total", "counter", "Configuration reloads, by result.");
+	line_u(b, "moed_config_reloads_total", "result", "done", ld(&m->config_reloads));
+	line_u(b, "moed_config_reloads_total", "result", "failed", ld(&m->config_reloads_failed));
+}
+
+static const char *num(char *t, size_t n, uint32_t v)
+{
+	int i = (int)n - 1;
+
+	t[i] = '\0';
+	do {
+		t[--i] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v && i > 0);
+	return t + i;
 }
 
 /* Per layer, per rank and (metrics.per_expert) per expert: the load
@@ -283,25 +457,33 @@ static void load(struct buf *b, struct srv_metrics *m)
 	const struct moe_placement *pl = ep ? ep->placement : NULL;
 	struct timespec ts;
 	uint64_t now, lost = 0;
+	char t1[12], t2[12];
 
+#define LAYER(l) num(t1, sizeof(t1), md->layers[l].index)
+#define RANK(r)	 num(t1, sizeof(t1), r)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-	gauge1(b, "moed_epoch", "Id of the epoch now served (placement and weights versions).",
-	       ep ? ep->id : 0);
+	GAUGE_U(b, "moed_epoch", "Id of the epoch now served (placement and weights versions).",
+		ep ? ep->id : 0);
 	if (st) {
-		head(b, "moed_layer_expert_load_cv", "gauge",
+		HEAD(b, "moed_layer_expert_load_cv", "gauge",
 		     "Coefficient of variation of tokens per expert over the load window.");
-		for (uint32_t l = 0; l < L; l++)
-			put(b, "moed_layer_expert_load_cv{layer=\"%u\"} %.6g\n",
-			    md->layers[l].index, moe_stats_expert_cv(st, l, now, 1));
-		head(b, "moed_layer_rank_load_max_over_mean", "gauge",
+		for (uint32_t l = 0; l < L; l++) {
+			series(b, "moed_layer_expert_load_cv", "layer", LAYER(l), NULL, NULL);
+			put_fix(b, moe_stats_expert_cv(st, l, now, 1), 6);
+			put_n(b, "\n", 1);
+		}
+		HEAD(b, "moed_layer_rank_load_max_over_mean", "gauge",
 		     "Max over mean of the ranks' rows over the load window (1: even).");
-		for (uint32_t l = 0; l < L; l++)
-			put(b, "moed_layer_rank_load_max_over_mean{layer=\"%u\"} %.6g\n",
-			    md->layers[l].index, moe_stats_rank_imbalance(st, l, now, 1));
+		for (uint32_t l = 0; l < L; l++) {
+			series(b, "moed_layer_rank_load_max_over_mean", "layer", LAYER(l), NULL,
+			       NULL);
+			put_fix(b, moe_stats_rank_imbalance(st, l, now, 1), 6);
+			put_n(b, "\n", 1);
+		}
 	}
 	if (pl) {
-		head(b, "moed_layer_replicas", "gauge",
+		HEAD(b, "moed_layer_replicas", "gauge",
 		     "Expert replicas the layer's placement holds (experts + extra replicas).");
 		for (uint32_t l = 0; l < L; l++) {
 			uint64_t n = 0;
@@ -312,36 +494,36 @@ static void load(struct buf *b, struct srv_metrics *m)
 				moe_place_get(pl, l, x, &k);
 				n += k;
 			}
-			put(b, "moed_layer_replicas{layer=\"%u\"} %llu\n", md->layers[l].index,
-			    (unsigned long long)n);
+			line_u(b, "moed_layer_replicas", "layer", LAYER(l), n);
 		}
 	}
 	if (ep && ep->weights_version) {
-		head(b, "moed_layer_weights_version", "gauge",
+		HEAD(b, "moed_layer_weights_version", "gauge",
 		     "The layer's weights version in the current epoch (1: as loaded).");
 		for (uint32_t l = 0; l < L; l++)
-			put(b, "moed_layer_weights_version{layer=\"%u\"} %u\n", md->layers[l].index,
-			    ep->weights_version[l]);
+			line_u(b, "moed_layer_weights_version", "layer", LAYER(l),
+			       ep->weights_version[l]);
 	}
 	if (st) {
-		head(b, "moed_rank_busy_seconds_total", "counter",
+		HEAD(b, "moed_rank_busy_seconds_total", "counter",
 		     "Time the rank's expert stage ran.");
-		for (uint32_t r = 0; r < R; r++)
-			put(b, "moed_rank_busy_seconds_total{rank=\"%u\"} %.9g\n", r,
-			    moe_stats_rank_busy_ns(st, r) / 1e9);
-		head(b, "moed_rank_tokens_total", "counter",
+		for (uint32_t r = 0; r < R; r++) {
+			series(b, "moed_rank_busy_seconds_total", "rank", RANK(r), NULL, NULL);
+			put_ns(b, moe_stats_rank_busy_ns(st, r));
+			put_n(b, "\n", 1);
+		}
+		HEAD(b, "moed_rank_tokens_total", "counter",
 		     "Token rows (token x routed expert) the rank's experts computed.");
 		for (uint32_t r = 0; r < R; r++) {
 			uint64_t rows = 0;
 
 			for (uint32_t l = 0; l < L; l++)
 				rows += moe_stats_rank_rows(st, l, r, now, 0);
-			put(b, "moed_rank_tokens_total{rank=\"%u\"} %llu\n", r,
-			    (unsigned long long)rows);
+			line_u(b, "moed_rank_tokens_total", "rank", RANK(r), rows);
 		}
 	}
 	if (pl) {
-		head(b, "moed_rank_weight_bytes", "gauge",
+		HEAD(b, "moed_rank_weight_bytes", "gauge",
 		     "Weights the rank holds: its expert replicas and its copy of each layer's "
 		     "router and shared experts (checkpoint bytes).");
 		for (uint32_t r = 0; r < R; r++) {
@@ -355,73 +537,85 @@ static void load(struct buf *b, struct srv_metrics *m)
 					for (uint32_t i = 0; i < k; i++)
 						n += rep[i].rank == r;
 				}
-			put(b, "moed_rank_weight_bytes{rank=\"%u\"} %llu\n", r,
-			    (unsigned long long)(n * md->expert_bytes +
-						 (moe_engine_rank_lost(e, r)
-							  ? 0
-							  : (uint64_t)L * md->layer_fixed_bytes)));
+			line_u(b, "moed_rank_weight_bytes", "rank", RANK(r),
+			       n * md->expert_bytes +
+				       (moe_engine_rank_lost(e, r) ? 0
+								   : (uint64_t)L * md->layer_fixed_bytes));
 		}
 	}
-	head(b, "moed_rank_lost", "gauge", "1 once the rank was taken out after a failure.");
+	HEAD(b, "moed_rank_lost", "gauge", "1 once the rank was taken out after a failure.");
 	for (uint32_t r = 0; r < R; r++) {
 		bool x = moe_engine_rank_lost(e, r);
 
 		lost += x;
-		put(b, "moed_rank_lost{rank=\"%u\"} %d\n", r, x);
+		line_u(b, "moed_rank_lost", "rank", RANK(r), x);
 	}
-	gauge1(b, "moed_ranks_lost", "Ranks taken out after a failure.", (double)lost);
-	gauge1(b, "moed_device_lost", "1 when a device failed (moed then exits to be restarted).",
-	       moe_engine_lost(e));
-	gauge1(b, "moed_weight_bytes", "Weights the engine holds, every rank and replica.",
-	       (double)moe_engine_weight_bytes(e));
+	GAUGE_U(b, "moed_ranks_lost", "Ranks taken out after a failure.", lost);
+	GAUGE_U(b, "moed_device_lost", "1 when a device failed (moed then exits to be restarted).",
+		moe_engine_lost(e));
+	GAUGE_U(b, "moed_weight_bytes", "Weights the engine holds, every rank and replica.",
+		moe_engine_weight_bytes(e));
 	if (atomic_load_explicit(&m->per_expert, memory_order_relaxed)) {
-		head(b, "moed_expert_tokens_total", "counter",
+		HEAD(b, "moed_expert_tokens_total", "counter",
 		     "Tokens routed to the expert (metrics.per_expert).");
 		for (uint32_t l = 0; l < L; l++)
-			for (uint32_t x = 0; x < E; x++)
-				put(b, "moed_expert_tokens_total{layer=\"%u\",expert=\"%u\"} %llu\n",
-				    md->layers[l].index, x,
-				    (unsigned long long)moe_engine_expert_tokens(e, l, x));
+			for (uint32_t x = 0; x < E; x++) {
+				series(b, "moed_expert_tokens_total", "layer", LAYER(l), "expert",
+				       num(t2, sizeof(t2), x));
+				put_u(b, moe_engine_expert_tokens(e, l, x));
+				put_n(b, "\n", 1);
+			}
 		if (pl) {
-			head(b, "moed_expert_replicas", "gauge",
+			HEAD(b, "moed_expert_replicas", "gauge",
 			     "Replicas of the expert in the current placement (metrics.per_expert).");
 			for (uint32_t l = 0; l < L; l++)
 				for (uint32_t x = 0; x < E; x++) {
 					uint32_t k;
 
 					moe_place_get(pl, l, x, &k);
-					put(b, "moed_expert_replicas{layer=\"%u\",expert=\"%u\"} %u\n",
-					    md->layers[l].index, x, k);
+					series(b, "moed_expert_replicas", "layer", LAYER(l), "expert",
+					       num(t2, sizeof(t2), x));
+					put_u(b, k);
+					put_n(b, "\n", 1);
 				}
 		}
 	}
+#undef LAYER
+#undef RANK
 	if (ep)
 		moe_epoch_release(ep);
 }
 
 char *met_render(struct srv_metrics *m, size_t *len)
 {
-	struct buf b = {.cap = 16384};
+	struct buf b = {.cap = 32768};
 
 	b.p = malloc(b.cap);
 	if (!b.p)
 		return NULL;
-	head(&b, "moed_build_info", "gauge", "Always 1; the labels say what runs.");
-	put(&b, "moed_build_info{%s} 1\n", m->build);
-	gauge1(&b, "moed_start_time_seconds", "When moed started, in unix seconds.",
-	       m->start_time);
-	gauge1(&b, "moed_latency_slo_seconds",
-	       "The p99 latency objective (metrics.slo_p99_ms) the shipped alert compares with.",
-	       (double)ld(&m->slo_ns) / 1e9);
+	HEAD(&b, "moed_build_info", "gauge", "Always 1; the labels say what runs.");
+	put_s(&b, "moed_build_info{");
+	put_s(&b, m->build);
+	put_s(&b, "} 1\n");
+	HEAD(&b, "moed_start_time_seconds", "gauge", "When moed started, in unix seconds.");
+	put_s(&b, "moed_start_time_seconds ");
+	put_fix(&b, m->start_time, 3);
+	put_n(&b, "\n", 1);
+	HEAD(&b, "moed_latency_slo_seconds", "gauge",
+	     "The p99 latency objective (metrics.slo_p99_ms) the shipped alert compares with.");
+	put_s(&b, "moed_latency_slo_seconds ");
+	put_ns(&b, ld(&m->slo_ns));
+	put_n(&b, "\n", 1);
 	requests(&b, m);
 	jobs(&b, m);
 	load(&b, m);
-	counter1(&b, "moed_metrics_scrapes_total", "Metrics renders served (HTTP and socket).",
+	COUNTER1(&b, "moed_metrics_scrapes_total", "Metrics renders served (HTTP and socket).",
 		 ld(&m->scrapes_http) + ld(&m->scrapes_socket));
-	if (b.oom) {
+	if (b.oom || !room(&b, 0)) {
 		free(b.p);
 		return NULL;
 	}
+	b.p[b.len] = '\0';
 	if (len)
 		*len = b.len;
 	return b.p;

@@ -35,6 +35,11 @@ struct met_hist {
 	uint32_t n;
 	_Atomic uint64_t bucket[MET_BOUNDS_MAX + 1]; /* not cumulative; [n]: above all */
 	_Atomic uint64_t sum;
+	char le[MET_BOUNDS_MAX + 1][16]; /* the bounds' `le` labels, "+Inf" last */
+	/* what the exposition writes before each bucket's value, _sum's and
+	 * _count's (met_init: a scrape copies them whole) */
+	char *line[MET_BOUNDS_MAX + 3];
+	uint16_t line_len[MET_BOUNDS_MAX + 3];
 };
 
 /* Stages of moed_stage_duration_seconds: queue_wait, then the engine's
@@ -65,6 +70,7 @@ struct srv_metrics {
 	_Atomic uint64_t slo_ns;
 	double start_time; /* unix seconds */
 	uint32_t stages;   /* bit i: stage i applies to this backend (exported) */
+	char stage_label[MET_STAGES][32]; /* stage="..." */
 	char build[160];   /* build_info's labels, rendered */
 	struct moe_engine *e;
 };
@@ -81,7 +87,9 @@ static inline void met_set(_Atomic uint64_t *c, uint64_t v)
 	atomic_store_explicit(c, v, memory_order_relaxed);
 }
 
-void met_init(struct srv_metrics *m, struct moe_engine *e, bool per_expert, uint32_t slo_ms);
+/* 0, or -ENOMEM; met_free releases what it took (also after a failure). */
+int met_init(struct srv_metrics *m, struct moe_engine *e, bool per_expert, uint32_t slo_ms);
+void met_free(struct srv_metrics *m);
 /* The histogram's only writer: one observation (ns, or tokens). */
 void met_observe(struct met_hist *h, uint64_t v);
 /* A MOE_E* status (0 included) -> its label index, and the label. */

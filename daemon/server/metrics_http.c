@@ -32,6 +32,10 @@
 
 #define MAX_CONNS      32
 #define CONN_TIMEOUT_S 10
+/* per connection: a scrape's request headers and the reply's (the body is
+ * ours; a scraper's request is a few hundred bytes; a larger one is
+ * refused); libmicrohttpd's default, 32 KiB, is zeroed for every request */
+#define CONN_MEMORY 4096
 
 struct met_http {
 	struct MHD_Daemon *d;
@@ -164,7 +168,9 @@ int met_http_start(struct srv_metrics *m, const char *listen_at, struct met_http
 				0, NULL, NULL, on_request, h, MHD_OPTION_EXTERNAL_LOGGER, mhd_log,
 				NULL, MHD_OPTION_LISTEN_SOCKET, fd,
 				MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNS,
-				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONN_TIMEOUT_S, MHD_OPTION_END);
+				MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONN_TIMEOUT_S,
+				MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)CONN_MEMORY,
+				MHD_OPTION_END);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!h->d) {
 		snprintf(err, err_len, "metrics endpoint on %s: libmicrohttpd did not start", bound);

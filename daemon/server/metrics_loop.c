@@ -31,17 +31,22 @@ void srv_metrics_sync(struct server *s)
 }
 
 /* As the status JSON (status.c), in a sealed memfd: no datagram limit,
- * and the client cannot change it. Rendered for each asker: a scrape is
- * rare, and the text's figures are atomics, so nothing is gained by
- * sharing one per loop iteration. */
-void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq)
+ * and the client cannot change it; built at most once per loop iteration
+ * and shared by every client asking in it (a flood of METRICS costs one
+ * render per iteration). */
+static int metrics_snapshot(struct server *s)
 {
-	struct moe_msg_status_reply r = {0};
 	size_t len = 0;
 	char *text;
 	int fd = -1;
 
-	srv_settle(s); /* counts past every completion the client can have seen */
+	/* counts past every completion the asking client can have seen */
+	if (srv_settle(s) && s->metrics_fd >= 0) {
+		close(s->metrics_fd);
+		s->metrics_fd = -1;
+	}
+	if (s->metrics_fd >= 0)
+		return s->metrics_fd;
 	srv_metrics_sync(s);
 	text = met_render(&s->met, &len);
 	if (text) {
@@ -54,12 +59,20 @@ void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq)
 		}
 		free(text);
 	}
+	s->metrics_fd = fd;
+	s->metrics_len = len;
+	return fd;
+}
+
+void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq)
+{
+	struct moe_msg_status_reply r = {0};
+	int fd = metrics_snapshot(s);
+
 	if (fd < 0)
 		r.status = MOE_ENOMEM;
 	else
-		r.json_bytes = len;
+		r.json_bytes = s->metrics_len;
 	met_add(&s->met.scrapes_socket, 1);
 	srv_send_msg_seq(c->fd, MOE_MSG_METRICS_REPLY, seq, &r, sizeof(r), fd);
-	if (fd >= 0)
-		close(fd);
 }

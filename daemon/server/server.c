@@ -152,7 +152,8 @@ static int setup(struct server *s)
 	s->is_moe = calloc(s->m->n_layers, 1);
 	if (!s->is_moe)
 		return -1;
-	met_init(&s->met, s->e, s->o.metrics_per_expert, s->o.metrics_slo_ms);
+	if (met_init(&s->met, s->e, s->o.metrics_per_expert, s->o.metrics_slo_ms))
+		return -1;
 	if (srv_worker_start(&s->w, s->e, &s->met, s->o.test_stall_ms) < 0 ||
 	    srv_jobs_init(s) < 0)
 		return -1;
@@ -223,7 +224,8 @@ static void shutdown_clients(struct server *s)
 int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 {
 	struct server s = {.e = e, .m = moe_engine_model(e), .o = *o, .epfd = -1, .lfd = -1,
-			   .sfd = -1, .tfd = -1, .status_fd = -1, .w.efd = -1, .jobs_efd = -1,
+			   .sfd = -1, .tfd = -1, .status_fd = -1, .metrics_fd = -1, .w.efd = -1,
+			   .jobs_efd = -1,
 			   .share = o->max_queue_requests ? o->max_queue_requests : 1,
 			   .last_device_ms = -1.0f};
 	struct epoll_event evs[64];
@@ -299,6 +301,10 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			close(s.status_fd);
 			s.status_fd = -1;
 		}
+		if (s.metrics_fd >= 0) {
+			close(s.metrics_fd);
+			s.metrics_fd = -1;
+		}
 	}
 	srv_notify("STOPPING=1");
 	shutdown_clients(&s);
@@ -333,11 +339,14 @@ out:
 		close(s.tfd);
 	if (s.status_fd >= 0)
 		close(s.status_fd);
+	if (s.metrics_fd >= 0)
+		close(s.metrics_fd);
 	for (int i = 0; i < 2; i++) {
 		free(s.batch[i].reqs);
 		free(s.batch[i].segs);
 	}
 	free(s.is_moe);
 	free(s.order);
+	met_free(&s.met);
 	return code;
 }

@@ -70,7 +70,9 @@ static int run_pieces(struct worker *w, struct moe_epoch *ep, struct work *b,
 /* The batch's figures (metrics.h: the worker is these histograms' only
  * writer): queue wait per request, the engine's stages, the batch's size,
  * and, once the completions are posted, each request's latency. */
-static void observe_start(struct worker *w, const struct work *b, uint64_t now)
+/* (not inlined: bench/metrics_overhead.sh counts their instructions) */
+__attribute__((noinline)) static void observe_start(struct worker *w, const struct work *b,
+						    uint64_t now)
 {
 	for (uint32_t i = 0; i < b->n; i++)
 		met_observe(&w->met->stage[MET_STAGE_QUEUE], now - b->reqs[i]->queued_ns);
@@ -78,8 +80,8 @@ static void observe_start(struct worker *w, const struct work *b, uint64_t now)
 	met_add(&w->met->batches, 1);
 }
 
-static void observe_end(struct worker *w, const struct work *b, const struct moe_stage_times *t,
-			uint64_t now)
+__attribute__((noinline)) static void observe_end(struct worker *w, const struct work *b,
+						  const struct moe_stage_times *t, uint64_t now)
 {
 	if (!b->ret)
 		for (int i = 0; i < MOE_STAGE_COUNT; i++)
