@@ -317,6 +317,16 @@ class Client:
         finally:
             C.CDLL(None).free(p)
 
+    def metrics(self) -> str:
+        """moed's metrics, Prometheus text format (what `moectl metrics`
+        prints and the HTTP endpoint serves; docs/metrics.md)."""
+        p, n = C.c_void_p(), C.c_size_t()
+        _check(self._lib.moe_metrics_text(self._handle(), C.byref(p), C.byref(n)), "metrics")
+        try:
+            return C.string_at(p, n.value).decode()
+        finally:
+            C.CDLL(None).free(p)
+
     def epoch_info(self, epoch: int) -> dict:
         """What an epoch id (from forward(return_epoch=True)) means."""
         info = _abi.EpochInfo()

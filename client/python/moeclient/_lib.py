@@ -59,6 +59,7 @@ def _declare(h):
         "moe_cancel": (I, [P, U64]),
         "moe_ping": (I, [P, C.POINTER(U64)]),
         "moe_status_json": (I, [P, C.POINTER(C.c_void_p), C.POINTER(C.c_size_t)]),
+        "moe_metrics_text": (I, [P, C.POINTER(C.c_void_p), C.POINTER(C.c_size_t)]),
         "moe_reconnect": (I, [P]),
         "moe_admin": (I, [P, U32, U32, I, C.c_char_p, C.c_size_t]),
         "moe_epoch_info": (I, [P, U32, C.POINTER(_abi.EpochInfo), C.POINTER(U32), U32]),

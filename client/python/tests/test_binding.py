@@ -144,6 +144,11 @@ class Binding(unittest.TestCase):
     def test_status_and_admin(self):
         st = self.c.status()
         self.assertIn("requests", st)
+        done = st["requests"]["completed"]
+        text = self.c.metrics()
+        self.assertIn("# TYPE moed_requests_total counter", text)
+        # the metrics count what the status counts (nothing ran in between)
+        self.assertIn('moed_requests_total{status="ok"} %d\n' % done, text)
         self.assertGreater(self.c.ping(), 0)
         with self.assertRaises(moeclient.MoeError) as e:
             self.c.job(12345)
