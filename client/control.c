@@ -101,10 +101,10 @@ bool mc_file_reply(struct moe_client *c, int type, const struct moe_msg_hdr *h, 
 
 		if (!k->want || k->seq != h->seq)
 			continue;
-		if (((type == MOE_MSG_STATUS_REPLY && !moe_msg_decode_status_reply(buf, n, &k->status)) ||
+		if (k->want == type && !k->have &&
+		    ((type == MOE_MSG_STATUS_REPLY && !moe_msg_decode_status_reply(buf, n, &k->status)) ||
 		     (type == MOE_MSG_METRICS_REPLY &&
-		      !moe_msg_decode_metrics_reply(buf, n, &k->status))) &&
-		    k->want == type && !k->have) {
+		      !moe_msg_decode_metrics_reply(buf, n, &k->status)))) {
 			k->have = 1;
 			k->fd = n_fds ? fds[0] : -1;
 			close_fds(fds + 1, n_fds ? n_fds - 1 : 0);

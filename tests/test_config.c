@@ -701,6 +701,7 @@ static void test_metrics_keys(void **state)
 	    {"\"\"", NULL},
 	    {"127.0.0.1", "expected ADDR:PORT"},
 	    {"127.0.0.1:65536", "port \"65536\" is not a number in 0..65535"},
+	    {"\"127.0.0.1: 9464\"", "port \" 9464\" is not a number"},
 	    {"127.0.0.1:-1", "port \"-1\" is not a number"},
 	    {"\"127.0.0.1:\"", "port \"\" is not a number"},
 	    {"example.com:80", "address \"example.com\" is not a numeric IPv4 address"},

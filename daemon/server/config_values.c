@@ -315,7 +315,7 @@ int moe_cfg_parse_listen(const char *s, struct sockaddr *sa, unsigned int *salen
 	hl = (size_t)(colon - s);
 	errno = 0;
 	p = strtoul(port, &end, 10);
-	if (!*port || *end || *port == '-' || *port == '+' || errno || p > 65535) {
+	if (*port < '0' || *port > '9' || *end || errno || p > 65535) {
 		snprintf(why, whylen, "port \"%s\" is not a number in 0..65535", port);
 		return -EINVAL;
 	}

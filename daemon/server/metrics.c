@@ -245,8 +245,8 @@ static void put_fix(struct buf *b, double v, int dec)
 		scale *= 10;
 	if (!(v > 0))
 		v = 0;
-	if (v > 1e15)
-		v = 1e15;
+	if (v > 1e18 / (double)scale) /* (fits in 64 bits) */
+		v = 1e18 / (double)scale;
 	x = (uint64_t)(v * (double)scale + 0.5);
 	put_u(b, x / scale);
 	if (!dec)

@@ -73,8 +73,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	(void)upload_data;
 	if (strcmp(method, "GET") && strcmp(method, "HEAD"))
 		return reply(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n", "GET, HEAD");
-	if (*upload_size) /* a GET with a body: not ours */
-		return reply(conn, MHD_HTTP_BAD_REQUEST, "no body expected\n", NULL);
+	if (*upload_size) { /* a GET with a body: ignored */
+		*upload_size = 0;
+		return MHD_YES;
+	}
 	if (!*state) { /* the headers: answer on the next call */
 		*state = h;
 		return MHD_YES;
@@ -103,7 +105,9 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 	(void)cls;
 	vsnprintf(line, sizeof(line), fmt, ap);
 	line[strcspn(line, "\n")] = '\0';
-	moe_log(LOG_WARNING, "metrics endpoint: %s", line);
+	/* what peers cause (a reset connection, oversized headers) at debug:
+	 * a remote peer must not be able to flood the log */
+	moe_log(LOG_DEBUG, "metrics endpoint: %s", line);
 }
 
 static int bind_listen(const char *listen_at, char *bound, size_t bound_len, char *err,
@@ -117,14 +121,18 @@ static int bind_listen(const char *listen_at, char *bound, size_t bound_len, cha
 
 	if (moe_cfg_parse_listen(listen_at, (struct sockaddr *)&ss, &salen, why, sizeof(why))) {
 		snprintf(err, err_len, "metrics.listen: %s", why);
+		errno = EINVAL;
 		return -1;
 	}
 	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) ||
 	    bind(fd, (struct sockaddr *)&ss, salen) || listen(fd, 64)) {
-		snprintf(err, err_len, "metrics.listen %s: %s", listen_at, strerror(errno));
+		int e = errno;
+
+		snprintf(err, err_len, "metrics.listen %s: %s", listen_at, strerror(e));
 		if (fd >= 0)
 			close(fd);
+		errno = e;
 		return -1;
 	}
 	len = sizeof(ss);
@@ -173,9 +181,10 @@ int met_http_start(struct srv_metrics *m, const char *listen_at, struct met_http
 				MHD_OPTION_END);
 	pthread_sigmask(SIG_SETMASK, &old, NULL);
 	if (!h->d) {
+		/* (libmicrohttpd closes the socket it was given when it fails) */
 		snprintf(err, err_len, "metrics endpoint on %s: libmicrohttpd did not start", bound);
-		close(fd);
 		free(h);
+		errno = EIO;
 		return -1;
 	}
 	*out = h;

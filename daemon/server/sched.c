@@ -145,7 +145,8 @@ void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch)
 		s->cancelled++;
 	else if (status == 0)
 		s->completed++;
-	srv_count_request(s, status, r->n_tokens);
+	if (!c->gone) /* (a dropped client's requests go uncounted, queued or not) */
+		srv_count_request(s, status, r->n_tokens);
 	if (!c->gone)
 		complete(s, c, r->tag, status, epoch, r->posted);
 	free(r);

@@ -163,8 +163,7 @@ static int setup(struct server *s)
 		if (met_http_start(&s->met, s->o.metrics_listen, &s->http, s->metrics_addr,
 				   sizeof(s->metrics_addr), err, sizeof(err))) {
 			moe_log(LOG_ERR, "%s", err);
-			errno = EADDRNOTAVAIL;
-			return -1;
+			return -1; /* (errno: why) */
 		}
 		moe_log(LOG_INFO, "metrics on http://%s/metrics", s->metrics_addr);
 	}

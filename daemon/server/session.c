@@ -103,7 +103,7 @@ void srv_accept_clients(struct server *s)
 		if (fd < 0)
 			return;
 		if (s->stopping || s->n_clients >= s->o.max_clients) {
-			struct client tmp = {.fd = fd};
+			struct client tmp = {.fd = fd, .met = &s->met};
 
 			srv_send_error(&tmp, s->stopping ? MOE_ESHUTDOWN : MOE_ELIMIT,
 				   s->stopping ? "shutting down" : "too many clients");

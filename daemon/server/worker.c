@@ -83,9 +83,9 @@ __attribute__((noinline)) static void observe_start(struct worker *w, const stru
 __attribute__((noinline)) static void observe_end(struct worker *w, const struct work *b,
 						  const struct moe_stage_times *t, uint64_t now)
 {
-	if (!b->ret)
+	if (!b->ret) /* every stage this backend has, 0 ns included */
 		for (int i = 0; i < MOE_STAGE_COUNT; i++)
-			if (t->ns[i])
+			if (w->met->stages & (1u << (1 + i)))
 				met_observe(&w->met->stage[1 + i], t->ns[i]);
 	for (uint32_t i = 0; i < b->n; i++)
 		met_observe(&w->met->latency, now - b->reqs[i]->queued_ns);
