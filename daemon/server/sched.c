@@ -145,7 +145,10 @@ void srv_finish(struct server *s, struct request *r, int status, uint32_t epoch)
 		s->cancelled++;
 	else if (status == 0)
 		s->completed++;
-	if (!c->gone) /* (a dropped client's requests go uncounted, queued or not) */
+	/* counted once answered: posted by the worker (its client may have
+	 * seen it and hung up since), or answered here; a dropped client's
+	 * unanswered requests are not */
+	if (!c->gone || r->posted)
 		srv_count_request(s, status, r->n_tokens);
 	if (!c->gone)
 		complete(s, c, r->tag, status, epoch, r->posted);
