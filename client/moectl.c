@@ -55,6 +55,9 @@ void usage(FILE *f)
 	           "                          new expert weights while serving, layer by layer\n"
 	           "                          (LIST: 0-3,7; --experts: only those, routers kept)\n"
 	           "       moectl [-s SOCKET] reload --rollback [--wait] | --cancel\n"
+	           "       moectl [-s SOCKET] top [--interval SECONDS]\n"
+	           "                          live view: rates, p50/p99, queue, ranks' load,\n"
+	           "                          expert heat per layer (q quits)\n"
 	           "       moectl [-s SOCKET] metrics   the metrics, Prometheus text format\n"
 	           "                          (docs/metrics.md; for node_exporter's textfile\n"
 	           "                          collector or hosts without a TCP listener)\n"
@@ -764,6 +767,8 @@ int main(int argc, char **argv)
 		return cmd_reload(argc, argv);
 	if (!strcmp(cmd, "metrics"))
 		return cmd_metrics(argc, argv);
+	if (!strcmp(cmd, "top"))
+		return cmd_top(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

@@ -30,6 +30,9 @@ int cmd_placement(int argc, char **argv);
 int cmd_replicate(int argc, char **argv, uint32_t op);
 int cmd_rebalance(int argc, char **argv);
 
+/* moectl_top.c */
+int cmd_top(int argc, char **argv);
+
 /* moectl_reload.c */
 int cmd_reload(int argc, char **argv);
 void print_weights(const cJSON *weights);
