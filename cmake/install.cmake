@@ -5,6 +5,7 @@
 #   include/   moeclient.h, moe_errors.h
 #   etc/moed/  moe.yaml.example (/etc/moed for the prefix /usr)
 #   share/doc/moed/  README.md, moe.yaml.example
+#   share/man/   moed(8), moectl(1), moe.yaml(5), libmoeclient(3)
 #   lib/systemd/system/  moed.service, moed.socket
 #   lib/sysusers.d/moed.conf, lib/tmpfiles.d/moed.conf
 #
@@ -131,3 +132,8 @@ endif()
 
 # --- Documentation ---------------------------------------------------------
 install(FILES README.md moe.yaml.example DESTINATION ${CMAKE_INSTALL_DOCDIR})
+# Man pages (docs/man; tests/man_test.sh checks them against the code)
+install(FILES docs/man/moectl.1 DESTINATION ${CMAKE_INSTALL_MANDIR}/man1)
+install(FILES docs/man/libmoeclient.3 DESTINATION ${CMAKE_INSTALL_MANDIR}/man3)
+install(FILES docs/man/moe.yaml.5 DESTINATION ${CMAKE_INSTALL_MANDIR}/man5)
+install(FILES docs/man/moed.8 DESTINATION ${CMAKE_INSTALL_MANDIR}/man8)

@@ -4,7 +4,8 @@
 # Installs a built tree into a temporary prefix (cmake --install --prefix)
 # and checks what a packager and a third-party developer get:
 #   - the installed layout (binaries, library, headers, pkg-config, CMake
-#     package, units, sysusers.d/tmpfiles.d, example configuration)
+#     package, units, sysusers.d/tmpfiles.d, example configuration, man
+#     pages)
 #   - systemd-analyze verify of moed.service and moed.socket, and that the
 #     units name the prefix's binaries; as root, the sysusers.d/tmpfiles.d
 #     snippets applied to an empty root directory
@@ -79,7 +80,9 @@ for f in bin/moed bin/moectl bin/moe-mkmodel bin/moe-load bin/moe-bench \
 	include/moeclient.h include/moe_errors.h include/moe_admin.h \
 	lib/systemd/system/moed.service lib/systemd/system/moed.socket \
 	lib/sysusers.d/moed.conf lib/tmpfiles.d/moed.conf \
-	etc/moed/moe.yaml.example share/doc/moed/README.md; do
+	etc/moed/moe.yaml.example share/doc/moed/README.md \
+	share/man/man1/moectl.1 share/man/man3/libmoeclient.3 \
+	share/man/man5/moe.yaml.5 share/man/man8/moed.8; do
 	[ -e "$prefix/$f" ] || missing="$missing $f"
 done
 for f in libmoeclient.so libmoeclient.so.1 pkgconfig/moeclient.pc \

@@ -13,7 +13,7 @@ want=(build-essential cmake pkg-config libcjson-dev libyaml-dev libsystemd-dev l
 if [ "${1:-build}" = test ]; then
 	# systemd: systemd-analyze verify and systemd-socket-activate in the tests
 	# prometheus: promtool and a real server for the metrics tests; curl
-	want+=(libcmocka-dev clang libclang-rt-14-dev systemd prometheus curl)
+	want+=(libcmocka-dev clang libclang-rt-14-dev systemd prometheus curl man-db groff-base tmux)
 fi
 
 missing=()

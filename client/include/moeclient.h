@@ -218,8 +218,8 @@ MOE_API int moe_reconnect(moe_client *c);
 
 /* Operator commands (moectl drain / undrain / reload-config, ...): the ops,
  * their payloads and results are in moe_admin.h. Every op but
- * MOE_ADMIN_EPOCH_INFO needs root or the daemon's server.admin_group (else
- * MOE_EPERM). Calls of any kind (status, admin) from several threads
+ * MOE_ADMIN_EPOCH_INFO and MOE_ADMIN_VERSION_INFO needs root or the daemon's
+ * server.admin_group (else MOE_EPERM). Calls of any kind (status, admin) from several threads
  * overlap; each reply is matched to its call by sequence number. */
 typedef struct {
 	uint32_t op;	      /* enum moe_admin_op */
