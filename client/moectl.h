@@ -22,6 +22,8 @@ int fail(int r, const char *what);
 int connect_or_complain(moe_client **c);
 int parse_u32(const char *s, uint32_t *v);
 double num(const cJSON *o, const char *k);
+/* The string at k, or "-". */
+const char *str(const cJSON *o, const char *k);
 const cJSON *obj(const cJSON *o, const char *k);
 void print_job(const struct moe_admin_job *j);
 

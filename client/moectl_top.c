@@ -376,7 +376,6 @@ static void draw(struct frame *f, const cJSON *st, const struct sample *a,
 		 const struct sample *b)
 {
 	const cJSON *m = obj(st, "model"), *be = obj(st, "backend"), *q = obj(st, "queue");
-	const cJSON *state = cJSON_GetObjectItemCaseSensitive(st, "state");
 	double dt = a ? b->t - a->t : 0;
 	char rps[32] = "-", tps[32] = "-", p50[32], p99[32];
 
@@ -390,20 +389,8 @@ static void draw(struct frame *f, const cJSON *st, const struct sample *a,
 	}
 	line(f, "%smoed%s %s, up %.0f s  %s %s, %s (%s kernels, %.0f ranks)   q: quit",
 	     hl(f, "\033[1m"), hl(f, "\033[0m"),
-	     cJSON_IsString(state) ? state->valuestring : "?", num(st, "uptime_s"),
-	     cJSON_IsString(cJSON_GetObjectItemCaseSensitive(m, "family"))
-		     ? cJSON_GetObjectItemCaseSensitive(m, "family")->valuestring
-		     : "?",
-	     cJSON_IsString(cJSON_GetObjectItemCaseSensitive(m, "dtype"))
-		     ? cJSON_GetObjectItemCaseSensitive(m, "dtype")->valuestring
-		     : "?",
-	     cJSON_IsString(cJSON_GetObjectItemCaseSensitive(be, "name"))
-		     ? cJSON_GetObjectItemCaseSensitive(be, "name")->valuestring
-		     : "?",
-	     cJSON_IsString(cJSON_GetObjectItemCaseSensitive(be, "kernels"))
-		     ? cJSON_GetObjectItemCaseSensitive(be, "kernels")->valuestring
-		     : "?",
-	     num(be, "ranks"));
+	     str(st, "state"), num(st, "uptime_s"), str(m, "family"), str(m, "dtype"),
+	     str(be, "name"), str(be, "kernels"), num(be, "ranks"));
 	line(f, "requests/s %s  tokens/s %s  p50 %s  p99 %s", rps, tps,
 	     fmt_ms(p50, sizeof(p50), a ? quantile(a, b, 0.50) : -1),
 	     fmt_ms(p99, sizeof(p99), a ? quantile(a, b, 0.99) : -1));

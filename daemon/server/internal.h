@@ -276,6 +276,9 @@ int srv_send_msg_seq(int fd, uint16_t type, uint32_t seq, const void *payload, u
 			int pass_fd);
 int srv_send_msg(int fd, uint16_t type, const void *payload, uint32_t len, int pass_fd);
 void srv_send_error(struct client *c, int status, const char *msg);
+/* `text` in a new memfd, sealed against any change (status, metrics: a
+ * reply the client reads and cannot alter); -1 on failure. */
+int srv_sealed_memfd(const char *name, const char *text, size_t len);
 void srv_notify_clients(struct server *s);
 
 /* refusals.c: log lines about refused peers, limited per uid */

@@ -65,6 +65,19 @@ int srv_send_msg(int fd, uint16_t type, const void *payload, uint32_t len, int p
 	return srv_send_msg_seq(fd, type, 0, payload, len, pass_fd);
 }
 
+int srv_sealed_memfd(const char *name, const char *text, size_t len)
+{
+	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+	if (fd >= 0 && (write(fd, text, len) != (ssize_t)len ||
+			fcntl(fd, F_ADD_SEALS,
+			      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
+		close(fd);
+		fd = -1;
+	}
+	return fd;
+}
+
 void srv_send_error(struct client *c, int status, const char *msg)
 {
 	struct moe_msg_error e = {.status = status};

@@ -50,13 +50,7 @@ static int metrics_snapshot(struct server *s)
 	srv_metrics_sync(s);
 	text = met_render(&s->met, &len);
 	if (text) {
-		fd = memfd_create("moed-metrics", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		if (fd >= 0 && (write(fd, text, len) != (ssize_t)len ||
-				fcntl(fd, F_ADD_SEALS,
-				      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
-			close(fd);
-			fd = -1;
-		}
+		fd = srv_sealed_memfd("moed-metrics", text, len);
 		free(text);
 	}
 	s->metrics_fd = fd;

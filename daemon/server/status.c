@@ -261,13 +261,7 @@ static int status_snapshot(struct server *s)
 	if (!json)
 		return -1;
 	s->status_len = strlen(json);
-	fd = memfd_create("moed-status", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	if (fd >= 0 && (write(fd, json, s->status_len) != (ssize_t)s->status_len ||
-			fcntl(fd, F_ADD_SEALS,
-			      F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)) {
-		close(fd);
-		fd = -1;
-	}
+	fd = srv_sealed_memfd("moed-status", json, s->status_len);
 	free(json);
 	s->status_fd = fd;
 	s->status_builds++;
