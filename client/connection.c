@@ -403,6 +403,7 @@ static void client_free(struct moe_client *c)
 	pthread_mutex_destroy(&c->mu);
 	free(c->slots);
 	free(c->free_slots);
+	free(c->trace.q);
 	free(c->path);
 	free(c);
 }

@@ -335,3 +335,159 @@ MOE_API int moe_job(moe_client *c, uint32_t job, int cancel, struct moe_admin_jo
 
 _Static_assert(sizeof(((moe_admin_res *)0)->result) == MOE_ADMIN_DATA_MAX,
 	       "moe_admin_res.result holds any admin result");
+
+/* ---- tracing ---------------------------------------------------------------- */
+
+bool mc_file_trace(struct moe_client *c, int type, const void *buf, size_t n)
+{
+	struct trace_q *t = &c->trace;
+	struct moe_msg_trace h = {0};
+	struct trace_msg *m;
+	uint32_t len = 0;
+
+	if (type != MOE_MSG_TRACE || !t->on || !t->q)
+		return false; /* (after a stop: the ones already on their way) */
+	if (t->n == TRACE_QUEUE) {
+		if (!moe_msg_decode_trace(buf, n, &h, NULL, 0, &len) || len)
+			t->dropped += h.n_records;
+		return false;
+	}
+	m = &t->q[(t->head + t->n) % TRACE_QUEUE];
+	if (moe_msg_decode_trace(buf, n, &h, m->b, sizeof(m->b), &len))
+		return false;
+	m->len = len;
+	m->n = h.n_records;
+	m->lost = h.lost;
+	t->n++;
+	return true;
+}
+
+static void trace_pop(struct trace_q *t)
+{
+	t->head = (t->head + 1) % TRACE_QUEUE;
+	t->n--;
+	t->off = t->done = 0;
+}
+
+static void trace_reset(struct trace_q *t)
+{
+	t->head = t->n = t->off = t->done = 0;
+	t->want = t->got = t->dropped = 0;
+	t->on = 0;
+}
+
+static int trace_call(moe_client *c, const struct moe_admin_trace *p)
+{
+	moe_admin_req q = {.op = MOE_ADMIN_TRACE, .payload = p, .payload_len = sizeof(*p),
+			   .timeout_ms = CONTROL_MS};
+	moe_admin_res *res = malloc(sizeof(*res));
+	int r;
+
+	if (!res)
+		return MOE_ENOMEM;
+	r = moe_admin_call(c, &q, res);
+	free(res);
+	return r;
+}
+
+MOE_API int moe_trace_start(moe_client *c, const struct moe_admin_trace *filter)
+{
+	struct moe_admin_trace p;
+	int r;
+
+	if (!c || !filter || (filter->flags & MOE_TRACE_STOP))
+		return MOE_EINVAL;
+	p = *filter;
+	pthread_mutex_lock(&c->mu);
+	if (!c->trace.q)
+		c->trace.q = malloc(TRACE_QUEUE * sizeof(*c->trace.q));
+	r = c->trace.q ? 0 : MOE_ENOMEM;
+	if (!r) {
+		/* on before the call: records may follow its reply at once */
+		trace_reset(&c->trace);
+		c->trace.on = 1;
+		c->trace.want = p.count;
+	}
+	pthread_mutex_unlock(&c->mu);
+	if (r)
+		return r;
+	r = trace_call(c, &p);
+	if (r) {
+		pthread_mutex_lock(&c->mu);
+		trace_reset(&c->trace);
+		pthread_mutex_unlock(&c->mu);
+	}
+	return r;
+}
+
+MOE_API int moe_trace_next(moe_client *c, moe_trace_event *ev, int timeout_ms)
+{
+	uint64_t deadline = deadline_after(timeout_ms);
+	struct trace_q *t;
+	int r = 0;
+
+	if (!c || !ev)
+		return MOE_EINVAL;
+	t = &c->trace;
+	pthread_mutex_lock(&c->mu);
+	for (;;) {
+		if (t->want && t->got == t->want) {
+			r = MOE_ENOENT;
+			break;
+		}
+		if (t->n) {
+			struct trace_msg *m = &t->q[t->head];
+
+			if (t->done == m->n) {
+				/* (a message that carries no record: none is sent) */
+				trace_pop(t);
+				continue;
+			}
+			r = moe_trace_record_at(m->b, m->len, &t->off, &ev->rec, ev->hits);
+			if (r) {
+				trace_pop(t); /* the rest of a malformed message */
+				break;
+			}
+			ev->lost = m->lost + t->dropped;
+			if (++t->done == m->n) {
+				if (t->off != m->len) {
+					trace_pop(t);
+					r = MOE_EPROTO; /* bytes after its last record */
+					break;
+				}
+				trace_pop(t);
+			}
+			t->got++;
+			break;
+		}
+		if (!t->on) {
+			r = MOE_ENOENT;
+			break;
+		}
+		if (c->dead) {
+			r = MOE_EDAEMON;
+			break;
+		}
+		if (now_ns() >= deadline) {
+			r = MOE_ETIMEDOUT;
+			break;
+		}
+		mc_wait_step(c, deadline);
+	}
+	pthread_mutex_unlock(&c->mu);
+	return r;
+}
+
+MOE_API int moe_trace_stop(moe_client *c)
+{
+	struct moe_admin_trace p = {.flags = MOE_TRACE_STOP};
+	int r;
+
+	if (!c)
+		return MOE_EINVAL;
+	pthread_mutex_lock(&c->mu);
+	trace_reset(&c->trace);
+	pthread_mutex_unlock(&c->mu);
+	r = trace_call(c, &p);
+	return r;
+}

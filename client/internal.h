@@ -71,6 +71,24 @@ struct call {
 	struct moe_admin_job job;
 };
 
+/* Trace messages received and not yet read (control.c), from
+ * moe_trace_start on: a ring of TRACE_QUEUE messages' records. */
+#define TRACE_QUEUE 256 /* more than the daemon's socket buffer holds (a few hundred KiB) */
+struct trace_msg {
+	uint32_t len, n; /* bytes and records in b */
+	uint64_t lost;	 /* the daemon's count when it sent this one */
+	unsigned char b[MOE_MSG_MAX];
+};
+
+struct trace_q {
+	struct trace_msg *q; /* TRACE_QUEUE of them, or NULL */
+	uint32_t head, n;    /* queued messages */
+	uint32_t off, done;  /* in the head message: next record's offset, records read */
+	uint64_t want, got;  /* the filter's count (0: none), records returned */
+	uint64_t dropped;    /* records dropped here: the queue was full */
+	int on;
+};
+
 /* One request the client has submitted and not yet delivered. */
 struct slot {
 	uint64_t tag; /* (generation << TAG_SLOT_BITS) | index */
@@ -118,6 +136,7 @@ struct moe_client {
 	uint32_t forwards; /* moe_forward calls holding bounce buffers */
 	uint32_t seq;
 	struct call calls[MAX_CALLS]; /* control calls waiting for replies */
+	struct trace_q trace;
 };
 
 /* ------------------------------------------------------------------------ */
@@ -195,6 +214,10 @@ static inline void close_fds(const int *fds, int n)
 ssize_t mc_recv_msg(int sock, void *buf, size_t cap, int *fds, int *n_fds);
 int mc_send_dgram(int sock, const void *buf, size_t len, int fd, int wait_ms);
 int mc_enter(struct moe_client *c);
+
+/* control.c: a TRACE message into the trace queue (c->mu held); false:
+ * not one. */
+bool mc_file_trace(struct moe_client *c, int type, const void *buf, size_t n);
 
 /* rings.c: all with c->mu held */
 struct slot *mc_find_slot(struct moe_client *c, uint64_t tag);

@@ -14,6 +14,9 @@
  *   moectl [-s SOCKET] reload [--model PATH] [--layers LIST] [--experts LIST]
  *                      [--atomic] [--max-parallel N] [--wait] | --cancel | --rollback
  *   (client/moectl_reload.c)
+ *   moectl [-s SOCKET] top [--interval S]            (client/moectl_top.c)
+ *   moectl [-s SOCKET] trace [--count N] [--layer L] [--client PID]
+ *   (client/moectl_trace.c)
  *
  * Exit codes: 0 ok, 1 error, 2 usage, 3 daemon unreachable.
  */
@@ -58,6 +61,9 @@ void usage(FILE *f)
 	           "       moectl [-s SOCKET] top [--interval SECONDS]\n"
 	           "                          live view: rates, p50/p99, queue, ranks' load,\n"
 	           "                          expert heat per layer (q quits)\n"
+	           "       moectl [-s SOCKET] trace [--count N] [--layer L] [--client PID]\n"
+	           "                          per-request records as JSON lines: routing,\n"
+	           "                          stage times, epoch (root or server.admin_group)\n"
 	           "       moectl [-s SOCKET] metrics   the metrics, Prometheus text format\n"
 	           "                          (docs/metrics.md; for node_exporter's textfile\n"
 	           "                          collector or hosts without a TCP listener)\n"
@@ -769,6 +775,8 @@ int main(int argc, char **argv)
 		return cmd_metrics(argc, argv);
 	if (!strcmp(cmd, "top"))
 		return cmd_top(argc, argv);
+	if (!strcmp(cmd, "trace"))
+		return cmd_trace(argc, argv);
 	fprintf(stderr, "moectl: unknown command \"%s\"\n", cmd);
 	usage(stderr);
 	return EXIT_USAGE;

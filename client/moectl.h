@@ -35,6 +35,9 @@ int cmd_rebalance(int argc, char **argv);
 /* moectl_top.c */
 int cmd_top(int argc, char **argv);
 
+/* moectl_trace.c */
+int cmd_trace(int argc, char **argv);
+
 /* moectl_reload.c */
 int cmd_reload(int argc, char **argv);
 void print_weights(const cJSON *weights);

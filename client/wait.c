@@ -31,6 +31,12 @@ void mc_drain(struct moe_client *c)
 			return;
 		}
 		type = moe_msg_peek(buf.b, (size_t)n, &h);
+		if (type == MOE_MSG_TRACE) {
+			close_fds(fds, n_fds);
+			if (mc_file_trace(c, type, buf.b, (size_t)n))
+				mc_wake_all(c);
+			continue;
+		}
 		if (mc_file_reply(c, type, &h, buf.b, (size_t)n, fds, n_fds)) {
 			mc_wake_all(c);
 			continue;

@@ -14,8 +14,18 @@
  * that started it. Meanwhile MOE_ADMIN_JOB_STATUS reads its progress and
  * MOE_ADMIN_JOB_CANCEL stops it at its next step.
  *
- * Privileges: MOE_ADMIN_EPOCH_INFO is for any client that may forward;
- * every other op is for root or server.admin_group (else MOE_EPERM).
+ * Privileges: MOE_ADMIN_EPOCH_INFO and MOE_ADMIN_VERSION_INFO are for any
+ * client that may forward; every other op is for root or
+ * server.admin_group (else MOE_EPERM). MOE_ADMIN_TRACE among them: a trace
+ * shows every client's pid, name and routing.
+ *
+ * Tracing: MOE_ADMIN_TRACE attaches the session as a tracer (at most 8 at
+ * once; MOE_EBUSY beyond). From its reply on, the daemon sends the session
+ * TRACE messages (ipc/moe_proto.h): struct moe_msg_trace, then n_records
+ * records, each a struct moe_trace_record followed by its n_hits struct
+ * moe_trace_hit. The records come from a bounded ring in the daemon; a
+ * tracer that reads too slowly loses the oldest (moe_msg_trace.lost counts
+ * them) and never slows serving.
  */
 #ifndef MOE_ADMIN_H
 #define MOE_ADMIN_H
@@ -54,7 +64,9 @@ enum moe_admin_op {
 	MOE_ADMIN_VERSION_INFO = 13, /* moe_admin_version_ref -> moe_admin_version: what a
 					layer's weights version is (any forwarding
 					client, as EPOCH_INFO) */
-	MOE_ADMIN_OP_MAX = 13
+	MOE_ADMIN_TRACE = 14,	     /* moe_admin_trace: stream this session per-request
+					records (see Tracing above), or stop */
+	MOE_ADMIN_OP_MAX = 14
 };
 
 /* flags */
@@ -133,6 +145,64 @@ struct moe_admin_version {
 	uint32_t total_experts;
 	uint32_t first_expert, n_experts;
 	/* uint32_t expert_version[n_experts]; uint32_t expert_source[n_experts]; */
+};
+
+/* trace: which requests (all filters must match), and how many */
+#define MOE_TRACE_STOP 0x1 /* detach this session's tracer (the rest is ignored, 0) */
+struct moe_admin_trace {
+	uint32_t layer; /* decoder-layer index, or MOE_ADMIN_ALL_LAYERS */
+	int32_t pid;	/* only this client process's requests; 0: every client's */
+	uint64_t count; /* detach after this many records; 0: until stopped */
+	uint32_t flags; /* MOE_TRACE_* */
+	uint32_t reserved; /* 0 */
+};
+
+/* A trace record's times: the request's own wait in the queue (taken from
+ * its ring until its batch started), then the batch's stages (struct
+ * moe_stage_times of the engine: one batch serves several requests, each
+ * sees the whole batch's stage); device: device backends only, the whole
+ * batch on the device. Their sum never exceeds latency_ns. */
+enum moe_trace_stage {
+	MOE_TRACE_QUEUE,
+	MOE_TRACE_CONVERT,
+	MOE_TRACE_ROUTER,
+	MOE_TRACE_DISPATCH,
+	MOE_TRACE_EXCHANGE,
+	MOE_TRACE_EXPERTS,
+	MOE_TRACE_COMBINE,
+	MOE_TRACE_DEVICE,
+	MOE_TRACE_STAGES
+};
+
+#define MOE_TRACE_TRUNCATED 0x1 /* more experts hit than a record carries */
+#define MOE_TRACE_MAX_HITS  480 /* experts a record carries, at most */
+
+struct moe_trace_record {
+	uint64_t seq;	     /* the daemon's record number, from 0 (gaps: filtered out, or lost) */
+	uint64_t tag;	     /* the request's tag, as its completion carries it */
+	uint64_t unix_ns;    /* CLOCK_REALTIME when its completion was posted */
+	uint64_t latency_ns; /* taken from the client's ring -> its completion posted */
+	uint64_t stage_ns[MOE_TRACE_STAGES];
+	int32_t pid;	     /* the client's process (its socket's credentials) */
+	uint32_t client;     /* the daemon's session id (as status shows it) */
+	char client_name[32]; /* the name the client gave, NUL-terminated */
+	uint32_t layer;	     /* decoder-layer index */
+	uint32_t tokens;
+	uint32_t dtype;	     /* the request's: 0 f32, 1 bf16, 2 f16 (moe_wire_dtype) */
+	int32_t status;	     /* 0 or MOE_E* */
+	uint32_t epoch;	     /* the epoch it ran on */
+	uint32_t weights_version; /* the layer's weights version in that epoch */
+	uint32_t batch_requests, batch_tokens; /* the batch it ran in */
+	uint32_t n_hits;     /* struct moe_trace_hit[n_hits] follow, ascending expert
+				(0: the batch failed, or moed had no memory to record it) */
+	uint32_t flags;	     /* MOE_TRACE_TRUNCATED */
+};
+
+/* An expert the request's tokens were routed to, and how many of them
+ * (the top-k choices: the counts add up to tokens * top_k). */
+struct moe_trace_hit {
+	uint32_t expert;
+	uint32_t tokens;
 };
 
 struct moe_admin_job_ref {

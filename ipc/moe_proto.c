@@ -166,6 +166,7 @@ static const struct {
 	[MOE_ADMIN_REBALANCE] = {"rebalance", sizeof(struct moe_admin_rebalance)},
 	[MOE_ADMIN_RELOAD] = {"reload", sizeof(struct moe_admin_reload)},
 	[MOE_ADMIN_VERSION_INFO] = {"version-info", sizeof(struct moe_admin_version_ref)},
+	[MOE_ADMIN_TRACE] = {"trace", sizeof(struct moe_admin_trace)},
 };
 
 int moe_admin_payload_size(uint32_t op)
@@ -218,6 +219,45 @@ int moe_msg_decode_job_done(const void *buf, size_t n, struct moe_admin_job *out
 	if (!r)
 		out->message[sizeof(out->message) - 1] = '\0';
 	return r;
+}
+
+_Static_assert(sizeof(struct moe_trace_record) == 176, "trace record layout");
+_Static_assert(sizeof(struct moe_admin_trace) == 24, "trace payload layout");
+/* a record with every hit it may carry fits one TRACE message */
+_Static_assert(sizeof(struct moe_msg_hdr) + sizeof(struct moe_msg_trace) +
+		       sizeof(struct moe_trace_record) +
+		       MOE_TRACE_MAX_HITS * sizeof(struct moe_trace_hit) <= MOE_MSG_MAX,
+	       "trace record too large for a message");
+
+int moe_msg_decode_trace(const void *buf, size_t n, struct moe_msg_trace *out, void *records,
+			 uint32_t cap, uint32_t *rlen)
+{
+	int r = decode_var(buf, n, MOE_MSG_TRACE, out, sizeof(*out), records, cap, rlen);
+
+	if (!r && out->reserved)
+		return MOE_EPROTO;
+	return r;
+}
+
+int moe_trace_record_at(const void *records, uint32_t len, uint32_t *off,
+			struct moe_trace_record *rec, struct moe_trace_hit *hits)
+{
+	const char *p = records;
+	uint64_t need;
+
+	if (*off > len || len - *off < sizeof(*rec))
+		return MOE_EPROTO;
+	memcpy(rec, p + *off, sizeof(*rec));
+	need = sizeof(*rec) + (uint64_t)rec->n_hits * sizeof(*hits);
+	if (rec->n_hits > MOE_TRACE_MAX_HITS || len - *off < need)
+		return MOE_EPROTO;
+	memcpy(hits, p + *off + sizeof(*rec), rec->n_hits * sizeof(*hits));
+	for (uint32_t i = 1; i < rec->n_hits; i++)
+		if (hits[i].expert <= hits[i - 1].expert)
+			return MOE_EPROTO;
+	rec->client_name[sizeof(rec->client_name) - 1] = '\0';
+	*off += (uint32_t)need;
+	return 0;
 }
 
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type)

@@ -41,6 +41,7 @@ enum moe_msg_type {
 	MOE_MSG_JOB_DONE = 10,	 /* d->c: a job the session started is over */
 	MOE_MSG_METRICS = 11,	 /* c->d: ask for the metrics (Prometheus text) */
 	MOE_MSG_METRICS_REPLY = 12, /* d->c: moe_msg_status_reply + sealed memfd of text */
+	MOE_MSG_TRACE = 13,	 /* d->c: moe_msg_trace + trace records (moe_admin.h) */
 };
 
 struct moe_msg_hdr {
@@ -106,6 +107,13 @@ struct moe_msg_admin_reply {
 #define MOE_ADMIN_DATA_MAX                                                                 \
 	(MOE_MSG_MAX - sizeof(struct moe_msg_hdr) - sizeof(struct moe_msg_admin_reply))
 
+/* TRACE: n_records records follow (struct moe_trace_record + its hits each) */
+struct moe_msg_trace {
+	uint32_t n_records;
+	uint32_t reserved;
+	uint64_t lost; /* this tracer's records lost so far (the ring overran it) */
+};
+
 struct moe_msg_error {
 	int32_t status;
 	char message[200];
@@ -135,6 +143,16 @@ int moe_msg_decode_admin(const void *buf, size_t n, struct moe_msg_admin *out, v
 int moe_msg_decode_admin_reply(const void *buf, size_t n, struct moe_msg_admin_reply *out,
 			       void *result, uint32_t cap, uint32_t *rlen);
 int moe_msg_decode_job_done(const void *buf, size_t n, struct moe_admin_job *out);
+/* TRACE: the fixed part, then its records (up to `cap` bytes, *rlen), each
+ * checked by moe_trace_record_at. */
+int moe_msg_decode_trace(const void *buf, size_t n, struct moe_msg_trace *out, void *records,
+			 uint32_t cap, uint32_t *rlen);
+/* The record at *off of a TRACE's records (len bytes): 0, *rec and its hits
+ * (hits has room for MOE_TRACE_MAX_HITS) copied out, *off moved past it;
+ * MOE_EPROTO if it does not fit in len, carries more than
+ * MOE_TRACE_MAX_HITS hits, or its hits are not in ascending expert order. */
+int moe_trace_record_at(const void *records, uint32_t len, uint32_t *off,
+			struct moe_trace_record *rec, struct moe_trace_hit *hits);
 /* DOORBELL, STATUS and METRICS carry no payload. */
 int moe_msg_decode_empty(const void *buf, size_t n, uint16_t type);
 

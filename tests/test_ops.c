@@ -896,7 +896,7 @@ static void test_drain(void **state)
 /* d. Authorization with dropped privileges                                 */
 
 struct child_result {
-	int connect, forward, admin, status;
+	int connect, forward, admin, status, trace;
 	char err[256];
 	float out[4 * 88];
 };
@@ -912,7 +912,7 @@ static void as_user(struct daemon *d, uid_t uid, gid_t gid, size_t ngroups, cons
 	int st;
 
 	memset(res, 0, sizeof(*res));
-	res->connect = res->forward = res->admin = res->status = 1;
+	res->connect = res->forward = res->admin = res->status = res->trace = 1;
 	fflush(stdout);
 	fflush(stderr);
 	pid = fork();
@@ -936,6 +936,9 @@ static void as_user(struct daemon *d, uid_t uid, gid_t gid, size_t ngroups, cons
 					       sizeof(msg));
 			res->status = moe_status_json(c, &j, NULL);
 			free(j);
+			/* a trace shows every client's requests: administrators only */
+			res->trace = moe_trace_start(c, &(struct moe_admin_trace){
+							.layer = MOE_ADMIN_ALL_LAYERS});
 			moe_disconnect(c);
 		}
 		_exit(0);
@@ -1038,7 +1041,8 @@ static void test_auth_privileges(void **state)
 	check_output(0, in, res->out, AUTH_TOKENS, "uid nobody in the socket's group");
 	assert_int_equal(res->status, 0);
 	assert_int_equal(res->admin, MOE_EPERM);
-	n_refused++;
+	assert_int_equal(res->trace, MOE_EPERM);
+	n_refused += 2;
 
 	/* ... as a supplementary group */
 	{
@@ -1052,7 +1056,8 @@ static void test_auth_privileges(void **state)
 		assert_int_equal(res->forward, 0);
 		check_output(0, in, res->out, AUTH_TOKENS, "supplementary socket group");
 		assert_int_equal(res->admin, MOE_EPERM);
-		n_refused++;
+		assert_int_equal(res->trace, MOE_EPERM);
+		n_refused += 2;
 	}
 	/* ... and in the admin group too: admin allowed */
 	{
@@ -1065,6 +1070,7 @@ static void test_auth_privileges(void **state)
 		assert_int_equal(res->connect, 0);
 		assert_int_equal(res->forward, 0);
 		assert_int_equal(res->admin, 0);
+		assert_int_equal(res->trace, 0);
 	}
 	/* in the admin group only: the handshake needs forward rights (an
 	 * administrator must also be in the socket's group) */

@@ -255,6 +255,34 @@ MOE_API int moe_epoch_info(moe_client *c, uint32_t id, struct moe_admin_epoch_in
  * at its next step; its JOB_DONE goes to the session that started it). */
 MOE_API int moe_job(moe_client *c, uint32_t job, int cancel, struct moe_admin_job *out);
 
+/* ---- Tracing (administrators: root or server.admin_group) ----
+ *
+ * moe_trace_start makes this session a tracer: from then on moed sends it
+ * a record of every request that runs and matches the filters (struct
+ * moe_admin_trace in moe_admin.h: a layer, a client pid, a count), which
+ * moe_trace_next returns one at a time. Records that arrive while nobody
+ * reads are queued here (up to 256 messages, a few thousand records; beyond
+ * that they are dropped and counted) and in moed's ring; a tracer that
+ * reads too slowly loses records, counted in `lost`, and never slows
+ * serving. A traced session can still make other calls; use one session
+ * per tracer. moe_trace_stop (or closing the client) detaches it. */
+typedef struct {
+	struct moe_trace_record rec;
+	struct moe_trace_hit hits[MOE_TRACE_MAX_HITS]; /* rec.n_hits of them */
+	uint64_t lost; /* records lost to this tracer so far: overrun in moed's ring,
+			  or dropped by this library's queue */
+} moe_trace_event;
+
+/* MOE_EPERM: not an administrator; MOE_EBUSY: 8 tracers attached already;
+ * MOE_ENOLAYER: the filter's layer is not an MoE layer. */
+MOE_API int moe_trace_start(moe_client *c, const struct moe_admin_trace *filter);
+/* The next record: 0; MOE_ETIMEDOUT (timeout_ms passed, < 0: wait
+ * forever); MOE_ENOENT: not tracing, or the filter's count has been
+ * returned; MOE_EPROTO: a malformed message (skipped). */
+MOE_API int moe_trace_next(moe_client *c, moe_trace_event *ev, int timeout_ms);
+/* Detaches the tracer; records still queued here are discarded. */
+MOE_API int moe_trace_stop(moe_client *c);
+
 /* moe_strerror(int) is declared in moe_errors.h. */
 
 #ifdef __cplusplus

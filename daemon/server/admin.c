@@ -260,6 +260,7 @@ static const struct admin_op {
 	[MOE_ADMIN_REBALANCE] = {MOE_AUTH_ADMIN, srv_check_rebalance, srv_op_rebalance},
 	[MOE_ADMIN_RELOAD] = {MOE_AUTH_ADMIN, srv_check_reload, srv_op_reload},
 	[MOE_ADMIN_VERSION_INFO] = {MOE_AUTH_FORWARD, srv_check_version, srv_op_version_info},
+	[MOE_ADMIN_TRACE] = {MOE_AUTH_ADMIN, srv_check_trace, srv_op_trace},
 };
 
 /* One ADMIN message (buf, n: the whole datagram, header valid). */

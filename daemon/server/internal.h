@@ -115,6 +115,7 @@ struct client {
 	struct moe_peer peer;
 	uint64_t accepted_ns;
 	uint32_t ctrl_loop, ctrl_used; /* control messages in this loop iteration */
+	bool tracing;	  /* a tracer (trace.c) */
 	bool drain_waiter; /* answer its DRAIN once nothing is queued */
 	uint32_t drain_seq;
 	struct client *next;
@@ -134,6 +135,21 @@ struct work {
 	struct moe_seg *segs;
 	uint32_t epoch; /* out: the epoch it ran on */
 	float device_ms; /* out: the backend's device time, < 0 none */
+	/* out: when it started and when its completions were posted (ns,
+	 * srv_now_ns), the engine's stages */
+	uint64_t start_ns, end_ns;
+	struct moe_stage_times times;
+	/* tracing (trace.c): set by the loop when it forms the batch; then the
+	 * worker writes the layer's weights version in the epoch it ran on and
+	 * the experts each request hit: request i's are
+	 * hits[hit_off[i] .. hit_off[i + 1]), ascending expert (hit_off: one
+	 * more entry than reqs; hits grown by the worker) */
+	bool trace;
+	bool routed; /* out: hits and hit_off are valid (the batch ran, memory) */
+	uint32_t wversion;
+	uint32_t *hit_off;
+	struct moe_trace_hit *hits;
+	size_t hits_cap;
 	/* WORK_PIN (c holds a reference until collected), WORK_RELEASE */
 	struct client *c;
 	void *region;
@@ -145,6 +161,9 @@ struct work {
 
 struct worker {
 	struct moe_engine *e;
+	/* tracing's scratch: the batch's routing, and a count per expert */
+	uint32_t *tr_ids, *tr_count;
+	size_t tr_cap;
 	struct srv_metrics *met; /* the histograms: the worker is their only writer */
 	uint32_t stall_ms; /* test hook: sleep before each batch */
 	pthread_t thread;
@@ -185,6 +204,27 @@ struct job {
 	struct reload_req *reload;		  /* RELOAD (reload_ops.c) */
 	uint64_t copy_bytes_per_s;
 	uint32_t last_epoch;
+};
+
+/* Request tracing (trace.c): the ring of records and the tracers. */
+#define TRACE_MAX 8
+struct tracer {
+	struct client *c;
+	uint32_t layer; /* or MOE_ADMIN_ALL_LAYERS */
+	int32_t pid;	/* 0: any */
+	uint64_t want, sent; /* want 0: until stopped */
+	uint64_t next;	     /* the next record to look at */
+	uint64_t lost;	     /* matching records the ring overwrote before it sent them */
+	bool blocked;	     /* its socket was full: wait for the tick */
+};
+
+struct trace {
+	unsigned char *ring; /* cap slots of `slot` bytes (a record and its hits) */
+	uint32_t cap, slot, max_hits;
+	uint64_t head; /* records written: the next one's seq */
+	uint64_t records, sent, lost;
+	struct tracer t[TRACE_MAX];
+	uint32_t n;
 };
 
 /* placement.auto_rebalance's state (placement_ops.c) */
@@ -257,6 +297,7 @@ struct server {
 	int metrics_fd;	       /* `moectl metrics`' text, shared within a loop iteration
 				  as status_fd is (-1: none yet) */
 	uint64_t metrics_len;
+	struct trace trace;
 };
 
 /* worker.c: the engine worker */
@@ -357,6 +398,18 @@ void srv_reload_ended(struct server *s, const struct job *j);
 void srv_reload_req_free(struct reload_req *r);
 /* status.c's "weights" object */
 void srv_status_weights(struct server *s, cJSON *root);
+
+/* trace.c: request tracing (MOE_ADMIN_TRACE) */
+const char *srv_check_trace(const void *payload);
+void srv_op_trace(const struct admin_call *a);
+/* A batch back from the worker: a record per request (before they are
+ * answered and freed). Only while s->trace.n. */
+void srv_trace_batch(struct server *s, const struct work *b);
+/* Sends the tracers what they have not had; tick: the blocked ones too. */
+void srv_trace_flush(struct server *s, bool tick);
+void srv_trace_drop(struct server *s, struct client *c);
+void srv_trace_status(struct server *s, cJSON *root);
+void srv_trace_free(struct server *s);
 
 /* jobs.c: asynchronous admin jobs, one thread each */
 int srv_jobs_init(struct server *s);

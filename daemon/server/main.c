@@ -277,9 +277,14 @@ static int reload(void *arg, struct moe_server_opts *o, char *msg, size_t n)
 	return 0;
 }
 
+/* moed's test hooks, from the environment (MOED_TEST_*) */
+struct test_hooks {
+	uint32_t stall_ms, trace_ring;
+};
+
 static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, const char *cfg_file,
 		      const struct overrides *ov, const struct moe_plan *plan,
-		      const struct moe_engine_opts *env, uint32_t stall_ms)
+		      const struct moe_engine_opts *env, const struct test_hooks *th)
 {
 	struct moe_engine_opts eo = {.threads = c->cpu.threads,
 				     .max_batch_tokens = c->scheduler.max_batch_tokens,
@@ -340,7 +345,8 @@ static int run_engine(struct moe_config *c, struct moe_model *m, bool serve, con
 				 .has_admin_gid = has_admin > 0, .admin_gid = admin_gid},
 			.reload = cfg_file ? reload : NULL,
 			.reload_arg = &rc,
-			.test_stall_ms = stall_ms,
+			.test_stall_ms = th->stall_ms,
+			.test_trace_ring = th->trace_ring,
 		};
 		int code;
 
@@ -378,7 +384,7 @@ int main(int argc, char **argv)
 	struct moe_model_opts mo = {0};
 	struct moe_plan plan;
 	struct moe_engine_opts env = {0};
-	uint32_t stall_ms = 0;
+	struct test_hooks th = {0};
 	bool isa_ok;
 	char err[MOE_CFG_ERRLEN > MOE_ERRLEN ? MOE_CFG_ERRLEN : MOE_ERRLEN];
 	int test = 0, load = 0, c, ret;
@@ -431,7 +437,9 @@ int main(int argc, char **argv)
 	 * read it): kernel choices and test hooks. */
 	moe_engine_opts_from_env(&env);
 	if (getenv("MOED_TEST_STALL_MS"))
-		stall_ms = (uint32_t)strtoul(getenv("MOED_TEST_STALL_MS"), NULL, 10);
+		th.stall_ms = (uint32_t)strtoul(getenv("MOED_TEST_STALL_MS"), NULL, 10);
+	if (getenv("MOED_TEST_TRACE_RING"))
+		th.trace_ring = (uint32_t)strtoul(getenv("MOED_TEST_TRACE_RING"), NULL, 10);
 	ret = cfg_file ? moe_cfg_load_file(cfg_file, &cfg, err, sizeof(err)) : moe_cfg_defaults(&cfg);
 	if (ret) {
 		fprintf(stderr, "moed: %s\n", cfg_file ? err : strerror(-ret));
@@ -459,7 +467,7 @@ int main(int argc, char **argv)
 		ret = plan.fits && isa_ok && plan.device_ok ? 0 : 1;
 	} else {
 		ret = plan.fits && isa_ok && plan.device_ok
-			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan, &env, stall_ms)
+			      ? run_engine(&cfg, m, !load, cfg_file, &ov, &plan, &env, &th)
 			      : 1;
 		if (!plan.fits)
 			moe_log(LOG_ERR, "the model does not fit in %s memory (moed -t shows the plan)",

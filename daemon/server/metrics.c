@@ -611,6 +611,13 @@ char *met_render(struct srv_metrics *m, size_t *len)
 	load(&b, m);
 	COUNTER1(&b, "moed_metrics_scrapes_total", "Metrics renders served (HTTP and socket).",
 		 ld(&m->scrapes_http) + ld(&m->scrapes_socket));
+	GAUGE_U(&b, "moed_tracers", "Tracers attached (moectl trace).", ld(&m->tracers));
+	COUNTER1(&b, "moed_trace_records_total",
+		 "Trace records written to the ring while a tracer was attached.",
+		 ld(&m->trace_records));
+	COUNTER1(&b, "moed_trace_records_lost_total",
+		 "Trace records lost to slow tracers (the ring overran them).",
+		 ld(&m->trace_lost));
 	if (b.oom || !room(&b, 0)) {
 		free(b.p);
 		return NULL;

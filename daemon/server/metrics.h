@@ -58,6 +58,7 @@ struct srv_metrics {
 	_Atomic uint64_t placement_changes[MET_JOB_RESULTS], reloads[MET_JOB_RESULTS];
 	_Atomic uint64_t config_reloads, config_reloads_failed;
 	_Atomic uint64_t scrapes_socket;
+	_Atomic uint64_t tracers, trace_records, trace_lost;
 	/* worker-written */
 	struct met_hist latency;	   /* requests that ran: taken from the ring to posted */
 	struct met_hist stage[MET_STAGES]; /* queue_wait per request; the rest per batch */

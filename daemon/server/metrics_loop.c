@@ -28,6 +28,9 @@ void srv_metrics_sync(struct server *s)
 	met_set(&m->auth_refusals, s->refused_auth);
 	met_set(&m->config_reloads, s->reloads);
 	met_set(&m->config_reloads_failed, s->reloads_refused);
+	met_set(&m->tracers, s->trace.n);
+	met_set(&m->trace_records, s->trace.records);
+	met_set(&m->trace_lost, s->trace.lost);
 }
 
 /* As the status JSON (status.c), in a sealed memfd: no datagram limit,

@@ -445,7 +445,8 @@ void srv_submit_batch(struct server *s)
 	if (layer < 0)
 		return;
 	*b = (struct work){.kind = WORK_BATCH, .layer = (uint32_t)layer, .reqs = b->reqs,
-			   .segs = b->segs};
+			   .segs = b->segs, .trace = s->trace.n != 0, .hit_off = b->hit_off,
+			   .hits = b->hits, .hits_cap = b->hits_cap};
 	if (!fill_batch(s, b, false))
 		return;
 	srv_worker_post(&s->w, b);
@@ -474,6 +475,8 @@ static void batch_done(struct server *s, struct work *b)
 	}
 	if (b->device_ms >= 0)
 		s->last_device_ms = b->device_ms;
+	if (s->trace.n)
+		srv_trace_batch(s, b);
 	for (uint32_t i = 0; i < b->n; i++) {
 		struct request *r = b->reqs[i];
 		struct client *c = r->c;

@@ -22,6 +22,8 @@ static void tick(struct server *s)
 		}
 	}
 	srv_log_flush(s, now);
+	if (s->trace.n)
+		srv_trace_flush(s, true);
 	if (s->watchdog_ns && now - s->last_ping_ns >= s->watchdog_ns / 2 &&
 	    !srv_worker_wedged(&s->w, now, s->watchdog_ns / 2)) {
 		srv_notify("WATCHDOG=1");
@@ -146,7 +148,9 @@ static int setup(struct server *s)
 					  sizeof(*s->batch[i].reqs));
 		s->batch[i].segs = malloc((size_t)moe_engine_max_tokens(s->e) *
 					  sizeof(*s->batch[i].segs));
-		if (!s->batch[i].reqs || !s->batch[i].segs)
+		s->batch[i].hit_off = malloc(((size_t)moe_engine_max_tokens(s->e) + 1) *
+					     sizeof(*s->batch[i].hit_off));
+		if (!s->batch[i].reqs || !s->batch[i].segs || !s->batch[i].hit_off)
 			return -1;
 	}
 	s->is_moe = calloc(s->m->n_layers, 1);
@@ -294,6 +298,8 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 		}
 		srv_answer_drain_waiters(&s);
 		srv_notify_clients(&s);
+		if (s.trace.n)
+			srv_trace_flush(&s, false);
 		reap_dead(&s);
 		srv_metrics_sync(&s);
 		if (s.status_fd >= 0) { /* valid for this iteration only */
@@ -343,7 +349,10 @@ out:
 	for (int i = 0; i < 2; i++) {
 		free(s.batch[i].reqs);
 		free(s.batch[i].segs);
+		free(s.batch[i].hit_off);
+		free(s.batch[i].hits);
 	}
+	srv_trace_free(&s);
 	free(s.is_moe);
 	free(s.order);
 	met_free(&s.met);

@@ -59,6 +59,10 @@ struct moe_server_opts {
 	/* test hook (moed: MOED_TEST_STALL_MS): the worker sleeps this long
 	 * before every batch, so that tests can act while a batch runs */
 	uint32_t test_stall_ms;
+	/* test hook (moed: MOED_TEST_TRACE_RING): the trace ring's records
+	 * (rounded up to a power of two, at least 64), so that a test can
+	 * overrun it with few requests; 0: sized by the model (trace.c) */
+	uint32_t test_trace_ring;
 };
 
 /* moed's exit status when a device was lost (a sticky CUDA error): the

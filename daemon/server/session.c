@@ -28,6 +28,8 @@ void srv_drop_client(struct server *s, struct client *c)
 		free(r);
 	}
 	c->queue_tail = NULL;
+	if (c->tracing)
+		srv_trace_drop(s, c);
 	epoll_ctl(s->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	/* the worker may be ringing its doorbell: gone and the socket change
 	 * together under cq_lock */

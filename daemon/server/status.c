@@ -141,6 +141,7 @@ static char *status_json(struct server *s)
 	cJSON_AddNumberToObject(o, "slo_p99_ms", (double)atomic_load(&s->met.slo_ns) / 1e6);
 	cJSON_AddNumberToObject(o, "scrapes_http", (double)atomic_load(&s->met.scrapes_http));
 	cJSON_AddNumberToObject(o, "scrapes_socket", (double)atomic_load(&s->met.scrapes_socket));
+	srv_trace_status(s, j);
 	o = cJSON_AddObjectToObject(j, "worker");
 	cJSON_AddNumberToObject(o, "batches_held", s->batches_out);
 	cJSON_AddNumberToObject(o, "busy_ms",

@@ -91,6 +91,94 @@ __attribute__((noinline)) static void observe_end(struct worker *w, const struct
 		met_observe(&w->met->latency, now - b->reqs[i]->queued_ns);
 }
 
+/* Tracing (trace.c), before the batch runs: every segment's routing goes
+ * to the worker's scratch (the engine writes it there, or, for a request
+ * that asked for its routing, it is copied from the client's region once
+ * the batch has run: trace_routing). False: no memory, no trace. */
+static bool trace_prepare(struct worker *w, struct work *b)
+{
+	const struct moe_model *m = moe_engine_model(w->e);
+	size_t need = (size_t)b->tokens * m->top_k, off = 0;
+
+	if (need > w->tr_cap) {
+		uint32_t *p = realloc(w->tr_ids, need * sizeof(*p));
+
+		if (!p)
+			return false;
+		w->tr_ids = p;
+		w->tr_cap = need;
+	}
+	if (!w->tr_count && !(w->tr_count = calloc(m->n_experts, sizeof(*w->tr_count))))
+		return false;
+	for (uint32_t i = 0; i < b->n; i++) {
+		if (!b->segs[i].topk_ids)
+			b->segs[i].topk_ids = w->tr_ids + off;
+		off += (size_t)b->segs[i].n_tokens * m->top_k;
+	}
+	return true;
+}
+
+/* Before the completions are posted (the client may write its region once
+ * it has seen its completion): the routing clients asked for, into the
+ * scratch. */
+static void trace_routing(struct worker *w, struct work *b)
+{
+	uint32_t K = moe_engine_model(w->e)->top_k;
+	size_t off = 0;
+
+	for (uint32_t i = 0; i < b->n; i++) {
+		size_t n = (size_t)b->segs[i].n_tokens * K;
+
+		if (b->segs[i].topk_ids != w->tr_ids + off)
+			memcpy(w->tr_ids + off, b->segs[i].topk_ids, n * sizeof(uint32_t));
+		off += n;
+	}
+}
+
+/* After posting: each request's hits, counted from the scratch, ascending
+ * expert. An id out of range (a hostile client can write its own routing
+ * span while the batch runs) is not counted. */
+static void trace_hits(struct worker *w, struct work *b)
+{
+	const struct moe_model *m = moe_engine_model(w->e);
+	uint32_t K = m->top_k, E = m->n_experts, nh = 0;
+	size_t cap = 0, off = 0;
+
+	for (uint32_t i = 0; i < b->n; i++) {
+		size_t n = (size_t)b->segs[i].n_tokens * K;
+
+		cap += n < E ? n : E;
+	}
+	if (cap > b->hits_cap) {
+		struct moe_trace_hit *p = realloc(b->hits, cap * sizeof(*p));
+
+		if (!p) {
+			b->routed = false;
+			return;
+		}
+		b->hits = p;
+		b->hits_cap = cap;
+	}
+	for (uint32_t i = 0; i < b->n; i++) {
+		size_t n = (size_t)b->segs[i].n_tokens * K;
+		const uint32_t *ids = w->tr_ids + off;
+
+		b->hit_off[i] = nh;
+		for (size_t k = 0; k < n; k++)
+			if (ids[k] < E)
+				w->tr_count[ids[k]]++;
+		/* (a scan of E counters: E is at most a few hundred) */
+		for (uint32_t x = 0; x < E; x++) {
+			if (!w->tr_count[x])
+				continue;
+			b->hits[nh++] = (struct moe_trace_hit){x, w->tr_count[x]};
+			w->tr_count[x] = 0;
+		}
+		off += n;
+	}
+	b->hit_off[b->n] = nh;
+}
+
 static void run_batch(struct worker *w, struct work *b)
 {
 	struct moe_stage_times tm = {{0}};
@@ -100,10 +188,17 @@ static void run_batch(struct worker *w, struct work *b)
 
 	if (w->stall_ms)
 		usleep(w->stall_ms * 1000u);
-	observe_start(w, b, srv_now_ns());
+	b->start_ns = srv_now_ns();
+	observe_start(w, b, b->start_ns);
+	b->routed = b->trace && trace_prepare(w, b);
 	/* the whole batch, and so each request in it, runs under one epoch */
 	ep = moe_epoch_acquire(w->e);
 	b->epoch = ep->id;
+	if (b->trace) {
+		int pos = moe_model_layer_pos(moe_engine_model(w->e), b->layer);
+
+		b->wversion = pos >= 0 ? ep->weights_version[pos] : 0;
+	}
 	if (b->n == 1 && b->tokens > moe_engine_max_tokens(w->e))
 		b->ret = run_pieces(w, ep, b, &tm);
 	else
@@ -113,10 +208,17 @@ static void run_batch(struct worker *w, struct work *b)
 		b->epoch = moe_engine_last_epoch(w->e);
 	moe_epoch_release(ep);
 	b->device_ms = moe_engine_last_device_ms(w->e);
+	b->times = tm;
+	b->routed = b->routed && !b->ret;
+	if (b->routed)
+		trace_routing(w, b);
 	/* the results are in the clients' regions: tell them now */
 	atomic_store(&w->handing_back, true);
 	srv_post_batch(b, srv_batch_status(b->ret), b->epoch);
-	observe_end(w, b, &tm, srv_now_ns());
+	b->end_ns = srv_now_ns();
+	observe_end(w, b, &tm, b->end_ns);
+	if (b->routed)
+		trace_hits(w, b);
 }
 
 static void run(struct worker *w, struct work *x)
@@ -271,6 +373,9 @@ uint32_t srv_worker_run_left(struct worker *w)
 
 void srv_worker_close(struct worker *w)
 {
+	free(w->tr_ids);
+	free(w->tr_count);
+	w->tr_ids = w->tr_count = NULL;
 	if (w->efd >= 0) {
 		pthread_mutex_destroy(&w->lock);
 		pthread_cond_destroy(&w->cond);
