@@ -126,6 +126,35 @@ static void test_completion_and_admin(void **state)
 	assert_int_equal(sizeof(struct moe_admin_version), 32);
 	assert_int_equal(MOE_ADMIN_RELOAD, 12);
 	assert_int_equal(MOE_ADMIN_VERSION_INFO, 13);
+	/* trace: the filter, the records on the wire */
+	assert_int_equal(MOE_ADMIN_TRACE, 14);
+	FIELD(struct moe_admin_trace, layer, 0, 4);
+	FIELD(struct moe_admin_trace, pid, 4, 4);
+	FIELD(struct moe_admin_trace, count, 8, 8);
+	FIELD(struct moe_admin_trace, flags, 16, 4);
+	assert_int_equal(sizeof(struct moe_admin_trace), 24);
+	FIELD(struct moe_trace_record, seq, 0, 8);
+	FIELD(struct moe_trace_record, tag, 8, 8);
+	FIELD(struct moe_trace_record, unix_ns, 16, 8);
+	FIELD(struct moe_trace_record, latency_ns, 24, 8);
+	FIELD(struct moe_trace_record, stage_ns, 32, 64);
+	FIELD(struct moe_trace_record, pid, 96, 4);
+	FIELD(struct moe_trace_record, client, 100, 4);
+	FIELD(struct moe_trace_record, client_name, 104, 32);
+	FIELD(struct moe_trace_record, layer, 136, 4);
+	FIELD(struct moe_trace_record, tokens, 140, 4);
+	FIELD(struct moe_trace_record, dtype, 144, 4);
+	FIELD(struct moe_trace_record, status, 148, 4);
+	FIELD(struct moe_trace_record, epoch, 152, 4);
+	FIELD(struct moe_trace_record, weights_version, 156, 4);
+	FIELD(struct moe_trace_record, batch_requests, 160, 4);
+	FIELD(struct moe_trace_record, batch_tokens, 164, 4);
+	FIELD(struct moe_trace_record, n_hits, 168, 4);
+	FIELD(struct moe_trace_record, flags, 172, 4);
+	assert_int_equal(sizeof(struct moe_trace_record), 176);
+	assert_int_equal(sizeof(struct moe_trace_hit), 8);
+	assert_int_equal(MOE_TRACE_STAGES, 8);
+	assert_int_equal(MOE_TRACE_MAX_HITS, 480);
 }
 
 int main(void)

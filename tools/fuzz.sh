@@ -28,7 +28,7 @@ build config daemon/server/config{,_keys,_values,_scalar,_messages}.c -lyaml
 build proto ipc/moe_proto.c
 build sqe ipc/moe_proto.c
 build session tests/fuzz/session_engine.c \
-	daemon/server/{server,io,refusals,sched,session,admin,placement_ops,reload_ops,status,auth,worker,jobs,metrics,metrics_loop,metrics_http}.c \
+	daemon/server/{server,io,refusals,sched,session,admin,placement_ops,reload_ops,status,auth,worker,jobs,metrics,metrics_loop,metrics_http,trace}.c \
 	daemon/engine/migrate.c daemon/engine/rebalance.c \
 	daemon/engine/log.c daemon/engine/placement.c daemon/engine/stats.c formats/errbuf.c \
 	ipc/moe_proto.c kernels/cpu/convert.c -lcjson -lpthread -lm

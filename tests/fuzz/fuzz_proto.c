@@ -64,6 +64,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		    memchr(jd.message, 0, sizeof(jd.message)) == NULL)
 			abort();
 	}
+	{
+		/* TRACE (client side): every record it accepts lies inside the
+		 * message, within the hit limit, hits ascending */
+		struct moe_msg_trace th;
+		struct moe_trace_record rec;
+		static struct moe_trace_hit hits[MOE_TRACE_MAX_HITS];
+		static unsigned char recs[MOE_MSG_MAX];
+		uint32_t len = 0, off = 0;
+
+		if (moe_msg_decode_trace(copy, size, &th, recs, sizeof(recs), &len) == 0) {
+			if (len > size || th.reserved)
+				abort();
+			for (uint32_t i = 0; i < th.n_records; i++) {
+				uint32_t at = off;
+
+				if (moe_trace_record_at(recs, len, &off, &rec, hits))
+					break;
+				if (off > len || off <= at || rec.n_hits > MOE_TRACE_MAX_HITS ||
+				    memchr(rec.client_name, 0, sizeof(rec.client_name)) == NULL)
+					abort();
+				for (uint32_t k = 1; k < rec.n_hits; k++)
+					if (hits[k].expert <= hits[k - 1].expert)
+						abort();
+			}
+		}
+	}
 	moe_msg_decode_empty(copy, size, MOE_MSG_DOORBELL);
 	moe_msg_decode_empty(copy, size, MOE_MSG_STATUS);
 	free(copy);

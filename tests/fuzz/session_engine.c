@@ -28,7 +28,9 @@ static struct moe_model g_model = {
 	.n_moe_layers = 2,
 	.layers = g_layers,
 };
-static struct moe_epoch g_epoch = {.id = 1};
+/* (as the real engine's: every MoE layer at weights version 1) */
+static const uint32_t g_versions[2] = {1, 1};
+static struct moe_epoch g_epoch = {.id = 1, .weights_version = g_versions};
 
 const char *moe_family_name(enum moe_family f)
 {
