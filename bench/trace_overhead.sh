@@ -108,10 +108,10 @@ for mode in $modes; do
 	MOE_CPU_ISA=avx2 "$bin/moe-load" --socket "$tmp/moed.sock" --model "$model" --clients 1 \
 		--requests 10 --seed 3 >/dev/null
 	tracer $mode "$b"
-	callgrind_control -i on $pid >/dev/null
+	callgrind_control -i on $pid >/dev/null 2>&1
 	MOE_CPU_ISA=avx2 "$bin/moe-load" --socket "$tmp/moed.sock" --model "$model" \
 		--clients "$clients" --requests "$reqs" --max-tokens "$maxt" --seed 7 >"$tmp/load.$mode"
-	callgrind_control -i off $pid >/dev/null
+	callgrind_control -i off $pid >/dev/null 2>&1
 	lost=
 	[ $mode = reading ] || [ $mode = stalled ] && lost="; tracer: $(trace_lost "$b")"
 	untrace

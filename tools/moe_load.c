@@ -13,7 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -115,6 +117,8 @@ static void child(const struct opts *o, int id, struct result *res)
 				snprintf(res->why, sizeof(res->why), "request %d: %s", i,
 					 moe_strerror(ret));
 			}
+			if (ret == MOE_EDAEMON)
+				break; /* the daemon is gone: nothing more will succeed */
 			continue;
 		}
 		res->done++;
@@ -190,6 +194,11 @@ int main(int argc, char **argv)
 		pid_t p = fork();
 
 		if (p == 0) {
+			/* killed with its parent (a test that kills moe-load
+			 * must not leave its clients running) */
+			prctl(PR_SET_PDEATHSIG, SIGKILL);
+			if (getppid() == 1)
+				_exit(1);
 			child(&o, i, (struct result *)(shared + rsz * i));
 			_exit(0);
 		}

@@ -156,6 +156,47 @@ class AdminVersion(C.Structure):
     ]
 
 
+class TraceFilter(C.Structure):
+    _fields_ = [("layer", C.c_uint32), ("pid", C.c_int32), ("count", C.c_uint64),
+                ("flags", C.c_uint32), ("reserved", C.c_uint32)]
+
+
+TRACE_STAGES = ("queue", "convert", "router", "dispatch", "exchange", "experts", "combine",
+                "device")
+TRACE_MAX_HITS = 480
+
+
+class TraceRecord(C.Structure):
+    _fields_ = [
+        ("seq", C.c_uint64),
+        ("tag", C.c_uint64),
+        ("unix_ns", C.c_uint64),
+        ("latency_ns", C.c_uint64),
+        ("stage_ns", C.c_uint64 * len(TRACE_STAGES)),
+        ("pid", C.c_int32),
+        ("client", C.c_uint32),
+        ("client_name", C.c_char * 32),
+        ("layer", C.c_uint32),
+        ("tokens", C.c_uint32),
+        ("dtype", C.c_uint32),
+        ("status", C.c_int32),
+        ("epoch", C.c_uint32),
+        ("weights_version", C.c_uint32),
+        ("batch_requests", C.c_uint32),
+        ("batch_tokens", C.c_uint32),
+        ("n_hits", C.c_uint32),
+        ("flags", C.c_uint32),
+    ]
+
+
+class TraceHit(C.Structure):
+    _fields_ = [("expert", C.c_uint32), ("tokens", C.c_uint32)]
+
+
+class TraceEvent(C.Structure):
+    _fields_ = [("rec", TraceRecord), ("hits", TraceHit * TRACE_MAX_HITS), ("lost", C.c_uint64)]
+
+
 ADMIN_REPLICATE, ADMIN_UNREPLICATE, ADMIN_REBALANCE = 9, 10, 11
 ADMIN_RELOAD, ADMIN_VERSION_INFO = 12, 13
 RELOAD_ATOMIC, RELOAD_ROLLBACK, RELOAD_CANCEL = 0x1, 0x2, 0x4
@@ -191,4 +232,12 @@ LAYOUT = {
     AdminVersion: ([("layer", 0, 4), ("version", 4, 4), ("router_version", 8, 4),
                     ("router_source", 12, 4), ("flags", 16, 4), ("total_experts", 20, 4),
                     ("first_expert", 24, 4), ("n_experts", 28, 4)], 32),
+    TraceFilter: ([("layer", 0, 4), ("pid", 4, 4), ("count", 8, 8), ("flags", 16, 4)], 24),
+    TraceRecord: ([("seq", 0, 8), ("tag", 8, 8), ("unix_ns", 16, 8), ("latency_ns", 24, 8),
+                   ("stage_ns", 32, 64), ("pid", 96, 4), ("client", 100, 4),
+                   ("client_name", 104, 32), ("layer", 136, 4), ("tokens", 140, 4),
+                   ("dtype", 144, 4), ("status", 148, 4), ("epoch", 152, 4),
+                   ("weights_version", 156, 4), ("batch_requests", 160, 4),
+                   ("batch_tokens", 164, 4), ("n_hits", 168, 4), ("flags", 172, 4)], 176),
+    TraceHit: ([("expert", 0, 4), ("tokens", 4, 4)], 8),
 }

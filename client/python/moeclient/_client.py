@@ -327,6 +327,55 @@ class Client:
         finally:
             C.CDLL(None).free(p)
 
+    def trace(self, count: int = 0, layer: Optional[int] = None, pid: Optional[int] = None,
+              timeout: Optional[float] = None):
+        """Per-request trace records (what `moectl trace` prints), as dicts,
+        from now on: every request that runs on `layer` (decoder-layer index;
+        None: any) from process `pid` (None: any client), `count` of them
+        (0: until the caller stops iterating). Operators only. A record:
+        seq, unix_ns, pid, client, name, tag, layer, tokens, dtype, status,
+        epoch, weights_version, batch_requests, batch_tokens, experts
+        ({expert: tokens routed to it}), latency_ns, stages_ns ({stage: ns}:
+        the request's queue wait, then its batch's stages), lost (records
+        this tracer has lost so far: it read too slowly). Stops with
+        MoeError(MOE_ETIMEDOUT) after `timeout` seconds without a record.
+        Use a Client of its own: the session is a tracer until the
+        generator is closed."""
+        f = _abi.TraceFilter(layer=_abi.ADMIN_ALL_LAYERS if layer is None else layer,
+                             pid=pid or 0, count=count)
+        # (started here, not at the first next(): requests from now on)
+        _check(self._lib.moe_trace_start(self._handle(), C.byref(f)), "trace")
+        return self._trace_records(count, -1 if timeout is None else int(timeout * 1000))
+
+    def _trace_records(self, count: int, ms: int):
+        ev = _abi.TraceEvent()
+        try:
+            while True:
+                r = self._lib.moe_trace_next(self._handle(), C.byref(ev), ms)
+                if r == -16 and count:  # MOE_ENOENT: `count` records returned
+                    return
+                _check(r, "trace")
+                rec = ev.rec
+                yield {
+                    "seq": rec.seq, "unix_ns": rec.unix_ns, "pid": rec.pid,
+                    "client": rec.client,
+                    "name": rec.client_name.decode(errors="replace"), "tag": rec.tag,
+                    "layer": rec.layer, "tokens": rec.tokens,
+                    "dtype": ("float32", "bfloat16", "float16")[rec.dtype]
+                    if rec.dtype < 3 else "?",
+                    "status": rec.status, "epoch": rec.epoch,
+                    "weights_version": rec.weights_version,
+                    "batch_requests": rec.batch_requests, "batch_tokens": rec.batch_tokens,
+                    "experts": {ev.hits[i].expert: ev.hits[i].tokens
+                                for i in range(min(rec.n_hits, _abi.TRACE_MAX_HITS))},
+                    "latency_ns": rec.latency_ns,
+                    "stages_ns": dict(zip(_abi.TRACE_STAGES, rec.stage_ns)),
+                    "lost": ev.lost,
+                }
+        finally:
+            if self._h:
+                self._lib.moe_trace_stop(self._h)
+
     def epoch_info(self, epoch: int) -> dict:
         """What an epoch id (from forward(return_epoch=True)) means."""
         info = _abi.EpochInfo()

@@ -65,6 +65,9 @@ def _declare(h):
         "moe_epoch_info": (I, [P, U32, C.POINTER(_abi.EpochInfo), C.POINTER(U32), U32]),
         "moe_job": (I, [P, U32, I, C.POINTER(_abi.AdminJob)]),
         "moe_admin_call": (I, [P, C.POINTER(_abi.AdminReq), C.POINTER(_abi.AdminRes)]),
+        "moe_trace_start": (I, [P, C.POINTER(_abi.TraceFilter)]),
+        "moe_trace_next": (I, [P, C.POINTER(_abi.TraceEvent), I]),
+        "moe_trace_stop": (I, [P]),
         "moe_strerror": (C.c_char_p, [I]),
     }
     for name, (res, args) in sigs.items():

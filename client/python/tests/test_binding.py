@@ -99,6 +99,27 @@ class Binding(unittest.TestCase):
             self.assertEqual(info["id"], epoch)
             self.assertEqual(len(info["weights_versions"]), len(LAYERS))
 
+    def test_trace(self):
+        tracer = moeclient.Client(self.moed.sock, name="tracer")
+        try:
+            recs = tracer.trace(count=len(LAYERS), pid=os.getpid(), timeout=30)
+            for L in LAYERS:
+                self.c.forward(L, np.ascontiguousarray(REF[f"layers.{L}.input"]))
+            recs = list(recs)
+        finally:
+            tracer.close()
+        self.assertEqual([r["layer"] for r in recs], LAYERS)
+        for r in recs:
+            ids = REF[f"layers.{r['layer']}.topk_ids"]
+            # the experts hit: transformers' routing, counted
+            want = dict(zip(*np.unique(ids, return_counts=True)))
+            self.assertEqual(r["experts"], {int(k): int(v) for k, v in want.items()})
+            self.assertEqual(r["tokens"], ids.shape[0])
+            self.assertEqual((r["pid"], r["name"], r["status"]), (os.getpid(), "pytest", 0))
+            self.assertGreaterEqual(r["weights_version"], 1)
+            self.assertLessEqual(sum(r["stages_ns"].values()), r["latency_ns"])
+            self.assertGreater(r["stages_ns"]["experts"], 0)
+
     def test_float16(self):
         L = LAYERS[0]
         x = REF[f"layers.{L}.input"]
