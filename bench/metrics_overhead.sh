@@ -32,7 +32,7 @@ bin=$(cd "$build/bin" && pwd)
 model=${MOE_BENCH_MODEL:-$src/demo-model}
 tmp=$(mktemp -d)
 pid= spid=
-trap 'kill -9 $pid $spid 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill -9 $pid $spid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for t in valgrind callgrind_control callgrind_annotate curl; do
 	command -v $t >/dev/null || { echo "needs $t (Debian: valgrind, curl)"; exit 1; }
 done

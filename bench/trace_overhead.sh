@@ -20,19 +20,24 @@
 #    Instructions per request of each, against `none` (and `base`).
 # 2. Wall clock, secondary: none and stalled natively (default kernels and
 #    threads), 4 clients, interleaved ROUNDS times; requests/s each round.
+# MOE_BENCH_TRACE_RING=N runs every moed with MOED_TEST_TRACE_RING=N (a
+# ring of N records), so that a stalled tracer overruns it within the few
+# requests valgrind allows: the path where records are lost is then
+# measured too.
 set -eu
 build=${1:-build-rel}
 reqs=${2:-400}
 rounds=${3:-3}
 base=${4:-}
 clients=${MOE_BENCH_CLIENTS:-1}
+export MOED_TEST_TRACE_RING=${MOE_BENCH_TRACE_RING:-0}
 maxt=${MOE_BENCH_MAX_TOKENS:-16}
 src=$(cd "$(dirname "$0")/.." && pwd)
 bin=$(cd "$build/bin" && pwd)
 model=${MOE_BENCH_MODEL:-$src/demo-model}
 tmp=$(mktemp -d)
 pid= tpid=
-trap 'kill -9 $pid $tpid 2>/dev/null; exec 7>&- 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill -9 $pid $tpid 2>/dev/null || true; exec 7>&- 2>/dev/null; rm -rf "$tmp"' EXIT
 for t in valgrind callgrind_control callgrind_annotate bc; do
 	command -v $t >/dev/null || { echo "needs $t (Debian: valgrind, bc)"; exit 1; }
 done

@@ -221,6 +221,21 @@ static void print_status(const cJSON *j)
 		else
 			printf("metrics:  no HTTP endpoint (metrics.listen unset); moectl metrics\n");
 	}
+	{
+		const cJSON *tr = obj(j, "trace"), *a = obj(tr, "tracers"), *x;
+		int n = cJSON_IsArray(a) ? cJSON_GetArraySize(a) : 0;
+
+		/* only once someone has traced */
+		if (n || num(tr, "records") > 0) {
+			printf("trace:    %d tracer%s; %.0f records, %.0f sent, %.0f lost to slow "
+			       "tracers\n", n, n == 1 ? "" : "s", num(tr, "records"), num(tr, "sent"),
+			       num(tr, "lost"));
+			cJSON_ArrayForEach(x, a)
+				printf("          client %.0f (pid %.0f): %.0f sent, %.0f lost, %.0f "
+				       "behind\n", num(x, "client"), num(x, "pid"), num(x, "sent"),
+				       num(x, "lost"), num(x, "behind"));
+		}
+	}
 	printf("queue:    %.0f requests, %.0f tokens pending\n", num(q, "pending_requests"),
 	       num(q, "pending_tokens"));
 	printf("requests: %.0f completed, %.0f errors, %.0f timeouts, %.0f cancelled;"

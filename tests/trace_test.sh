@@ -87,6 +87,8 @@ for _ in $(seq 300); do
 	sleep 0.1
 done
 [ -n "$lost" ] && [ "$lost" -gt 0 ] || bad "the stalled tracer lost nothing (lost '$lost')"
+ctl status | grep -E "^trace: +1 tracer; [0-9]+ records, [0-9]+ sent, [1-9][0-9]* lost" ||
+	bad "moectl status does not show the tracer's losses"
 kill $lpid 2>/dev/null
 wait $lpid 2>/dev/null
 lpid=
