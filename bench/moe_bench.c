@@ -121,7 +121,7 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 		uint32_t *ids, *distinct;
 		double *bws, *times, t_total = 0, avg_distinct = 0, flops, reuse = 0;
 		size_t evict_bytes = 0;
-		uint64_t tr0 = 0;
+		uint64_t tr0 = 0, stage_ns[MOE_STAGE_COUNT] = {0};
 		int reps = 0, max_reps = 1000;
 
 		if (*p == ',')
@@ -140,9 +140,10 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 			uint32_t call = (uint32_t)(rep + (int)calls) % calls;
 			uint32_t layer = layers[call % nl], set = call / nl;
 			struct moe_epoch *ep = moe_epoch_acquire(e);
+			struct moe_stage_times st = {{0}};
 			struct moe_batch b = {layer, n, MOE_DT_BF16,
 					      in + (size_t)set * n * m->hidden, out,
-					      rep < 0 ? ids : NULL, NULL, 0, NULL, NULL};
+					      rep < 0 ? ids : NULL, NULL, 0, NULL, &st};
 			double t0, dt;
 
 			if (rep == 0) { /* (the transport's time over the timed calls) */
@@ -176,6 +177,8 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 				continue;
 			}
 			times[reps] = dt;
+			for (int k = 0; k < MOE_STAGE_COUNT; k++)
+				stage_ns[k] += st.ns[k];
 			bws[reps++] = (double)distinct[call] * (double)m->expert_bytes / dt;
 			t_total += dt;
 			if (reps >= 2 * (int)calls && t_total >= min_time)
@@ -190,6 +193,21 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0,
 		       100.0 * (double)(moe_engine_transport_ns(e) - tr0) / 1e9 / t_total,
 		       llc > 0 ? reuse / llc : 0.0);
+		if (warm) { /* where a call's time goes (the engine's stages, mean) */
+			static const char *const nm[MOE_STAGE_COUNT] = {
+				"convert", "router", "dispatch", "exchange", "experts", "combine",
+				"device"};
+			double in_stages = 0;
+
+			printf("        mean per call, us:");
+			for (int k = 0; k < MOE_STAGE_COUNT; k++) {
+				in_stages += (double)stage_ns[k];
+				if (stage_ns[k])
+					printf(" %s %.1f", nm[k], (double)stage_ns[k] / 1e3 / reps);
+			}
+			printf("; outside the stages %.1f (of %.1f)\n",
+			       (t_total * 1e9 - in_stages) / 1e3 / reps, t_total * 1e6 / reps);
+		}
 		free(in), free(out), free(ids), free(distinct), free(times), free(bws);
 	}
 	free(ebuf);

@@ -320,6 +320,7 @@ static int install(struct moe_client *c, struct conn *k)
 {
 	unsigned char *base;
 
+	mc_trace_reset(c); /* a new session traces nothing */
 	if (c->region) {
 		const unsigned char *old = (unsigned char *)c->region + c->data_off;
 		unsigned char *nu = (unsigned char *)k->map + c->data_off;

@@ -348,22 +348,33 @@ bool mc_file_trace(struct moe_client *c, int type, const void *buf, size_t n)
 	if (type != MOE_MSG_TRACE || !t->on || !t->q)
 		return false; /* (after a stop: the ones already on their way) */
 	if (t->n == TRACE_QUEUE) {
-		if (!moe_msg_decode_trace(buf, n, &h, NULL, 0, &len) || len)
-			t->dropped += h.n_records;
+		/* dropped, counted; the last one still ends the trace */
+		moe_msg_decode_trace(buf, n, &h, NULL, 0, &len);
+		t->dropped += h.n_records;
+		if (h.flags & MOE_TRACE_MSG_END)
+			t->on = 0;
 		return false;
 	}
 	m = &t->q[(t->head + t->n) % TRACE_QUEUE];
-	if (moe_msg_decode_trace(buf, n, &h, m->b, sizeof(m->b), &len))
+	if (moe_msg_decode_trace(buf, n, &h, m->b, sizeof(m->b), &len)) {
+		t->dropped += h.n_records; /* (0 if not even the header decoded) */
+		if (h.flags & MOE_TRACE_MSG_END)
+			t->on = 0;
 		return false;
+	}
 	m->len = len;
 	m->n = h.n_records;
+	m->flags = h.flags;
 	m->lost = h.lost;
 	t->n++;
 	return true;
 }
 
+/* The head message is read: the trace ends with the last one. */
 static void trace_pop(struct trace_q *t)
 {
+	if (t->q[t->head].flags & MOE_TRACE_MSG_END)
+		t->on = 0;
 	t->head = (t->head + 1) % TRACE_QUEUE;
 	t->n--;
 	t->off = t->done = 0;
@@ -374,6 +385,11 @@ static void trace_reset(struct trace_q *t)
 	t->head = t->n = t->off = t->done = 0;
 	t->want = t->got = t->dropped = 0;
 	t->on = 0;
+}
+
+void mc_trace_reset(struct moe_client *c)
+{
+	trace_reset(&c->trace);
 }
 
 static int trace_call(moe_client *c, const struct moe_admin_trace *p)

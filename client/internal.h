@@ -76,6 +76,7 @@ struct call {
 #define TRACE_QUEUE 256 /* more than the daemon's socket buffer holds (a few hundred KiB) */
 struct trace_msg {
 	uint32_t len, n; /* bytes and records in b */
+	uint32_t flags;	 /* MOE_TRACE_MSG_END: the last of a counted trace */
 	uint64_t lost;	 /* the daemon's count when it sent this one */
 	unsigned char b[MOE_MSG_MAX];
 };
@@ -85,8 +86,9 @@ struct trace_q {
 	uint32_t head, n;    /* queued messages */
 	uint32_t off, done;  /* in the head message: next record's offset, records read */
 	uint64_t want, got;  /* the filter's count (0: none), records returned */
-	uint64_t dropped;    /* records dropped here: the queue was full */
-	int on;
+	uint64_t dropped;    /* records dropped here: the queue was full, or a
+				message was malformed */
+	int on;		     /* tracing, or records still to come */
 };
 
 /* One request the client has submitted and not yet delivered. */
@@ -218,6 +220,8 @@ int mc_enter(struct moe_client *c);
 /* control.c: a TRACE message into the trace queue (c->mu held); false:
  * not one. */
 bool mc_file_trace(struct moe_client *c, int type, const void *buf, size_t n);
+/* Not tracing, nothing queued (a new connection, a stop). */
+void mc_trace_reset(struct moe_client *c);
 
 /* rings.c: all with c->mu held */
 struct slot *mc_find_slot(struct moe_client *c, uint64_t tag);

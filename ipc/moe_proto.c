@@ -234,7 +234,7 @@ int moe_msg_decode_trace(const void *buf, size_t n, struct moe_msg_trace *out, v
 {
 	int r = decode_var(buf, n, MOE_MSG_TRACE, out, sizeof(*out), records, cap, rlen);
 
-	if (!r && out->reserved)
+	if (!r && (out->flags & ~(uint32_t)MOE_TRACE_MSG_END))
 		return MOE_EPROTO;
 	return r;
 }

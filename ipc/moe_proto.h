@@ -108,10 +108,11 @@ struct moe_msg_admin_reply {
 	(MOE_MSG_MAX - sizeof(struct moe_msg_hdr) - sizeof(struct moe_msg_admin_reply))
 
 /* TRACE: n_records records follow (struct moe_trace_record + its hits each) */
+#define MOE_TRACE_MSG_END 0x1 /* the trace's count is reached: moed detached it */
 struct moe_msg_trace {
 	uint32_t n_records;
-	uint32_t reserved;
-	uint64_t lost; /* this tracer's records lost so far (the ring overran it) */
+	uint32_t flags; /* MOE_TRACE_MSG_* */
+	uint64_t lost;	/* this tracer's records lost so far (the ring overran it) */
 };
 
 struct moe_msg_error {

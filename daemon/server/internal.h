@@ -161,8 +161,10 @@ struct work {
 
 struct worker {
 	struct moe_engine *e;
-	/* tracing's scratch: the batch's routing, and a count per expert */
+	/* tracing's scratch: the batch's routing, a count per expert and a
+	 * bitmap of the experts counted */
 	uint32_t *tr_ids, *tr_count;
+	uint64_t *tr_seen;
 	size_t tr_cap;
 	struct srv_metrics *met; /* the histograms: the worker is their only writer */
 	uint32_t stall_ms; /* test hook: sleep before each batch */
@@ -216,6 +218,7 @@ struct tracer {
 	uint64_t next;	     /* the next record to look at */
 	uint64_t lost;	     /* matching records the ring overwrote before it sent them */
 	bool blocked;	     /* its socket was full: wait for the tick */
+	uint32_t room;	     /* bytes its socket may hold of records (trace.c) */
 };
 
 struct trace {

@@ -429,6 +429,8 @@ void srv_submit_batch(struct server *s)
 		pthread_mutex_lock(&s->w.lock);
 		waiting = !x->started;
 		if (waiting) {
+			/* a tracer that came since it was formed sees what it takes */
+			x->trace |= s->trace.n != 0;
 			fill_batch(s, x, true);
 			/* what did not fit goes in the next batch, formed
 			 * when the worker starts this one: it says when */
@@ -515,8 +517,10 @@ void srv_collect(struct server *s)
  * the worker posts a batch's completions before it hands the batch back,
  * so a client can see its result, then ask for status (or drain) before
  * the loop has counted that batch. Waits out a hand-back in progress (a
- * few instructions: the worker only posts and updates its histograms) and
- * collects. True if a batch was collected. */
+ * few instructions: the worker only posts, updates its histograms and,
+ * while a tracer is attached, counts each request's experts: O(tokens x
+ * top-k) plus a bitmap of the experts) and collects. True if a batch was
+ * collected. */
 bool srv_settle(struct server *s)
 {
 	bool any;

@@ -18,8 +18,11 @@
  *    batch, and sends.
  *
  * A slow tracer never slows serving: sends never block (MSG_DONTWAIT); a
- * tracer whose socket is full is left alone until the next tick (10 ms)
- * and its cursor stays put; when the ring wraps over a record the cursor
+ * tracer whose socket holds `room` bytes already (its send buffer less
+ * TRACE_HEADROOM, kept for the session's other messages: admin replies,
+ * doorbells of its own requests, which must not be lost to a backlog of
+ * records) is left alone until the next tick (10 ms) and its cursor stays
+ * put; when the ring wraps over a record the cursor
  * has not passed, that record is lost to the tracer — counted if it
  * matched the tracer's filters (the record is still in its slot at that
  * moment) — and the cursor moves on. Every TRACE message carries the
@@ -31,12 +34,16 @@
  */
 #include "daemon/server/internal.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+
 #include "daemon/engine/model.h"
 
 #define TRACE_RING_BYTES (4u << 20) /* the ring: about this many bytes */
 #define TRACE_RING_MIN	 64u
 #define TRACE_RING_MAX	 65536u
 #define TRACE_SENDS	 16u /* messages to one tracer per loop iteration, at most */
+#define TRACE_HEADROOM	 (64u << 10) /* of a tracer's send buffer, kept for replies */
 
 static size_t slot_bytes(uint32_t max_hits)
 {
@@ -96,6 +103,20 @@ static int ring_alloc(struct server *s)
 	return 0;
 }
 
+/* What of the session's send buffer records may fill: all but
+ * TRACE_HEADROOM (half of a small buffer). The kernel counts a datagram's
+ * overhead too, so the figure is compared with what SIOCOUTQ reports. */
+static uint32_t trace_room(int fd)
+{
+	int sndbuf = 0;
+	socklen_t len = sizeof(sndbuf);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) || sndbuf <= 0)
+		sndbuf = 212992; /* Linux's default */
+	return (uint32_t)sndbuf > 2 * TRACE_HEADROOM ? (uint32_t)sndbuf - TRACE_HEADROOM
+						     : (uint32_t)sndbuf / 2;
+}
+
 void srv_op_trace(const struct admin_call *a)
 {
 	const struct moe_admin_trace *p = a->payload;
@@ -135,7 +156,7 @@ void srv_op_trace(const struct admin_call *a)
 	if (!tr)
 		tr = &t->t[t->n++];
 	*tr = (struct tracer){.c = a->c, .layer = p->layer, .pid = p->pid, .want = p->count,
-			      .next = t->head};
+			      .next = t->head, .room = trace_room(a->c->fd)};
 	a->c->tracing = true;
 	moe_log(LOG_INFO, "client %u (pid %d) traces requests: layer %d, pid %d, %llu records "
 		"(-1, 0: any)", a->c->id, (int)a->c->pid,
@@ -247,7 +268,7 @@ static void send_some(struct server *s, struct tracer *tr)
 	for (uint32_t k = 0; k < TRACE_SENDS && tr->next < t->head; k++) {
 		uint32_t len = sizeof(u.m), n = 0;
 		uint64_t pos = tr->next;
-		int r;
+		int r, queued = 0;
 
 		for (; pos < t->head; pos++) {
 			const struct moe_trace_record *rec = slot_at(t, pos);
@@ -269,7 +290,14 @@ static void send_some(struct server *s, struct tracer *tr)
 			tr->next = pos;
 			return;
 		}
+		/* the headroom stays free for the session's other messages */
+		if (ioctl(tr->c->fd, SIOCOUTQ, &queued) == 0 && (uint32_t)queued >= tr->room) {
+			tr->blocked = true;
+			return;
+		}
 		u.m = (struct moe_msg_trace){.n_records = n, .lost = tr->lost};
+		if (tr->want && tr->sent + n == tr->want)
+			u.m.flags = MOE_TRACE_MSG_END; /* the last: the client stops there */
 		r = srv_send_msg(tr->c->fd, MOE_MSG_TRACE, u.b, len, -1);
 		if (r == -EAGAIN || r == -EWOULDBLOCK || r == -ENOBUFS) {
 			tr->blocked = true;

@@ -74,7 +74,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		uint32_t len = 0, off = 0;
 
 		if (moe_msg_decode_trace(copy, size, &th, recs, sizeof(recs), &len) == 0) {
-			if (len > size || th.reserved)
+			if (len > size || (th.flags & ~(uint32_t)MOE_TRACE_MSG_END))
 				abort();
 			for (uint32_t i = 0; i < th.n_records; i++) {
 				uint32_t at = off;
