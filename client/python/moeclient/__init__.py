@@ -28,9 +28,10 @@ from ._client import (  # noqa: F401
     ModelInfo,
     MoeError,
     Routing,
+    TraceStream,
     error_name,
 )
 
 __version__ = "1.0.0"
-__all__ = ["Client", "ModelInfo", "MoeError", "Routing", "Completion", "error_name",
-           "DTYPE_F32", "DTYPE_BF16", "DTYPE_F16"]
+__all__ = ["Client", "ModelInfo", "MoeError", "Routing", "Completion", "TraceStream",
+           "error_name", "DTYPE_F32", "DTYPE_BF16", "DTYPE_F16"]

@@ -339,42 +339,14 @@ class Client:
         the request's queue wait, then its batch's stages), lost (records
         this tracer has lost so far: it read too slowly). Stops with
         MoeError(MOE_ETIMEDOUT) after `timeout` seconds without a record.
-        Use a Client of its own: the session is a tracer until the
-        generator is closed."""
+        Use a Client of its own: the session is a tracer until the returned
+        TraceStream is closed (close(), a `with` block, or its end), or the
+        Client is."""
         f = _abi.TraceFilter(layer=_abi.ADMIN_ALL_LAYERS if layer is None else layer,
                              pid=pid or 0, count=count)
         # (started here, not at the first next(): requests from now on)
         _check(self._lib.moe_trace_start(self._handle(), C.byref(f)), "trace")
-        return self._trace_records(count, -1 if timeout is None else int(timeout * 1000))
-
-    def _trace_records(self, count: int, ms: int):
-        ev = _abi.TraceEvent()
-        try:
-            while True:
-                r = self._lib.moe_trace_next(self._handle(), C.byref(ev), ms)
-                if r == -16 and count:  # MOE_ENOENT: `count` records returned
-                    return
-                _check(r, "trace")
-                rec = ev.rec
-                yield {
-                    "seq": rec.seq, "unix_ns": rec.unix_ns, "pid": rec.pid,
-                    "client": rec.client,
-                    "name": rec.client_name.decode(errors="replace"), "tag": rec.tag,
-                    "layer": rec.layer, "tokens": rec.tokens,
-                    "dtype": ("float32", "bfloat16", "float16")[rec.dtype]
-                    if rec.dtype < 3 else "?",
-                    "status": rec.status, "epoch": rec.epoch,
-                    "weights_version": rec.weights_version,
-                    "batch_requests": rec.batch_requests, "batch_tokens": rec.batch_tokens,
-                    "experts": {ev.hits[i].expert: ev.hits[i].tokens
-                                for i in range(min(rec.n_hits, _abi.TRACE_MAX_HITS))},
-                    "latency_ns": rec.latency_ns,
-                    "stages_ns": dict(zip(_abi.TRACE_STAGES, rec.stage_ns)),
-                    "lost": ev.lost,
-                }
-        finally:
-            if self._h:
-                self._lib.moe_trace_stop(self._h)
+        return TraceStream(self, count, -1 if timeout is None else int(timeout * 1000))
 
     def epoch_info(self, epoch: int) -> dict:
         """What an epoch id (from forward(return_epoch=True)) means."""
@@ -528,3 +500,60 @@ class Client:
         """After MOE_EDAEMON: connects again (buffers keep their contents)."""
         _check(self._lib.moe_reconnect(self._handle()), "reconnect")
         self._info = self._read_info()
+
+
+class TraceStream:
+    """The records of Client.trace(), one dict per next(); close() (or the
+    end of a `with` block, or of `count` records) detaches the tracer."""
+
+    def __init__(self, client: "Client", count: int, ms: int):
+        self._c, self._count, self._ms = client, count, ms
+        self._ev = _abi.TraceEvent()
+        self._open = True
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass
+
+    def close(self):
+        if self._open:
+            self._open = False
+            if self._c._h:
+                self._c._lib.moe_trace_stop(self._c._h)
+
+    def __next__(self) -> dict:
+        if not self._open:
+            raise StopIteration
+        ev = self._ev
+        r = self._c._lib.moe_trace_next(self._c._handle(), C.byref(ev), self._ms)
+        if r == -16 and self._count:  # MOE_ENOENT: `count` records returned
+            self.close()
+            raise StopIteration
+        if r < 0:
+            self.close()
+            _check(r, "trace")
+        rec = ev.rec
+        return {
+            "seq": rec.seq, "unix_ns": rec.unix_ns, "pid": rec.pid, "client": rec.client,
+            "name": rec.client_name.decode(errors="replace"), "tag": rec.tag,
+            "layer": rec.layer, "tokens": rec.tokens,
+            "dtype": ("float32", "bfloat16", "float16")[rec.dtype] if rec.dtype < 3 else "?",
+            "status": rec.status, "epoch": rec.epoch, "weights_version": rec.weights_version,
+            "batch_requests": rec.batch_requests, "batch_tokens": rec.batch_tokens,
+            "experts": {ev.hits[i].expert: ev.hits[i].tokens
+                        for i in range(min(rec.n_hits, _abi.TRACE_MAX_HITS))},
+            "latency_ns": rec.latency_ns,
+            "stages_ns": dict(zip(_abi.TRACE_STAGES, rec.stage_ns)),
+            "lost": ev.lost,
+        }

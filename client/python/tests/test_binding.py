@@ -106,6 +106,11 @@ class Binding(unittest.TestCase):
             for L in LAYERS:
                 self.c.forward(L, np.ascontiguousarray(REF[f"layers.{L}.input"]))
             recs = list(recs)
+            # closed by its end: the session traces no more, a new trace works
+            with tracer.trace(layer=LAYERS[0], timeout=0.2) as more:
+                self.c.forward(LAYERS[0], np.ascontiguousarray(REF[f"layers.{LAYERS[0]}.input"]))
+                self.assertEqual(next(more)["layer"], LAYERS[0])
+            self.assertEqual(list(more), [])  # closed: nothing more
         finally:
             tracer.close()
         self.assertEqual([r["layer"] for r in recs], LAYERS)
