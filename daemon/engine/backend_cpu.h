@@ -65,6 +65,7 @@ struct cpu_rank {
 	/* the FFN kernels' tiles, reused by every round */
 	struct cpu_tile *tiles;
 	uint32_t tiles_cap;
+	uint64_t groups_end_ns; /* when the last cpu_run_groups ended (0: never) */
 };
 
 /* Router GEMM, family scoring and top-k of n tokens (n <= share_cap) on

@@ -44,7 +44,7 @@
  * apart), short enough not to spin across batches: with 1-token requests
  * and 16 client processes on 2 vCPUs, 30/50 µs spent 13 % of moed's samples
  * spinning and 41 µs of CPU per request, 5/5 µs 38 µs (bench/RESULTS.md). */
-#define HELPER_SPIN_NS 5000u
+#define HELPER_SPIN_NS MOE_POOL_SPIN_NS
 #define CALLER_SPIN_NS 5000u
 
 struct worker {

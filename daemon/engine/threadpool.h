@@ -12,6 +12,10 @@
 
 struct moe_pool;
 
+/* A helper with nothing to do spins this long for the next run before it
+ * sleeps: a run published within it costs no wake-up. */
+#define MOE_POOL_SPIN_NS 5000u
+
 typedef void (*moe_task_fn)(void *arg, uint32_t task, uint32_t worker);
 
 /* n_threads includes the caller; 0 means all online CPUs. */
