@@ -117,7 +117,26 @@ def _describe(x):
     raise TypeError(f"{type(x).__name__}: a numpy array or a torch tensor is expected")
 
 
-class Client:
+class _Closing:
+    """close() at the end of a `with` block, and when collected."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # (interpreter shutdown)
+            pass
+
+
+class Client(_Closing):
     """A connection to moed.
 
     Client(socket_path=None, *, name=None, region_bytes=0, queue_depth=0,
@@ -154,18 +173,6 @@ class Client:
         if self._h:
             self._lib.moe_disconnect(self._h)
             self._h = C.c_void_p()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def _handle(self):
         if not self._h:
@@ -502,7 +509,7 @@ class Client:
         self._info = self._read_info()
 
 
-class TraceStream:
+class TraceStream(_Closing):
     """The records of Client.trace(), one dict per next(); close() (or the
     end of a `with` block, or of `count` records) detaches the tracer."""
 
@@ -513,18 +520,6 @@ class TraceStream:
 
     def __iter__(self):
         return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # (interpreter shutdown)
-            pass
 
     def close(self):
         if self._open:
