@@ -77,13 +77,7 @@ stop() {
 }
 
 # ---- 1. instructions -------------------------------------------------------
-# Sum of the PROGRAM TOTALS of callgrind files; the inclusive instructions
-# of functions matching a regex in them.
-totals() { for f in "$@"; do callgrind_annotate "$f" 2>/dev/null; done |
-	awk '/PROGRAM TOTALS/ {gsub(",", "", $1); s += $1} END {printf "%.0f\n", s}'; }
-incl() { local re=$1; shift; for f in "$@"; do
-	callgrind_annotate --threshold=100 --inclusive=yes "$f" 2>/dev/null; done |
-	awk -v re="$re" '$0 ~ re {gsub(",", "", $1); s += $1} END {printf "%.0f\n", s}'; }
+. "$src/bench/callgrind.sh" # totals, incl
 declare -A ir
 for mode in off scraped; do
 	listen=

@@ -91,11 +91,7 @@ untrace() {
 	tpid=
 }
 
-totals() { for f in "$@"; do callgrind_annotate "$f" 2>/dev/null; done |
-	awk '/PROGRAM TOTALS/ {gsub(",", "", $1); s += $1} END {printf "%.0f\n", s}'; }
-incl() { local re=$1; shift; for f in "$@"; do
-	callgrind_annotate --threshold=100 --inclusive=yes "$f" 2>/dev/null; done |
-	awk -v re="$re" '$0 ~ re {gsub(",", "", $1); s += $1} END {printf "%.0f\n", s}'; }
+. "$src/bench/callgrind.sh" # totals, incl
 
 # ---- 1. instructions ------------------------------------------------------------
 n=$((clients * reqs))

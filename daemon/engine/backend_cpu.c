@@ -23,7 +23,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 
 #include "daemon/engine/backend_cpu.h"
 #include "daemon/engine/log.h"
@@ -614,18 +613,11 @@ int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 		bytes += g[i].slot->bytes;
 		work += (uint64_t)g[i].n * g[i].slot->bytes;
 	}
-	if (c->kb && bytes <= INLINE_BYTES && work <= 4 * INLINE_BYTES) {
-		struct timespec ts;
-		uint64_t now;
-
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-		fc.inline_run = !c->groups_end_ns || now - c->groups_end_ns >= MOE_POOL_SPIN_NS;
-	}
+	if (c->kb && bytes <= INLINE_BYTES && work <= 4 * INLINE_BYTES)
+		fc.inline_run = !c->groups_end_ns ||
+				cpu_mono_ns() - c->groups_end_ns >= MOE_POOL_SPIN_NS;
 
 	if (c->kb) {
-		struct timespec ts;
-
 		ret = pass(r, &fc, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
 		if (!ret)
 			ret = pass(r, &fc, n_groups, 0, PAIRS_TOK, MOE_PAIRS_N, PAIRS_GU,
@@ -633,8 +625,7 @@ int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 		if (!ret)
 			ret = pass(r, &fc, n_groups, hidden, PAIRS_TOK, MOE_PAIRS_N, PAIRS_DOWN,
 				   pairs_down_task);
-		clock_gettime(CLOCK_MONOTONIC, &ts);
-		c->groups_end_ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+		c->groups_end_ns = cpu_mono_ns();
 		return ret;
 	}
 	ret = pass(r, &fc, n_groups, 0, TOK_BLOCK, 8, PANELS_PER_TILE, gate_up_task);

@@ -7,6 +7,8 @@
 #define MOE_BACKEND_CPU_H
 
 #include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
 
 #include "daemon/engine/backend.h"
 #include "kernels/cpu/pairs.h"
@@ -29,6 +31,15 @@ struct cpu_group {
 struct cpu_tile {
 	uint32_t group, t0, p0;
 };
+
+/* CLOCK_MONOTONIC in ns (the stages' timers, the small-round rule). */
+static inline uint64_t cpu_mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 struct cpu_rank {
 	const struct moe_cpu_kernels *k;	/* fp32 activations (and the router) */

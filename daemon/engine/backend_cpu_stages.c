@@ -23,14 +23,6 @@
 #include "kernels/cpu/matmul.h"
 
 /* The segment holding batch token t, and t's index inside it. */
-static uint64_t mono_ns(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static uint32_t seg_of(const struct moe_stage *st, uint32_t t, uint32_t *at)
 {
 	uint32_t si = 0, s0 = 0;
@@ -125,14 +117,14 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 		memset(xb->send_counts, 0, (size_t)R * S * sizeof(*xb->send_counts));
 		return 0;
 	}
-	t0 = mono_ns();
+	t0 = cpu_mono_ns();
 	convert_share(c, m, st);
-	t1 = mono_ns();
+	t1 = cpu_mono_ns();
 	ret = cpu_route(r, m, st->ls, c->x, st->n, st->ids, st->w);
 	if (ret)
 		return ret;
 	st->convert_ns = t1 - t0;
-	st->route_ns = mono_ns() - t1;
+	st->route_ns = cpu_mono_ns() - t1;
 	memset(c->ecount, 0, E * sizeof(*c->ecount));
 	for (size_t i = 0; i < (size_t)st->n * K; i++)
 		c->ecount[st->ids[i]]++;

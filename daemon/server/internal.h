@@ -323,6 +323,9 @@ void srv_send_error(struct client *c, int status, const char *msg);
 /* `text` in a new memfd, sealed against any change (status, metrics: a
  * reply the client reads and cannot alter); -1 on failure. */
 int srv_sealed_memfd(const char *name, const char *text, size_t len);
+/* A STATUS_REPLY or METRICS_REPLY: the text's memfd (fd < 0: MOE_ENOMEM,
+ * no fd) and its length; what srv_send_msg_seq returns. */
+int srv_text_reply(struct client *c, uint16_t type, uint32_t seq, int fd, uint64_t len);
 void srv_notify_clients(struct server *s);
 
 /* refusals.c: log lines about refused peers, limited per uid */

@@ -65,6 +65,17 @@ int srv_send_msg(int fd, uint16_t type, const void *payload, uint32_t len, int p
 	return srv_send_msg_seq(fd, type, 0, payload, len, pass_fd);
 }
 
+int srv_text_reply(struct client *c, uint16_t type, uint32_t seq, int fd, uint64_t len)
+{
+	struct moe_msg_status_reply r = {0};
+
+	if (fd < 0)
+		r.status = MOE_ENOMEM;
+	else
+		r.json_bytes = len;
+	return srv_send_msg_seq(c->fd, type, seq, &r, sizeof(r), fd);
+}
+
 int srv_sealed_memfd(const char *name, const char *text, size_t len)
 {
 	int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);

@@ -63,13 +63,8 @@ static int metrics_snapshot(struct server *s)
 
 void srv_metrics_reply(struct server *s, struct client *c, uint32_t seq)
 {
-	struct moe_msg_status_reply r = {0};
-	int fd = metrics_snapshot(s);
+	int fd = metrics_snapshot(s); /* (sets metrics_len: first) */
 
-	if (fd < 0)
-		r.status = MOE_ENOMEM;
-	else
-		r.json_bytes = s->metrics_len;
 	met_add(&s->met.scrapes_socket, 1);
-	srv_send_msg_seq(c->fd, MOE_MSG_METRICS_REPLY, seq, &r, sizeof(r), fd);
+	srv_text_reply(c, MOE_MSG_METRICS_REPLY, seq, fd, s->metrics_len);
 }

@@ -271,13 +271,8 @@ static int status_snapshot(struct server *s)
 
 void srv_status_reply(struct server *s, struct client *c, uint32_t seq)
 {
-	struct moe_msg_status_reply r = {0};
 	int fd = status_snapshot(s);
 
-	if (fd < 0)
-		r.status = MOE_ENOMEM;
-	else
-		r.json_bytes = s->status_len;
-	if (!srv_send_msg_seq(c->fd, MOE_MSG_STATUS_REPLY, seq, &r, sizeof(r), fd))
+	if (!srv_text_reply(c, MOE_MSG_STATUS_REPLY, seq, fd, s->status_len))
 		s->status_served++;
 }
