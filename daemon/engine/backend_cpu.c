@@ -199,7 +199,7 @@ static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct mo
 		c->sh_sc = buf(L, sc * sizeof(float));
 	}
 	c->groups = buf(L, (S + 1) * sizeof(*c->groups));
-	c->acc = buf(L, H * sizeof(float));
+	c->acc = buf(L, (size_t)s->threads * H * sizeof(float));
 	c->tiles = buf(L, (size_t)c->tiles_cap * sizeof(*c->tiles));
 
 	xb->send_cap = (uint32_t)(sc * K);

@@ -72,7 +72,7 @@ struct cpu_rank {
 	uint32_t ldxb, ldhb, ldshb;
 	struct cpu_group *groups; /* [S + 1] */
 	/* combine */
-	float *acc; /* [H] */
+	float *acc; /* [n_workers, H] */
 	/* the FFN kernels' tiles, reused by every round */
 	struct cpu_tile *tiles;
 	uint32_t tiles_cap;

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "daemon/engine/backend_cpu.h"
+#include "daemon/engine/threadpool.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/matmul.h"
 
@@ -33,24 +34,63 @@ static uint32_t seg_of(const struct moe_stage *st, uint32_t t, uint32_t *at)
 	return si;
 }
 
-/* This rank's tokens in fp32, rounded to the model dtype. */
-static void convert_share(struct cpu_rank *c, const struct moe_model *m,
-			  const struct moe_stage *st)
-{
-	size_t H = m->hidden;
-	uint32_t at, si = seg_of(st, st->t0, &at), done = 0;
+/* The row stages (convert, the dispatch copy, combine) move bytes, not
+ * math: a large round spreads them over the rank's pool in blocks of
+ * ROW_BLOCK tokens (one thread streams ~7 GB/s; the helpers are awake from
+ * the router's run just before). A small one (decode) stays on the calling
+ * thread: a wake-up would cost more than the copy. Each token's arithmetic
+ * is the same either way, so the results are too, bit for bit. */
+#define ROW_BLOCK 32
+#define ROW_POOL  64 /* tokens from which the pool is used */
 
-	while (done < st->n) {
+static void row_blocks(struct moe_rank *r, uint32_t n, moe_task_fn fn, void *arg)
+{
+	uint32_t nb = (n + ROW_BLOCK - 1) / ROW_BLOCK;
+
+	if (n >= ROW_POOL)
+		moe_pool_run(r->pool, nb, fn, arg);
+	else
+		for (uint32_t b = 0; b < nb; b++)
+			fn(arg, b, 0);
+}
+
+struct rows_ctx {
+	struct cpu_rank *c;
+	const struct moe_model *m;
+	const struct moe_stage *st;
+	float *send;	    /* dispatch: the send buffer */
+	const float *back; /* combine: the rows back */
+};
+
+/* Tokens [b * ROW_BLOCK, ..) of the share, clipped to n. */
+static uint32_t block_end(uint32_t b, uint32_t n)
+{
+	return (b + 1) * ROW_BLOCK < n ? (b + 1) * ROW_BLOCK : n;
+}
+
+/* This rank's tokens in fp32, rounded to the model dtype (a no-op when
+ * they come in it: bf16 and f16 widen to fp32 exactly). */
+static void convert_task(void *arg, uint32_t b, uint32_t worker)
+{
+	const struct rows_ctx *rc = arg;
+	const struct moe_stage *st = rc->st;
+	size_t H = rc->m->hidden;
+	uint32_t t = b * ROW_BLOCK, end = block_end(b, st->n), at, si;
+
+	(void)worker;
+	si = seg_of(st, st->t0 + t, &at);
+	while (t < end) {
 		const struct moe_seg *sg = &st->segs[si++];
-		uint32_t k = sg->n_tokens - at < st->n - done ? sg->n_tokens - at : st->n - done;
+		uint32_t k = sg->n_tokens - at < end - t ? sg->n_tokens - at : end - t;
+		float *x = rc->c->x + (size_t)t * H;
 
 		moe_cpu_to_f32(sg->dtype, (const char *)sg->in + (size_t)at * H *
-						moe_dtype_size(sg->dtype),
-			       c->x + (size_t)done * H, (size_t)k * H);
-		done += k;
+						moe_dtype_size(sg->dtype), x, (size_t)k * H);
+		if (sg->dtype != rc->m->dtype)
+			moe_cpu_round(rc->m->dtype, x, (size_t)k * H);
+		t += k;
 		at = 0;
 	}
-	moe_cpu_round(m->dtype, c->x, (size_t)st->n * H);
 }
 
 /* Splits each expert's rows over its replicas (see the top of the file):
@@ -102,12 +142,27 @@ static int split_replicas(struct moe_rank *r, struct cpu_rank *c, const struct m
 	return 0;
 }
 
+/* Each (t, k) row of the share to its place in send (pos). */
+static void send_task(void *arg, uint32_t b, uint32_t worker)
+{
+	const struct rows_ctx *rc = arg;
+	struct cpu_rank *c = rc->c;
+	float *send = rc->send;
+	size_t H = rc->m->hidden, K = rc->m->top_k;
+
+	(void)worker;
+	for (size_t t = (size_t)b * ROW_BLOCK; t < block_end(b, rc->st->n); t++)
+		for (size_t k = 0; k < K; k++)
+			memcpy(send + (size_t)c->pos[t * K + k] * H, c->x + t * H, H * sizeof(float));
+}
+
 int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st)
 {
 	struct cpu_rank *c = r->priv;
 	struct moe_xbuf *xb = &r->xb;
-	uint32_t H = m->hidden, K = m->top_k, E = m->n_experts;
+	uint32_t K = m->top_k, E = m->n_experts;
 	uint32_t R = r->shape.n_ranks, S = r->shape.slots_per_rank, at = 0;
+	struct rows_ctx rx = {c, m, st, r->xb.send, NULL};
 	uint64_t t0, t1;
 	int ret;
 
@@ -118,7 +173,7 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 		return 0;
 	}
 	t0 = cpu_mono_ns();
-	convert_share(c, m, st);
+	row_blocks(r, st->n, convert_task, &rx);
 	t1 = cpu_mono_ns();
 	ret = cpu_route(r, m, st->ls, c->x, st->n, st->ids, st->w);
 	if (ret)
@@ -146,10 +201,10 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 				j -= take[q++];
 			p = c->kpos[c->rkey[(size_t)x * MOE_MAX_REPLICAS + q]]++;
 			c->pos[i] = p;
-			memcpy(xb->send + (size_t)p * H, c->x + (size_t)t * H, H * sizeof(float));
 			xb->send_scale[p] = st->w[i];
 		}
 	}
+	row_blocks(r, st->n, send_task, &rx);
 	return 0;
 }
 
@@ -280,26 +335,28 @@ int cpu_experts(struct moe_rank *r, const struct moe_model *m, struct moe_stage 
 	return ret;
 }
 
-void cpu_combine(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st)
+/* A token's K rows in k order, the shared expert last, in fp32; then to
+ * the segment's dtype (see the top of the file). */
+static void combine_task(void *arg, uint32_t b, uint32_t worker)
 {
-	struct cpu_rank *c = r->priv;
-	const float *back = r->xb.back;
-	uint32_t H = m->hidden, K = m->top_k, at, si;
+	const struct rows_ctx *rc = arg;
+	const struct moe_stage *st = rc->st;
+	struct cpu_rank *c = rc->c;
+	uint32_t H = rc->m->hidden, K = rc->m->top_k, at, si;
+	uint32_t t = b * ROW_BLOCK, end = block_end(b, st->n);
 	bool shared = st->ls->shared.mem != NULL;
+	float *acc = c->acc + (size_t)worker * H;
 
-	if (!st->n)
-		return;
-	si = seg_of(st, st->t0, &at);
-	for (uint32_t t = 0; t < st->n; t++, at++) {
+	si = seg_of(st, st->t0 + t, &at);
+	for (; t < end; t++, at++) {
 		const struct moe_seg *sg;
-		float *acc = c->acc;
 
 		if (at == st->segs[si].n_tokens)
 			si++, at = 0;
 		sg = &st->segs[si];
-		memcpy(acc, back + (size_t)c->pos[(size_t)t * K] * H, H * sizeof(float));
+		memcpy(acc, rc->back + (size_t)c->pos[(size_t)t * K] * H, H * sizeof(float));
 		for (uint32_t k = 1; k < K; k++) {
-			const float *y = back + (size_t)c->pos[(size_t)t * K + k] * H;
+			const float *y = rc->back + (size_t)c->pos[(size_t)t * K + k] * H;
 
 			for (uint32_t j = 0; j < H; j++)
 				acc[j] += y[j];
@@ -310,4 +367,12 @@ void cpu_combine(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 		moe_cpu_from_f32(sg->dtype, acc,
 				 (char *)sg->out + (size_t)at * H * moe_dtype_size(sg->dtype), H);
 	}
+}
+
+void cpu_combine(struct moe_rank *r, const struct moe_model *m, struct moe_stage *st)
+{
+	struct rows_ctx rx = {r->priv, m, st, NULL, r->xb.back};
+
+	if (st->n)
+		row_blocks(r, st->n, combine_task, &rx);
 }
