@@ -550,6 +550,16 @@ static void pairs_down_task(void *arg, uint32_t task, uint32_t worker)
 			g->scale ? g->scale + t->t0 : NULL);
 }
 
+void cpu_tasks(struct moe_rank *r, uint32_t n, void (*fn)(void *, uint32_t, uint32_t), void *arg,
+	       bool inline_run)
+{
+	if (inline_run)
+		for (uint32_t t = 0; t < n; t++)
+			fn(arg, t, 0);
+	else
+		moe_pool_run(r->pool, n, fn, arg);
+}
+
 /* Tiles of every group: blocks of `tok` tokens x blocks of `per` of the
  * group's np panels (np from the panel width `width` over the columns). */
 static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, uint32_t cols_h,
@@ -583,11 +593,7 @@ static int pass(struct moe_rank *r, struct ffn_ctx *fc, uint32_t n_groups, uint3
 	if (n > c->tiles_cap) /* cannot happen: sized for a round */
 		return -EOVERFLOW;
 	make_tiles(fc->groups, n_groups, cols_h, tok, width, per, c->tiles);
-	if (fc->inline_run)
-		for (uint32_t t = 0; t < n; t++)
-			fn(fc, t, 0);
-	else
-		moe_pool_run(r->pool, n, fn, fc);
+	cpu_tasks(r, n, fn, fc, fc->inline_run);
 	return 0;
 }
 

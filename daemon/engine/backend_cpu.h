@@ -79,6 +79,11 @@ struct cpu_rank {
 	uint64_t groups_end_ns; /* when the last cpu_run_groups ended (0: never) */
 };
 
+/* Tasks 0..n-1 of fn on the rank's pool, or on the calling thread alone
+ * when inline_run (small rounds: a wake-up costs more than the work). */
+void cpu_tasks(struct moe_rank *r, uint32_t n, void (*fn)(void *, uint32_t, uint32_t), void *arg,
+	       bool inline_run);
+
 /* Router GEMM, family scoring and top-k of n tokens (n <= share_cap) on
  * the rank's pool. */
 int cpu_route(struct moe_rank *r, const struct moe_model *m, const struct moe_layer_state *ls,

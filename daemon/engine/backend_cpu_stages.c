@@ -45,13 +45,7 @@ static uint32_t seg_of(const struct moe_stage *st, uint32_t t, uint32_t *at)
 
 static void row_blocks(struct moe_rank *r, uint32_t n, moe_task_fn fn, void *arg)
 {
-	uint32_t nb = (n + ROW_BLOCK - 1) / ROW_BLOCK;
-
-	if (n >= ROW_POOL)
-		moe_pool_run(r->pool, nb, fn, arg);
-	else
-		for (uint32_t b = 0; b < nb; b++)
-			fn(arg, b, 0);
+	cpu_tasks(r, (n + ROW_BLOCK - 1) / ROW_BLOCK, fn, arg, n < ROW_POOL);
 }
 
 struct rows_ctx {
