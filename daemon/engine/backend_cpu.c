@@ -624,7 +624,14 @@ int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 				cpu_mono_ns() - c->groups_end_ns >= MOE_POOL_SPIN_NS;
 
 	if (c->kb) {
-		ret = pass(r, &fc, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
+		struct ffn_ctx conv = fc;
+		uint32_t rows = 0;
+
+		/* the bf16 copy of a few rows (decode) is shorter than a wake-up */
+		for (uint32_t i = 0; i < n_groups; i++)
+			rows += g[i].n;
+		conv.inline_run |= rows <= CONV_ROWS;
+		ret = pass(r, &conv, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
 		if (!ret)
 			ret = pass(r, &fc, n_groups, 0, PAIRS_TOK, MOE_PAIRS_N, PAIRS_GU,
 				   pairs_gate_up_task);
