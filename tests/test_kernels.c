@@ -388,7 +388,10 @@ static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t
 	uint16_t *h = malloc((size_t)m * ldh * 2), *h1 = malloc((size_t)ldh * 2);
 	void *pr = aligned_alloc(64, moe_pairs_rows_bytes(n, K));
 	void *pg = aligned_alloc(64, moe_pairs_gate_up_bytes(n, K));
-	float *y = malloc((size_t)m * (n + 1) * 4), *y1 = malloc((size_t)(n + 1) * 4);
+	/* y's rows 64-byte aligned, past a guard column: from 64 tokens the
+	 * kernels stream whole lines (moe_store_rows512) */
+	uint32_t ldy = (n + 16) / 16 * 16;
+	float *y = aligned_alloc(64, (size_t)m * ldy * 4), *y1 = malloc((size_t)ldy * 4);
 	float *sc = malloc(m * 4);
 	double bound = (K + 2) * ldexp(1, -24), tiny = K * ldexp(1, -126);
 
@@ -404,9 +407,9 @@ static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t
 	moe_pairs_pack_rows(w, n, K, pr);
 	moe_pairs_pack_gate_up(w, w + (size_t)n * K, n, K, pg);
 
-	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
+	for (size_t i = 0; i < (size_t)m * ldy; i++)
 		y[i] = -7.0f;
-	kn->rows(x, kp, m, pr, K, n, y, n + 1, sc);
+	kn->rows(x, kp, m, pr, K, n, y, ldy, sc);
 	for (uint32_t t = 0; t < m; t++) {
 		for (uint32_t j = 0; j < n; j++) {
 			double ref = 0, mag = 0;
@@ -419,17 +422,17 @@ static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t
 				mag += fabs(v);
 			}
 			ref *= sc[t];
-			if (fabs(y[(size_t)t * (n + 1) + j] - ref) >
+			if (fabs(y[(size_t)t * ldy + j] - ref) >
 			    (bound * mag * 1.0001 + tiny) * sc[t] + 1e-30)
 				fail_msg("%s rows m%u K%u n%u: y[%u,%u] = %.9g, want %.9g",
 					 moe_cpu_isa_name(kn->isa), m, K, n, t, j,
-					 (double)y[(size_t)t * (n + 1) + j], ref);
+					 (double)y[(size_t)t * ldy + j], ref);
 		}
-		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
-		for (uint32_t j = 0; j <= n; j++)
+		assert_true(y[(size_t)t * ldy + n] == -7.0f);
+		for (uint32_t j = 0; j < ldy; j++)
 			y1[j] = -7.0f;
-		kn->rows(x + (size_t)t * kp, kp, 1, pr, K, n, y1, n + 1, sc + t);
-		if (memcmp(y1, y + (size_t)t * (n + 1), (n + 1) * 4))
+		kn->rows(x + (size_t)t * kp, kp, 1, pr, K, n, y1, ldy, sc + t);
+		if (memcmp(y1, y + (size_t)t * ldy, ldy * 4))
 			fail_msg("%s rows m%u K%u n%u: token %u alone differs", moe_cpu_isa_name(kn->isa),
 				 m, K, n, t);
 	}
@@ -472,7 +475,7 @@ static void check_pairs(const struct moe_pairs_kernels *kn, uint32_t m, uint32_t
 
 static void test_pairs(void **state)
 {
-	static const uint32_t ms[] = {1, 2, 5, 12, 13, 16, 17, 31, 32, 33, 50};
+	static const uint32_t ms[] = {1, 2, 5, 12, 13, 16, 17, 31, 32, 33, 50, 64, 70};
 	/* 2100: past 64 steps, where the AMX kernel parks its accumulators */
 	static const uint32_t ks[] = {1, 32, 33, 100, 300, 2100}, ns[] = {1, 15, 16, 17, 40, 70};
 	static const enum moe_cpu_isa paths[] = {MOE_ISA_AVX512BF16, MOE_ISA_AMX};

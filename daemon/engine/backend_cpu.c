@@ -5,8 +5,10 @@
  *
  * On the bf16 paths (avx512bf16, amx) a bf16 model's experts are packed in
  * pairs along K (kernels/cpu/pairs.h) and computed with bf16 activations:
- * a first pass copies every group's x to bf16 (exact: x was rounded to the
- * model dtype on arrival), the FFN passes read that and keep h in bf16.
+ * the FFN passes read x as a bf16 copy (exact: x was rounded to the model
+ * dtype on arrival) and keep h in bf16. On one rank dispatch writes the
+ * routed rows' copy itself (and no fp32 send rows); otherwise, and for
+ * the shared expert, a first pass makes it from the fp32 rows.
  * cpu.precision fp32, or an f32/f16 model, runs the avx512 kernels there
  * instead, which the rank's description says.
  *
@@ -128,6 +130,20 @@ static void *buf(struct cpu_list *L, size_t bytes)
 	return p;
 }
 
+/* 64-byte aligned (the rows the bf16 kernels stream their results to). */
+static void *abuf(struct cpu_list *L, size_t bytes)
+{
+	void *p;
+
+	bytes = (bytes + 63) & ~(size_t)63;
+	L->bytes += bytes;
+	if (!L->alloc)
+		return NULL;
+	p = aligned_alloc(64, bytes ? bytes : 64);
+	L->failed |= !p;
+	return p;
+}
+
 /* Zeroed and 64-byte aligned (the bf16 copies: their pad columns stay 0). */
 static void *zbuf(struct cpu_list *L, size_t bytes)
 {
@@ -204,16 +220,17 @@ static void cpu_buffers(struct cpu_rank *c, struct moe_xbuf *xb, const struct mo
 
 	xb->send_cap = (uint32_t)(sc * K);
 	xb->recv_cap = (uint32_t)rc;
-	xb->send = buf(L, sc * K * H * sizeof(float));
+	/* one rank on the bf16 kernels: dispatch writes xb16 instead */
+	xb->send = pairs && R == 1 ? NULL : buf(L, sc * K * H * sizeof(float));
 	xb->send_scale = buf(L, sc * K * sizeof(float));
 	if (R > 1) {
-		xb->recv = buf(L, rc * H * sizeof(float));
+		xb->recv = abuf(L, rc * H * sizeof(float));
 		xb->recv_scale = buf(L, rc * sizeof(float));
 	} else {
 		xb->recv = xb->send;
 		xb->recv_scale = xb->send_scale;
 	}
-	xb->ret = buf(L, rc * H * sizeof(float));
+	xb->ret = abuf(L, rc * H * sizeof(float));
 	xb->back = R > 1 ? xb->send : xb->ret;
 	xb->send_counts = buf(L, R * S * sizeof(uint32_t));
 	xb->recv_counts = buf(L, R * S * sizeof(uint32_t));
@@ -561,7 +578,9 @@ void cpu_tasks(struct moe_rank *r, uint32_t n, void (*fn)(void *, uint32_t, uint
 }
 
 /* Tiles of every group: blocks of `tok` tokens x blocks of `per` of the
- * group's np panels (np from the panel width `width` over the columns). */
+ * group's np panels (np from the panel width `width` over the columns).
+ * cols_h == 1 (the bf16 copy of x): only the groups whose copy is not
+ * made yet. */
 static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, uint32_t cols_h,
 			   uint32_t tok, uint32_t width, uint32_t per, struct cpu_tile *out)
 {
@@ -572,6 +591,8 @@ static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, ui
 		uint32_t cols = cols_h ? cols_h : g->slot->inter;
 		uint32_t np = (cols + width - 1) / width;
 
+		if (cols_h == 1 && g->xb_ready)
+			continue;
 		for (uint32_t t0 = 0; t0 < g->n; t0 += tok)
 			for (uint32_t p0 = 0; p0 < np; p0 += per) {
 				if (out)
@@ -629,9 +650,9 @@ int cpu_run_groups(struct moe_rank *r, enum moe_dtype wdt, uint32_t hidden,
 
 		/* the bf16 copy of a few rows (decode) is shorter than a wake-up */
 		for (uint32_t i = 0; i < n_groups; i++)
-			rows += g[i].n;
+			rows += g[i].xb_ready ? 0 : g[i].n;
 		conv.inline_run |= rows <= CONV_ROWS;
-		ret = pass(r, &conv, n_groups, 1, CONV_ROWS, 1, 1, conv_task);
+		ret = rows ? pass(r, &conv, n_groups, 1, CONV_ROWS, 1, 1, conv_task) : 0;
 		if (!ret)
 			ret = pass(r, &fc, n_groups, 0, PAIRS_TOK, MOE_PAIRS_N, PAIRS_GU,
 				   pairs_gate_up_task);

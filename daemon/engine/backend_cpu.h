@@ -26,6 +26,7 @@ struct cpu_group {
 	uint16_t *xb; /* [n, ldxb] x in bf16 */
 	uint16_t *hb; /* [n, ldhb] h in bf16 */
 	uint32_t ldxb, ldhb;
+	bool xb_ready; /* xb written already (dispatch on one rank): x unused */
 };
 
 struct cpu_tile {
@@ -65,6 +66,8 @@ struct cpu_rank {
 	float *hs;	      /* [recv_cap, I] */
 	float *sh_h, *sh_y, *sh_sc; /* shared: [share_cap, Is], [.., H], [..] */
 	bool permuted;	      /* this round's rows went through xs */
+	bool sent_bf16;	      /* this round's dispatch wrote the routed rows to
+				 xb16, not send (one rank, bf16 kernels) */
 	/* kb only: x of every group then of the share, h of the routed groups
 	 * and of the shared expert, in bf16 (zeroed: the columns past H / I
 	 * stay zero; MOE_PAIRS_SLACK_ROWS rows past each) */

@@ -136,6 +136,27 @@ static int split_replicas(struct moe_rank *r, struct cpu_rank *c, const struct m
 	return 0;
 }
 
+/* One rank on the bf16 kernels: the experts read the routed rows only as
+ * their bf16 copy, in send's order (one sender: arrival order is slot
+ * order), so dispatch writes that copy itself (half the bytes of fp32
+ * rows, and no conversion pass over them after): each token converted
+ * once (exact: x holds bf16 values), then copied to its K places. */
+static void send_bf16_task(void *arg, uint32_t b, uint32_t worker)
+{
+	const struct rows_ctx *rc = arg;
+	struct cpu_rank *c = rc->c;
+	size_t H = rc->m->hidden, K = rc->m->top_k, ld = c->ldxb;
+
+	(void)worker;
+	for (size_t t = (size_t)b * ROW_BLOCK; t < block_end(b, rc->st->n); t++) {
+		uint16_t *first = c->xb16 + (size_t)c->pos[t * K] * ld;
+
+		moe_cpu_from_f32(MOE_DT_BF16, c->x + t * H, first, H);
+		for (size_t k = 1; k < K; k++)
+			memcpy(c->xb16 + (size_t)c->pos[t * K + k] * ld, first, H * 2);
+	}
+}
+
 /* Each (t, k) row of the share to its place in send (pos). */
 static void send_task(void *arg, uint32_t b, uint32_t worker)
 {
@@ -198,7 +219,8 @@ int cpu_dispatch(struct moe_rank *r, const struct moe_model *m, struct moe_stage
 			xb->send_scale[p] = st->w[i];
 		}
 	}
-	row_blocks(r, st->n, send_task, &rx);
+	c->sent_bf16 = c->kb && R == 1;
+	row_blocks(r, st->n, c->sent_bf16 ? send_bf16_task : send_task, &rx);
 	return 0;
 }
 
@@ -289,7 +311,7 @@ int cpu_experts(struct moe_rank *r, const struct moe_model *m, struct moe_stage 
 		c->groups[ng] = (struct cpu_group){
 			.slot = &st->slots[s],
 			.n = n,
-			.x = x + (size_t)rows * H,
+			.x = c->sent_bf16 ? NULL : x + (size_t)rows * H,
 			.y = y + (size_t)rows * H,
 			.scale = sc + rows,
 		};
@@ -298,6 +320,7 @@ int cpu_experts(struct moe_rank *r, const struct moe_model *m, struct moe_stage 
 			c->groups[ng].hb = c->hb16 + (size_t)rows * c->ldhb;
 			c->groups[ng].ldxb = c->ldxb;
 			c->groups[ng].ldhb = c->ldhb;
+			c->groups[ng].xb_ready = c->sent_bf16;
 		} else {
 			c->groups[ng].h = c->hs + (size_t)rows * I;
 		}

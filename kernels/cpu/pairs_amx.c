@@ -188,6 +188,7 @@ static void amx_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pane
 	size_t pel = (size_t)steps * TILE_ELEMS; /* elements of a panel */
 	uint32_t np = (n_rows + MOE_PAIRS_N - 1) / MOE_PAIRS_N;
 	float c[MAX_BLOCKS][4][16][16] __attribute__((aligned(64)));
+	bool stream = m >= MOE_STREAM_ROWS;
 
 	tiles_on();
 	/* a block is a pair of panels */
@@ -208,9 +209,10 @@ static void amx_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pane
 				for (uint32_t t = 0; t < mt; t++)
 					moe_store_rows512(y + (t0 + t) * ldy, (p0 + q) * MOE_PAIRS_N,
 							  n_rows, c[q / 2][2 * (q % 2) + t / 16][t % 16],
-							  scale ? scale + t0 + t : NULL);
+							  scale ? scale + t0 + t : NULL, stream);
 		}
 	}
+	moe_stream_done(stream);
 }
 
 const struct moe_pairs_kernels moe_pairs_kernels_amx = {

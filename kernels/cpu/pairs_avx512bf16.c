@@ -127,6 +127,7 @@ static void bf16_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pan
 	size_t pel = (size_t)steps * TILE_ELEMS;
 	uint32_t np = (n_rows + MOE_PAIRS_N - 1) / MOE_PAIRS_N;
 	float out[2][MR][16] __attribute__((aligned(64)));
+	bool stream = m >= MOE_STREAM_ROWS;
 
 	for (uint32_t p = 0; p < np; p += 2) {
 		const uint16_t *w = (const uint16_t *)panels + p * pel;
@@ -141,9 +142,10 @@ static void bf16_rows(const uint16_t *x, size_t ldx, uint32_t m, const void *pan
 				for (uint32_t t = 0; t < mr; t++)
 					moe_store_rows512(y + (t0 + t) * ldy, (p + q) * MOE_PAIRS_N,
 							  n_rows, out[q][t],
-							  scale ? scale + t0 + t : NULL);
+							  scale ? scale + t0 + t : NULL, stream);
 		}
 	}
+	moe_stream_done(stream);
 }
 
 const struct moe_pairs_kernels moe_pairs_kernels_avx512bf16 = {
