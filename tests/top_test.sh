@@ -32,12 +32,14 @@ layers=$((layers + 1))
 	--max-tokens 16 --no-check >/dev/null 2>&1 &
 lpid=$!
 
-# one pane: the shell runs top, then says how it ended and the tty's mode
+# one pane: the shell runs top, then says how it ended and the tty's mode.
+# The report is written whole and renamed into place: waiting for a file
+# that is merely non-empty raced `stty -a` under a loaded ctest -j.
 run_top() { # $1 cols, $2 rows
 	rm -f "$tmp/after"
 	tmux kill-session -t $sess 2>/dev/null
 	tmux new-session -d -s $sess -x "$1" -y "$2" \
-		"$bin/moectl -s $sock top; echo EXIT=\$? >$tmp/after; stty -a >>$tmp/after; sleep 30"
+		"$bin/moectl -s $sock top; { echo EXIT=\$?; stty -a; } >$tmp/after.part; mv $tmp/after.part $tmp/after; sleep 30"
 }
 
 check_screen() { # $1 cols, $2 rows
@@ -61,8 +63,7 @@ check_screen() { # $1 cols, $2 rows
 
 quit_top() {
 	tmux send-keys -t $sess q
-	for _ in $(seq 50); do [ -s "$tmp/after" ] && break; sleep 0.1; done
-	sleep 0.2
+	for _ in $(seq 100); do [ -s "$tmp/after" ] && break; sleep 0.1; done
 	grep -q '^EXIT=0$' "$tmp/after" 2>/dev/null || bad "q: top did not exit 0 ($(head -1 "$tmp/after" 2>/dev/null))"
 	grep -Eq '(^| )icanon( |$)' "$tmp/after" && grep -Eq '(^| )echo( |$)' "$tmp/after" ||
 		bad "q: the terminal was not restored (icanon/echo off)"
@@ -81,8 +82,7 @@ quit_top
 run_top 80 24
 sleep 1.5
 tmux send-keys -t $sess C-c
-for _ in $(seq 50); do [ -s "$tmp/after" ] && break; sleep 0.1; done
-sleep 0.2
+for _ in $(seq 100); do [ -s "$tmp/after" ] && break; sleep 0.1; done
 grep -Eq '(^| )icanon( |$)' "$tmp/after" 2>/dev/null || bad "Ctrl-C: the terminal was not restored"
 
 kill $lpid 2>/dev/null
