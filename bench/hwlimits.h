@@ -11,7 +11,8 @@
 
 struct moe_pool;
 
-/* Best of several passes of reading `bytes` with every pool thread: B/s. */
+/* Best of several passes of reading `bytes` with every pool thread, each
+ * thread with one and (other passes) four interleaved streams: B/s. */
 double moe_bench_read_bw(struct moe_pool *pool, size_t bytes);
 
 /* Peak FLOP/s of fp32 FMA with every pool thread, using the widest vectors
