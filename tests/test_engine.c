@@ -28,10 +28,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "daemon/engine/backend.h"
 #include "daemon/engine/engine.h"
 #include "kernels/cpu/convert.h"
 #include "kernels/cpu/isa.h"
 #include "daemon/engine/model.h"
+#include "daemon/engine/threadpool.h"
 #include "tests/testutil.h"
 #include "tools/synth.h"
 
@@ -784,6 +786,77 @@ static void test_workspace_sizing(void **state)
 	}
 }
 
+/* Whether the mapping holding p is advised MADV_HUGEPAGE ("hg" among its
+ * VmFlags in /proc/self/smaps). */
+static bool advised_huge(const void *p)
+{
+	FILE *f = fopen("/proc/self/smaps", "r");
+	char line[512];
+	bool in = false, hg = false;
+
+	if (!f)
+		return false;
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long lo, hi;
+
+		if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {
+			in = (uintptr_t)p >= lo && (uintptr_t)p < hi;
+		} else if (in && strncmp(line, "VmFlags:", 8) == 0) {
+			hg = strstr(line, " hg") != NULL;
+			break;
+		}
+	}
+	fclose(f);
+	return hg;
+}
+
+/* A CPU slot of 2 MiB or more starts on a 2 MiB boundary and is advised
+ * MADV_HUGEPAGE (backend_cpu.c: decode streams it from memory); a smaller
+ * one is plain pages. Both are writable end to end and freed whole. */
+static void test_slot_pages(void **state)
+{
+	const struct moe_backend_ops *ops = &moe_backend_cpu;
+	char dir[512], err[MOE_ERRLEN];
+	struct moe_model *m;
+	struct moe_pool *pool;
+	struct moe_backend_tuning t = {.isa = isa_under_test};
+	struct moe_rank r = {.ops = ops};
+	struct moe_slot big = {0}, small = {0};
+	bool thp = access("/sys/kernel/mm/transparent_hugepage/enabled", F_OK) == 0;
+	uint32_t inter;
+
+	(void)state;
+	snprintf(dir, sizeof(dir), "%s/qwen2_moe_bf16", MOE_FIXTURES_DIR);
+	if (moe_model_open(dir, NULL, &m, err))
+		fail_msg("%s", err);
+	assert_int_equal(moe_pool_create(1, &pool), 0);
+	r.pool = pool;
+	r.shape = (struct moe_rank_shape){.max_tokens = 8, .chunk = 8, .threads = 1,
+					  .n_ranks = 1, .slots_per_rank = 1};
+	if (ops->rank_init(&r, m, &t, err))
+		fail_msg("%s", err);
+	/* 3 matrices of hidden x inter: 6 MiB at 2 bytes a weight */
+	inter = (uint32_t)((6u << 20) / (3u * m->hidden * 2u));
+	if (ops->slot_alloc(&r, m, inter, &big, err) || ops->slot_alloc(&r, m, m->inter, &small, err))
+		fail_msg("%s", err);
+	assert_true(big.bytes >= (4u << 20));
+	assert_true(small.bytes < (2u << 20));
+	assert_int_equal((uintptr_t)big.mem & ((2u << 20) - 1), 0);
+	memset(big.mem, 0x5a, big.bytes);
+	memset(small.mem, 0x5a, small.bytes);
+	if (thp)
+		assert_true(advised_huge(big.mem));
+	else
+		printf("[  SKIPPED ] the MADV_HUGEPAGE check: this kernel has no transparent huge pages\n");
+	assert_false(advised_huge(small.mem));
+	ops->slot_free(&r, &big);
+	ops->slot_free(&r, &small);
+	assert_null(big.mem);
+	ops->rank_fini(&r);
+	moe_pool_destroy(pool);
+	moe_model_free(m);
+}
+
 static void test_lost_device(void **state)
 {
 	char dir[1024], err[MOE_ERRLEN];
@@ -975,6 +1048,7 @@ static int run_all(const char *isa)
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_segments);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_lost_device);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_workspace_sizing);
+	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_slot_pages);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_backend_choice);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_modified_during_load);
 	tests[n++] = (struct CMUnitTest)cmocka_unit_test(test_shard_truncated_during_load);
