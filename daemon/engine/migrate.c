@@ -141,6 +141,21 @@ static int wait_freed(struct moe_engine *e, const struct moe_replica *slots,
 	}
 }
 
+/* The ranks lost so far, one bit each. */
+static uint64_t lost_mask(const struct moe_engine *e)
+{
+	uint64_t m = 0;
+
+	for (uint32_t r = 0; r < moe_engine_ranks(e) && r < 64; r++)
+		m |= (uint64_t)moe_engine_rank_lost(e, r) << r;
+	return m;
+}
+
+static bool lost_since(const struct moe_engine *e, uint64_t before)
+{
+	return lost_mask(e) != before;
+}
+
 static int publish(struct moe_engine *e, struct moe_placement *cur, struct moe_migrate_result *res,
 		   char *err)
 {
@@ -250,6 +265,7 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 	for (uint32_t round = 0; !ret; round++) {
 		uint32_t n_gone = 0, added = 0, missing = 0, moved = 0, blocked_l = 0, blocked_r = 0;
 		uint32_t blocked_x = 0;
+		uint64_t lost0;
 		struct moe_epoch *ep;
 
 		if (round == MAX_ROUNDS) {
@@ -261,6 +277,7 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 			ret = moe_err(err, -ECANCELED, "cancelled");
 			break;
 		}
+		lost0 = lost_mask(e);
 		ep = moe_epoch_acquire(e);
 		moe_place_free(cur);
 		cur = NULL;
@@ -300,6 +317,9 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 			}
 		if (n_gone) {
 			ret = publish(e, cur, res, err);
+			if (ret && lost_since(e, lost0)) /* (see below) */
+				ret = moe_err(err, -EAGAIN, "a rank was lost during the change: "
+					      "plan again");
 			for (uint32_t i = 0; i < n_gone && !ret; i++) {
 				ret = moe_engine_drop_replica(e, gone_l[i], gone[i].rank,
 							      gone[i].slot, err);
@@ -371,6 +391,14 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 			break;
 		if (added || moved)
 			ret = publish(e, cur, res, err);
+		if (ret && lost_since(e, lost0)) {
+			/* a rank was lost since the round read the placement: the
+			 * engine published one without it (other slots per rank,
+			 * say), so this round's cannot be; its copies are dropped
+			 * and the caller plans again (seen in test_placement_ops) */
+			drop_unpublished(e, cur);
+			ret = moe_err(err, -EAGAIN, "a rank was lost during the change: plan again");
+		}
 		if (ret)
 			break;
 		if (!missing && !n_gone) {
