@@ -14,9 +14,15 @@ command -v tmux >/dev/null || { echo "SKIPPED: tmux not found (Debian tmux)"; ex
 
 tmp=$(mktemp -d)
 sock=$tmp/moed.sock
-sess=moetop$$
+# A tmux server of our own (-L): the default one is shared with whatever
+# else runs tmux as this user. Each run gets a new session, made before the
+# last one is killed: a server left with no session exits, and a
+# new-session racing that exit failed ("server exited unexpectedly").
+tmux() { command tmux -L "moetop$$" "$@"; }
+sess=
+runs=0
 pid= lpid=
-trap 'tmux kill-session -t $sess 2>/dev/null; kill -9 $pid $lpid 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'tmux kill-server 2>/dev/null; kill -9 $pid $lpid 2>/dev/null; rm -rf "$tmp"' EXIT
 fail=0
 bad() { echo "FAIL: $*"; fail=1; }
 
@@ -36,10 +42,13 @@ lpid=$!
 # The report is written whole and renamed into place: waiting for a file
 # that is merely non-empty raced `stty -a` under a loaded ctest -j.
 run_top() { # $1 cols, $2 rows
+	local old=$sess
 	rm -f "$tmp/after"
-	tmux kill-session -t $sess 2>/dev/null
+	runs=$((runs + 1))
+	sess=top$runs
 	tmux new-session -d -s $sess -x "$1" -y "$2" \
 		"$bin/moectl -s $sock top; { echo EXIT=\$?; stty -a; } >$tmp/after.part; mv $tmp/after.part $tmp/after; sleep 30"
+	[ -z "$old" ] || tmux kill-session -t "$old" 2>/dev/null
 }
 
 check_screen() { # $1 cols, $2 rows
