@@ -401,8 +401,7 @@ static void *slot_map(size_t bytes)
 	a = ((uintptr_t)p + SLOT_HUGE - 1) & ~(uintptr_t)(SLOT_HUGE - 1);
 	if (a > (uintptr_t)p)
 		munmap(p, a - (uintptr_t)p);
-	if ((uintptr_t)p + extra > a)
-		munmap((char *)a + bytes, (uintptr_t)p + extra - a);
+	munmap((char *)a + bytes, (uintptr_t)p + extra - a); /* (a < p + extra) */
 #ifdef MADV_HUGEPAGE
 	madvise((void *)a, bytes, MADV_HUGEPAGE); /* advice: refused is fine */
 #endif

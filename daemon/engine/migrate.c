@@ -151,11 +151,6 @@ static uint64_t lost_mask(const struct moe_engine *e)
 	return m;
 }
 
-static bool lost_since(const struct moe_engine *e, uint64_t before)
-{
-	return lost_mask(e) != before;
-}
-
 static int publish(struct moe_engine *e, struct moe_placement *cur, struct moe_migrate_result *res,
 		   char *err)
 {
@@ -266,7 +261,6 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 	for (uint32_t round = 0; !ret; round++) {
 		uint32_t n_gone = 0, added = 0, missing = 0, moved = 0, blocked_l = 0, blocked_r = 0;
 		uint32_t blocked_x = 0;
-		uint64_t lost0;
 		struct moe_epoch *ep;
 
 		if (round == MAX_ROUNDS) {
@@ -278,7 +272,6 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 			ret = moe_err(err, -ECANCELED, "cancelled");
 			break;
 		}
-		lost0 = lost_mask(e);
 		ep = moe_epoch_acquire(e);
 		moe_place_free(cur);
 		cur = NULL;
@@ -389,7 +382,7 @@ int moe_engine_migrate(struct moe_engine *e, const uint64_t *want,
 			break;
 		if (added || moved)
 			ret = publish(e, cur, res, err);
-		if (ret && (ret == -ENODEV || lost_since(e, lost0)))
+		if (ret && (ret == -ENODEV || lost_mask(e) != lost_start))
 			drop_unpublished(e, cur); /* (a rank lost: see the end) */
 		if (ret)
 			break;
