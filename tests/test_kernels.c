@@ -262,7 +262,8 @@ static void test_route_groups(void **state)
 /* One ISA path's panel kernels against float64, every dtype, token counts
  * across the micro-kernel heights (6 for AVX2, 12 for AVX-512), K with
  * tails, partial last panels. Tolerance: sequential fp32 summation over K
- * terms is within (K + 2) * 2^-24 * sum |x_k w_k| of the exact sum. */
+ * terms is within (K + 2) * 2^-24 * sum |x_k w_k| of the exact sum.
+ * Then batch invariance: every token alone gives the same bits. */
 static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, uint32_t K,
 			 uint32_t n, struct moe_rng *r)
 {
@@ -272,6 +273,7 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 	void *pr = malloc(moe_pack_rows_bytes(n, K, dt));
 	void *pg = malloc(moe_pack_gate_up_bytes(n, K, dt));
 	float *y = malloc((size_t)m * (n + 1) * 4), *sc = malloc(m * 4);
+	float *y1 = malloc((size_t)(n + 1) * 4);
 	double bound = (K + 2) * ldexp(1, -24);
 
 	for (size_t i = 0; i < (size_t)m * K; i++)
@@ -307,6 +309,12 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 		}
 		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
 	}
+	for (uint32_t t = 0; t < m; t++) {
+		kn->rows(x + (size_t)t * K, K, 1, pr, dt, K, n, y1, n + 1, sc + t);
+		if (memcmp(y1, y + (size_t)t * (n + 1), (size_t)n * 4))
+			fail_msg("%s rows %s m%u K%u n%u: token %u alone gives other bits",
+				 moe_cpu_isa_name(isa), moe_dtype_name(dt), m, K, n, t);
+	}
 
 	/* gate/up + SwiGLU: h = silu(x Wg^T) * (x Wu^T) */
 	for (size_t i = 0; i < (size_t)m * (n + 1); i++)
@@ -335,12 +343,20 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 		}
 		assert_true(y[(size_t)t * (n + 1) + n] == -7.0f);
 	}
-	free(x), free(wf), free(w), free(pr), free(pg), free(y), free(sc);
+	for (uint32_t t = 0; t < m; t++) {
+		kn->gate_up(x + (size_t)t * K, K, 1, pg, dt, K, n, y1, n + 1);
+		if (memcmp(y1, y + (size_t)t * (n + 1), (size_t)n * 4))
+			fail_msg("%s gate_up %s m%u K%u n%u: token %u alone gives other bits",
+				 moe_cpu_isa_name(isa), moe_dtype_name(dt), m, K, n, t);
+	}
+	free(x), free(wf), free(w), free(pr), free(pg), free(y), free(sc), free(y1);
 }
 
 static void test_panels(void **state)
 {
-	static const uint32_t ms[] = {1, 2, 5, 6, 7, 12, 13, 25}, ks[] = {1, 7, 33, 300};
+	/* every tile height of both paths, alone and after full tiles */
+	static const uint32_t ms[] = {1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13, 15, 16, 25};
+	static const uint32_t ks[] = {1, 7, 33, 300};
 	static const uint32_t ns[] = {1, 8, 15, 16, 17, 40, 70};
 	struct moe_rng r = {5};
 	int ran = 0;
@@ -357,9 +373,9 @@ static void test_panels(void **state)
 			      moe_cpu_isa_name((enum moe_cpu_isa)isa));
 		ran++;
 		for (int d = 0; d < 3; d++)
-			for (size_t a = 0; a < 8; a++)
-				for (size_t b = 0; b < 4; b++)
-					for (size_t c = 0; c < 7; c++)
+			for (size_t a = 0; a < sizeof(ms) / sizeof(ms[0]); a++)
+				for (size_t b = 0; b < sizeof(ks) / sizeof(ks[0]); b++)
+					for (size_t c = 0; c < sizeof(ns) / sizeof(ns[0]); c++)
 						check_panels((enum moe_cpu_isa)isa,
 							     (enum moe_dtype)d, ms[a], ks[b],
 							     ns[c], &r);
