@@ -2,12 +2,29 @@
  * -mavx2 -mfma -mf16c; only called when cpuid says the CPU has them.
  *
  * Micro-kernel: up to 6 tokens x 16 panel columns (12 ymm accumulators).
- * Per k it loads a panel's 16 weights once (widened from bf16 by a shift,
- * from f16 by vcvtph2ps), broadcasts each token's x[k], and issues 2 FMAs
- * per token. With 1-3 tokens (decode) that would leave 2-6 dependent FMA
- * chains, fewer than latency x throughput (4 x 2): the kernel then works on
- * 2 or 4 panels at once, which gives 8-12 independent chains while each
- * output is still one sum in k order (so results do not depend on m). */
+ * Per k it loads a panel's 16 weights once, broadcasts each token's x[k],
+ * and issues 2 FMAs per token. With 1-3 tokens (decode) that would leave
+ * 2-6 dependent FMA chains, fewer than latency x throughput (4 x 2): the
+ * kernel then works on 2 or 4 panels at once, which gives 8-12 independent
+ * chains while each output is still one sum in k order (so results do not
+ * depend on m).
+ *
+ * Widening: f16 by vcvtph2ps; bf16 as one 32-byte load whose 32-bit lanes
+ * each hold two weights, split by a shift (the even columns) and a mask
+ * (the odd ones): 1 load and 2 vector ops a step where zero-extending each
+ * half took 2 loads and 4 (bench/RESULTS.md: with 1-4 tokens the kernel
+ * ran 1.2-2x faster on data in cache). The accumulators then hold the even
+ * and the odd columns; STORE puts them back in order. Each sum is the same
+ * sequence of FMAs either way, so the results are bit for bit the same.
+ *
+ * 3 tokens x 2 panels needs 12 accumulators + 4 weights + 1 broadcast = 17
+ * ymm registers, one more than AVX2 has: the spilled accumulator's store
+ * and reload in every step made it the slowest tile (7.5 cycles a panel
+ * step). It goes panel by panel instead, each panel's 2 weight registers
+ * dead before the next panel's load, and broadcasts each x[k] again for
+ * the second panel (15 registers; vbroadcastss from memory is a load, and
+ * the volatile asm keeps the compiler from merging the two broadcasts
+ * back into 3 live registers). */
 #include <immintrin.h>
 
 #include "kernels/cpu/panel.h"
@@ -23,15 +40,16 @@ static inline __attribute__((always_inline)) void load_w(enum moe_dtype dt, cons
 		*w1 = _mm256_loadu_ps((const float *)p + c * MOE_PANEL + 8);
 		return;
 	}
-	const __m128i *q = (const __m128i *)((const uint16_t *)p + c * MOE_PANEL);
-	__m128i a = _mm_loadu_si128(q), b = _mm_loadu_si128(q + 1);
+	const uint16_t *q = (const uint16_t *)p + c * MOE_PANEL;
 
-	if (dt == MOE_DT_BF16) {
-		*w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
-		*w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+	if (dt == MOE_DT_BF16) { /* w0: columns 0, 2, .., 14; w1: 1, 3, .., 15 */
+		__m256i v = _mm256_loadu_si256((const __m256i *)q);
+
+		*w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+		*w1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
 	} else {
-		*w0 = _mm256_cvtph_ps(a);
-		*w1 = _mm256_cvtph_ps(b);
+		*w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+		*w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q + 1));
 	}
 }
 
@@ -53,12 +71,35 @@ static inline __attribute__((always_inline)) void load_w(enum moe_dtype dt, cons
 		__m256 xb = _mm256_broadcast_ss(x + t * ldx + c);                          \
 		FMAJ(0, t) FMAJ(1, t) FMAJ(2, t) FMAJ(3, t)                                \
 	}
+/* bf16: (even, odd) columns back to (0..7, 8..15) */
 #define STORE(j, t)                                                                        \
 	if (np > j && mr > t) {                                                            \
+		if (dt == MOE_DT_BF16) {                                                   \
+			__m256 lo = _mm256_unpacklo_ps(c##j##t##0, c##j##t##1);            \
+			__m256 hi = _mm256_unpackhi_ps(c##j##t##0, c##j##t##1);            \
+			c##j##t##0 = _mm256_permute2f128_ps(lo, hi, 0x20);                 \
+			c##j##t##1 = _mm256_permute2f128_ps(lo, hi, 0x31);                 \
+		}                                                                          \
 		_mm256_storeu_ps(out[j][t], c##j##t##0);                                   \
 		_mm256_storeu_ps(out[j][t] + 8, c##j##t##1);                               \
 	}
 #define STORES(j) STORE(j, 0) STORE(j, 1) STORE(j, 2) STORE(j, 3) STORE(j, 4) STORE(j, 5)
+
+/* The 3 x 2 tile, one panel at a time (see the top of the file). */
+#define TOKJ(j, t)                                                                         \
+	{                                                                                  \
+		__m256 xb;                                                                 \
+		__asm__ volatile("vbroadcastss {%1, %0|%0, %1}" : "=x"(xb)                 \
+				 : "m"(x[t * ldx + c]));                                   \
+		c##j##t##0 = _mm256_fmadd_ps(xb, w##j##0, c##j##t##0);                     \
+		c##j##t##1 = _mm256_fmadd_ps(xb, w##j##1, c##j##t##1);                     \
+	}
+#define PANEL_BY_PANEL(j)                                                                  \
+	{                                                                                  \
+		__m256 w##j##0, w##j##1;                                                   \
+		load_w(dt, (const char *)p + j * pstride, c, &w##j##0, &w##j##1);          \
+		TOKJ(j, 0) TOKJ(j, 1) TOKJ(j, 2)                                           \
+	}
 
 /* out[j][t][0..15] = sum_k x[t*ldx + k] * panel_j[k][0..15], j < np, t < mr;
  * panel j starts pstride bytes after panel j-1. */
@@ -70,6 +111,10 @@ static inline __attribute__((always_inline)) void tile(const float *x, size_t ld
 	ACCS(0) ACCS(1) ACCS(2) ACCS(3)
 
 	for (uint32_t c = 0; c < k; c++) {
+		if (mr == 3 && np == 2) {
+			PANEL_BY_PANEL(0) PANEL_BY_PANEL(1)
+			continue;
+		}
 		LOADW(0) LOADW(1) LOADW(2) LOADW(3)
 		TOK(0) TOK(1) TOK(2) TOK(3) TOK(4) TOK(5)
 	}
