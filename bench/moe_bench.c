@@ -32,6 +32,7 @@ static int cmp_double(const void *a, const void *b)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
+		   "       moe-bench panels [--threads N] [--isa ISA]   (the panel kernel by tile height)\n"
 		   "       moe-bench [--model DIR] [--layer L] [--threads N] [--isa auto|scalar|avx2|avx512|avx512bf16|amx]\n"
 		   "                 [--precision auto|bf16|fp32] [--warm]\n"
 		   "                 [--tokens 1,4,16,64,256,1024,4096] [--min-time SECONDS]\n"
@@ -74,6 +75,7 @@ static const char *default_model(char *buf, size_t n)
 #define MAX_BENCH_LAYERS 256
 
 int moe_bench_ipc(int argc, char **argv);
+int moe_bench_panels(int argc, char **argv);
 int moe_bench_ep(int argc, char **argv);
 int moe_bench_cuda(const char *shape, const char *model, const char *tokens, int device,
 		   double min_reps);
@@ -256,6 +258,8 @@ int main(int argc, char **argv)
 		return moe_bench_ipc(argc - 1, argv + 1);
 	if (argc > 1 && strcmp(argv[1], "ep") == 0)
 		return moe_bench_ep(argc - 1, argv + 1);
+	if (argc > 1 && strcmp(argv[1], "panels") == 0)
+		return moe_bench_panels(argc - 1, argv + 1);
 	while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (c) {
 		case 'm':
