@@ -249,6 +249,7 @@ struct server {
 	uint32_t pending, pending_tokens;
 	bool stopping, draining;
 	uint64_t watchdog_ns, last_ping_ns, last_status_ns;
+	uint64_t tick_armed_ns; /* when the one-shot timer fires; 0: not armed (server.c) */
 	uint64_t start_ns;
 	/* the engine worker, and the two batches that alternate on it: while
 	 * it runs one, the loop gathers the next (double buffering) */

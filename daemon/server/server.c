@@ -36,6 +36,50 @@ static void tick(struct server *s)
 	srv_auto_rebalance(s);
 }
 
+/* The timer is one-shot: at the end of each loop iteration it is armed for
+ * the first moment the tick has work (the earliest deadline of a queued
+ * request or of a handshake, the watchdog's next ping; every TICK_NS while
+ * a tracer is attached, whose flush may wait for the tick), at least TICK_NS
+ * and at most TICK_IDLE_NS away (what has no deadline of its own: the
+ * status line, log summaries, automatic rebalancing, checked at that
+ * rate). A fixed 10 ms period woke the loop 100 times a second whatever
+ * it had to do: on a 2-vCPU host serving 16 clients those wake-ups were
+ * more than half of the loop's, each taking a CPU from the worker or its
+ * helpers in the middle of a batch; without them that load ran faster and
+ * its p99 fell (bench/RESULTS.md, session 13). Deadlines still expire
+ * within TICK_NS of their time, as before. */
+#define TICK_IDLE_NS (100 * 1000000ull)
+
+static uint64_t tick_due(const struct server *s, uint64_t now)
+{
+	uint64_t due = now + (s->trace.n ? TICK_NS : TICK_IDLE_NS);
+
+	for (const struct client *c = s->clients; c; c = c->next) {
+		if (!c->attached && s->o.handshake_timeout_ms &&
+		    c->accepted_ns + s->o.handshake_timeout_ms * 1000000ull < due)
+			due = c->accepted_ns + s->o.handshake_timeout_ms * 1000000ull;
+		for (const struct request *r = c->queue; r; r = r->next)
+			if (r->deadline_ns && r->deadline_ns < due)
+				due = r->deadline_ns;
+	}
+	if (s->watchdog_ns && s->last_ping_ns + s->watchdog_ns / 2 < due)
+		due = s->last_ping_ns + s->watchdog_ns / 2;
+	return due < now + TICK_NS ? now + TICK_NS : due;
+}
+
+/* Arms the timer unless it is armed for sooner already (then it fires,
+ * ticks and is armed again). */
+static void arm_tick(struct server *s)
+{
+	uint64_t due = tick_due(s, srv_now_ns());
+	struct itimerspec its = {{0, 0}, {(time_t)(due / 1000000000u), (long)(due % 1000000000u)}};
+
+	if (s->tick_armed_ns && s->tick_armed_ns <= due)
+		return;
+	if (timerfd_settime(s->tfd, TFD_TIMER_ABSTIME, &its, NULL) == 0)
+		s->tick_armed_ns = due;
+}
+
 /* ---- setup -------------------------------------------------------------- */
 
 /* Binds the socket; a stale socket file (nobody listening) is replaced, a
@@ -88,7 +132,6 @@ static int listen_on(const char *path, unsigned mode, const struct moe_auth_poli
 static int setup(struct server *s)
 {
 	struct epoll_event ev = {.events = EPOLLIN};
-	struct itimerspec its = {{0, TICK_NS}, {0, TICK_NS}};
 	sigset_t set;
 
 	sigemptyset(&set);
@@ -135,7 +178,7 @@ static int setup(struct server *s)
 	if (s->o.test_stall_ms)
 		moe_log(LOG_WARNING, "test hook MOED_TEST_STALL_MS: every batch sleeps %u ms",
 			s->o.test_stall_ms);
-	timerfd_settime(s->tfd, 0, &its, NULL);
+	arm_tick(s);
 	ev.data.ptr = &s->lfd;
 	epoll_ctl(s->epfd, EPOLL_CTL_ADD, s->lfd, &ev);
 	ev.data.ptr = &s->sfd;
@@ -274,8 +317,10 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			} else if (p == &s.sfd) {
 				on_signal(&s);
 			} else if (p == &s.tfd) {
-				if (read(s.tfd, &ticks, sizeof(ticks)) > 0)
+				if (read(s.tfd, &ticks, sizeof(ticks)) > 0) {
+					s.tick_armed_ns = 0; /* (one-shot: spent) */
 					tick(&s);
+				}
 			} else if (p == &s.jobs_efd) {
 				srv_jobs_collect(&s);
 			} else {
@@ -310,6 +355,7 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			close(s.metrics_fd);
 			s.metrics_fd = -1;
 		}
+		arm_tick(&s);
 	}
 	srv_notify("STOPPING=1");
 	shutdown_clients(&s);
