@@ -222,8 +222,11 @@ int mc_push(struct moe_client *c, struct moe_sqe *e, uint64_t *tag)
 	c->sq_tail++;
 	atomic_store_explicit(&c->hdr->sq_tail, c->sq_tail, memory_order_release);
 	*tag = s->tag;
-	/* If the doorbell fails the daemon is gone: mc_mark_dead fails the slot. */
-	mc_send_ctl(c, MOE_MSG_DOORBELL, NULL, 0, NULL);
+	/* No doorbell while the daemon says it will look anyway (moe_ring.h);
+	 * if it fails the daemon is gone: mc_mark_dead fails the slot. */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (!atomic_load_explicit(&c->hdr->sq_no_doorbell, memory_order_relaxed))
+		mc_send_ctl(c, MOE_MSG_DOORBELL, NULL, 0, NULL);
 	return 0;
 }
 

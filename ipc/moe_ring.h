@@ -59,7 +59,16 @@ struct moe_shm_hdr {
 	uint32_t magic, version;
 	uint32_t sq_entries, cq_entries;
 	uint64_t region_bytes;
-	uint64_t reserved0[5];
+	/* Written by the daemon: nonzero while it will look at the submission
+	 * ring soon anyway (both of its batch slots are taken, and the one
+	 * that ends wakes it), so a new entry needs no DOORBELL. The client
+	 * publishes sq_tail, then (seq_cst fence) reads this; the daemon
+	 * clears it, then (seq_cst fence) reads every sq_tail: one of the two
+	 * sees the other's write, so no entry is left unseen. Ringing anyway
+	 * is always correct (older clients do). */
+	_Atomic uint32_t sq_no_doorbell;
+	uint32_t reserved1;
+	uint64_t reserved0[4];
 	_Alignas(64) _Atomic uint32_t sq_head; /* written by the daemon */
 	_Alignas(64) _Atomic uint32_t sq_tail; /* written by the client */
 	_Alignas(64) _Atomic uint32_t cq_head; /* written by the client */

@@ -248,6 +248,7 @@ struct server {
 	uint32_t n_clients, next_id, rr; /* rr: round-robin start */
 	uint32_t pending, pending_tokens;
 	bool stopping, draining;
+	bool no_doorbell; /* the clients are told no DOORBELL is needed (io.c) */
 	uint64_t watchdog_ns, last_ping_ns, last_status_ns;
 	uint64_t tick_armed_ns; /* when the one-shot timer fires; 0: not armed (server.c) */
 	uint64_t start_ns;
@@ -328,6 +329,7 @@ int srv_sealed_memfd(const char *name, const char *text, size_t len);
  * no fd) and its length; what srv_send_msg_seq returns. */
 int srv_text_reply(struct client *c, uint16_t type, uint32_t seq, int fd, uint64_t len);
 void srv_notify_clients(struct server *s);
+void srv_need_doorbells(struct server *s, bool needed);
 
 /* refusals.c: log lines about refused peers, limited per uid */
 void srv_log_refusal(struct server *s, uid_t uid, const char *fmt, ...)

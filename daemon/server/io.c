@@ -112,3 +112,27 @@ void srv_notify_clients(struct server *s)
 		pthread_mutex_unlock(&c->cq_lock);
 	}
 }
+
+/* Tells every client whether a new submission needs a DOORBELL
+ * (moe_shm_hdr.sq_no_doorbell). Not needed while both batch slots are
+ * taken: the batch that ends wakes the loop through the worker's eventfd,
+ * and the loop reads every ring on every iteration. Each doorbell saved
+ * is a sendmsg for the client and, as often as not, a wake-up of the loop
+ * that takes a CPU from the worker in the middle of a batch. Needed again:
+ * the flags are cleared, then a seq_cst fence, before the loop reads the
+ * rings (the client publishes its tail, fences, then reads the flag), so
+ * an entry is either seen by that read or rung for. What arrives while
+ * the flag is set waits for the running batch to end, and misses the
+ * waiting batch's top-ups. */
+void srv_need_doorbells(struct server *s, bool needed)
+{
+	if (s->no_doorbell == !needed)
+		return;
+	s->no_doorbell = !needed;
+	for (struct client *c = s->clients; c; c = c->next)
+		if (c->attached && !c->dead)
+			atomic_store_explicit(&c->hdr->sq_no_doorbell, !needed,
+					      memory_order_relaxed);
+	if (needed)
+		atomic_thread_fence(memory_order_seq_cst);
+}

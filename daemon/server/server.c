@@ -333,6 +333,8 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			}
 		}
 		reap_dead(&s);
+		if (s.batches_out < 2) /* (before the rings are read: io.c) */
+			srv_need_doorbells(&s, true);
 		srv_poll_rings(&s);
 		if (s.queued && !s.stopping) {
 			/* a request whose deadline passed before it is handed
@@ -341,6 +343,8 @@ int moe_server_run(struct moe_engine *e, const struct moe_server_opts *o)
 			srv_expire(&s);
 			srv_submit_batch(&s);
 		}
+		if (s.batches_out == 2 && !s.stopping)
+			srv_need_doorbells(&s, false);
 		srv_answer_drain_waiters(&s);
 		srv_notify_clients(&s);
 		if (s.trace.n)
