@@ -165,6 +165,21 @@ static struct moe_admin_job job_of(const struct reply *rep)
 	return j;
 }
 
+/* Waits (bounded) until the worker holds a batch it has been running for a
+ * while; returns that status (the caller deletes it). */
+static cJSON *worker_busy(moe_client *a)
+{
+	for (uint64_t t0 = dh_now_ms();; dh_nap_ms(5)) {
+		cJSON *j = dh_status(a, true);
+
+		if (dh_jnum(jworker(j), "batches_held") >= 1 && dh_jnum(jworker(j), "busy_ms") > 0)
+			return j;
+		cJSON_Delete(j);
+		if (dh_now_ms() - t0 > DH_WAIT_MS)
+			fail_msg("the worker never held the batch");
+	}
+}
+
 /* ---- a. control messages while a batch computes ------------------------- */
 
 static void test_control_during_batch(void **state)
@@ -182,15 +197,7 @@ static void test_control_during_batch(void **state)
 	a = cl_open(d, "batch");
 	dh_req_submit(a, &q, g_model->layers[0].index, MOE_DTYPE_F32, 8, 11, 0);
 	/* the status comes back while the worker holds the request's batch */
-	for (uint64_t t0 = dh_now_ms();;) {
-		j = dh_status(a, true);
-		if (dh_jnum(jworker(j), "batches_held") >= 1 && dh_jnum(jworker(j), "busy_ms") > 0)
-			break;
-		cJSON_Delete(j);
-		if (dh_now_ms() - t0 > DH_WAIT_MS)
-			fail_msg("the worker never held the batch");
-		dh_nap_ms(5);
-	}
+	j = worker_busy(a);
 	printf("status answered while the worker runs a batch (busy %.0f ms)\n",
 	       dh_jnum(jworker(j), "busy_ms"));
 	cJSON_Delete(j);
@@ -342,7 +349,6 @@ static void test_doorbells_while_busy(void **state)
 	void *in[3];
 	size_t bytes = (size_t)2 * g_H * 4, span = (bytes + 63) & ~(size_t)63;
 	uint32_t layer = g_model->layers[0].index;
-	cJSON *j;
 
 	(void)state;
 	snprintf(env, sizeof(env), "MOED_TEST_STALL_MS=%d", STALL_MS / 3);
@@ -360,15 +366,7 @@ static void test_doorbells_while_busy(void **state)
 	assert_int_equal(atomic_load(&r->hdr->sq_no_doorbell), 0); /* idle: ring */
 	raw_push(r, &q[0]);
 	raw_doorbell(r);
-	for (uint64_t t0 = dh_now_ms();; dh_nap_ms(2)) { /* the worker runs it */
-		j = dh_status(a, true);
-		if (dh_jnum(jworker(j), "batches_held") >= 1 && dh_jnum(jworker(j), "busy_ms") > 0)
-			break;
-		cJSON_Delete(j);
-		if (dh_now_ms() - t0 > DH_WAIT_MS)
-			fail_msg("the worker never held the batch");
-	}
-	cJSON_Delete(j);
+	cJSON_Delete(worker_busy(a)); /* the worker runs it */
 	assert_int_equal(atomic_load(&r->hdr->sq_no_doorbell), 0); /* one slot: ring */
 	raw_push(r, &q[1]); /* the waiting batch */
 	raw_doorbell(r);

@@ -68,14 +68,19 @@ static uint64_t tick_due(const struct server *s, uint64_t now)
 }
 
 /* Arms the timer unless it is armed for sooner already (then it fires,
- * ticks and is armed again). */
+ * ticks and is armed again). Called on every iteration: when the timer is
+ * due within TICK_NS (no due time comes sooner) the queues are not walked. */
 static void arm_tick(struct server *s)
 {
-	uint64_t due = tick_due(s, srv_now_ns());
-	struct itimerspec its = {{0, 0}, {(time_t)(due / 1000000000u), (long)(due % 1000000000u)}};
+	uint64_t now = srv_now_ns(), due;
+	struct itimerspec its = {{0, 0}, {0, 0}};
 
+	if (s->tick_armed_ns && s->tick_armed_ns <= now + TICK_NS)
+		return;
+	due = tick_due(s, now);
 	if (s->tick_armed_ns && s->tick_armed_ns <= due)
 		return;
+	its.it_value = (struct timespec){(time_t)(due / 1000000000u), (long)(due % 1000000000u)};
 	if (timerfd_settime(s->tfd, TFD_TIMER_ABSTIME, &its, NULL) == 0)
 		s->tick_armed_ns = due;
 }
