@@ -33,18 +33,11 @@
 
 int moe_bench_ep(int argc, char **argv);
 
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 static double pct(double *v, int n, double p)
 {
 	if (!n)
 		return 0;
-	qsort(v, (size_t)n, sizeof(double), cmp_double);
+	qsort(v, (size_t)n, sizeof(double), moe_bench_cmp_double);
 	return v[(int)((n - 1) * p)];
 }
 
@@ -274,7 +267,7 @@ int moe_bench_ep(int argc, char **argv)
 			sum += t[x];
 			sq += t[x] * t[x];
 		}
-		qsort(t, E, sizeof(double), cmp_double);
+		qsort(t, E, sizeof(double), moe_bench_cmp_double);
 		printf("expert load, layer 0 (share of its tokens, most popular first):");
 		for (uint32_t i = 0; i < 6 && i < E; i++)
 			printf(" %.3f", t[E - 1 - i] / sum);

@@ -316,3 +316,10 @@ double moe_bench_bf16_peak(struct moe_pool *pool)
 	/* each vdpbf16ps lane does 2 multiply-adds = 4 FLOP */
 	return run_peak(pool, 3, 4, 16);
 }
+
+int moe_bench_cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}

@@ -31,4 +31,7 @@ uint64_t moe_bench_llc_bytes(void);
 
 double moe_bench_now(void);
 
+/* qsort's comparator for doubles, ascending. */
+int moe_bench_cmp_double(const void *a, const void *b);
+
 #endif

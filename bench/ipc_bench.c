@@ -28,16 +28,9 @@
 
 int moe_bench_ipc(int argc, char **argv);
 
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 static void report(const char *what, double *v, int n)
 {
-	qsort(v, n, sizeof(double), cmp_double);
+	qsort(v, n, sizeof(double), moe_bench_cmp_double);
 	printf("%-34s %9.1f %9.1f %9.1f\n", what, v[n / 2] * 1e6, v[(int)(n * 0.99)] * 1e6,
 	       v[0] * 1e6);
 }

@@ -22,13 +22,6 @@
 #include "kernels/cpu/isa.h"
 #include "tools/synth.h"
 
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: moe-bench ipc [--socket PATH | --model DIR]   (round trips through moed)\n"
@@ -198,8 +191,8 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 			if (reps >= 2 * (int)calls && t_total >= min_time)
 				break;
 		}
-		qsort(times, reps, sizeof(double), cmp_double);
-		qsort(bws, reps, sizeof(double), cmp_double);
+		qsort(times, reps, sizeof(double), moe_bench_cmp_double);
+		qsort(bws, reps, sizeof(double), moe_bench_cmp_double);
 		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
 		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%% %9.1f%% %6.1fx %8.1f\n", n,
 		       times[reps / 2] * 1e3, avg_distinct, bws[reps / 2] / 1e9,

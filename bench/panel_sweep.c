@@ -61,13 +61,6 @@ static double pass(struct moe_pool *pool, struct sweep *s)
 	return (double)s->chunk * s->n_chunks * s->reps / t / 1e9;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 int moe_bench_panels(int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -175,8 +168,8 @@ int moe_bench_panels(int argc, char **argv)
 	for (uint32_t m = 1; m <= SWEEP_M; m++) {
 		double cm, hm;
 
-		qsort(cold[m], rounds, sizeof(double), cmp_double);
-		qsort(hot[m], rounds, sizeof(double), cmp_double);
+		qsort(cold[m], rounds, sizeof(double), moe_bench_cmp_double);
+		qsort(hot[m], rounds, sizeof(double), moe_bench_cmp_double);
 		cm = cold[m][rounds / 2];
 		hm = hot[m][rounds / 2];
 		/* 2 FLOP per weight (2 bytes) per token */
