@@ -315,6 +315,22 @@ static void check_panels(enum moe_cpu_isa isa, enum moe_dtype dt, uint32_t m, ui
 			fail_msg("%s rows %s m%u K%u n%u: token %u alone gives other bits",
 				 moe_cpu_isa_name(isa), moe_dtype_name(dt), m, K, n, t);
 	}
+	/* the same weights widened to f32 panels: the same bits (the CPU
+	 * backend packs the router in the model's dtype on that ground) */
+	if (dt != MOE_DT_F32) {
+		void *pf = malloc(moe_pack_rows_bytes(n, K, MOE_DT_F32));
+		float *yf = malloc((size_t)m * (n + 1) * 4);
+
+		moe_pack_rows(wf, n, K, MOE_DT_F32, pf);
+		kn->rows(x, K, m, pf, MOE_DT_F32, K, n, yf, n + 1, sc);
+		for (uint32_t t = 0; t < m; t++)
+			if (memcmp(yf + (size_t)t * (n + 1), y + (size_t)t * (n + 1), (size_t)n * 4))
+				fail_msg("%s rows %s m%u K%u n%u: token %u differs from f32 panels "
+					 "of the same values", moe_cpu_isa_name(isa),
+					 moe_dtype_name(dt), m, K, n, t);
+		free(pf);
+		free(yf);
+	}
 
 	/* gate/up + SwiGLU: h = silu(x Wg^T) * (x Wu^T) */
 	for (size_t i = 0; i < (size_t)m * (n + 1); i++)

@@ -66,22 +66,6 @@ static void *ws(struct moe_engine *e, size_t bytes, bool zero)
 	return zero ? calloc(1, bytes ? bytes : 1) : malloc(bytes ? bytes : 1);
 }
 
-/* Whether every value of x survives a round trip through dtype. */
-static bool representable(enum moe_dtype dtype, const float *x, size_t n)
-{
-	float tmp[256];
-
-	for (size_t i = 0; i < n; i += 256) {
-		size_t k = n - i < 256 ? n - i : 256;
-
-		memcpy(tmp, x + i, k * sizeof(float));
-		moe_cpu_round(dtype, tmp, k);
-		if (memcmp(tmp, x + i, k * sizeof(float)))
-			return false;
-	}
-	return true;
-}
-
 static int alloc_workspaces(struct moe_engine *e)
 {
 	const struct moe_model *m = e->m;
@@ -151,7 +135,7 @@ int eng_read_host(struct moe_engine *e, struct moe_model *m, uint32_t l, struct 
 	if (!ret && !m->router_fp32)
 		moe_cpu_round(m->dtype, lh->router, EH);
 	if (!ret && e->device && m->router_fp32 && d->router.dtype != m->dtype &&
-	    !representable(m->dtype, lh->router, EH))
+	    !moe_cpu_representable(m->dtype, lh->router, EH))
 		ret = moe_err(err, -ENOTSUP,
 			      "layer %u: the router '%s' holds %s values that %s cannot "
 			      "represent, and the GPU backend computes the router in the "

@@ -45,3 +45,18 @@ void moe_cpu_round(enum moe_dtype dt, float *x, size_t n)
 	for (size_t i = 0; i < n; i++)
 		x[i] = moe_round_to(dt, x[i]);
 }
+
+bool moe_cpu_representable(enum moe_dtype dt, const float *x, size_t n)
+{
+	float tmp[256];
+
+	for (size_t i = 0; i < n; i += 256) {
+		size_t k = n - i < 256 ? n - i : 256;
+
+		memcpy(tmp, x + i, k * sizeof(float));
+		moe_cpu_round(dt, tmp, k);
+		if (memcmp(tmp, x + i, k * sizeof(float)))
+			return false;
+	}
+	return true;
+}
