@@ -83,6 +83,23 @@ static void evict(const volatile char *buf, size_t bytes)
 	(void)sum;
 }
 
+/* Where a call's time goes: the engine's stages, mean per call. */
+static void print_stages(const uint64_t *stage_ns, int reps, double t_total)
+{
+	static const char *const nm[MOE_STAGE_COUNT] = {"convert", "router",  "dispatch", "exchange",
+							"experts", "combine", "device"};
+	double in_stages = 0;
+
+	printf("        mean per call, us:");
+	for (int k = 0; k < MOE_STAGE_COUNT; k++) {
+		in_stages += (double)stage_ns[k];
+		if (stage_ns[k])
+			printf(" %s %.1f", nm[k], (double)stage_ns[k] / 1e3 / reps);
+	}
+	printf("; outside the stages %.1f (of %.1f)\n", (t_total * 1e9 - in_stages) / 1e3 / reps,
+	       t_total * 1e6 / reps);
+}
+
 /* One table: median time per batch of each size on engine e, against the
  * machine's limits. The calls rotate over the nl layers (and NSETS inputs
  * per layer), so that between two visits of a layer the other layers'
@@ -200,21 +217,7 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 		       peak > 0 ? 100 * flops / times[reps / 2] / peak : 0.0,
 		       100.0 * (double)(moe_engine_transport_ns(e) - tr0) / 1e9 / t_total,
 		       llc > 0 ? reuse / llc : 0.0, bw / 1e9);
-		if (warm) { /* where a call's time goes (the engine's stages, mean) */
-			static const char *const nm[MOE_STAGE_COUNT] = {
-				"convert", "router", "dispatch", "exchange", "experts", "combine",
-				"device"};
-			double in_stages = 0;
-
-			printf("        mean per call, us:");
-			for (int k = 0; k < MOE_STAGE_COUNT; k++) {
-				in_stages += (double)stage_ns[k];
-				if (stage_ns[k])
-					printf(" %s %.1f", nm[k], (double)stage_ns[k] / 1e3 / reps);
-			}
-			printf("; outside the stages %.1f (of %.1f)\n",
-			       (t_total * 1e9 - in_stages) / 1e3 / reps, t_total * 1e6 / reps);
-		}
+		print_stages(stage_ns, reps, t_total);
 		free(in), free(out), free(ids), free(distinct), free(times), free(bws);
 	}
 	free(ebuf);
