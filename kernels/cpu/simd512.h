@@ -13,22 +13,24 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "kernels/cpu/exp_poly.h"
+
 static inline __attribute__((always_inline)) __m512 moe_exp512(__m512 x)
 {
-	const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
-	const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+	const __m512 log2e = _mm512_set1_ps(MOE_EXP_LOG2E);
+	const __m512 ln2_hi = _mm512_set1_ps(MOE_EXP_LN2_HI), ln2_lo = _mm512_set1_ps(MOE_EXP_LN2_LO);
 	__m512 n, r, p;
 
 	x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
 	n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
 	r = _mm512_fnmadd_ps(n, ln2_hi, x);
 	r = _mm512_fnmadd_ps(n, ln2_lo, r);
-	p = _mm512_set1_ps(1.9875691500e-4f);
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+	p = _mm512_set1_ps(MOE_EXP_P0);
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P1));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P2));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P3));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P4));
+	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P5));
 	p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
 	return _mm512_scalef_ps(p, n);
 }
