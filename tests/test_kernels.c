@@ -57,6 +57,35 @@ static void test_bf16_decode_and_round(void **state)
 	}
 	assert_true(isnan(moe_bf16_to_f32(moe_f32_to_bf16(NAN))));
 	assert_true(isinf(moe_bf16_to_f32(moe_f32_to_bf16(INFINITY))));
+
+	/* the bulk rounding (its own branch-free, vectorized loop) gives the
+	 * same bits as the scalar one: random bit patterns, NaNs, infinities,
+	 * the edges of each rounding case, denormals */
+	enum { NB = 1 << 16 };
+	static const uint32_t special[] = {0x7f800000, 0xff800000, 0x7f800001, 0x7fc00000,
+					   0xffffffff, 0x7f7fffff, 0x7f7f8000, 0x00008000,
+					   0x00018000, 0x00017fff, 0x80000001, 0x3f808000};
+	uint32_t *v = malloc(NB * 4), *w = malloc(NB * 4);
+
+	for (int round = 0; round < 16; round++) {
+		for (uint32_t i = 0; i < NB; i++)
+			v[i] = i < 12 ? special[i] : (uint32_t)moe_rng_next(&r);
+		memcpy(w, v, NB * 4);
+		moe_cpu_round(MOE_DT_BF16, (float *)w, NB);
+		for (uint32_t i = 0; i < NB; i++) {
+			float f, want;
+			uint32_t b;
+
+			memcpy(&f, &v[i], 4);
+			want = moe_round_to(MOE_DT_BF16, f);
+			memcpy(&b, &want, 4);
+			if (w[i] != b)
+				fail_msg("moe_cpu_round(bf16) of bits %08x: %08x, want %08x", v[i],
+					 w[i], b);
+		}
+	}
+	free(v);
+	free(w);
 }
 
 static double f16_value(uint16_t h)
