@@ -16,4 +16,14 @@
 #define MOE_EXP_P4     1.6666665459e-1f
 #define MOE_EXP_P5     5.0000001201e-1f
 
+/* The polynomial's first five Horner steps in r for any vector width,
+ * given its fmadd and set1 intrinsics; the caller ends with
+ * p * r^2 + (r + 1). */
+#define MOE_EXP_HORNER(fmadd, set1, r)                                                     \
+	fmadd(fmadd(fmadd(fmadd(fmadd(set1(MOE_EXP_P0), r, set1(MOE_EXP_P1)), r,           \
+				set1(MOE_EXP_P2)),                                         \
+			  r, set1(MOE_EXP_P3)),                                            \
+		    r, set1(MOE_EXP_P4)),                                                  \
+	      r, set1(MOE_EXP_P5))
+
 #endif

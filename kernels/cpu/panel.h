@@ -58,7 +58,8 @@ extern const struct moe_cpu_kernels moe_cpu_kernels_scalar;
 extern const struct moe_cpu_kernels moe_cpu_kernels_avx2;
 extern const struct moe_cpu_kernels moe_cpu_kernels_avx512;
 
-/* Shared by the paths: the SwiGLU epilogue on one token's 16 sums. */
+/* The SwiGLU epilogue of the scalar and avx512 paths (libm's expf); avx2
+ * runs its own on 8 sums at once (panel_avx2.c). */
 static inline float moe_silu_mul(float g, float u)
 {
 	return g / (1.0f + expf(-g)) * u;

@@ -52,12 +52,7 @@ static inline __attribute__((always_inline)) __m256 exp256(__m256 x)
 			    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MOE_EXP_LN2_HI), x);
 	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(MOE_EXP_LN2_LO), r);
-	p = _mm256_set1_ps(MOE_EXP_P0);
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MOE_EXP_P1));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MOE_EXP_P2));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MOE_EXP_P3));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MOE_EXP_P4));
-	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(MOE_EXP_P5));
+	p = MOE_EXP_HORNER(_mm256_fmadd_ps, _mm256_set1_ps, r);
 	p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
 	scale = _mm256_castsi256_ps(_mm256_slli_epi32(
 		_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23));

@@ -25,12 +25,7 @@ static inline __attribute__((always_inline)) __m512 moe_exp512(__m512 x)
 	n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
 	r = _mm512_fnmadd_ps(n, ln2_hi, x);
 	r = _mm512_fnmadd_ps(n, ln2_lo, r);
-	p = _mm512_set1_ps(MOE_EXP_P0);
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P1));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P2));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P3));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P4));
-	p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(MOE_EXP_P5));
+	p = MOE_EXP_HORNER(_mm512_fmadd_ps, _mm512_set1_ps, r);
 	p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
 	return _mm512_scalef_ps(p, n);
 }
