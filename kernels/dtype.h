@@ -45,14 +45,14 @@ static inline float moe_bf16_to_f32(uint16_t h)
 	return moe_bits_f32((uint32_t)h << 16);
 }
 
+/* Round to nearest even; a NaN stays a (quiet) NaN. Written as a select,
+ * not a branch, so that loops over it vectorize (moe_cpu_round). */
 static inline uint16_t moe_f32_to_bf16(float f)
 {
 	uint32_t u = moe_f32_bits(f);
+	uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16, nan = (u >> 16) | 0x40;
 
-	if ((u & 0x7fffffff) > 0x7f800000) /* NaN: keep it quiet NaN */
-		return (uint16_t)((u >> 16) | 0x40);
-	u += 0x7fff + ((u >> 16) & 1);
-	return (uint16_t)(u >> 16);
+	return (uint16_t)((u & 0x7fffffff) > 0x7f800000 ? nan : rounded);
 }
 
 static inline float moe_f16_to_f32(uint16_t h)

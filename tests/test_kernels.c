@@ -58,9 +58,9 @@ static void test_bf16_decode_and_round(void **state)
 	assert_true(isnan(moe_bf16_to_f32(moe_f32_to_bf16(NAN))));
 	assert_true(isinf(moe_bf16_to_f32(moe_f32_to_bf16(INFINITY))));
 
-	/* the bulk rounding (its own branch-free, vectorized loop) gives the
-	 * same bits as the scalar one: random bit patterns, NaNs, infinities,
-	 * the edges of each rounding case, denormals */
+	/* the bulk rounding (a loop the compiler vectorizes) gives the same
+	 * bits as the scalar one: random bit patterns, NaNs, infinities, the
+	 * edges of each rounding case, denormals */
 	enum { NB = 1 << 16 };
 	static const uint32_t special[] = {0x7f800000, 0xff800000, 0x7f800001, 0x7fc00000,
 					   0xffffffff, 0x7f7fffff, 0x7f7f8000, 0x00008000,

@@ -359,7 +359,6 @@ static int cpu_layer_init(struct moe_rank *r, const struct moe_model *m, struct 
 	struct cpu_router *cr;
 	void *tmp = NULL;
 
-	(void)r;
 	if (dt != MOE_DT_F32 && !moe_cpu_representable(dt, ls->router, EH))
 		dt = MOE_DT_F32;
 	cr = aligned_alloc(64, offsetof(struct cpu_router, panels) +

@@ -38,29 +38,13 @@ void moe_cpu_from_f32(enum moe_dtype dt, const float *src, void *dst, size_t n)
 	}
 }
 
-/* moe_round_to(BF16, .) without a branch, so that the compiler vectorizes
- * it (the CPU backend rounds every h to bf16 at bf16 precision: 2 % of a
- * prefill-bound load as a scalar loop): round to nearest even on the bits,
- * NaN kept quiet (the bits moe_f32_to_bf16 gives, widened). */
-static void round_bf16(float *x, size_t n)
-{
-	for (size_t i = 0; i < n; i++) {
-		uint32_t u, r, q;
-
-		memcpy(&u, &x[i], sizeof(u));
-		r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-		q = (u | 0x400000u) & 0xffff0000u;
-		u = (u & 0x7fffffffu) > 0x7f800000u ? q : r;
-		memcpy(&x[i], &u, sizeof(u));
-	}
-}
-
 void moe_cpu_round(enum moe_dtype dt, float *x, size_t n)
 {
 	if (dt == MOE_DT_F32)
 		return;
-	if (dt == MOE_DT_BF16) {
-		round_bf16(x, n);
+	if (dt == MOE_DT_BF16) { /* (its own loop: this one vectorizes) */
+		for (size_t i = 0; i < n; i++)
+			x[i] = moe_bf16_to_f32(moe_f32_to_bf16(x[i]));
 		return;
 	}
 	for (size_t i = 0; i < n; i++)
