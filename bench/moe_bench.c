@@ -2,9 +2,10 @@
  * measured in the same run.
  *
  * For each token count it prints the median time per call, the weight-read
- * bandwidth achieved (bytes of the distinct experts the batch touched, over
- * the time) next to the machine's read bandwidth, and the FLOP/s achieved
- * next to the multiply-add peak. Default layer: shaped like OLMoE-1B-7B's
+ * bandwidth achieved (bytes of the distinct experts the batch touched, the
+ * router's and the shared expert's, over the time) next to the machine's
+ * read bandwidth, and the FLOP/s achieved (router, routed and shared
+ * experts) next to the multiply-add peak. Default layer: shaped like OLMoE-1B-7B's
  * (hidden 2048, intermediate 1024, 64 experts, top-8, bf16), synthetic,
  * written once into a cache directory.
  */
@@ -100,6 +101,28 @@ static void print_stages(const uint64_t *stage_ns, int reps, double t_total)
 	       t_total * 1e6 / reps);
 }
 
+/* Bytes a call reads besides its routed experts: the router (packed in the
+ * model's dtype, backend_cpu.c) and the shared expert, with its gate
+ * (Qwen2-MoE), every call. */
+static double call_fixed_bytes(const struct moe_model *m)
+{
+	double ds = (double)moe_dtype_size(m->dtype);
+
+	return ds * m->n_experts * m->hidden + ds * 3.0 * m->shared_inter * m->hidden +
+	       (m->family == MOE_FAM_QWEN2_MOE && m->shared_inter ? ds * m->hidden : 0.0);
+}
+
+/* Multiply-adds x 2 of n tokens: router, the K routed experts' FFNs, the
+ * shared expert's and its gate. */
+static double call_flops(const struct moe_model *m, uint32_t n)
+{
+	double H = m->hidden;
+
+	return 2.0 * n * (m->top_k * 3.0 * m->inter * H + m->n_experts * H +
+			  3.0 * m->shared_inter * H +
+			  (m->family == MOE_FAM_QWEN2_MOE && m->shared_inter ? H : 0.0));
+}
+
 /* One table: median time per batch of each size on engine e, against the
  * machine's limits. The calls rotate over the nl layers (and NSETS inputs
  * per layer), so that between two visits of a layer the other layers'
@@ -175,7 +198,7 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 				/* bytes read between two visits of a layer: the other
 				 * layers' calls, or the layer's own when it reads every
 				 * expert; a buffer makes up twice the LLC */
-				reuse = avg_distinct * (double)m->expert_bytes *
+				reuse = (avg_distinct * (double)m->expert_bytes + call_fixed_bytes(m)) *
 					(nl > 1 ? nl - 1 : avg_distinct >= m->n_experts ? 1 : 0);
 				if (ebuf && reuse < 2 * llc)
 					evict_bytes = (size_t)((2 * llc - reuse) / nl);
@@ -203,14 +226,15 @@ static int run_table(struct moe_engine *e, const struct moe_model *m, const uint
 			times[reps] = dt;
 			for (int k = 0; k < MOE_STAGE_COUNT; k++)
 				stage_ns[k] += st.ns[k];
-			bws[reps++] = (double)distinct[call] * (double)m->expert_bytes / dt;
+			bws[reps++] = ((double)distinct[call] * (double)m->expert_bytes +
+				       call_fixed_bytes(m)) / dt;
 			t_total += dt;
 			if (reps >= 2 * (int)calls && t_total >= min_time)
 				break;
 		}
 		qsort(times, reps, sizeof(double), moe_bench_cmp_double);
 		qsort(bws, reps, sizeof(double), moe_bench_cmp_double);
-		flops = 2.0 * n * K * 3.0 * m->inter * m->hidden + 2.0 * n * m->n_experts * m->hidden;
+		flops = call_flops(m, n);
 		printf("%7u %10.3f %8.1f %10.1f %5.0f%% %10.1f %5.0f%% %9.1f%% %6.1fx %8.1f\n", n,
 		       times[reps / 2] * 1e3, avg_distinct, bws[reps / 2] / 1e9,
 		       100 * bws[reps / 2] / bw, flops / times[reps / 2] / 1e9,
