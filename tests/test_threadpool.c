@@ -4,7 +4,9 @@
  * at once (the engine keys per-thread scratch by it). Runs follow each other
  * back to back (helpers still spinning, or late from the previous run) and
  * after pauses (helpers asleep), with uneven task times, with more threads
- * than the machine has CPUs. */
+ * than the machine has CPUs. Even workers take tasks from the front and odd
+ * ones from the back (the CPU backend orders its tiles for that), and a run
+ * larger than one claim word counts still runs every task once. */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <time.h>
@@ -91,6 +93,86 @@ static void test_exactly_once(void **state)
 	}
 }
 
+/* Which worker ran each task, and a slow task so that helpers join in. */
+struct ends_ctx {
+	atomic_uint by[64];
+	atomic_uint count[64];
+};
+
+static void ends_task(void *arg, uint32_t t, uint32_t w)
+{
+	struct ends_ctx *c = arg;
+
+	atomic_store(&c->by[t], w);
+	atomic_fetch_add(&c->count[t], 1);
+	sleep_ns(30000);
+}
+
+/* Front claims (even workers) make a prefix of the tasks, back claims (odd
+ * workers) a suffix: every task an even worker ran comes before every task
+ * an odd one ran. */
+static void test_two_ends(void **state)
+{
+	(void)state;
+	for (uint32_t nt = 2; nt <= 4; nt++) {
+		struct moe_pool *p;
+		uint32_t runs_with_back = 0;
+
+		assert_int_equal(moe_pool_create(nt, &p), 0);
+		for (int run = 0; run < 40; run++) {
+			struct ends_ctx *c = calloc(1, sizeof(*c));
+			uint32_t n = 8 + (uint32_t)run % 57;
+			int64_t last_front = -1, first_back = n;
+
+			assert_non_null(c);
+			moe_pool_run(p, n, ends_task, c);
+			for (uint32_t t = 0; t < n; t++) {
+				uint32_t w = atomic_load(&c->by[t]);
+
+				assert_int_equal(atomic_load(&c->count[t]), 1);
+				assert_true(w < nt);
+				if (w & 1) {
+					if ((int64_t)t < first_back)
+						first_back = t;
+				} else {
+					last_front = t;
+				}
+			}
+			assert_true(last_front < first_back);
+			runs_with_back += first_back < (int64_t)n;
+			free(c);
+		}
+		/* the helpers did take part (30 µs tasks, up to 64 of them) */
+		assert_true(runs_with_back > 0);
+		moe_pool_destroy(p);
+	}
+}
+
+static void count_task(void *arg, uint32_t t, uint32_t w)
+{
+	(void)w;
+	atomic_fetch_add_explicit(&((atomic_uchar *)arg)[t], 1, memory_order_relaxed);
+}
+
+/* More tasks than one end of the claim word counts (2^20 - 1): split into runs,
+ * every task still once. */
+static void test_large_run(void **state)
+{
+	uint32_t n = (3u << 20) + 1000; /* one end alone claims more than 2^20 */
+	atomic_uchar *seen = calloc(n, sizeof(*seen));
+	struct moe_pool *p;
+
+	(void)state;
+	assert_non_null(seen);
+	assert_int_equal(moe_pool_create(2, &p), 0);
+	moe_pool_run(p, n, count_task, seen);
+	for (uint32_t t = 0; t < n; t++)
+		if (atomic_load(&seen[t]) != 1)
+			fail_msg("task %u ran %u times", t, (unsigned)atomic_load(&seen[t]));
+	moe_pool_destroy(p);
+	free(seen);
+}
+
 /* A pool created and destroyed at once (helpers may not have started), and
  * one destroyed while its helpers sleep. */
 static void test_lifecycle(void **state)
@@ -122,6 +204,8 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(test_exactly_once),
 		cmocka_unit_test(test_lifecycle),
+		cmocka_unit_test(test_two_ends),
+		cmocka_unit_test(test_large_run),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -74,6 +74,7 @@ struct cpu_rank {
 	uint16_t *xb16, *hb16, *shb16;
 	uint32_t ldxb, ldhb, ldshb;
 	struct cpu_group *groups; /* [S + 1] */
+	uint32_t *gorder;	  /* [S + 1]: groups by the height of their last block */
 	/* combine */
 	float *acc; /* [n_workers, H] */
 	/* the FFN kernels' tiles, reused by every round */

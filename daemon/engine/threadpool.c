@@ -1,16 +1,21 @@
 /* daemon/engine/threadpool.c — see threadpool.h.
  *
- * A run is published by one atomic word, `state` = generation << 32 | next
- * task index; the run's function, argument and task count live in one of
- * two slots (generation & 1), written before the word. A task is claimed
- * by a compare-and-swap of (generation, i) to (generation, i + 1), so a
- * thread that wakes late, after its run has moved on, can never take a
- * task of a run it has not read the slot of: its swap fails. The caller
- * returns once the run's `finished` count reaches the task count — it
- * waits only for tasks that were claimed, never for a thread that has
- * not woken up yet (on a busy machine a wake-up can take longer than the
- * whole run: the old pool, which waited for every helper to check in,
- * paid it on every stage of every batch).
+ * A run is published by one atomic word, `state` = generation << 40 |
+ * front << 20 | back: the tasks claimed from the front (0, 1, ...) and
+ * from the back (n - 1, n - 2, ...). The run's function, argument and task
+ * count live in one of two slots (generation & 1), written before the
+ * word. A task is claimed by a compare-and-swap of the word to the word
+ * with front or back one higher, so a thread that wakes late, after its
+ * run has moved on, can never take a task of a run it has not read the
+ * slot of: its swap fails (the generation has 24 bits: a thread would have
+ * to stall between its load and its swap for exactly 2^24 runs). Even
+ * workers (the caller is 0) claim from the front, odd ones from the back;
+ * the run is over when the two ends meet. The caller returns once the
+ * run's `finished` count reaches the task count — it waits only for tasks
+ * that were claimed, never for a thread that has not woken up yet (on a
+ * busy machine a wake-up can take longer than the whole run: the old
+ * pool, which waited for every helper to check in, paid it on every stage
+ * of every batch).
  *
  * Waiting is spin-then-sleep on both sides: a helper with nothing to do
  * spins HELPER_SPIN_NS for the next run (the stages of a batch follow each
@@ -63,7 +68,7 @@ struct run {
 struct moe_pool {
 	uint32_t n_threads;
 	struct worker *workers;
-	_Alignas(64) _Atomic uint64_t state; /* generation << 32 | next task */
+	_Alignas(64) _Atomic uint64_t state; /* generation << 40 | front << 20 | back */
 	_Alignas(64) struct run runs[2];     /* by generation & 1 */
 	_Alignas(64) atomic_uint sleepers;   /* helpers asleep (or about to be) */
 	atomic_bool caller_asleep;
@@ -80,31 +85,41 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+#define END_BITS 20
+#define END_MASK ((1u << END_BITS) - 1)
+#define FRONT_ONE (1ull << END_BITS)
+#define GEN_SHIFT (2 * END_BITS)
+/* the most tasks of one published run (moe_pool_run splits larger ones) */
+#define RUN_MAX END_MASK
+
 static uint32_t gen_of(uint64_t s)
 {
-	return (uint32_t)(s >> 32);
+	return (uint32_t)(s >> GEN_SHIFT);
 }
 
-/* Claims and runs tasks of the current run until none is left; returns the
+/* Claims and runs tasks of the current run until none is left, from the
+ * front for even workers, from the back for odd ones; returns the
  * generation it found exhausted (the one to wait past). */
 static uint32_t drain(struct moe_pool *p, uint32_t worker)
 {
 	uint64_t s = atomic_load(&p->state);
+	bool back = worker & 1;
 
 	for (;;) {
 		struct run *r = &p->runs[gen_of(s) & 1];
-		uint32_t i = (uint32_t)s;
-		uint32_t n = atomic_load(&r->n_tasks);
+		uint32_t f = (uint32_t)(s >> END_BITS) & END_MASK, b = (uint32_t)s & END_MASK;
+		uint32_t n = atomic_load(&r->n_tasks), i;
 
 		/* (a stale n_tasks is harmless: the swap below fails unless
 		 * the word still names the run whose slot was read) */
-		if (i >= n)
+		if (f + b >= n)
 			return gen_of(s);
-		if (!atomic_compare_exchange_weak(&p->state, &s, s + 1))
+		if (!atomic_compare_exchange_weak(&p->state, &s, s + (back ? 1 : FRONT_ONE)))
 			continue; /* s now holds the current word */
 		/* Claimed: the run cannot finish, so its slot cannot be reused,
 		 * until this task is counted below. n is read before that count
 		 * for the same reason. */
+		i = back ? n - 1 - b : f;
 		atomic_load_explicit(&r->fn, memory_order_relaxed)(
 			atomic_load_explicit(&r->arg, memory_order_relaxed), i, worker);
 		if (atomic_fetch_add(&r->finished, 1) + 1 == n && atomic_load(&p->caller_asleep)) {
@@ -219,28 +234,21 @@ uint32_t moe_pool_threads(const struct moe_pool *p)
 	return p->n_threads;
 }
 
-void moe_pool_run(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *arg)
+static void run_one(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *arg)
 {
 	uint32_t gen;
 	struct run *r;
 	uint64_t t0;
 
-	if (n_tasks == 0)
-		return;
-	if (p->n_threads == 1 || n_tasks == 1) {
-		for (uint32_t t = 0; t < n_tasks; t++)
-			fn(arg, t, 0);
-		return;
-	}
 	/* One run at a time: the previous run's tasks have all finished, so
 	 * nobody reads the slot this run writes (the one before last's). */
-	gen = gen_of(atomic_load(&p->state)) + 1;
+	gen = (gen_of(atomic_load(&p->state)) + 1) & ((1u << (64 - GEN_SHIFT)) - 1);
 	r = &p->runs[gen & 1];
 	atomic_store_explicit(&r->fn, fn, memory_order_relaxed);
 	atomic_store_explicit(&r->arg, arg, memory_order_relaxed);
 	atomic_store_explicit(&r->n_tasks, n_tasks, memory_order_relaxed);
 	atomic_store_explicit(&r->finished, 0, memory_order_relaxed);
-	atomic_store(&p->state, (uint64_t)gen << 32); /* publishes the slot */
+	atomic_store(&p->state, (uint64_t)gen << GEN_SHIFT); /* publishes the slot */
 	if (atomic_load(&p->sleepers)) {
 		pthread_mutex_lock(&p->lock);
 		pthread_cond_broadcast(&p->wake);
@@ -262,4 +270,39 @@ void moe_pool_run(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *ar
 		pthread_cond_wait(&p->done, &p->lock);
 	atomic_store(&p->caller_asleep, false);
 	pthread_mutex_unlock(&p->lock);
+}
+
+/* a run of more than RUN_MAX tasks: parts of RUN_MAX, each offset */
+struct part {
+	moe_task_fn fn;
+	void *arg;
+	uint32_t base;
+};
+
+static void part_task(void *arg, uint32_t task, uint32_t worker)
+{
+	struct part *pt = arg;
+
+	pt->fn(pt->arg, pt->base + task, worker);
+}
+
+void moe_pool_run(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *arg)
+{
+	if (n_tasks == 0)
+		return;
+	if (p->n_threads == 1 || n_tasks == 1) {
+		for (uint32_t t = 0; t < n_tasks; t++)
+			fn(arg, t, 0);
+		return;
+	}
+	if (n_tasks <= RUN_MAX) {
+		run_one(p, n_tasks, fn, arg);
+		return;
+	}
+	for (uint32_t base = 0; base < n_tasks; base += RUN_MAX) {
+		struct part pt = {fn, arg, base};
+		uint32_t n = n_tasks - base < RUN_MAX ? n_tasks - base : RUN_MAX;
+
+		run_one(p, n, part_task, &pt);
+	}
 }
