@@ -8,7 +8,8 @@
  * with front or back one higher, so a thread that wakes late, after its
  * run has moved on, can never take a task of a run it has not read the
  * slot of: its swap fails (the generation has 24 bits: a thread would have
- * to stall between its load and its swap for exactly 2^24 runs). Even
+ * to stall between its load and its swap for a multiple of 2^24 runs and
+ * find the same front and back). Even
  * workers (the caller is 0) claim from the front, odd ones from the back;
  * the run is over when the two ends meet. The caller returns once the
  * run's `finished` count reaches the task count — it waits only for tasks
@@ -299,10 +300,13 @@ void moe_pool_run(struct moe_pool *p, uint32_t n_tasks, moe_task_fn fn, void *ar
 		run_one(p, n_tasks, fn, arg);
 		return;
 	}
-	for (uint32_t base = 0; base < n_tasks; base += RUN_MAX) {
+	/* (on the count left: base + RUN_MAX could wrap near 2^32) */
+	for (uint32_t base = 0, left = n_tasks; left;) {
 		struct part pt = {fn, arg, base};
-		uint32_t n = n_tasks - base < RUN_MAX ? n_tasks - base : RUN_MAX;
+		uint32_t n = left < RUN_MAX ? left : RUN_MAX;
 
 		run_one(p, n, part_task, &pt);
+		base += n;
+		left -= n;
 	}
 }

@@ -4,10 +4,12 @@
  * thread (worker 0) through an atomic word, so uneven tasks (skewed
  * routing) even out, and returns when all have run. Even workers take tasks
  * from the front (0, 1, ...), odd ones from the back (n - 1, n - 2, ...),
- * until the two ends meet: a caller that orders its tasks by kind (the CPU
- * backend puts its compute-bound tiles first and its memory-bound ones
- * last) gets the two kinds running side by side. Threads are created once;
- * a run costs one wake-up, not a thread creation. One run at a time.
+ * until the two ends meet (a run of more than 2^20 - 1 tasks goes as
+ * several runs, each with two ends): a caller that orders its tasks by
+ * kind (the CPU backend puts its compute-bound tiles first and its
+ * memory-bound ones last) gets the two kinds running side by side. Threads
+ * are created once; a run costs one wake-up, not a thread creation. One
+ * run at a time.
  */
 #ifndef MOE_THREADPOOL_H
 #define MOE_THREADPOOL_H
