@@ -656,7 +656,7 @@ void cpu_tasks(struct moe_rank *r, uint32_t n, void (*fn)(void *, uint32_t, uint
  * so even workers start on the tiles with the most arithmetic per byte
  * and odd ones on those that only stream: a shared expert's many rows
  * are computed while the routed experts' few rows stream beside them
- * (1.16-1.19x a 15-token call on the demo's Qwen2-MoE shape; before, both
+ * (1.03-1.19x a 15-token call on the demo's Qwen2-MoE shape; before, both
  * threads ran the shared expert while the memory idled: bench/RESULTS.md).
  * Which thread runs a tile does not change its result. `order`
  * (n_groups entries) is scratch. */
