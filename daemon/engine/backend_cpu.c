@@ -646,6 +646,18 @@ void cpu_tasks(struct moe_rank *r, uint32_t n, void (*fn)(void *, uint32_t, uint
 		moe_pool_run(r->pool, n, fn, arg);
 }
 
+/* Blocks of `per` panels of `width` columns a group's tiles span, 0 for a
+ * group that needs none (cols_h == 1: its bf16 copy is made already). */
+static uint32_t group_blocks(const struct cpu_group *g, uint32_t cols_h, uint32_t width,
+			     uint32_t per)
+{
+	uint32_t cols = cols_h ? cols_h : g->slot->inter;
+
+	if (cols_h == 1 && g->xb_ready)
+		return 0;
+	return ((cols + width - 1) / width + per - 1) / per;
+}
+
 /* Tiles of every group: blocks of `tok` tokens x blocks of `per` of the
  * group's np panels (np from the panel width `width` over the columns).
  * cols_h == 1 (the bf16 copy of x): only the groups whose copy is not
@@ -664,28 +676,26 @@ static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, ui
 			   uint32_t tok, uint32_t width, uint32_t per, uint32_t *order,
 			   struct cpu_tile *out)
 {
-	uint32_t at[MAX_BLOCK + 1] = {0}, n = 0, n_part = 0;
+	uint32_t at[MAX_BLOCK + 1] = {0}, n = 0, n_part = 0, part_tiles = 0;
 
 	for (uint32_t gi = 0; gi < n_groups; gi++) {
 		const struct cpu_group *g = &groups[gi];
-		uint32_t cols = cols_h ? cols_h : g->slot->inter;
-		uint32_t np = (cols + width - 1) / width;
+		uint32_t nb = group_blocks(g, cols_h, width, per);
 
-		if (cols_h == 1 && g->xb_ready)
-			continue;
-		for (uint32_t t0 = 0; t0 + tok <= g->n; t0 += tok)
-			for (uint32_t p0 = 0; p0 < np; p0 += per) {
+		for (uint32_t t0 = 0; nb && t0 + tok <= g->n; t0 += tok)
+			for (uint32_t b = 0; b < nb; b++) {
 				if (out)
-					out[n] = (struct cpu_tile){gi, t0, p0};
+					out[n] = (struct cpu_tile){gi, t0, b * per};
 				n++;
 			}
-		if (g->n % tok) {
+		if (nb && g->n % tok) {
 			at[g->n % tok]++;
 			n_part++;
+			part_tiles += nb;
 		}
 	}
-	if (!n_part)
-		return n;
+	if (!out || !n_part) /* (counting: no order needed) */
+		return n + part_tiles;
 	/* a counting sort of the partial blocks, tallest first */
 	for (uint32_t h = tok - 1, sum = 0; h > 0; h--) {
 		uint32_t k = at[h];
@@ -693,22 +703,15 @@ static uint32_t make_tiles(const struct cpu_group *groups, uint32_t n_groups, ui
 		at[h] = sum;
 		sum += k;
 	}
-	for (uint32_t gi = 0; gi < n_groups; gi++) {
-		const struct cpu_group *g = &groups[gi];
-
-		if (!(cols_h == 1 && g->xb_ready) && g->n % tok)
-			order[at[g->n % tok]++] = gi;
-	}
+	for (uint32_t gi = 0; gi < n_groups; gi++)
+		if (group_blocks(&groups[gi], cols_h, width, per) && groups[gi].n % tok)
+			order[at[groups[gi].n % tok]++] = gi;
 	for (uint32_t i = 0; i < n_part; i++) {
 		const struct cpu_group *g = &groups[order[i]];
-		uint32_t cols = cols_h ? cols_h : g->slot->inter;
-		uint32_t np = (cols + width - 1) / width;
+		uint32_t nb = group_blocks(g, cols_h, width, per);
 
-		for (uint32_t p0 = 0; p0 < np; p0 += per) {
-			if (out)
-				out[n] = (struct cpu_tile){order[i], g->n - g->n % tok, p0};
-			n++;
-		}
+		for (uint32_t b = 0; b < nb; b++)
+			out[n++] = (struct cpu_tile){order[i], g->n - g->n % tok, b * per};
 	}
 	return n;
 }
